@@ -1,0 +1,124 @@
+"""Forward+backward time of the native MoE layer vs a FLOP-matched dense MLP, a naive per-expert
+loop and (if `transformers` is installed) Hugging Face's MixtralSparseMoeBlock with the same
+weights. Prints time ratios measured side by side in one run. Not a test.
+
+    python benchmarks/bench_layer.py [--tokens 4096] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from moe.dispatch import combine, gather_rows, permute
+from moe.experts import DenseMLP, activate
+from moe.layer import MoEConfig, MoELayer
+from moe.routing import RouterConfig, Routing
+from moe.sizing import dense_twin_width
+
+SHAPES = [dict(num_experts=8, top_k=2, d_model=256, expert_width=512),
+          dict(num_experts=64, top_k=8, d_model=256, expert_width=64)]
+
+
+def timed(fn, x, repeats: int) -> float:
+    """Median seconds of forward+backward."""
+    def step():
+        x.grad = None
+        out = fn(x)
+        out.sum().backward()
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def naive_loop(layer: MoELayer):
+    """Per-expert loop over boolean masks (the textbook implementation)."""
+    def run(x):
+        routing: Routing = layer.router(x)
+        out = torch.zeros_like(x)
+        for e in range(layer.experts.num_experts):
+            token, slot = torch.nonzero(routing.indices == e, as_tuple=True)
+            if token.numel():
+                h = activate(x[token] @ layer.experts.w_in[e], layer.experts.activation) @ layer.experts.w_out[e]
+                out = out.index_add(0, token, h * routing.weights[token, slot, None])
+        return out
+    return run
+
+
+def hf_block(layer: MoELayer, cfg: MoEConfig, d_model: int):
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    hf_cfg = MixtralConfig(hidden_size=d_model, intermediate_size=cfg.expert_width, num_local_experts=cfg.num_experts,
+                           num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0)
+    block = MixtralSparseMoeBlock(hf_cfg)
+    F = cfg.expert_width
+    sd = block.state_dict()
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.weight)
+        w_in, w_out = layer.experts.w_in, layer.experts.w_out
+        if "experts.gate_up_proj" in sd:  # transformers >= 4.57 stores experts fused
+            gu = block.experts.gate_up_proj
+            gu.copy_(w_in.transpose(1, 2) if gu.shape[1] == 2 * F else w_in)
+            dp = block.experts.down_proj
+            dp.copy_(w_out.transpose(1, 2) if dp.shape[1] == d_model else w_out)
+        else:
+            for e, expert in enumerate(block.experts):
+                expert.w1.weight.copy_(w_in[e, :, :F].t())
+                expert.w3.weight.copy_(w_in[e, :, F:].t())
+                expert.w2.weight.copy_(w_out[e].t())
+
+    def run(x):
+        out = block(x[None])
+        return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+    return block, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median")
+    for shape in SHAPES:
+        d_model = shape.pop("d_model")
+        torch.manual_seed(0)
+        cfg = MoEConfig(**shape)
+        layer = MoELayer(d_model, cfg, RouterConfig(kind="topk"))  # std 0.02 init -> balanced routing
+        dense = DenseMLP(d_model, dense_twin_width(cfg, "active"))
+        x = torch.randn(args.tokens, d_model, requires_grad=True)
+        results = {"dense (width k*f)": timed(dense, x, args.repeats),
+                   "native MoE": timed(lambda v: layer(v)[0], x, args.repeats),
+                   "naive per-expert loop": timed(naive_loop(layer), x, args.repeats)}
+        hf = hf_block(layer, cfg, d_model)
+        if hf is not None:
+            block, run = hf
+            with torch.no_grad():
+                ref = layer(x)[0]
+                torch.testing.assert_close(run(x), ref, rtol=1e-4, atol=1e-5)
+            results["HF MixtralSparseMoeBlock"] = timed(run, x, args.repeats)
+        # floor: gathering and scattering the T*k token copies, forward and backward
+        with torch.no_grad():
+            routing = layer.router(x)
+        dispatch = permute(routing)
+        results["gather+combine only"] = timed(lambda v: combine(gather_rows(v, dispatch), dispatch, len(v)), x,
+                                               args.repeats)
+        base = results["dense (width k*f)"]
+        print(f"\nE={cfg.num_experts} k={cfg.top_k} d={d_model} f={cfg.expert_width}")
+        for name, seconds in results.items():
+            print(f"  {name:28s} {seconds * 1e3:8.1f} ms   {seconds / base:5.2f}x dense")
+        if "HF MixtralSparseMoeBlock" in results:
+            print(f"  native / HF = {results['native MoE'] / results['HF MixtralSparseMoeBlock']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

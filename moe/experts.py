@@ -1,0 +1,106 @@
+"""Feed-forward blocks: the dense MLP and the grouped experts that run all experts at once.
+
+One expert and the dense MLP share a weight layout and an init, so a one-expert MoE loaded with
+a dense MLP's weights computes the same function (the twins differ in exactly one module):
+    w_in  [D, n*F]  (n = 2 for SwiGLU: gate and up projections side by side; 1 for GELU)
+    w_out [F, D]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+def _check_activation(activation: str) -> int:
+    """Number of input projections the activation needs."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is unknown; allowed values: {', '.join(ACTIVATIONS)}")
+    return 2 if activation == "swiglu" else 1
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """[..., n*F] -> [..., F]."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+class DenseMLP(nn.Module):
+    """The dense twin's FFN: x [.., D] -> [.., D], hidden width F."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", init_std: float = 0.02,
+                 out_std: float | None = None):
+        super().__init__()
+        n_in = _check_activation(activation)
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(d_model, n_in * hidden))
+        self.w_out = nn.Parameter(torch.empty(hidden, d_model))
+        nn.init.normal_(self.w_in, std=init_std)
+        nn.init.normal_(self.w_out, std=init_std if out_std is None else out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return activate(x @ self.w_in, self.activation) @ self.w_out
+
+
+def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
+    """Per-expert matmul over tokens sorted by expert: rows [start_e, end_e) of x times w[e].
+
+    Args: x_AI [A, I] sorted by expert; w_EIO [E, I, O]; counts_E [E] rows per expert.
+    Returns [A, O].
+
+    On CUDA with bf16 and 16-byte-aligned sizes it is one `torch._grouped_mm` kernel (autograd
+    supported there); elsewhere a split loop over experts, which on CPU is as fast as
+    `torch._grouped_mm` (measured in torch 2.13) and, unlike it, has a backward.
+    """
+    if (x_AI.is_cuda and hasattr(torch, "_grouped_mm") and x_AI.dtype == torch.bfloat16
+            and w_EIO.dtype == torch.bfloat16 and x_AI.shape[1] % 8 == 0 and w_EIO.shape[2] % 8 == 0):
+        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_AI, w_EIO, offs=offsets)
+    chunks = torch.split(x_AI, counts_E.tolist())
+    return torch.cat([chunk @ w_EIO[e] for e, chunk in enumerate(chunks)], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """E experts with stacked weights w_in [E, D, n*F] and w_out [E, F, D]; computes only the math.
+
+    Input rows arrive grouped by expert (the dispatcher's job).
+    """
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int, activation: str = "swiglu",
+                 init_std: float = 0.02, out_std: float | None = None):
+        super().__init__()
+        n_in = _check_activation(activation)
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, n_in * hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        nn.init.normal_(self.w_in, std=init_std)
+        nn.init.normal_(self.w_out, std=init_std if out_std is None else out_std)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    def forward(self, x_PD: Tensor, gate_P: Tensor, counts_E: Tensor, capacity: int | None = None) -> Tensor:
+        """Expert rows [P, D], gate weights [P] -> gated outputs gate * expert(x) [P, D].
+
+        With `capacity` C the rows are E padded groups of C (P = E*C) and run as one batched
+        matmul; without it they are ragged groups of `counts_E` rows (P = A). The gate scales the
+        hidden activations (F wide), which equals scaling the output and moves less memory.
+        """
+        w_in, w_out = self.w_in.to(x_PD.dtype), self.w_out.to(x_PD.dtype)
+        gate_P1 = gate_P.to(x_PD.dtype).unsqueeze(-1)
+        if capacity is not None:
+            x_ECD = x_PD.view(self.num_experts, capacity, -1)
+            h_PF = activate(torch.bmm(x_ECD, w_in), self.activation).view(x_PD.shape[0], -1) * gate_P1
+            return torch.bmm(h_PF.view(self.num_experts, capacity, -1), w_out).view(x_PD.shape)
+        h_PF = activate(grouped_mm(x_PD, w_in, counts_E), self.activation) * gate_P1
+        return grouped_mm(h_PF, w_out, counts_E)
+
+    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
+        """One expert on arbitrary tokens (probes for redundancy analysis): [N, D] -> [N, D]."""
+        return activate(x_ND @ self.w_in[expert], self.activation) @ self.w_out[expert]
