@@ -1,0 +1,238 @@
+"""Configuration schema of the data pipeline (the ``data`` group of the Hydra config).
+
+The defaults below are the only copy of the default values: ``conf/data/<source>.yaml`` sets the
+source and the few knobs that differ for it, and documents every knob in its header. Plain data only
+(str/int/float/bool/list/dict/Optional and nested dataclasses) so the schema round-trips through
+YAML and builds on any machine.
+
+Two seeds are kept apart on purpose: ``corpus_seed`` (here) decides *what the corpus is* (which files,
+which generated problems, which synthetic process), the run seed (passed by the caller) decides the
+train/validation split and the order of the stream. Runs with different seeds therefore train on
+the same corpus, and a corpus hash identifies the text whatever the run seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from moe.data.errors import DataError
+
+SOURCES = ("builtin", "synthetic", "local", "hf")
+NON_UTF8_POLICIES = ("replace", "skip")
+LOCAL_FORMATS = ("auto", "dir", "jsonl", "parquet")
+BUILTIN_DOMAINS = ("c", "code", "legal", "math", "prose")
+
+
+@dataclass
+class BuiltinSourceConfig:
+    """The offline corpus assembled from what every Python installation carries."""
+
+    # Domains to assemble. Available: code (stdlib Python source), prose (the Python docs shipped
+    # as pydoc topics), legal (licence texts of Python and installed packages), math (generated
+    # DeepMind-Mathematics-style questions and answers), c (CPython C headers; needs the include
+    # directory, which some distributions ship only in a -dev package, hence not a default).
+    domains: List[str] = field(default_factory=lambda: ["code", "legal", "math", "prose"])
+    # A file longer than this is truncated at a line boundary, so one large file (the stdlib has
+    # 200 KB modules) cannot fill a whole domain and every domain has enough documents to split.
+    max_chars_per_doc: int = 16384
+    # Question/answer pairs per generated math document (a "problem set").
+    math_problems_per_doc: int = 40
+
+
+@dataclass
+class SyntheticSourceConfig:
+    """Domains that are Markov chains with a known ground truth (for tests and planted experiments)."""
+
+    num_domains: int = 4
+    # Size of the chain's state space; the tokenizer adds one EOS id on top (vocab = this + 1).
+    vocab_size: int = 256
+    # 0: every domain lives on its own block of the vocabulary with its own transitions (disjoint);
+    # 1: all domains are the same process. In between, each step follows the shared chain with
+    # probability `overlap` and the domain's private chain otherwise.
+    overlap: float = 0.0
+    tokens_per_domain: int = 100_000
+    # Mean document length in tokens; lengths are uniform in [doc_len/2, 3*doc_len/2].
+    doc_len: int = 256
+    # Successors per state. Few successors make the chain predictable, so a model that tells the
+    # domains apart gains a measurable loss advantage.
+    branching: int = 8
+
+
+@dataclass
+class LocalSourceConfig:
+    """Text on local disk: one sub-directory per domain, or JSONL / Parquet records."""
+
+    # A directory or a single .jsonl/.parquet file. Required for source=local.
+    path: Optional[str] = None
+    # auto: a file by its extension; a directory holding .jsonl/.parquet files at its top level is
+    # read as records, any other directory as one sub-directory per domain.
+    format: str = "auto"
+    # Record fields (dotted paths such as "meta.domain" reach into nested objects).
+    text_field: str = "text"
+    domain_field: str = "domain"
+    # Files read in the directory form; others are ignored (and listed in the manifest).
+    extensions: List[str] = field(
+        default_factory=lambda: [".txt", ".md", ".rst", ".tex", ".py", ".c", ".h", ".cpp", ".js", ".java"]
+    )
+
+
+@dataclass
+class HFDomainSpec:
+    """One domain taken from its own Hugging Face dataset (the `hf.domains` mapping)."""
+
+    path: Optional[str] = None  # dataset name on the Hub, or a builder such as "json"
+    name: Optional[str] = None  # dataset configuration
+    split: str = "train"
+    data_files: Optional[List[str]] = None
+    revision: Optional[str] = None
+    text_field: Optional[str] = None  # None: use hf.text_field
+
+
+@dataclass
+class HFSourceConfig:
+    """Hugging Face `datasets`: one dataset with a domain field, or one dataset per domain."""
+
+    path: Optional[str] = None
+    name: Optional[str] = None
+    split: str = "train"
+    data_files: Optional[List[str]] = None
+    # Pin a dataset revision so a cached corpus cannot silently differ from the remote one.
+    revision: Optional[str] = None
+    text_field: str = "text"
+    # Dotted path of the domain label in each record, e.g. "meta.pile_set_name" for the Pile.
+    domain_field: Optional[str] = None
+    # With domain_field: keep only these domains (None keeps every label seen).
+    include_domains: Optional[List[str]] = None
+    # Alternative to domain_field: domain name -> dataset spec (empty: not used). A dict by default
+    # for the same reason as DataConfig.mixture.
+    domains: Optional[Dict[str, HFDomainSpec]] = field(default_factory=dict)
+    streaming: bool = True
+    # Where `datasets` keeps downloads and Arrow files (None: its default, $HF_DATASETS_CACHE).
+    cache_dir: Optional[str] = None
+    max_docs_per_domain: Optional[int] = None
+    # With domain_field: stop reading after this many records (None: until every kept domain is
+    # full, or the dataset ends).
+    max_records: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    """Schema of the `data` config group. See conf/data/*.yaml for the presets."""
+
+    source: str = "builtin"  # builtin | synthetic | local | hf
+    # Tokens per training sequence (S in [B, S]).
+    seq_len: int = 256
+    # BPE vocabulary size including the EOS token; a few thousand suits CPU-sized models. The
+    # synthetic source ignores it (its vocabulary is synthetic.vocab_size + 1).
+    vocab_size: int = 4096
+    # "bpe": byte-level BPE trained on the train split; "hf:<name>": a pretrained tokenizer
+    # (needs `transformers` and network access). The synthetic source ignores it (ids are tokens).
+    tokenizer: str = "bpe"
+    # Fraction of each domain's documents held out for validation (split by document).
+    val_fraction: float = 0.1
+    # Validation tokens kept per domain (input positions); caps the cost of an evaluation.
+    val_tokens_per_domain: int = 32768
+    # Domain -> weight of that domain in the train token stream. Empty (or null): every domain
+    # contributes equally whatever its size. Unlisted domains get weight 0 (still validated on).
+    # An empty dict rather than None by default: Hydra cannot override a None-valued dict from the
+    # command line at all, while an empty one takes `++data.mixture={code: 3, math: 1}`.
+    mixture: Optional[Dict[str, float]] = field(default_factory=dict)
+    # Characters of text kept per domain (None: no cap). 400 KB per domain keeps the builtin
+    # corpus (~1.6 MB) quick to prepare on a laptop CPU.
+    max_chars_per_domain: Optional[int] = 400_000
+    # Bytes that are not UTF-8 inside otherwise good text: "replace" with U+FFFD or "skip" (drop)
+    # them. Either way they are counted in the manifest. Files that are not text at all fail.
+    non_utf8: str = "replace"
+    # Decides which documents a capped domain keeps, the generated math, the synthetic process.
+    corpus_seed: int = 0
+    # Where prepared corpora, tokenizers and token arrays are cached. None: $MOE_CACHE_DIR, else
+    # ~/.cache/moe-specialization.
+    cache_dir: Optional[str] = None
+    builtin: BuiltinSourceConfig = field(default_factory=BuiltinSourceConfig)
+    synthetic: SyntheticSourceConfig = field(default_factory=SyntheticSourceConfig)
+    local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
+    hf: HFSourceConfig = field(default_factory=HFSourceConfig)
+
+
+def as_data_config(cfg: Any) -> DataConfig:
+    """Return `cfg` as a validated `DataConfig`.
+
+    Accepts a `DataConfig`, an OmegaConf node (as Hydra passes `cfg.data`) or a plain dict; the
+    latter two are merged onto the schema, so a misspelt key fails here with OmegaConf's message.
+    """
+    if not isinstance(cfg, DataConfig):
+        from omegaconf import OmegaConf
+
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+        cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DataConfig) -> None:
+    """Check ranges and choices early, naming the field and the allowed values."""
+    if cfg.source not in SOURCES:
+        raise DataError(f"data.source={cfg.source!r} is unknown; choose one of {', '.join(SOURCES)}")
+    if cfg.seq_len < 1:
+        raise DataError(f"data.seq_len={cfg.seq_len} must be a positive number of tokens")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={cfg.val_fraction} must lie strictly between 0 and 1")
+    if cfg.val_tokens_per_domain < cfg.seq_len:
+        raise DataError(
+            f"data.val_tokens_per_domain={cfg.val_tokens_per_domain} is below data.seq_len="
+            f"{cfg.seq_len}; raise it so each domain has at least one validation sequence"
+        )
+    if cfg.non_utf8 not in NON_UTF8_POLICIES:
+        raise DataError(f"data.non_utf8={cfg.non_utf8!r} is unknown; choose 'replace' or 'skip'")
+    if cfg.max_chars_per_domain is not None and cfg.max_chars_per_domain < 1:
+        raise DataError("data.max_chars_per_domain must be positive, or null for no cap")
+    if cfg.tokenizer != "bpe" and not cfg.tokenizer.startswith("hf:"):
+        raise DataError(f"data.tokenizer={cfg.tokenizer!r} is unknown; use 'bpe' or 'hf:<name>'")
+    if cfg.tokenizer == "bpe" and cfg.source != "synthetic" and cfg.vocab_size < 257:
+        # Byte-level BPE starts from 256 byte tokens plus EOS.
+        raise DataError(f"data.vocab_size={cfg.vocab_size} is below 257 (256 bytes + EOS); raise it")
+    if cfg.mixture:
+        for name, w in cfg.mixture.items():
+            if not (w >= 0.0):  # also rejects NaN
+                raise DataError(f"data.mixture[{name!r}]={w} must be a non-negative weight")
+        if sum(cfg.mixture.values()) <= 0:
+            raise DataError("data.mixture gives every domain weight 0; give at least one a positive weight")
+    if cfg.source == "builtin":
+        unknown = sorted(set(cfg.builtin.domains) - set(BUILTIN_DOMAINS))
+        if unknown or not cfg.builtin.domains:
+            raise DataError(
+                f"data.builtin.domains={list(cfg.builtin.domains)} must be a non-empty subset of "
+                f"{list(BUILTIN_DOMAINS)}"
+            )
+        if cfg.builtin.max_chars_per_doc < 1 or cfg.builtin.math_problems_per_doc < 1:
+            raise DataError("data.builtin.max_chars_per_doc and math_problems_per_doc must be positive")
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        if not 0.0 <= s.overlap <= 1.0:
+            raise DataError(f"data.synthetic.overlap={s.overlap} must lie in [0, 1]")
+        if s.num_domains < 1 or s.vocab_size < s.num_domains:
+            raise DataError(
+                f"data.synthetic needs num_domains >= 1 and vocab_size >= num_domains "
+                f"(got {s.num_domains}, {s.vocab_size})"
+            )
+        if s.vocab_size > 65535:
+            raise DataError("data.synthetic.vocab_size must be at most 65535")
+        if s.doc_len < 2 or s.tokens_per_domain < 2 * s.doc_len:
+            raise DataError(
+                f"data.synthetic.tokens_per_domain={s.tokens_per_domain} must be at least "
+                f"2 * doc_len={2 * s.doc_len} (a domain needs two documents to split) and doc_len >= 2"
+            )
+        if s.branching < 1:
+            raise DataError("data.synthetic.branching must be at least 1")
+    if cfg.source == "local" and cfg.local.format not in LOCAL_FORMATS:
+        raise DataError(f"data.local.format={cfg.local.format!r} is unknown; choose one of {LOCAL_FORMATS}")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """The cache root: the argument, else $MOE_CACHE_DIR, else ~/.cache/moe-specialization."""
+    if cache_dir is None or str(cache_dir) == "":
+        cache_dir = os.environ.get("MOE_CACHE_DIR") or "~/.cache/moe-specialization"
+    return Path(os.path.expandvars(str(cache_dir))).expanduser()

@@ -1,0 +1,179 @@
+"""Text on local disk, in one of two layouts.
+
+- Directory form: `path/<domain>/**/<file>` with an extension from `local.extensions`; one file is
+  one document, the first-level sub-directory names the domain.
+- Record form: `.jsonl` or `.parquet` files (one file, or every such file at the top of a
+  directory); one record is one document, `text_field` / `domain_field` (dotted paths) name its
+  text and domain.
+
+A capped domain keeps documents in a seeded order of its sorted sources (`corpus_seed`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from moe.data.config import DataConfig
+from moe.data.corpus import DomainBudget, DomainText, TextCorpus, seeded_order
+from moe.data.errors import DataError, DataFileNotFoundError
+from moe.data.text import decode_text, get_field
+
+_RECORD_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def load_local(cfg: DataConfig) -> TextCorpus:
+    """Read the corpus at `cfg.local.path` (layout from `cfg.local.format`)."""
+    lc = cfg.local
+    if not lc.path:
+        raise DataError("data.local.path is not set; point it at a directory or a .jsonl/.parquet file")
+    root = Path(lc.path).expanduser()
+    if not root.exists():
+        raise DataFileNotFoundError(f"data.local.path={str(root)!r} does not exist; fix the path")
+    fmt = lc.format
+    if fmt == "auto":
+        fmt = _detect(root)
+    if fmt == "dir":
+        return _load_dir(cfg, root)
+    files = [root] if root.is_file() else sorted(
+        p for p in root.iterdir() if p.is_file() and _RECORD_SUFFIXES.get(p.suffix.lower()) == fmt
+    )
+    if not files:
+        raise DataError(f"{root} holds no {fmt} files; set data.local.format to match the files")
+    return _load_records(cfg, root, files, fmt)
+
+
+def _detect(root: Path) -> str:
+    if root.is_file():
+        fmt = _RECORD_SUFFIXES.get(root.suffix.lower())
+        if fmt is None:
+            raise DataError(
+                f"{root} is a file but not .jsonl/.json/.parquet; point data.local.path at a directory "
+                f"with one sub-directory per domain, or at record files"
+            )
+        return fmt
+    kinds = {_RECORD_SUFFIXES[p.suffix.lower()] for p in root.iterdir()
+             if p.is_file() and p.suffix.lower() in _RECORD_SUFFIXES}
+    if len(kinds) > 1:
+        raise DataError(f"{root} mixes JSONL and Parquet files; set data.local.format to the one to read")
+    return kinds.pop() if kinds else "dir"
+
+
+# ---- directory form ---------------------------------------------------------------------------
+def _load_dir(cfg: DataConfig, root: Path) -> TextCorpus:
+    if not root.is_dir():
+        raise DataError(f"data.local.path={str(root)!r} is not a directory (format=dir)")
+    stray = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if stray:
+        raise DataError(
+            f"{root} has files outside a domain sub-directory ({', '.join(stray[:5])}); move each into "
+            f"{root}/<domain>/ (one sub-directory per domain)"
+        )
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise DataError(f"{root} has no domain sub-directories; create {root}/<domain>/ with text files")
+    exts = {e.lower() for e in cfg.local.extensions}
+    domains = []
+    for d in dirs:
+        domain = DomainText(d.name, origin=str(d))
+        files = []
+        for p in sorted(d.rglob("*")):
+            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(d).parts):
+                continue
+            if p.suffix.lower() in exts:
+                files.append(p)
+            else:
+                domain.skipped.append(f"{d.name}/{p.relative_to(d).as_posix()}: extension not in data.local.extensions")
+        if not files:
+            raise DataError(
+                f"domain directory {d} has no files with extensions {sorted(exts)}; add documents to it, "
+                f"remove it, or extend data.local.extensions"
+            )
+        budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain)
+        for p in seeded_order(files, cfg.corpus_seed, f"local/{d.name}"):
+            try:
+                raw = p.read_bytes()
+            except OSError as e:
+                raise DataFileNotFoundError(f"cannot read {p} ({e.strerror}); fix its permissions or remove it") from e
+            text, bad = decode_text(raw, policy=cfg.non_utf8, name=str(p))
+            if not budget.add(f"{d.name}/{p.relative_to(d).as_posix()}", text, bad):
+                break
+        # Keep documents in path order: the cap picked them, the order inside a domain is the
+        # corpus order (and so the doc ids), which should not look shuffled to a reader.
+        domain.documents.sort(key=lambda doc: doc.source)
+        domains.append(domain)
+    return TextCorpus(domains, source="local")
+
+
+# ---- record form ------------------------------------------------------------------------------
+def _iter_jsonl(path: Path, policy: str) -> Iterator[tuple[str, Any, int]]:
+    """(record id, record, undecodable bytes) per non-blank line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataFileNotFoundError(f"cannot read {path} ({e.strerror}); fix its permissions or the path") from e
+    decode_text(raw, policy=policy, name=str(path))  # raises if the file as a whole is not text
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        text, bad = decode_text(line, policy=policy, name=where, check=False)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not valid JSON ({e.msg}); fix the line or remove it") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is a JSON {type(record).__name__}, not an object; write one object per line")
+        yield where, record, bad
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any, int]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is a dev/hf dependency
+        raise DataError("reading Parquet needs pyarrow: pip install pyarrow (or use JSONL)") from e
+    try:
+        pf = pq.ParquetFile(path)
+    except OSError as e:
+        raise DataError(f"{path} is not a readable Parquet file ({e}); rewrite it or remove it") from e
+    row = 0
+    for batch in pf.iter_batches():
+        for record in batch.to_pylist():
+            yield f"{path}:row {row}", record, 0
+            row += 1
+
+
+def _load_records(cfg: DataConfig, root: Path, files: list[Path], fmt: str) -> TextCorpus:
+    lc = cfg.local
+    texts: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for path in files:
+        records = _iter_jsonl(path, cfg.non_utf8) if fmt == "jsonl" else _iter_parquet(path)
+        for where, record, bad in records:
+            domain = get_field(record, lc.domain_field, where=where)
+            text = get_field(record, lc.text_field, where=where)
+            if not isinstance(domain, str) or not domain:
+                raise DataError(f"{where}: domain field {lc.domain_field!r} is {domain!r}; it must be a non-empty string")
+            if not isinstance(text, str):
+                raise DataError(f"{where}: text field {lc.text_field!r} is a {type(text).__name__}; it must be a string")
+            texts[domain].append((f"{path.name}:{where.rsplit(':', 1)[1]}", text, bad))
+    if not texts:
+        raise DataError(f"{root} holds no records; add records or point data.local.path elsewhere")
+    domains = []
+    for name in sorted(texts):
+        domain = DomainText(name, origin=f"{root} ({fmt}, {lc.domain_field}={name!r})")
+        budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain)
+        order = seeded_order(list(range(len(texts[name]))), cfg.corpus_seed, f"local/{name}")
+        kept = []
+        for i in order:
+            source, text, bad = texts[name][i]
+            n_before = len(domain.documents)
+            more = budget.add(source, text, bad)
+            if len(domain.documents) > n_before:
+                kept.append((i, domain.documents[-1]))
+            if not more:
+                break
+        domain.documents = [doc for _, doc in sorted(kept, key=lambda t: t[0])]  # file order
+        domains.append(domain)
+    return TextCorpus(domains, source="local")

@@ -1,0 +1,231 @@
+"""Each source end to end on small local data: local directory / JSONL / Parquet, hf (through
+`datasets` on local JSON files, nothing downloaded), synthetic."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from moe.data import DataConfig, HFDomainSpec, prepare_data
+from moe.data.sources.synthetic import build_process, domain_names
+
+WORDS = {
+    "animals": "cat dog horse zebra lion tiger otter whale eagle falcon".split(),
+    "numbers": "one two three four five six seven eight nine ten".split(),
+    "colours": "red green blue cyan magenta yellow black white orange purple".split(),
+}
+
+
+def _docs(domain: str, n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(f"{domain}:{seed}")
+    return [" ".join(rng.choice(WORDS[domain]) for _ in range(120)) + f"\nend of {domain} {i}\n" for i in range(n)]
+
+
+def _cfg(**kw) -> DataConfig:
+    cfg = DataConfig(seq_len=16, vocab_size=300, val_fraction=0.25, val_tokens_per_domain=64, max_chars_per_domain=None)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _texts_by_domain(data) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for info in data.documents:
+        out.setdefault(info.domain, []).append(data.tokenizer.decode(data.doc_tokens(info.doc).tolist()))
+    return out
+
+
+def test_local_directory_one_subdir_per_domain(tmp_path):
+    root = tmp_path / "corpus"
+    for domain in ("animals", "numbers"):
+        (root / domain / "sub").mkdir(parents=True)
+        for i, text in enumerate(_docs(domain, 4)):
+            (root / domain / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(text)
+    (root / "numbers" / "image.png").write_bytes(b"\x89PNG\x00\x00")  # ignored: not a listed extension
+    cfg = _cfg(source="local")
+    cfg.local.path = str(root)
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert data.domains == ["animals", "numbers"]
+    got = _texts_by_domain(data)
+    for domain in data.domains:
+        assert sorted(got[domain]) == sorted(_docs(domain, 4))
+    info = data.manifest["domains"]["numbers"]
+    assert info["documents"] == 4 and any("image.png" in s for s in info["skipped"])
+    assert sorted(info["sources"]) == ["numbers/doc0.txt", "numbers/doc2.txt", "numbers/sub/doc1.txt", "numbers/sub/doc3.txt"]
+    batch = next(data.train_stream(micro_batch_size=4))
+    assert batch.tokens.shape == (4, 16)
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip"])
+def test_non_utf8_bytes_follow_the_policy_and_are_counted(tmp_path, policy):
+    root = tmp_path / "corpus"
+    for domain in ("animals", "numbers"):
+        (root / domain).mkdir(parents=True)
+        for i, text in enumerate(_docs(domain, 3)):
+            (root / domain / f"{i}.txt").write_text(text)
+    # Latin-1 bytes (0xE9 0xFC) and a lone continuation byte inside otherwise UTF-8 text.
+    (root / "animals" / "0.txt").write_bytes(b"caf\xe9 m\xfcller \x80 " + _docs("animals", 1)[0].encode())
+    cfg = _cfg(source="local", non_utf8=policy)
+    cfg.local.path = str(root)
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert data.manifest["domains"]["animals"]["undecodable_bytes"] == 3
+    assert data.manifest["domains"]["numbers"]["undecodable_bytes"] == 0
+    texts = _texts_by_domain(data)["animals"]
+    expected = "caf\ufffd m\ufffdller \ufffd " if policy == "replace" else "caf mller  "
+    assert any(t.startswith(expected) for t in texts)
+
+
+def _records(domains=("animals", "numbers", "colours"), n=4):
+    rows = []
+    for domain in domains:
+        for i, text in enumerate(_docs(domain, n)):
+            rows.append({"id": f"{domain}-{i}", "body": text, "meta": {"set": domain}})
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_local_jsonl_records_with_dotted_domain_field(tmp_path):
+    rows = _records()
+    _write_jsonl(tmp_path / "data.jsonl", rows)
+    cfg = _cfg(source="local")
+    cfg.local.path = str(tmp_path / "data.jsonl")
+    cfg.local.text_field, cfg.local.domain_field = "body", "meta.set"
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert data.domains == ["animals", "colours", "numbers"]
+    got = _texts_by_domain(data)
+    for domain in data.domains:
+        assert sorted(got[domain]) == sorted(r["body"] for r in rows if r["meta"]["set"] == domain)
+
+
+def test_local_parquet_directory(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = _records(("animals", "numbers"))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:4]), tmp_path / "pq" / "part0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:]), tmp_path / "pq" / "part1.parquet")
+    cfg = _cfg(source="local")
+    cfg.local.path = str(tmp_path / "pq")
+    cfg.local.text_field, cfg.local.domain_field = "body", "meta.set"
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    got = _texts_by_domain(data)
+    assert data.domains == ["animals", "numbers"]
+    assert sorted(got["numbers"]) == sorted(r["body"] for r in rows if r["meta"]["set"] == "numbers")
+
+
+def test_local_cap_keeps_a_seeded_subset(tmp_path):
+    rows = _records(("animals", "numbers"), n=10)
+    _write_jsonl(tmp_path / "data.jsonl", rows)
+    cfg = _cfg(source="local", max_chars_per_domain=2500)
+    cfg.local.path = str(tmp_path / "data.jsonl")
+    cfg.local.text_field, cfg.local.domain_field = "body", "meta.set"
+    a = prepare_data(cfg, seed=0, cache_dir=tmp_path / "c1")
+    b = prepare_data(cfg, seed=5, cache_dir=tmp_path / "c2")  # the run seed does not pick documents
+    for name, info in a.manifest["domains"].items():
+        assert info["chars"] <= 2500 and 2 <= info["documents"] < 10
+        assert info["sources"] == b.manifest["domains"][name]["sources"]
+
+
+@pytest.fixture(scope="module")
+def datasets_offline():
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def test_hf_domain_field_through_datasets(tmp_path, datasets_offline):
+    rows = _records()
+    _write_jsonl(tmp_path / "pile.jsonl", rows)
+    cfg = _cfg(source="hf")
+    cfg.hf.path, cfg.hf.data_files = "json", [str(tmp_path / "pile.jsonl")]
+    cfg.hf.text_field, cfg.hf.domain_field = "body", "meta.set"
+    cfg.hf.cache_dir = str(tmp_path / "hf")  # nothing written to the user's Hugging Face cache
+    cfg.hf.include_domains = ["animals", "numbers"]
+    cfg.hf.max_docs_per_domain = 3
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert data.domains == ["animals", "numbers"]
+    got = _texts_by_domain(data)
+    for domain in data.domains:
+        in_order = [r["body"] for r in rows if r["meta"]["set"] == domain]
+        assert got[domain] == in_order[:3]  # the dataset's order, up to the per-domain cap
+    # A rerun finds the cached corpus by its request.
+    again = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    assert again.manifest["corpus_sha256"] == data.manifest["corpus_sha256"]
+
+
+def test_hf_one_dataset_per_domain(tmp_path, datasets_offline):
+    for domain in ("animals", "colours"):
+        _write_jsonl(tmp_path / f"{domain}.jsonl", [{"text": t} for t in _docs(domain, 3)])
+    cfg = _cfg(source="hf")
+    cfg.hf.streaming = False  # the non-streaming path builds Arrow files: keep them in tmp_path
+    cfg.hf.cache_dir = str(tmp_path / "hf")
+    cfg.hf.domains = {d: HFDomainSpec(path="json", data_files=[str(tmp_path / f"{d}.jsonl")]) for d in ("animals", "colours")}
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
+    got = _texts_by_domain(data)
+    assert data.domains == ["animals", "colours"]
+    assert got["colours"] == _docs("colours", 3)
+
+
+def _synthetic(overlap: float, tmp_path, **kw) -> DataConfig:
+    cfg = DataConfig(source="synthetic", seq_len=32, val_fraction=0.2, val_tokens_per_domain=256)
+    cfg.synthetic.num_domains, cfg.synthetic.vocab_size, cfg.synthetic.overlap = 3, 60, overlap
+    cfg.synthetic.tokens_per_domain, cfg.synthetic.doc_len = 12_000, 100
+    for k, v in kw.items():
+        setattr(cfg.synthetic, k, v)
+    return cfg
+
+
+def _domain_token_sets(data):
+    sets = {d: set() for d in range(len(data.domains))}
+    for info in data.documents:
+        sets[data.domains.index(info.domain)].update(data.doc_tokens(info.doc).tolist())
+    return sets
+
+
+def test_synthetic_overlap_zero_gives_disjoint_domains(tmp_path):
+    data = prepare_data(_synthetic(0.0, tmp_path), seed=0, cache_dir=tmp_path)
+    assert data.domains == domain_names(3) and data.vocab_size == 61 and data.eos_id == 60
+    sets = _domain_token_sets(data)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not sets[a] & sets[b]
+    # the labels in the batches line up with those token blocks
+    batch = next(data.train_stream(micro_batch_size=8))
+    body = batch.tokens != data.eos_id
+    for d in range(3):
+        toks = set(batch.tokens[body & (batch.domain == d)].tolist())
+        assert toks <= sets[d]
+    assert data.tokenizer.decode([3, 60]) == "<t3><eos>" and data.tokenizer.encode("<t3><eos>") == [3, 60]
+
+
+def test_synthetic_overlap_one_gives_one_process(tmp_path):
+    cfg = _synthetic(1.0, tmp_path)
+    process = build_process(cfg.synthetic, cfg.corpus_seed)
+    for d in range(1, 3):
+        np.testing.assert_array_equal(process.transition_matrix(d), process.transition_matrix(0))
+        np.testing.assert_array_equal(process.initial_distribution(d), process.initial_distribution(0))
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path)
+    freq = []
+    for d in range(3):
+        toks = np.concatenate([data.doc_tokens(i.doc) for i in data.documents if i.domain == data.domains[d]])
+        freq.append(np.bincount(toks, minlength=60) / toks.size)
+    for d in range(1, 3):
+        assert 0.5 * np.abs(freq[d] - freq[0]).sum() < 0.1  # total variation between unigram laws
+
+
+def test_synthetic_overlap_interpolates(tmp_path):
+    cfg = _synthetic(0.5, tmp_path)
+    process = build_process(cfg.synthetic, cfg.corpus_seed)
+    for d in range(3):
+        P = process.transition_matrix(d)
+        np.testing.assert_allclose(P.sum(axis=1), 1.0)
+    data = prepare_data(cfg, seed=0, cache_dir=tmp_path)
+    sets = _domain_token_sets(data)
+    assert sets[0] & sets[1]  # shared steps visit other blocks
