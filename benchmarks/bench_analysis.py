@@ -1,0 +1,138 @@
+"""Time the specialization statistics on a synthetic routing record of realistic size.
+
+Default: 1e7 routed tokens of one layer (K=2, E=8, D=4, V=4096, ~10k documents). Prints seconds per
+part; the target is < 10 s for tables + measures on a 2-core CPU. The document null and bootstrap
+run on the per-document tables ([M, E]), so their cost does not grow with the number of records;
+the within-token null re-sorts the records per replicate and is timed per replicate.
+
+    python benchmarks/bench_analysis.py [--records 10000000] [--replicates 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from analysis.information import (
+    assignment_weights,
+    conditional_mutual_information,
+    conditional_mutual_information_mm,
+    contingency,
+    doc_expert_counts,
+    joint_from_docs,
+    mutual_information,
+    normalized_mutual_information,
+    normalized_mutual_information_mm,
+    token_domain_expert_counts,
+)
+from analysis.metrics import coactivation, consecutive_expert_rate, domain_specialization
+from analysis.statistics import bootstrap_ci, permutation_null, within_token_null
+
+
+def synthetic_records(
+    n: int, n_docs: int, k: int, n_experts: int, n_domains: int, vocab: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Routing records with documents of one domain, skewed domain-shifted token distributions and
+    routing that mixes token preference (60%), domain preference (20%) and noise (20%)."""
+    assert k == 2, "the generator draws a distinct second expert"
+    rng = np.random.default_rng(seed)
+    lengths = rng.multinomial(n - n_docs, np.full(n_docs, 1.0 / n_docs)) + 1  # >= 1 token per doc
+    doc_domain = rng.integers(0, n_domains, n_docs)
+    doc = np.repeat(rng.permutation(10 * n_docs)[:n_docs], lengths)  # arbitrary ids, stream order
+    domain = np.repeat(doc_domain, lengths)
+    rank = (vocab * rng.random(n) ** 3).astype(np.int64)  # Zipf-like: low ranks frequent
+    token = (rank + domain * (vocab // (2 * n_domains))) % vocab  # domains shift their vocabulary
+    u = rng.random(n)
+    token_expert = rng.integers(0, n_experts, vocab)
+    noise = rng.integers(0, n_experts, n)
+    top1 = np.where(u < 0.6, token_expert[token], np.where(u < 0.8, domain % n_experts, noise))
+    top2 = (top1 + 1 + rng.integers(0, n_experts - 1, n)) % n_experts
+    g1 = 0.5 + 0.5 * rng.random(n)
+    return {
+        "doc": doc,
+        "domain": domain,
+        "token": token,
+        "experts": np.stack([top1, top2], axis=1),
+        "gates": np.stack([g1, 1.0 - g1], axis=1),
+    }
+
+
+@contextmanager
+def timed(label: str, log: dict[str, float]) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    log[label] = time.perf_counter() - t0
+    print(f"  {label:<44s} {log[label]:7.2f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=10_000_000)
+    ap.add_argument("--docs", type=int, default=10_000)
+    ap.add_argument("--replicates", type=int, default=200)
+    ap.add_argument("--within-token-replicates", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    k, e, d, v = 2, 8, 4, 4096
+
+    t0 = time.perf_counter()
+    r = synthetic_records(args.records, args.docs, k, e, d, v, args.seed)
+    print(f"generated {args.records:,} records (K={k}, E={e}, D={d}, V={v}, {args.docs:,} docs) "
+          f"in {time.perf_counter() - t0:.2f} s (not counted)")
+
+    log: dict[str, float] = {}
+    print("tables + measures:")
+    with timed("doc table [M, E]", log):
+        docs = doc_expert_counts(r["doc"], r["domain"], r["experts"], d, e)
+    with timed("joint [D, E] from doc table", log):
+        joint = joint_from_docs(docs.doc_domain, docs.counts, d)
+    with timed("token x expert table [V, E]", log):
+        tok_e = contingency(r["token"], r["experts"], v, e)
+    with timed("token x domain x expert sparse table", log):
+        cube = token_domain_expert_counts(r["token"], r["domain"], r["experts"], v, d, e)
+    with timed("NMI + Miller-Madow NMI", log):
+        nmi, nmi_mm = normalized_mutual_information(joint), normalized_mutual_information_mm(joint)
+    with timed("I(T;E)", log):
+        i_te = mutual_information(tok_e)
+    with timed("I(D;E|T) + Miller-Madow", log):
+        cmi, cmi_mm = conditional_mutual_information(cube), conditional_mutual_information_mm(cube)
+    core = sum(log.values())
+    print(f"  {'= tables + measures':<44s} {core:7.2f} s   (target < 10 s)")
+
+    print("resampling (on the [M, E] doc table):")
+    with timed(f"bootstrap CI, {args.replicates} replicates", log):
+        ci = bootstrap_ci(docs, d, n_resamples=args.replicates, rng=args.seed)
+    with timed(f"document permutation null, {args.replicates} replicates", log):
+        null = permutation_null(docs, d, n_permutations=args.replicates, rng=args.seed)
+
+    print("extras:")
+    with timed("gate-weighted doc table", log):
+        w = assignment_weights(r["gates"], "normalized_gate")
+        doc_expert_counts(r["doc"], r["domain"], r["experts"], d, e, weights=w)
+    with timed("OLMoE domain specialization + co-activation", log):
+        spec = domain_specialization(joint, k)
+        coact = coactivation(r["experts"], e)
+    with timed("Mixtral consecutive top-1 rate", log):
+        rep = consecutive_expert_rate(r["experts"], r["doc"])
+    nw = args.within_token_replicates
+    if nw > 0:
+        with timed(f"within-token null of I(D;E|T), {nw} replicates", log):
+            wt = within_token_null(r["token"], r["domain"], r["experts"], v, d, e, n_permutations=nw, rng=args.seed)
+        print(f"  {'  per replicate':<44s} {log[next(reversed(log))] / nw:7.2f} s")
+
+    print("results:")
+    print(f"  NMI {nmi:.4f} (MM {nmi_mm:.4f}), 95% CI [{ci.low:.4f}, {ci.high:.4f}], "
+          f"null mean {null.mean:.2e} q95 {null.q95:.2e}, p = {null.p_value:.4f}")
+    print(f"  I(T;E) {i_te:.4f} bits, I(D;E|T) {cmi:.4f} bits (MM {cmi_mm:.4f})"
+          + (f", within-token null mean {wt.mean:.2e}, p = {wt.p_value:.3f}" if nw > 0 else ""))
+    print(f"  domain specialization max {np.nanmax(spec):.3f} (uniform {k / e:.3f}); "
+          f"co-activation max {np.nanmax(coact):.3f} (uniform {(k - 1) / (e - 1):.3f}); "
+          f"consecutive top-1 {rep:.3f}")
+
+
+if __name__ == "__main__":
+    main()
