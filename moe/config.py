@@ -1,0 +1,109 @@
+"""The training app's structured config: one schema, registered with Hydra so that a misspelt key
+or a wrongly typed value fails at composition. Defaults a user turns live in `conf/`; the
+dataclass defaults here are the fallbacks the YAML files override."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe.balance import BalanceConfig
+from moe.data import DataConfig
+from moe.model import ModelConfig
+from moe.routing import RouterConfig
+from moe.sizing import TWIN_MATCHES
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("native", "megablocks")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimization and bookkeeping (Hydra group `trainer`)."""
+
+    max_steps: int = 300
+    micro_batch_size: int = 16  # sequences per rank per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    log_every: int = 10
+    eval_every: int = 100  # per-domain validation loss every N steps (and at the end)
+    eval_batch_size: int = 16
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class TwinConfig:
+    """Dense twins trained beside the MoE on the same data order, seed and token budget."""
+
+    match: List[str] = field(default_factory=lambda: ["active"])  # subset of: active, total
+
+
+@dataclass
+class BackendConfig:
+    name: str = "native"  # native | megablocks (CUDA only)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    twin: TwinConfig = field(default_factory=TwinConfig)
+    # Analyze the trained MoE (and twins) into <run_dir>/analysis when training ends.
+    analyze: bool = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """A validated TrainConfig object from a composed Hydra config."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check cross-field rules that a schema cannot express; messages name field and fix."""
+    cfg.model.validate()
+    t = cfg.trainer
+    for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
+                 "checkpoint_every", "keep_last", "eval_batch_size"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={t.precision!r} is unknown; allowed values: {', '.join(PRECISIONS)}")
+    if cfg.backend.name not in BACKENDS:
+        raise ValueError(f"backend.name={cfg.backend.name!r} is unknown; allowed values: {', '.join(BACKENDS)}")
+    for match in cfg.twin.match:
+        if match not in TWIN_MATCHES:
+            raise ValueError(f"twin.match contains {match!r}; allowed values: {', '.join(TWIN_MATCHES)}")
+    if cfg.balance.scope == "aux_free" and cfg.model.ffn == "moe" and cfg.router.kind != "sigmoid":
+        raise ValueError("balance=aux_free nudges a selection bias that only router=sigmoid has; "
+                         f"got router.kind={cfg.router.kind!r}. Use router=sigmoid or another balance scope.")
+
+
+def as_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

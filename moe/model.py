@@ -1,0 +1,193 @@
+"""A small decoder-only transformer LM whose FFN is the MoE layer or the dense MLP.
+
+RMSNorm, rotary positions, causal attention through `scaled_dot_product_attention`, SwiGLU.
+The MoE model and its dense twin are built from one `ModelConfig` and differ only in the FFN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe.experts import DenseMLP
+from moe.layer import MoEConfig, MoELayer
+from moe.routing import RouterConfig, Routing
+from moe.sizing import dense_twin_width, layer_size
+
+FFN_KINDS = ("moe", "dense")
+
+
+@dataclass
+class ModelConfig:
+    """Transformer sizes (Hydra group `model`). The vocabulary size comes from the data."""
+
+    # moe: an MoE layer in every `moe_every`-th block (the others dense, active-matched);
+    # dense: every block dense with hidden width `dense_width`.
+    ffn: str = "moe"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    moe_every: int = 1
+    # Hidden width of dense blocks; null = the active-matched width k*f (+ shared experts).
+    dense_width: int | None = None
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+    def validate(self) -> None:
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"model.ffn={self.ffn!r} is unknown; allowed values: {', '.join(FFN_KINDS)}")
+        for name in ("d_model", "n_layers", "n_heads", "moe_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"model.d_model={self.d_model} must be a multiple of 2*n_heads "
+                             f"(n_heads={self.n_heads}) for rotary embeddings")
+        self.moe.validate()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.ffn == "moe" and (layer + 1) % self.moe_every == 0
+
+    @property
+    def resolved_dense_width(self) -> int:
+        return self.dense_width if self.dense_width is not None else dense_twin_width(self.moe, "active")
+
+
+def dense_twin(cfg: ModelConfig, match: str) -> ModelConfig:
+    """The dense twin of an MoE model: same everything, every FFN dense with the matched width
+    (`active`: k*f + shared; `total`: E*f + shared). See `moe.sizing.dense_twin_width`."""
+    return dataclasses.replace(cfg, ffn="dense", dense_width=dense_twin_width(cfg.moe, match))
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x_BHSd: Tensor) -> Tensor:
+        seq = torch.arange(x_BHSd.shape[-2], device=x_BHSd.device, dtype=torch.float32)
+        angles = torch.outer(seq, self.inv_freq)  # [S, d/2]
+        cos, sin = angles.cos().to(x_BHSd.dtype), angles.sin().to(x_BHSd.dtype)
+        x1, x2 = x_BHSd[..., 0::2], x_BHSd[..., 1::2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return rotated.flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, out_std: float):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        nn.init.normal_(self.qkv.weight, std=cfg.init_std)
+        nn.init.normal_(self.proj.weight, std=out_std)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer: int):
+        super().__init__()
+        # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layers).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = nn.RMSNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg, out_std)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.ffn = (MoELayer(cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std) if self.is_moe
+                    else DenseMLP(cfg.d_model, cfg.resolved_dense_width, cfg.moe.activation, cfg.init_std, out_std))
+
+    def forward(self, x_BSD: Tensor, token_ids_BS: Tensor) -> tuple[Tensor, Routing | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        if self.is_moe:
+            h, routing = self.ffn(self.ffn_norm(x_BSD), token_ids_BS)
+        else:
+            h, routing = self.ffn(self.ffn_norm(x_BSD)), None
+        return x_BSD + h, routing
+
+
+@dataclass(frozen=True)
+class LMOutput:
+    """logits [B, S, V]; token_loss [B, S] (nats, None without targets); loss = its mean;
+    routings: one record per MoE layer, in depth order (empty for a dense model)."""
+
+    logits: Tensor
+    token_loss: Tensor | None
+    loss: Tensor | None
+    routings: list[Routing]
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, router_cfg: RouterConfig | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, router_cfg or RouterConfig(), i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None) -> LMOutput:
+        x = self.embed(tokens_BS)
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x, tokens_BS)
+            if routing is not None:
+                routings.append(routing)
+        logits = self.head(self.norm(x))
+        if targets_BS is None:
+            return LMOutput(logits, None, None, routings)
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten(), reduction="none")
+        token_loss = token_loss.view_as(targets_BS)
+        return LMOutput(logits, token_loss, token_loss.mean(), routings)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    total_params: int
+    active_params: int  # per token
+    embedding_params: int
+    flops_per_token: int  # forward, incl. attention scores at the given sequence length
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def model_size(model: LanguageModel, seq_len: int) -> ModelSize:
+    """Parameters (total, active per token) and forward FLOPs/token (Kaplan et al. 2020:
+    2 * non-embedding active params + 2 * n_layers * seq_len * d_model for attention scores,
+    + 2 * d_model * vocab for the output head)."""
+    total = sum(p.numel() for p in model.parameters())
+    ffn_total = ffn_active = 0
+    for block in model.blocks:
+        size = layer_size(block.ffn)
+        ffn_total += size.total_params
+        ffn_active += size.active_params
+    embedding = model.embed.weight.numel()
+    active = total - ffn_total + ffn_active
+    d = model.cfg.d_model
+    non_embedding_active = active - embedding - (0 if model.cfg.tie_embeddings else model.head.weight.numel())
+    flops = 2 * non_embedding_active + 2 * model.cfg.n_layers * seq_len * d + 2 * d * model.vocab_size
+    return ModelSize(total, active, embedding, flops)

@@ -1,0 +1,342 @@
+"""The training loop of one model (the MoE or one of its dense twins).
+
+Each step reads in nanoGPT's order: set LR, eval/checkpoint, accumulate micro-batches, clip,
+optimizer step, zero grads, balancing bookkeeping, log. Everything the run writes goes to
+`<run_dir>/models/<name>/`; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from moe.balance import LoadBalancer, max_violation, update_expert_bias
+from moe.checkpoint import check_fingerprint, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from moe.config import TrainConfig, TrainerConfig, as_plain_dict
+from moe.data import Batch, PreparedData
+from moe.distributed import DistContext, all_reduce_mean, barrier
+from moe.model import LanguageModel, ModelConfig, model_size
+from moe.routing import SigmoidBiasRouter
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the last good checkpoint is left intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM / Ctrl-C (or `request_stop`): a checkpoint was saved before stopping."""
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at
+    `max_steps`. A pure function of the step, so a resumed run needs no scheduler state."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: norms and biases are not decayed (the aux-free
+    router bias is a buffer, outside the optimizer altogether)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def trajectory_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it."""
+    plain = as_plain_dict(cfg)
+    t = plain["trainer"]
+    return {
+        "model": as_plain_dict_model(model_cfg), "router": plain["router"], "balance": plain["balance"],
+        "data": plain["data"], "seed": cfg.seed, "world_size": world_size,
+        **{k: t[k] for k in ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
+                             "max_steps", "weight_decay", "beta1", "beta2", "grad_clip")},
+    }
+
+
+def as_plain_dict_model(model_cfg: ModelConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
+
+
+def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: torch.device,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+    """Mean next-token loss (nats/token) per domain, and `all` = mean over domains."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    with torch.no_grad():
+        for domain, batches in val_batches.items():
+            total, count = 0.0, 0
+            for batch in batches:
+                batch = batch.to(device)
+                with autocast():
+                    out = model(batch.tokens, batch.targets)
+                total += float(out.token_loss.sum())
+                count += out.token_loss.numel()
+            losses[domain] = total / max(count, 1)
+    model.train(was_training)
+    losses["all"] = float(np.mean([losses[d] for d in val_batches]))
+    return losses
+
+
+@dataclass
+class TrainResult:
+    name: str
+    steps: int
+    val_loss: dict[str, float]
+    size: dict[str, int]
+    wall_seconds: float
+    tokens_per_second: float
+    tokens_seen: int
+
+
+class Trainer:
+    """Trains one model on the prepared data. `fit()` resumes from the newest checkpoint in the
+    model's directory when there is one."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, name: str, data: PreparedData,
+                 run_dir: str | Path, ctx: DistContext):
+        self.cfg, self.t, self.name, self.data, self.ctx = cfg, cfg.trainer, name, data, ctx
+        self.out_dir = Path(run_dir) / "models" / name
+        self.ckpt_dir = checkpoint_dir(run_dir, name)
+        self.device = ctx.device
+        torch.manual_seed(cfg.seed)  # same seed -> same init for every twin's shared parts
+        self.model = LanguageModel(model_cfg, data.vocab_size, cfg.router).to(self.device)
+        self.size = model_size(self.model, data.seq_len)
+        self.routers = [layer.router for layer in self.model.moe_layers]
+        self.balancer = LoadBalancer(cfg.balance, self.routers[0].num_experts) if self.routers else None
+        self.optimizer = build_optimizer(self.model, self.t, fused=self.device.type == "cuda")
+        self.fingerprint = trajectory_fingerprint(cfg, model_cfg, ctx.world_size)
+        self.stream = data.train_stream(micro_batch_size=self.t.micro_batch_size, rank=ctx.rank,
+                                        world_size=ctx.world_size)
+        self.val_batches = {d: data.val_batches(batch_size=self.t.eval_batch_size, domain=d) for d in data.domains}
+        self.step = 0
+        self._stop_requested = False
+        self.on_step_end: Callable[["Trainer"], None] | None = None
+        self._forward = self.model
+        if self.t.compile:
+            self._forward = torch.compile(self._forward)
+        if ctx.enabled:
+            self._forward = DistributedDataParallel(
+                self._forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._writer = None
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.t.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def request_stop(self) -> None:
+        """Save a checkpoint at the end of the current step, then raise TrainingInterrupted."""
+        self._stop_requested = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "data": self.stream.state_dict(), "fingerprint": self.fingerprint, "config": as_plain_dict(self.cfg),
+            "name": self.name, "size": self.size.as_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.ctx.is_main:
+            path = save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.t.keep_last)
+        barrier(self.ctx)
+        return path
+
+    def restore(self) -> bool:
+        """Load the newest checkpoint of this model, if any. Returns whether one was loaded."""
+        path = latest_checkpoint(self.out_dir.parent.parent, self.name)
+        if path is None:
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        check_fingerprint(state["fingerprint"], self.fingerprint, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._truncate_metrics(self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.ctx.is_main and path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._writer.add_scalar(key, value, record["step"])
+                elif key == "val_loss":
+                    for domain, loss in value.items():
+                        self._writer.add_scalar(f"val_loss/{domain}", loss, record["step"])
+
+    def _open_tensorboard(self) -> None:
+        if not (self.t.tensorboard and self.ctx.is_main):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard is not installed; metrics go to metrics.jsonl only (pip install tensorboard)")
+            return
+        self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        resumed = self.restore()
+        self._open_tensorboard()
+        if self.t.threads:
+            torch.set_num_threads(self.t.threads)
+        if self.ctx.is_main:
+            print(f"[{self.name}] params total={self.size.total_params:,} active={self.size.active_params:,} "
+                  f"FLOPs/token={self.size.flops_per_token:,}" + (f" (resumed at step {self.step})" if resumed else ""))
+        tokens_per_step = self.t.micro_batch_size * self.data.seq_len * self.t.grad_accum_steps * self.ctx.world_size
+        start_step, start_time = self.step, time.perf_counter()
+        progress = None
+        if self.t.progress and self.ctx.is_main:
+            from tqdm import tqdm
+            progress = tqdm(total=self.t.max_steps, initial=self.step, desc=self.name, dynamic_ncols=True)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                signal.signal(sig, lambda *_: self.request_stop())
+        self.model.train()
+        try:
+            while self.step < self.t.max_steps:
+                lr = lr_at(self.step, self.t)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if self.step > start_step and self.step % self.t.eval_every == 0:
+                    self._eval_and_log()
+                if self.step > start_step and self.step % self.t.checkpoint_every == 0:
+                    self.save()
+                step_start = time.perf_counter()
+                stats = self._train_step()
+                self.step += 1
+                step_seconds = time.perf_counter() - step_start
+                if self.step % self.t.log_every == 0 or self.step == self.t.max_steps:
+                    self.log({"step": self.step, "lr": lr, "tokens_per_s": tokens_per_step / step_seconds,
+                              "tokens": self.step * tokens_per_step, **stats})
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tokens_per_step / step_seconds:,.0f}")
+                if self.on_step_end is not None:
+                    self.on_step_end(self)
+                if self._stop_agreed():
+                    path = self.save()
+                    raise TrainingInterrupted(f"[{self.name}] stopped at step {self.step}; checkpoint {path} saved. "
+                                              "Run the same command with hydra.run.dir=<this run dir> to resume.")
+            val = self._eval_and_log()
+            self.save()
+        finally:
+            for sig, handler in previous.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(sig, handler)
+            if progress is not None:
+                progress.close()
+            if self._writer is not None:
+                self._writer.close()
+        wall = time.perf_counter() - start_time
+        steps_run = self.step - start_step
+        return TrainResult(self.name, self.step, val, self.size.as_dict(), wall,
+                           steps_run * tokens_per_step / wall if steps_run else 0.0, self.step * tokens_per_step)
+
+    def _stop_agreed(self) -> bool:
+        if not self.ctx.enabled:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _train_step(self) -> dict[str, Any]:
+        accum = self.t.grad_accum_steps
+        sums = {"loss": 0.0, "lm_loss": 0.0, "lbl": 0.0, "z_loss": 0.0}
+        dropped = 0
+        for micro in range(accum):
+            batch = next(self.stream).to(self.device)
+            sync = micro == accum - 1 or not self.ctx.enabled
+            with contextlib.nullcontext() if sync else self._forward.no_sync():
+                with self.autocast():
+                    out = self._forward(batch.tokens, batch.targets)
+                lm_loss = out.loss
+                if self.balancer is not None:
+                    aux = self.balancer.aux_losses(out.routings, batch.tokens.shape[1])
+                    lbl, z, aux_total = aux.lbl, aux.z, aux.total
+                    dropped += sum(r.num_dropped() for r in out.routings)
+                else:
+                    lbl = z = aux_total = torch.zeros((), device=self.device)
+                self._check_finite(micro, lm_loss=lm_loss, lbl=lbl, z_loss=z)
+                loss = lm_loss + aux_total
+                (loss / accum).backward()
+            for key, value in (("loss", loss), ("lm_loss", lm_loss), ("lbl", lbl), ("z_loss", z)):
+                sums[key] += float(value.detach()) / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, Any] = {k: float(all_reduce_mean(torch.tensor(v, device=self.device), self.ctx))
+                                 for k, v in sums.items()}
+        stats["grad_norm"] = float(grad_norm)
+        if self.balancer is not None:
+            loads = self.balancer.end_step()
+            if self.cfg.balance.scope == "aux_free":
+                update_expert_bias([r for r in self.routers if isinstance(r, SigmoidBiasRouter)], loads,
+                                   self.cfg.router.bias_update_rate)
+            stats["maxvio"] = [max_violation(c) for c in loads]
+            stats["load"] = loads.long().tolist()
+            stats["dropped"] = dropped
+        return stats
+
+    def _check_finite(self, micro: int, **components: torch.Tensor) -> None:
+        for name, value in components.items():
+            if not bool(torch.isfinite(value.detach()).all()):
+                last = latest_checkpoint(self.out_dir.parent.parent, self.name)
+                raise TrainingDiverged(
+                    f"[{self.name}] {name} is {float(value.detach()):.4g} at step {self.step} (micro-step {micro}); "
+                    f"training stopped. The last good checkpoint is {last or 'none (no checkpoint written yet)'}. "
+                    "Lower trainer.lr, raise trainer.warmup_steps or enable trainer.grad_clip.")
+
+    def _eval_and_log(self) -> dict[str, float]:
+        val = {}
+        if self.ctx.is_main:
+            val = evaluate(self.model, self.val_batches, self.device, self.autocast)
+            self.log({"step": self.step, "val_loss": val})
+        barrier(self.ctx)
+        return val

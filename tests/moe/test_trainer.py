@@ -1,0 +1,124 @@
+"""Training loop: exact resume, divergence handling, checkpoint errors, DDP equivalence."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from moe.data import prepare_data
+from moe.distributed import init_distributed
+from moe.train import run_experiment
+from moe.trainer import Trainer, TrainingDiverged, TrainingInterrupted, lr_at
+
+SMOKE = ("experiment=smoke",)
+
+
+def losses(run_dir, name="moe"):
+    lines = (run_dir / "models" / name / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def make_trainer(cfg, run_dir, name="moe"):
+    data = prepare_data(cfg.data, seed=cfg.seed)
+    return Trainer(cfg, cfg.model, name, data, run_dir, init_distributed("cpu"))
+
+
+def test_lr_schedule_warms_up_then_decays_to_min(compose_train):
+    t = compose_train(*SMOKE, "trainer.max_steps=100", "trainer.warmup_steps=10").trainer
+    assert lr_at(0, t) == pytest.approx(t.lr / 10)
+    assert lr_at(9, t) == pytest.approx(t.lr)
+    assert lr_at(100, t) == pytest.approx(t.lr * t.min_lr_ratio)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 100))
+
+
+@pytest.mark.parametrize("overrides", [(), ("router=sigmoid", "balance=aux_free"), ("balance=global_batch",)])
+def test_resume_continues_exactly(compose_train, tmp_path, overrides):
+    cfg = compose_train(*SMOKE, "trainer.checkpoint_every=100", *overrides)
+    straight = tmp_path / "straight"
+    make_trainer(cfg, straight).fit()
+
+    resumed = tmp_path / "resumed"
+    first = make_trainer(cfg, resumed)
+    first.on_step_end = lambda tr: tr.request_stop() if tr.step == 3 else None
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        first.fit()
+    assert latest_checkpoint(resumed, "moe").name == "step_00000003.pt"
+    second = make_trainer(cfg, resumed)
+    second.fit()
+    assert second.step == cfg.trainer.max_steps
+    assert losses(resumed) == losses(straight)  # bit-identical per-step losses
+    a = torch.load(latest_checkpoint(straight, "moe"), weights_only=False)["model"]
+    b = torch.load(latest_checkpoint(resumed, "moe"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_last_checkpoints(compose_train, tmp_path):
+    cfg = compose_train(*SMOKE, "trainer.checkpoint_every=1", "trainer.keep_last=2")
+    make_trainer(cfg, tmp_path).fit()
+    names = [p.name for p in list_checkpoints(tmp_path / "models/moe/checkpoints")]
+    assert names == ["step_00000005.pt", "step_00000006.pt"]
+    assert not list((tmp_path / "models/moe/checkpoints").glob(".*tmp*"))
+
+
+def test_nan_loss_stops_naming_step_and_component_and_keeps_checkpoint(compose_train, tmp_path):
+    cfg = compose_train(*SMOKE, "trainer.checkpoint_every=2")
+    trainer = make_trainer(cfg, tmp_path)
+    forward = trainer._forward
+
+    def poisoned(tokens, targets):  # the LM loss blows up at step 5
+        out = forward(tokens, targets)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if trainer.step == 5 else out
+    trainer._forward = poisoned
+    with pytest.raises(TrainingDiverged, match=r"lm_loss is nan at step 5.*step_00000004\.pt"):
+        trainer.fit()
+    good = latest_checkpoint(tmp_path, "moe")
+    state = torch.load(good, weights_only=False)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_from_another_config_is_refused(compose_train, tmp_path):
+    make_trainer(compose_train(*SMOKE), tmp_path).fit()
+    other = compose_train(*SMOKE, "model.moe.num_experts=8")
+    with pytest.raises(CheckpointError, match=r"(?s)different configuration.*model.moe.num_experts: checkpoint=4 now=8"):
+        make_trainer(other, tmp_path).fit()
+
+
+def test_corrupted_checkpoint_is_named(compose_train, tmp_path):
+    cfg = compose_train(*SMOKE)
+    make_trainer(cfg, tmp_path).fit()
+    latest_checkpoint(tmp_path, "moe").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="step_00000006.pt is unreadable.*delete it"):
+        make_trainer(cfg, tmp_path).fit()
+
+
+def test_experiment_trains_moe_and_both_twins_with_same_data(compose_train, tmp_path):
+    cfg = compose_train(*SMOKE, "twin.match=[active,total]")
+    table = run_experiment(cfg, tmp_path)
+    assert list(table) == ["moe", "dense_active", "dense_total"]
+    sizes = {n: r["size"] for n, r in table.items()}
+    assert sizes["dense_total"]["total_params"] > sizes["dense_active"]["total_params"]
+    assert all(r["tokens_seen"] == table["moe"]["tokens_seen"] for r in table.values())
+    assert set(table["moe"]["val_loss"]) == {"syn00", "syn01", "syn02", "syn03", "all"}
+    assert (tmp_path / "comparison.md").exists() and (tmp_path / "data/manifest.json").exists()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_match_one_process_with_global_batch_balance(tmp_path):
+    common = ["experiment=smoke", "balance=global_batch", "trainer.device=cpu", "router=topk"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "moe.train", *common, "trainer.micro_batch_size=4",
+                    f"hydra.run.dir={single}"], check=True, env=env, capture_output=True)
+    ddp = tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "moe.train", *common, "trainer.micro_batch_size=2", f"hydra.run.dir={ddp}"],
+                   check=True, env=env, capture_output=True)
+    a, b = losses(single), losses(ddp)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
