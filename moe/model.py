@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from moe.experts import DenseMLP
@@ -91,10 +92,9 @@ class CausalSelfAttention(nn.Module):
         nn.init.normal_(self.proj.weight, std=out_std)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(x_BSD), "b s (three h d) -> three b h s d", three=3, h=self.n_heads)
         y = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        return self.proj(rearrange(y, "b h s d -> b s (h d)"))
 
 
 class Block(nn.Module):
