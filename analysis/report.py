@@ -1,0 +1,399 @@
+"""Analyze a trained MoE model end to end: record routing, measure, knock out, probe, judge, report.
+
+    summary = analyze_model(model, val_batches, domains, out_dir, dense_twin=twin, cfg=AnalysisConfig())
+
+`val_batches` maps each domain name to its validation batches (`PreparedData.val_batches(batch_size=..,
+domain=name)`); `domains` lists the names in domain-id order. Writes into `out_dir`:
+
+    report.md       the verdict, per-layer tables and the thresholds used
+    summary.json    every number (below); notebooks and the sweep aggregator read it
+    routing.npz     raw per-token routing records (`analysis.recorder.RoutingRecords.load`)
+    figures/*.png   domain_expert, nmi, knockout, cka, loss (`analysis.plots`)
+
+summary.json (and the returned dict), format_version 1. Units: bits for information, nats per token
+for losses. `null` = not measured or undefined (a nan). Keys are stable; new keys may be added.
+
+    format_version        1
+    domains               [D] domain names; domain ids index this list
+    model                 {router, blocks, num_moe_layers, num_experts, top_k, vocab_size}
+    config                AnalysisConfig as a dict (incl. thresholds)
+    tokens                {recorded, per_domain: {domain: n}, knockout_per_domain: {domain: n} | null,
+                           probe: n | null}
+    comparison            {model name: {domain: loss}}: "moe" and (with a twin) "dense_twin" measured
+                          on the full validation set here, plus any entries of the `comparison` argument
+    knockout              null, or {base_loss: {domain: loss}, dense_base_loss: {..} | null,
+                           dense_selectivity_pooled: [..] | null} (MoE / twin on the knockout tokens)
+    verdict               {verdict, rule, counts: {specialist, ensemble, inconclusive}}: the model's
+    layers                [L] per MoE layer (depth order), each:
+      layer, block                  MoE-layer index and block index in the model
+      tokens, assignments, assignments_per_token, weighting ("count" | "gate")
+      domain_expert_counts          [D][E] kept assignments (unweighted)
+      domain_specialization         [D][E] share of domain d's tokens routed to e (OLMoE); uniform_share = k/E
+      entropy_domain_bits           H(D)
+      mi_domain_expert_bits         {plugin, corrected}: I(D;E), Miller-Madow corrected
+      nmi                           {plugin, corrected, ci_low, ci_high, confidence, null_mean, null_q95,
+                                     p_value, n_docs, n_permutations, n_bootstrap}: NMI = I(D;E)/H(D),
+                                     document-bootstrap CI and document-permutation null (of the plug-in)
+      mi_token_expert_bits          {plugin, corrected}: I(T;E)
+      cmi_domain_expert_given_token_bits
+                                    {plugin, corrected, h_domain_given_token_bits, null_observed, null_mean,
+                                     null_q95, p_value, n_permutations, records_used, normalized_excess}:
+                                     I(D;E|T) and its within-token null (on `records_used` records;
+                                     normalized_excess = (null_observed - null_mean) / H(D|T))
+      vocabulary_specialization     {value, min_count, uniform}: OLMoE, tokens seen >= min_count times
+      coactivation                  {matrix [E][E] P(j|i), null = (k-1)/(E-1), max_offdiag,
+                                     mean_abs_deviation = mean |P(j|i) - null| off the diagonal}
+      consecutive_top1              {rate, null = sum_e p_e^2, pairs}: adjacent tokens sharing the top-1
+      router_entropy_bits           {mean, max = log2 E}
+      load                          {counts [E], max_violation, max_violation_batch_mean, entropy_bits,
+                                     entropy_max_bits}
+      knockout                      null, or {damage [D][E], selectivity [E], selectivity_median,
+                                     dense_damage [D][E] | null, dense_selectivity [E] | null,
+                                     dense_selectivity_median, top1_damage {domain: loss increase}}
+      cka                           null, or {matrix [E][E], mean_offdiag}
+      verdict                       {verdict, rule, notes, criteria: {nmi|cmi|knockout|cka:
+                                     {name, verdict, value, threshold, reason}}}
+    files                 {report, summary, records | null, figures: {name: "figures/<name>.png"}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+from torch import nn
+
+from analysis.knockout import (
+    KnockoutResult,
+    dense_slice_knockouts,
+    domain_losses,
+    expert_knockouts,
+    selectivity,
+    top1_knockouts,
+)
+from analysis.measures import measure_layer
+from analysis.plots import save_figures
+from analysis.probes import expert_cka, mean_offdiagonal
+from analysis.recorder import interleave_domains, record_routing, take_tokens
+from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
+from moe.data.batch import Batch
+
+__all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analyze_model", "render_report", "to_jsonable"]
+
+SUMMARY_FORMAT_VERSION = 1
+
+
+@dataclass
+class AnalysisConfig:
+    """Knobs of `analyze_model` (Hydra: the `analysis` node). Plain fields only."""
+
+    # Replicates of the document-permutation null (NMI) and of the within-token null (I(D;E|T)).
+    n_permutations: int = 200
+    # Document-bootstrap replicates of the NMI interval, and its confidence level.
+    n_bootstrap: int = 200
+    confidence: float = 0.95
+    # Validation tokens per domain evaluated by every knockout; the knockouts cost
+    # (L*E + L + 1) evaluations of D*knockout_tokens tokens (and L*E + 1 for the twin).
+    knockout_tokens: int = 4096
+    # Probe tokens (all domains together) on which every expert runs for the CKA matrix.
+    probe_tokens: int = 2048
+    # The within-token null re-sorts its records per replicate: subsample to this many (null: all).
+    max_null_records: Optional[int] = 2_000_000
+    # Weight information tables by gate values instead of one count per kept assignment.
+    gate_weighted: bool = False
+    knockouts: bool = True
+    probes: bool = True
+    # Write routing.npz with the raw per-token records.
+    save_records: bool = True
+    # Re-batch the validation rows so every batch mixes the domains as the training stream does;
+    # batch-level routers (expert choice, capacity limits) would otherwise see single-domain batches.
+    mix_domains: bool = True
+    seed: int = 0
+    thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
+
+
+# ----------------------------------------------------------------------------- JSON
+def to_jsonable(x: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays to Python, nan/inf to None, dataclasses to dicts."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return to_jsonable(dataclasses.asdict(x))
+    if isinstance(x, Mapping):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _check_inputs(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], domains: Sequence[str]) -> None:
+    if not getattr(model, "moe_layers", None):
+        raise ValueError("analyze_model needs an MoE model (model.moe_layers is empty)")
+    unknown = sorted(set(val_batches) - set(domains))
+    if unknown:
+        raise ValueError(f"val_batches has domains {unknown} not in domains={list(domains)}")
+    if not any(len(b) for b in val_batches.values()):
+        raise ValueError("val_batches holds no batches")
+    for name, batches in val_batches.items():
+        want = list(domains).index(name)
+        for b in batches:
+            if not bool((b.domain == want).all()):
+                raise ValueError(f"a batch under {name!r} carries domain ids other than {want}")
+
+
+def _stream(val_batches: Mapping[str, Sequence[Batch]], per_domain_tokens: int | None, mix: bool) -> list[Batch]:
+    parts = {n: (take_tokens(b, per_domain_tokens) if per_domain_tokens else list(b))
+             for n, b in val_batches.items() if len(b)}
+    return interleave_domains(parts) if mix else [b for batches in parts.values() for b in batches]
+
+
+def _by_domain(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
+    return {d: float(v) for d, v in zip(domains, values)}
+
+
+def _knockout_entries(moe: KnockoutResult, top1: KnockoutResult, dense: KnockoutResult | None,
+                      domains: Sequence[str]) -> list[dict[str, Any]]:
+    moe_sel = selectivity(moe.damage)  # [L, E]
+    dense_sel = None if dense is None else selectivity(dense.damage)
+    out = []
+    for l in range(moe.damage.shape[0]):
+        out.append({
+            "damage": moe.damage[l], "selectivity": moe_sel[l],
+            "selectivity_median": float(np.nanmedian(moe_sel[l])) if np.isfinite(moe_sel[l]).any() else None,
+            "dense_damage": None if dense is None else dense.damage[l],
+            "dense_selectivity": None if dense_sel is None else dense_sel[l],
+            "dense_selectivity_median": (float(np.nanmedian(dense_sel[l]))
+                                         if dense_sel is not None and np.isfinite(dense_sel[l]).any() else None),
+            "top1_damage": _by_domain(top1.damage[l], domains),
+        })
+    return out
+
+
+def _evidence(index: int, layer: Mapping[str, Any], dense_pool: np.ndarray | None) -> LayerEvidence:
+    nmi, cmi = layer["nmi"], layer["cmi_domain_expert_given_token_bits"]
+    ko, cka = layer.get("knockout"), layer.get("cka")
+    return LayerEvidence(
+        layer=index,
+        nmi_corrected=nmi["corrected"], nmi_ci_low=nmi["ci_low"], nmi_ci_high=nmi["ci_high"],
+        nmi_null_mean=nmi["null_mean"], nmi_null_q95=nmi["null_q95"],
+        cmi_observed=cmi["null_observed"], cmi_null_mean=cmi["null_mean"], cmi_p_value=cmi["p_value"],
+        h_domain_given_token=cmi["h_domain_given_token_bits"],
+        moe_selectivity=None if ko is None else list(np.asarray(ko["selectivity"], dtype=float)),
+        dense_selectivity=None if dense_pool is None else list(dense_pool),
+        cka_mean_offdiag=None if cka is None else cka["mean_offdiag"],
+    )
+
+
+def analyze_model(
+    model: nn.Module,
+    val_batches: Mapping[str, Sequence[Batch]],
+    domains: Sequence[str],
+    out_dir: str | Path,
+    *,
+    dense_twin: nn.Module | None = None,
+    comparison: Mapping[str, Mapping[str, float]] | None = None,
+    cfg: AnalysisConfig | None = None,
+) -> dict[str, Any]:
+    """Measure specialization of `model`'s MoE layers and write the report into `out_dir`.
+
+    Args:
+        model: a trained MoE `LanguageModel` (on any device; left in its original mode).
+        val_batches: domain name -> its validation batches (each batch of that domain only).
+        domains: all domain names in domain-id order.
+        out_dir: created if needed; receives report.md, summary.json, routing.npz, figures/.
+        dense_twin: the matched dense `LanguageModel`; enables the knockout control and its loss.
+        comparison: extra per-domain losses to show, model name -> {domain: nats}.
+        cfg: `AnalysisConfig` (defaults if None).
+    Returns the summary dict (the content of summary.json; keys in the module docstring).
+    """
+    cfg = cfg or AnalysisConfig()
+    domains = list(domains)
+    _check_inputs(model, val_batches, domains)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_dom = len(domains)
+
+    stream = _stream(val_batches, None, cfg.mix_domains)
+    recording = record_routing(model, stream, num_domains=n_dom, domains=domains,
+                               gate_weighted=cfg.gate_weighted, keep_records=True)
+    rngs = np.random.default_rng(cfg.seed).spawn(len(recording.layers))
+    layers = []
+    for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
+        measured = measure_layer(counts, recording.records, i, n_permutations=cfg.n_permutations,
+                                 n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence,
+                                 max_null_records=cfg.max_null_records, rng=rng)
+        layers.append({"layer": i, "block": recording.blocks[i], **measured, "knockout": None, "cka": None})
+
+    summary_ko = None
+    ko_tokens = None
+    if cfg.knockouts:
+        ko_stream = _stream(val_batches, cfg.knockout_tokens, cfg.mix_domains)
+        moe_ko = expert_knockouts(model, ko_stream, n_dom)
+        top1_ko = top1_knockouts(model, ko_stream, n_dom)
+        dense_ko = None
+        if dense_twin is not None:
+            dense_ko = dense_slice_knockouts(dense_twin, ko_stream, n_dom, blocks=recording.blocks,
+                                             num_slices=moe_ko.damage.shape[2])
+        for layer, entry in zip(layers, _knockout_entries(moe_ko, top1_ko, dense_ko, domains)):
+            layer["knockout"] = entry
+        pool = None if dense_ko is None else selectivity(dense_ko.damage).ravel()
+        summary_ko = {"base_loss": _by_domain(moe_ko.base_loss, domains),
+                      "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
+                      "dense_selectivity_pooled": pool}
+        ko_tokens = _by_domain(moe_ko.tokens, domains)
+
+    probe_tokens = None
+    if cfg.probes:
+        per_domain = max(1, math.ceil(cfg.probe_tokens / max(len(val_batches), 1)))
+        probe_stream = _stream(val_batches, per_domain, cfg.mix_domains)
+        cka = expert_cka(model, probe_stream, max_tokens=cfg.probe_tokens)
+        probe_tokens = min(cfg.probe_tokens, sum(b.num_tokens for b in probe_stream))
+        for layer, m in zip(layers, cka):
+            layer["cka"] = {"matrix": m, "mean_offdiag": mean_offdiagonal(m)}
+
+    # Verdicts read the same numbers the report shows (after the JSON round of nan -> None).
+    layers = to_jsonable(layers)
+    dense_pool = None
+    if summary_ko is not None and summary_ko["dense_selectivity_pooled"] is not None:
+        dense_pool = np.asarray(summary_ko["dense_selectivity_pooled"], dtype=float)
+    layer_verdicts = [judge_layer(_evidence(i, layer, dense_pool), cfg.thresholds) for i, layer in enumerate(layers)]
+    for layer, v in zip(layers, layer_verdicts):
+        layer["verdict"] = v.as_dict()
+    model_verdict = judge_model(layer_verdicts, cfg.thresholds)
+
+    losses = {"moe": _by_domain(recording.domain_loss, domains)}
+    if dense_twin is not None:
+        losses["dense_twin"] = _by_domain(domain_losses(dense_twin, stream, n_dom)[0], domains)
+    losses.update({k: dict(v) for k, v in (comparison or {}).items()})
+
+    first = model.moe_layers[0]
+    summary: dict[str, Any] = {
+        "format_version": SUMMARY_FORMAT_VERSION,
+        "domains": domains,
+        "model": {"router": type(first.router).__name__, "blocks": recording.blocks,
+                  "num_moe_layers": len(recording.layers), "num_experts": first.router.num_experts,
+                  "top_k": first.router.top_k, "vocab_size": int(model.vocab_size)},
+        "config": dataclasses.asdict(cfg),
+        "tokens": {"recorded": int(recording.loss_tokens.sum()),
+                   "per_domain": _by_domain(recording.loss_tokens, domains),
+                   "knockout_per_domain": ko_tokens, "probe": probe_tokens},
+        "comparison": losses,
+        "knockout": summary_ko,
+        "verdict": {"verdict": model_verdict.verdict, "rule": model_verdict.rule, "counts": model_verdict.counts},
+        "layers": layers,
+        "files": {"report": "report.md", "summary": "summary.json", "records": None, "figures": {}},
+    }
+    summary = to_jsonable(summary)
+    if cfg.save_records and recording.records is not None:
+        recording.records.save(out / "routing.npz")
+        summary["files"]["records"] = "routing.npz"
+    figures = save_figures(summary, out / "figures")
+    summary["files"]["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+    (out / "report.md").write_text(render_report(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------- markdown
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.3e}"
+    return str(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table; "|" inside cells (as in I(D;E|T)) is escaped so columns stay aligned."""
+    def cell(c: Any) -> str:
+        return (c if isinstance(c, str) else _f(c)).replace("|", "\\|")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_report(summary: Mapping[str, Any]) -> str:
+    """report.md from a summary dict: verdict, setup, losses, per-layer measures, criteria, figures."""
+    m, v, tok = summary["model"], summary["verdict"], summary["tokens"]
+    layers = summary["layers"]
+    k, e = m["top_k"], m["num_experts"]
+    lines = [
+        "# MoE specialization report", "",
+        f"**Verdict: {v['verdict']}** — {v['rule']}.", "",
+        "## Setup", "",
+        f"- router `{m['router']}`, {m['num_moe_layers']} MoE layer(s) at blocks {m['blocks']}, "
+        f"E = {e} experts, k = {k} (uniform share k/E = {k / e:.3g})",
+        f"- domains: {', '.join(summary['domains'])}; {tok['recorded']} validation tokens recorded "
+        f"({', '.join(f'{d}: {n:g}' for d, n in tok['per_domain'].items())})",
+        f"- assignments weighted by `{layers[0]['weighting']}`; {summary['config']['n_permutations']} "
+        f"permutations, {summary['config']['n_bootstrap']} bootstrap replicates; information in bits, "
+        "losses in nats/token",
+    ]
+    if tok.get("knockout_per_domain"):
+        lines.append(f"- knockouts on {', '.join(f'{d}: {n:g}' for d, n in tok['knockout_per_domain'].items())} "
+                     "tokens per domain")
+    if tok.get("probe"):
+        lines.append(f"- expert CKA on {tok['probe']} probe tokens")
+
+    comp = summary.get("comparison") or {}
+    if comp:
+        lines += ["", "## Per-domain validation loss (nats/token)", ""]
+        names = list(comp)
+        lines += _table(["domain"] + names, [[d] + [comp[n].get(d) for n in names] for d in summary["domains"]])
+
+    lines += ["", "## Specialization measures per layer", ""]
+    rows = []
+    for layer in layers:
+        nmi, cmi = layer["nmi"], layer["cmi_domain_expert_given_token_bits"]
+        co, cons = layer["coactivation"], layer["consecutive_top1"]
+        rows.append([
+            str(layer["layer"]),
+            f"{_f(nmi['plugin'])} [{_f(nmi['ci_low'])}, {_f(nmi['ci_high'])}]",
+            _f(nmi["corrected"]), f"{_f(nmi['null_q95'])} (p={_f(nmi['p_value'])})",
+            _f(layer["mi_domain_expert_bits"]["plugin"]), _f(layer["mi_token_expert_bits"]["plugin"]),
+            f"{_f(cmi['plugin'])} (null {_f(cmi['null_mean'])}, p={_f(cmi['p_value'])})",
+            f"{_f(co['max_offdiag'])} / {_f(co['null'])}", f"{_f(cons['rate'])} / {_f(cons['null'])}",
+            f"{_f(layer['router_entropy_bits']['mean'])} / {_f(layer['router_entropy_bits']['max'])}",
+            _f(layer["load"]["max_violation"]),
+        ])
+    lines += _table(["layer", "NMI [CI]", "NMI (MM)", "null q95", "I(D;E)", "I(T;E)", "I(D;E|T)",
+                     "max co-act. / null", "consec. top-1 / null", "router H / max", "MaxVio"], rows)
+
+    if any(layer.get("knockout") for layer in layers) or any(layer.get("cka") for layer in layers):
+        lines += ["", "## Knockouts and redundancy", ""]
+        rows = []
+        for layer in layers:
+            ko, cka = layer.get("knockout") or {}, layer.get("cka") or {}
+            top1 = ko.get("top1_damage") or {}
+            rows.append([str(layer["layer"]), ko.get("selectivity_median"), ko.get("dense_selectivity_median"),
+                         ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–", cka.get("mean_offdiag")])
+        lines += _table(["layer", "MoE selectivity (median)", "dense-slice selectivity (median)",
+                         "top-1 knockout damage (nats)", "mean expert CKA"], rows)
+        lines += ["", "Selectivity = (max − mean) / mean / (D − 1) of an expert's per-domain damage: "
+                  "0 hurts every domain alike, 1 hurts one domain only."]
+
+    lines += ["", "## Verdict per layer", ""]
+    for layer in layers:
+        lv = layer["verdict"]
+        lines += [f"### Layer {layer['layer']} (block {layer['block']}): {lv['verdict']}", "",
+                  f"Rule: {lv['rule']}.", ""]
+        lines += _table(["criterion", "points to", "value", "threshold", "why"],
+                        [[c["name"], c["verdict"], c["value"], c["threshold"], c["reason"]]
+                         for c in lv["criteria"].values()])
+        lines += [f"\nNote: {n}." for n in lv["notes"]]
+        lines.append("")
+
+    figures = summary["files"].get("figures") or {}
+    if figures:
+        lines += ["## Figures", ""] + [f"![{name}]({path})" for name, path in figures.items()]
+    return "\n".join(lines) + "\n"

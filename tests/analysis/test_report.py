@@ -1,0 +1,132 @@
+"""analyze_model end to end on the tiny trained model: files written, summary keys stable and
+strict JSON, figures drawable from the saved summary, config usable as a Hydra schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from analysis.plots import (
+    plot_cka,
+    plot_domain_expert_heatmaps,
+    plot_knockout,
+    plot_loss_comparison,
+    plot_nmi,
+)
+from analysis.recorder import RoutingRecords
+from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analyze_model
+
+FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens=512)
+
+TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "comparison", "knockout", "verdict",
+            "layers", "files"}
+LAYER_KEYS = {"layer", "block", "tokens", "assignments", "assignments_per_token", "weighting",
+              "domain_expert_counts", "domain_specialization", "uniform_share", "entropy_domain_bits",
+              "mi_domain_expert_bits", "nmi", "mi_token_expert_bits", "cmi_domain_expert_given_token_bits",
+              "vocabulary_specialization", "coactivation", "consecutive_top1", "router_entropy_bits", "load",
+              "knockout", "cka", "verdict"}
+
+
+def _strict_json(path):
+    def no_nan(x):
+        raise ValueError(f"non-standard JSON constant {x}")
+    return json.loads(path.read_text(), parse_constant=no_nan)
+
+
+@pytest.fixture(scope="module")
+def full_run(trained_moe, trained_dense, val_by_domain, synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis")
+    comparison = {"dense_total": {d: 3.0 for d in synthetic_data.domains}}
+    summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, out, dense_twin=trained_dense,
+                            comparison=comparison, cfg=AnalysisConfig(**FAST))
+    return out, summary
+
+
+def test_analyze_model_writes_report_summary_records_and_figures(full_run, synthetic_data):
+    out, summary = full_run
+    for name in ("report.md", "summary.json", "routing.npz"):
+        assert (out / name).is_file()
+    for name in ("domain_expert", "nmi", "knockout", "cka", "loss"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+    assert summary["files"]["figures"]["knockout"] == "figures/knockout.png"
+    assert _strict_json(out / "summary.json") == summary
+
+    assert set(summary) == TOP_KEYS
+    assert summary["format_version"] == SUMMARY_FORMAT_VERSION
+    assert summary["domains"] == synthetic_data.domains
+    assert summary["model"]["num_experts"] == 4 and summary["model"]["top_k"] == 2
+    assert summary["config"]["thresholds"]["nmi_min"] == 0.05
+    assert set(summary["comparison"]) == {"moe", "dense_twin", "dense_total"}
+    assert summary["verdict"]["verdict"] in ("specialist", "ensemble", "inconclusive")
+    assert len(summary["layers"]) == 2
+    for layer in summary["layers"]:
+        assert set(layer) == LAYER_KEYS
+        assert np.array(layer["domain_expert_counts"]).shape == (4, 4)
+        assert np.array(layer["knockout"]["damage"]).shape == (4, 4)
+        assert np.array(layer["knockout"]["dense_damage"]).shape == (4, 4)
+        assert np.array(layer["cka"]["matrix"]).shape == (4, 4)
+        assert set(layer["verdict"]["criteria"]) == {"nmi", "cmi", "knockout", "cka"}
+        for c in layer["verdict"]["criteria"].values():
+            assert c["threshold"] and c["verdict"] in ("specialist", "ensemble", "inconclusive")
+        nmi = layer["nmi"]
+        assert nmi["ci_low"] <= nmi["plugin"] <= nmi["ci_high"]
+        assert nmi["n_permutations"] == 49
+
+    report = (out / "report.md").read_text()
+    assert f"**Verdict: {summary['verdict']['verdict']}**" in report
+    assert "NMI_MM >= 0.05" in report and "![knockout](figures/knockout.png)" in report
+
+    records = RoutingRecords.load(out / "routing.npz")
+    assert records.token.size == summary["tokens"]["recorded"] == 4 * 1024
+    assert records.domains == synthetic_data.domains
+
+
+def test_plots_draw_from_the_saved_summary_and_from_arrays(full_run):
+    out, _ = full_run
+    summary = _strict_json(out / "summary.json")  # what a notebook reads
+    for plot in (plot_domain_expert_heatmaps, plot_nmi, plot_knockout, plot_cka, plot_loss_comparison):
+        assert isinstance(plot(summary), Figure)
+    counts = [np.array(layer["domain_expert_counts"]) for layer in summary["layers"]]
+    assert isinstance(plot_domain_expert_heatmaps(counts, summary["domains"], top_k=2), Figure)
+    assert isinstance(plot_cka(np.stack([np.eye(4), np.ones((4, 4))])), Figure)
+    assert isinstance(plot_loss_comparison({"moe": {"a": 3.0, "b": 3.1}, "dense": {"a": 3.05}}), Figure)
+
+
+def test_analysis_without_twin_knockouts_or_probes(trained_moe, val_by_domain, synthetic_data, tmp_path):
+    cfg = AnalysisConfig(n_permutations=19, n_bootstrap=19, knockouts=False, probes=False, save_records=False)
+    summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, cfg=cfg)
+    assert summary["knockout"] is None and summary["files"]["records"] is None
+    assert not (tmp_path / "routing.npz").exists()
+    assert set(summary["files"]["figures"]) == {"domain_expert", "nmi", "loss"}
+    for layer in summary["layers"]:
+        assert layer["knockout"] is None and layer["cka"] is None
+        crit = layer["verdict"]["criteria"]
+        assert crit["knockout"]["verdict"] == crit["cka"]["verdict"] == "inconclusive"
+    assert set(summary["comparison"]) == {"moe"}
+
+
+def test_inputs_are_checked(trained_moe, trained_dense, val_by_domain, synthetic_data, tmp_path):
+    with pytest.raises(ValueError, match="not in domains"):
+        analyze_model(trained_moe, {"nope": []}, synthetic_data.domains, tmp_path)
+    swapped = dict(val_by_domain)
+    a, b = synthetic_data.domains[:2]
+    swapped[a], swapped[b] = val_by_domain[b], val_by_domain[a]
+    with pytest.raises(ValueError, match="domain ids"):
+        analyze_model(trained_moe, swapped, synthetic_data.domains, tmp_path)
+    with pytest.raises(ValueError, match="MoE model"):
+        analyze_model(trained_dense, val_by_domain, synthetic_data.domains, tmp_path)
+
+
+def test_config_is_a_structured_hydra_schema():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    schema = OmegaConf.structured(AnalysisConfig)
+    merged = OmegaConf.merge(schema, {"n_permutations": 50, "thresholds": {"nmi_min": 0.1}})
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, AnalysisConfig) and cfg.thresholds.nmi_min == 0.1 and cfg.n_bootstrap == 200
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(schema, {"n_permutation": 50})
