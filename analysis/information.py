@@ -58,13 +58,18 @@ def _as_labels(name: str, labels: np.ndarray, n_labels: int) -> np.ndarray:
     a = np.asarray(labels)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D [N], got shape {a.shape}")
+    return _checked_ids(name, a, n_labels)
+
+
+def _checked_ids(name: str, a: np.ndarray, n_classes: int) -> np.ndarray:
+    """Integer ids in [0, n_classes) as int64 (any shape)."""
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
-    if int(n_labels) < 1:
-        raise ValueError(f"number of {name} classes must be >= 1, got {n_labels}")
+    if int(n_classes) < 1:
+        raise ValueError(f"number of {name} classes must be >= 1, got {n_classes}")
     a = a.astype(np.int64, copy=False)
-    if a.size and (a.min() < 0 or a.max() >= n_labels):
-        raise ValueError(f"{name} must lie in [0, {n_labels}), got range [{a.min()}, {a.max()}]")
+    if a.size and (a.min() < 0 or a.max() >= n_classes):
+        raise ValueError(f"{name} must lie in [0, {n_classes}), got range [{a.min()}, {a.max()}]")
     return a
 
 
@@ -75,14 +80,7 @@ def _as_experts(experts: np.ndarray, n_tokens: int, n_experts: int) -> np.ndarra
         a = a[:, None]
     if a.ndim != 2 or a.shape[0] != n_tokens:
         raise ValueError(f"experts must be [N={n_tokens}, K] (or [N]), got shape {np.shape(experts)}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"experts must hold integers, got dtype {a.dtype}")
-    if int(n_experts) < 1:
-        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-    a = a.astype(np.int64, copy=False)
-    if a.size and (a.min() < 0 or a.max() >= n_experts):
-        raise ValueError(f"experts must lie in [0, {n_experts}), got range [{a.min()}, {a.max()}]")
-    return a
+    return _checked_ids("experts", a, n_experts)
 
 
 def _as_weights(weights: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:

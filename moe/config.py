@@ -105,5 +105,6 @@ def validate(cfg: TrainConfig) -> None:
                          f"got router.kind={cfg.router.kind!r}. Use router=sigmoid or another balance scope.")
 
 
-def as_plain_dict(cfg: TrainConfig) -> dict[str, Any]:
+def as_plain_dict(cfg: Any) -> dict[str, Any]:
+    """Any config dataclass (TrainConfig, ModelConfig, ...) as plain, YAML/JSON-ready data."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

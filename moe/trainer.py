@@ -63,16 +63,11 @@ def trajectory_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, world_size:
     plain = as_plain_dict(cfg)
     t = plain["trainer"]
     return {
-        "model": as_plain_dict_model(model_cfg), "router": plain["router"], "balance": plain["balance"],
+        "model": as_plain_dict(model_cfg), "router": plain["router"], "balance": plain["balance"],
         "data": plain["data"], "seed": cfg.seed, "world_size": world_size,
         **{k: t[k] for k in ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
                              "max_steps", "weight_decay", "beta1", "beta2", "grad_clip")},
     }
-
-
-def as_plain_dict_model(model_cfg: ModelConfig) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
 
 
 def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: torch.device,
