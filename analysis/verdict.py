@@ -14,8 +14,8 @@ Criteria, per MoE layer (thresholds in `VerdictThresholds`):
 - **cmi** (domain information beyond the token id, I(D;E|T), against its within-token null):
   with `excess = (observed - null_mean) / H(D|T)` (the share of the domain uncertainty left after
   the token that routing removes): specialist if `p < alpha` and `excess >= cmi_min`; ensemble if
-  `excess < cmi_min`; inconclusive if the excess is large but not significant, or if H(D|T) = 0
-  (tokens determine the domain, so no router can add domain information beyond them).
+  `excess < cmi_min`; inconclusive if the excess is large but not significant, or if
+  H(D|T) < `min_h_domain_given_token` (tokens nearly determine the domain, so the share is ill-posed).
 - **knockout** (does removing an expert hurt one domain?): the median over experts of the MoE's
   knockout selectivity against the selectivities of equal slices of the dense twin's FFN (same
   token budget, hence the same noise): specialist if above the dense `selectivity_specialist_quantile`
@@ -71,6 +71,9 @@ class VerdictThresholds:
     alpha: float = 0.05
     # Smallest excess I(D;E|T) over its null, as a share of H(D|T), that counts as domain expertise.
     cmi_min: float = 0.02
+    # Below this H(D|T) (bits) the token nearly fixes the domain: dividing by it would turn a
+    # negligible I(D;E|T) into a large share, so the criterion abstains.
+    min_h_domain_given_token: float = 0.05
     # Dense-slice selectivity quantiles the MoE's median expert selectivity is compared with.
     selectivity_specialist_quantile: float = 0.95
     selectivity_ensemble_quantile: float = 0.5
@@ -193,10 +196,10 @@ def judge_cmi(observed: float | None, null_mean: float | None, p_value: float | 
             f"{_g(t.cmi_min)}; ensemble: excess < {_g(t.cmi_min)}")
     if _missing(observed, null_mean, p_value, h_domain_given_token):
         return Criterion("cmi", INCONCLUSIVE, None, rule, "I(D;E|T) or its within-token null not measured")
-    if h_domain_given_token <= 1e-9:
+    if h_domain_given_token < t.min_h_domain_given_token:
         return Criterion("cmi", INCONCLUSIVE, None, rule,
-                         "H(D|T) = 0: token ids determine the domain, so no routing can carry domain "
-                         "information beyond them")
+                         f"H(D|T) = {_g(h_domain_given_token)} bits < {_g(t.min_h_domain_given_token)}: token ids "
+                         "(nearly) determine the domain, so routing can carry little domain information beyond them")
     excess = (observed - null_mean) / h_domain_given_token
     numbers = (f"I(D;E|T)={_g(observed)} bits, null mean {_g(null_mean)}, p={_g(p_value)}, "
                f"H(D|T)={_g(h_domain_given_token)} bits, excess {_g(excess)}")
