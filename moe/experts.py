@@ -89,17 +89,24 @@ class GroupedExperts(nn.Module):
         """Expert rows [P, D], gate weights [P] -> gated outputs gate * expert(x) [P, D].
 
         With `capacity` C the rows are E padded groups of C (P = E*C) and run as one batched
-        matmul; without it they are ragged groups of `counts_E` rows (P = A). The gate scales the
-        hidden activations (F wide), which equals scaling the output and moves less memory.
+        matmul; without it they are ragged groups of `counts_E` rows (P = A).
         """
         w_in, w_out = self.w_in.to(x_PD.dtype), self.w_out.to(x_PD.dtype)
         gate_P1 = gate_P.to(x_PD.dtype).unsqueeze(-1)
+        # The gate is linear in the output, so scale whichever of hidden (F) and output (D) is narrower.
+        gate_hidden = w_out.shape[1] < w_out.shape[2]
         if capacity is not None:
-            x_ECD = x_PD.view(self.num_experts, capacity, -1)
-            h_PF = activate(torch.bmm(x_ECD, w_in), self.activation).view(x_PD.shape[0], -1) * gate_P1
-            return torch.bmm(h_PF.view(self.num_experts, capacity, -1), w_out).view(x_PD.shape)
-        h_PF = activate(grouped_mm(x_PD, w_in, counts_E), self.activation) * gate_P1
-        return grouped_mm(h_PF, w_out, counts_E)
+            h_PF = activate(torch.bmm(x_PD.view(self.num_experts, capacity, -1), w_in), self.activation)
+            h_PF = h_PF.view(x_PD.shape[0], -1)
+            if gate_hidden:
+                h_PF = h_PF * gate_P1
+            y_PD = torch.bmm(h_PF.view(self.num_experts, capacity, -1), w_out).view(x_PD.shape)
+        else:
+            h_PF = activate(grouped_mm(x_PD, w_in, counts_E), self.activation)
+            if gate_hidden:
+                h_PF = h_PF * gate_P1
+            y_PD = grouped_mm(h_PF, w_out, counts_E)
+        return y_PD if gate_hidden else y_PD * gate_P1
 
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """One expert on arbitrary tokens (probes for redundancy analysis): [N, D] -> [N, D]."""

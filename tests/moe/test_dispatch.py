@@ -7,7 +7,7 @@ from moe.dispatch import combine, gather_rows, permute
 from moe.experts import GroupedExperts, activate
 from moe.routing import Routing
 
-T, K, E, D, F = 40, 3, 6, 8, 10
+T, K, E, D = 40, 3, 6, 8
 
 
 def make_routing(drop: bool, skew: bool):
@@ -22,10 +22,11 @@ def make_routing(drop: bool, skew: bool):
     return Routing(indices, weights, probs.log(), probs, kept)
 
 
+@pytest.mark.parametrize("F", [4, 10])  # gate applied on the hidden (F < D) or on the output
 @pytest.mark.parametrize("max_padding", [None, 1.0, 100.0])
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("skew", [False, True])
-def test_layouts_match_naive_loop(max_padding, drop, skew):
+def test_layouts_match_naive_loop(max_padding, drop, skew, F):
     torch.manual_seed(1)
     routing = make_routing(drop, skew)
     experts = GroupedExperts(D, F, E).double()
