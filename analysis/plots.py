@@ -6,9 +6,12 @@ can plot a run directory's `summary.json` without re-running anything:
 
     summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
     plot_domain_expert_heatmaps(summary)
-    plot_nmi(summary); plot_knockout(summary); plot_cka(summary); plot_loss_comparison(summary)
+    plot_nmi(summary); plot_information(summary); plot_knockout(summary); plot_cka(summary)
+    plot_loss_comparison(summary)
 
-`save_figures(summary, out_dir)` writes all of them as PNGs.
+Run directories and sweeps are read by `analysis.runs`; its loaders feed `plot_loss_curves`
+(`run.val_curves()`) and `plot_sweep` (`sweep_rows(sweep)`). `save_figures(summary, out_dir)` writes
+the report's figures as PNGs; `save_figure(fig, name, out_dir)` one figure.
 Legend: L MoE layers, D domains, E experts.
 """
 
@@ -23,11 +26,17 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 __all__ = [
+    "SWEEP_METRICS",
     "plot_cka",
     "plot_domain_expert_heatmaps",
+    "plot_information",
     "plot_knockout",
     "plot_loss_comparison",
+    "plot_loss_curves",
     "plot_nmi",
+    "plot_sweep",
+    "plot_sweep_heatmaps",
+    "save_figure",
     "save_figures",
 ]
 
@@ -54,39 +63,116 @@ def _layer_label(summary: Summary | None, i: int) -> str:
     return f"MoE layer {i}"
 
 
-def plot_domain_expert_heatmaps(source: Summary | Sequence[np.ndarray], domains: Sequence[str] | None = None,
-                                *, top_k: int | None = None) -> Figure:
-    """Domain x expert heatmaps, one per layer, normalized by domain.
+def _labels(domains: Sequence[str] | None, n: int) -> list[str]:
+    return list(domains) if domains else [str(d) for d in range(n)]
 
-    From a summary: each cell is the fraction of domain d's tokens routed to expert e (OLMoE's
-    domain specialization; uniform routing gives k/E, the colormap's centre). From arrays [D, E] of
-    counts per layer: each row divided by its sum (and multiplied by `top_k` if given, which makes
-    it the same fraction; otherwise uniform = 1/E).
+
+def _annotate(ax, table: np.ndarray, norm) -> None:
+    """Write each cell's value on it, white on saturated colours."""
+    for (r, c), v in np.ndenumerate(table):
+        if np.isfinite(v):
+            dark = abs(float(norm(v)) - 0.5) > 0.3
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+
+
+def plot_domain_expert_heatmaps(source: Summary | Sequence[np.ndarray], domains: Sequence[str] | None = None,
+                                *, top_k: int | None = None, normalize: str = "domain",
+                                titles: Sequence[str] | None = None, annotate: bool | None = None) -> Figure:
+    """Domain x expert heatmaps, one per layer (or per table given), on one diverging colour scale
+    whose white centre is what routing that ignores the domain would give.
+
+    normalize="domain" (default): each cell is the fraction of domain d's tokens routed to expert e
+    (OLMoE's domain specialization; rows sum to k). Uniform routing gives k/E, the colour centre,
+    marked on the colour bar. From a summary this is its `domain_specialization`; from arrays [D, E]
+    of counts per layer, each row is divided by its sum and multiplied by `top_k` if given (which
+    makes it the same fraction; otherwise uniform = 1/E, e.g. for gate-weighted tables).
+
+    normalize="expert": each cell is P(d | e), the share of expert e's assignments that come from
+    domain d (columns sum to 1): what each expert is made of. Routing that ignores the domain gives
+    P(d | e) = p(d), the domain's share of all assignments, printed after its name; the colour centre
+    is 1/D, their mean (exact for balanced domains).
+
+    `titles` replaces the per-layer panel titles (e.g. run labels when comparing runs); `annotate`
+    writes the values in the cells (default: when a panel has at most 80 cells).
     """
+    if normalize not in ("domain", "expert"):
+        raise ValueError(f"normalize must be 'domain' or 'expert', got {normalize!r}")
     summary = source if isinstance(source, Mapping) else None
     if summary is not None:
-        tables = [_arr(layer["domain_specialization"]) for layer in summary["layers"]]
-        uniform = float(summary["layers"][0]["uniform_share"])
+        counts = [_arr(layer["domain_expert_counts"]) for layer in summary["layers"]]
         domains = domains or summary["domains"]
     else:
-        k = 1 if top_k is None else top_k
-        tables = []
-        for counts in source:
-            c = np.asarray(counts, dtype=np.float64)
-            tables.append(k * c / np.maximum(c.sum(axis=1, keepdims=True), 1e-300))
-        uniform = k / tables[0].shape[1]
-    fig, axes = _grid(len(tables), 0.5 * tables[0].shape[1] + 2.5, 0.4 * tables[0].shape[0] + 2.0)
-    vmax = max(np.nanmax(t) for t in tables)
+        counts = [np.asarray(c, dtype=np.float64) for c in source]
+    if not counts:
+        raise ValueError("no domain x expert tables to plot")
+    n_dom, n_exp = counts[0].shape
+    labels = [_labels(domains, n_dom)] * len(counts)
+    if normalize == "domain":
+        if summary is not None:
+            tables = [_arr(layer["domain_specialization"]) for layer in summary["layers"]]
+            uniform = float(summary["layers"][0]["uniform_share"])
+        else:
+            k = 1 if top_k is None else top_k
+            tables = [k * c / np.maximum(c.sum(axis=1, keepdims=True), 1e-300) for c in counts]
+            uniform = k / n_exp
+        # Without top_k the rows of arrays sum to 1 (e.g. gate-weighted tables): shares of routing weight.
+        per_token = summary is not None or bool(top_k)
+        what = "share of the domain's tokens" if per_token else "share of the domain's routing weight"
+        ref = "k/E" if per_token else "1/E"
+        bar_label = f"{what}\n(line: uniform {ref} = {uniform:.3g})"
+        heading = f"Domain x expert routing, normalized by domain (white = uniform {ref} = {uniform:.3g})"
+    else:
+        tables = [c / np.maximum(c.sum(axis=0, keepdims=True), 1e-300) for c in counts]
+        uniform = 1.0 / n_dom
+        labels = []
+        for c in counts:
+            p = c.sum(axis=1) / max(c.sum(), 1e-300)
+            labels.append([f"{name} ({pd:.2f})" for name, pd in zip(_labels(domains, n_dom), p)])
+        bar_label = f"P(domain | expert)\n(line: 1/D = {uniform:.3g})"
+        heading = ("Domain x expert routing, normalized by expert (columns sum to 1; domain-blind routing "
+                   "gives p(d), in brackets)")
+    if titles is not None and len(titles) != len(tables):
+        raise ValueError(f"{len(titles)} titles for {len(tables)} tables")
+    if annotate is None:
+        annotate = n_dom * n_exp <= 80
+    fig, axes = _grid(len(tables), 0.5 * n_exp + 2.5, 0.4 * n_dom + 2.0)
+    vmax = max(np.nanmax(t) if np.isfinite(t).any() else uniform for t in tables)
     norm = TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=max(vmax, uniform * 1.0001))
     for i, (ax, t) in enumerate(zip(axes, tables)):
         im = ax.imshow(t, cmap="RdBu_r", norm=norm, aspect="auto")
-        ax.set_title(_layer_label(summary, i), fontsize=9)
+        ax.set_title(titles[i] if titles is not None else _layer_label(summary, i), fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_xticks(range(t.shape[1]))
-        ax.set_yticks(range(t.shape[0]), labels=list(domains) if domains else range(t.shape[0]))
-    fig.colorbar(im, ax=axes, label=f"share of domain's tokens (uniform = {uniform:.3g})")
-    fig.suptitle(f"Domain x expert routing (white = uniform routing, k/E = {uniform:.3g})")
+        ax.set_xticks(range(n_exp))
+        ax.set_yticks(range(n_dom), labels=labels[i])
+        if annotate:
+            _annotate(ax, t, norm)
+    bar = fig.colorbar(im, ax=axes, label=bar_label)
+    bar.ax.axhline(uniform, color="black", lw=1.5)
+    fig.suptitle(heading, fontsize=10)
     return fig
+
+
+def plot_sweep_heatmaps(summaries: Mapping[str, Summary], layer: int = -1, normalize: str = "domain") -> Figure:
+    """Domain x expert heatmaps of one MoE layer (index into each summary's layers; -1 = the last),
+    one panel per run, titled by its key in `summaries` (e.g. `analysis.runs.Sweep.summaries()`).
+    The runs must share their domains and k/E; the colour scale is common to all panels."""
+    if not summaries:
+        raise ValueError("no analyzed runs to plot")
+    first = next(iter(summaries.values()))
+    for name, s in summaries.items():
+        if s["domains"] != first["domains"]:
+            raise ValueError(f"run {name!r} has domains {s['domains']}, not {first['domains']}")
+        if s["layers"][0]["uniform_share"] != first["layers"][0]["uniform_share"]:
+            raise ValueError(f"run {name!r} has k/E = {s['layers'][0]['uniform_share']}, "
+                             f"not {first['layers'][0]['uniform_share']}")
+    picked = []
+    for name, s in summaries.items():
+        if not -len(s["layers"]) <= layer < len(s["layers"]):
+            raise ValueError(f"run {name!r} has {len(s['layers'])} MoE layers; layer {layer} is out of range")
+        picked.append(s["layers"][layer])
+    titles = [f"{name}\nMoE layer {entry['layer']}" for name, entry in zip(summaries, picked)]
+    return plot_domain_expert_heatmaps({"domains": first["domains"], "layers": picked}, normalize=normalize,
+                                       titles=titles)
 
 
 def plot_nmi(summary: Summary) -> Figure:
@@ -112,6 +198,61 @@ def plot_nmi(summary: Summary) -> Figure:
     ax.set_ylabel("NMI = I(D;E) / H(D)")
     ax.legend(fontsize=7)
     ax.set_title("Domain information in routing")
+    return fig
+
+
+def plot_information(summary: Summary) -> Figure:
+    """Vocabulary vs domain, per layer (bits).
+
+    Left: I(D;E) (plug-in bar, Miller-Madow marker) beside I(T;E), with H(D), the most I(D;E) can
+    be, as a dashed tick. Right: I(D;E|T), the domain information in routing beyond the token id,
+    against its within-token permutation null (mean and q95) and H(D|T), its ceiling; the label
+    above each bar is the excess over the null as a fraction of H(D|T). A router that reads only the
+    token id has I(D;E|T) at its null however large I(D;E) is. The bar is the plug-in value on the
+    records the null used (all records unless `max_null_records` subsampled them).
+    """
+    layers = summary["layers"]
+    x = np.arange(len(layers))
+    names = [str(layer["layer"]) for layer in layers]
+    fig = Figure(figsize=(max(8.0, 1.6 * len(layers) + 5.0), 3.8), layout="constrained")
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+
+    mi_d = _arr([layer["mi_domain_expert_bits"]["plugin"] for layer in layers])
+    mi_d_mm = _arr([layer["mi_domain_expert_bits"]["corrected"] for layer in layers])
+    mi_t = _arr([layer["mi_token_expert_bits"]["plugin"] for layer in layers])
+    mi_t_mm = _arr([layer["mi_token_expert_bits"]["corrected"] for layer in layers])
+    h_d = _arr([layer["entropy_domain_bits"] for layer in layers])
+    w = 0.36
+    left.bar(x - w / 2, mi_d, w, label="I(D;E) domain")
+    left.bar(x + w / 2, mi_t, w, label="I(T;E) token id")
+    left.plot(np.concatenate([x - w / 2, x + w / 2]), np.concatenate([mi_d_mm, mi_t_mm]), "k.",
+              label="Miller-Madow")
+    left.plot(x - w / 2, h_d, "_", ms=20, mew=2, color="tab:red", label="H(D) (ceiling of I(D;E))")
+    left.set_xticks(x, labels=names)
+    left.set_xlabel("MoE layer")
+    left.set_ylabel("bits")
+    left.legend(fontsize=7)
+    left.set_title("What the expert choice tells about the token", fontsize=9)
+
+    cmi = [layer["cmi_domain_expert_given_token_bits"] for layer in layers]
+    obs = _arr([c["null_observed"] if c.get("null_observed") is not None else c["plugin"] for c in cmi])
+    right.bar(x, obs, 0.5, color="tab:green", label="I(D;E|T)")
+    right.plot(x, _arr([c["null_mean"] for c in cmi]), "_", ms=22, mew=2, color="grey",
+               label="null mean (within token)")
+    right.plot(x, _arr([c["null_q95"] for c in cmi]), "_", ms=22, mew=2, color="black", label="null q95")
+    h_dt = _arr([c["h_domain_given_token_bits"] for c in cmi])
+    for xi, c, y, h in zip(x, cmi, obs, h_dt):
+        excess = c.get("normalized_excess")
+        if np.isfinite(y):
+            text = f"H(D|T) = {h:.3g}" + ("" if excess is None else f"\nexcess {excess:.2f} of it")
+            right.annotate(text, (xi, y), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
+    right.margins(y=0.25)
+    right.set_xticks(x, labels=names)
+    right.set_xlabel("MoE layer")
+    right.set_ylabel("bits")
+    right.legend(fontsize=7)
+    right.set_title("Domain information beyond the token id", fontsize=9)
+    fig.suptitle("Vocabulary vs domain specialization")
     return fig
 
 
@@ -186,6 +327,146 @@ def plot_loss_comparison(source: Summary | Mapping[str, Mapping[str, float]]) ->
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Per-domain loss: MoE vs dense")
+    return fig
+
+
+def plot_loss_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                     domains: Sequence[str] | None = None, reference: str = "moe") -> Figure:
+    """Validation loss (nats/token) over training steps, one panel per domain, one line per model.
+
+    `curves` maps model name -> {domain: (steps, losses)} (`analysis.runs.Run.val_curves()`). With
+    `reference` among the models, a last panel shows every other model minus the reference per
+    domain (matching steps only), where a gap too small to see on the loss scale shows: above 0 the
+    reference (the MoE) is better on that domain.
+    """
+    models = sorted((m for m in curves if curves[m]), key=lambda m: m != reference)  # reference first
+    if not models:
+        raise ValueError("no validation loss curves (were there evaluations? trainer.eval_every)")
+    domains = list(domains or dict.fromkeys(d for m in models for d in curves[m]))
+    others = [m for m in models if m != reference] if reference in models else []
+    n = len(domains) + (1 if others else 0)
+    fig, axes = _grid(n, 3.2, 2.6)
+    for ax, d in zip(axes, domains):
+        for m in models:
+            if d in curves[m]:
+                steps, loss = curves[m][d]
+                ax.plot(steps, loss, "o-", ms=3, label=m)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("val loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if others:
+        ax = axes[len(domains)]
+        ref = curves[reference]
+        colors = [f"C{i}" for i in range(10)]
+        styles = ["-", "--", ":", "-."]
+        for j, m in enumerate(others):
+            for i, d in enumerate(domains):
+                if d not in ref or d not in curves[m]:
+                    continue
+                rs, rl = (np.asarray(a) for a in ref[d])
+                ms, ml = (np.asarray(a) for a in curves[m][d])
+                common, ri, mi = np.intersect1d(rs, ms, return_indices=True)
+                ax.plot(common, ml[mi] - rl[ri], styles[j % 4], color=colors[i % 10], label=f"{m}: {d}")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_title(f"other model − {reference} (> 0: {reference} better)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Per-domain validation loss during training")
+    return fig
+
+
+SWEEP_METRICS = {
+    "nmi": "NMI (plug-in, CI; grey: null q95)",
+    "cmi_excess": "I(D;E|T) excess over null / H(D|T)",
+    "ko_selectivity": "knockout selectivity (median)\nfilled MoE, open dense twin",
+    "cka": "mean expert CKA",
+    "maxvio": "MaxVio (load imbalance)",
+    "loss_gap": "MoE − dense loss (nats, all domains)",
+}
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
+               metrics: Sequence[str] = ("nmi", "cmi_excess", "ko_selectivity", "cka", "loss_gap")) -> Figure:
+    """Specialization measures across the runs of a sweep, one panel per metric.
+
+    `rows` are `analysis.runs.sweep_rows(sweep)` (one per run and MoE layer). The x axis has one
+    position per value of the row key `by` (e.g. "balance.scope"; default: one per run label);
+    runs sharing a value (e.g. seeds) sit side by side, colour = MoE layer, and a short bar marks the
+    mean per layer. Per-run metrics (loss_gap) are drawn once per run, in black.
+    """
+    unknown = [m for m in metrics if m not in SWEEP_METRICS]
+    if unknown:
+        raise ValueError(f"unknown sweep metrics {unknown}; known: {list(SWEEP_METRICS)}")
+    if not rows:
+        raise ValueError("no rows to plot")
+    key = by or "label"
+    groups = list(dict.fromkeys(str(r.get(key)) for r in rows))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
+    per_group = {g: list(dict.fromkeys(r["run"] for r in rows if str(r.get(key)) == g)) for g in groups}
+    width = 0.7
+    fig, axes = _grid(len(metrics), max(3.0, 0.9 * len(groups) + 1.6), 3.0, max_cols=3)
+
+    def xpos(r: Mapping[str, Any], layer_slot: int, n_slots: int) -> float:
+        g = str(r.get(key))
+        members = per_group[g]
+        slot = members.index(r["run"]) * n_slots + layer_slot
+        total = len(members) * n_slots
+        return groups.index(g) + (slot + 0.5) / total * width - width / 2
+
+    for ax, metric in zip(axes, metrics):
+        if metric == "loss_gap":
+            seen = {}
+            for r in rows:
+                seen.setdefault(r["run"], r)
+            for r in seen.values():
+                ax.plot(xpos(r, 0, 1), r.get(metric, np.nan), "o", color="black")
+            ax.axhline(0.0, color="grey", lw=0.8)
+        else:
+            for li, layer in enumerate(layers):
+                sel = [r for r in rows if r.get("layer") == layer]
+                xs = [xpos(r, li, len(layers)) for r in sel]
+                ys = _arr([r.get(metric, np.nan) for r in sel])
+                color = f"C{li % 10}"
+                if metric == "nmi":
+                    ys = _arr([r.get("nmi_plugin", np.nan) for r in sel])
+                    lo = _arr([r.get("nmi_low", np.nan) for r in sel])
+                    hi = _arr([r.get("nmi_high", np.nan) for r in sel])
+                    ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="o", color=color, capsize=3,
+                                label=f"layer {layer}")
+                    ax.plot(xs, [r.get("nmi_null_q95", np.nan) for r in sel], "_", ms=10, color="grey")
+                else:
+                    ax.plot(xs, ys, "o", color=color, label=f"layer {layer}")
+                if metric == "ko_selectivity":
+                    ax.plot(xs, [r.get("dense_ko_selectivity", np.nan) for r in sel], "o", mfc="none", color=color)
+                for gi, g in enumerate(groups):
+                    vals = [y for r, y in zip(sel, ys) if str(r.get(key)) == g and np.isfinite(y)]
+                    if vals:
+                        ax.plot([gi - width / 2, gi + width / 2], [np.mean(vals)] * 2, color=color, lw=1, alpha=0.5)
+            if metric == "cmi_excess":
+                ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(groups)), labels=[g.replace(", ", "\n") for g in groups], fontsize=7)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_title(SWEEP_METRICS[metric], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if handles:
+        handles[0].legend(fontsize=7)
+    fig.suptitle(f"{len(runs)} runs by {key}" + ("" if by is None else " (side by side: the other axes)"))
+    return fig
+
+
+def save_figure(fig: Figure, name: str, out_dir: str | Path | None = None, dpi: int = 110) -> Figure:
+    """Write `fig` as `out_dir/<name>.png` when `out_dir` is set; returns `fig` (so a notebook cell
+    can end with it and still show it)."""
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / f"{name}.png", dpi=dpi)
     return fig
 
 
