@@ -1,41 +1,106 @@
-"""`moe-analyze run_dir=PATH`: write the specialization report of a finished run.
+"""`moe-analyze`: write the specialization report of a finished run, or of a pretrained MoE model
+from Hugging Face.
 
     moe-analyze run_dir=outputs/2026-11-28/10-00-00
     moe-analyze run_dir=... analysis.n_permutations=1000 analysis.knockouts=false
+    moe-analyze model=hf:allenai/OLMoE-1B-7B-0924 data=hf device=cuda out_dir=outputs/olmoe
+
+With `model=hf:<Hub name or local directory>` the model is loaded with `transformers` (bf16 on
+CUDA, float32 on CPU unless `dtype` says otherwise) and evaluated on the validation split of the
+`data` group, tokenized with the model's own tokenizer; the report goes to `out_dir` (default: a
+fresh `outputs/analyze/<date>/<time>`). Otherwise `model` names a model of the run in `run_dir`.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass, field
 from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run
+from moe.data import DataConfig
+
+HF_PREFIX = "hf:"
+_NEEDS_RUN_DIR = ("moe-analyze needs run_dir=PATH (a moe-train run directory), or model=hf:<name> for a "
+                  "pretrained Hugging Face model")
 
 
 @dataclass
 class AnalyzeConfig:
-    run_dir: str = MISSING  # a moe-train run directory
+    run_dir: Optional[str] = None  # a moe-train run directory (required unless model=hf:...)
+    # A model of the run (moe, dense_active, ...), or hf:<Hub name or local path> for a pretrained one.
     model: str = "moe"
-    twin: Optional[str] = "dense_active"  # dense control for knockouts; null = none
+    twin: Optional[str] = "dense_active"  # dense control for knockouts; null = none (run_dir only)
     batch_size: int = 16
     device: str = "cpu"
+    # Where the report goes; null = <run_dir>/analysis, or for model=hf:... the Hydra run directory.
+    out_dir: Optional[str] = None
+    # model=hf:... only. The domain-labelled text (its tokenizer becomes the model's; tokens per domain:
+    # data.val_tokens_per_domain), the seed of its document split, the weights' dtype (auto = bfloat16
+    # on CUDA, float32 on CPU; float32 | bfloat16 | float16) and an optional Hub revision.
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    dtype: str = "auto"
+    revision: Optional[str] = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
-ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
+def analyze_dir(model: str, run_dir: Optional[str], out_dir: Optional[str], fallback: str) -> str:
+    """The Hydra run directory of moe-analyze: out_dir, else <run_dir>/analysis, else (model=hf:...)
+    `fallback`. Without run_dir, a run's model fails here, before Hydra creates any directory."""
+    if out_dir:
+        return str(out_dir)
+    if run_dir:
+        return f"{run_dir}/analysis"
+    if not str(model).startswith(HF_PREFIX):
+        raise ValueError(_NEEDS_RUN_DIR)
+    return fallback
 
 
-@hydra.main(version_base="1.3", config_path="pkg://moe.conf", config_name="analyze")
+def register_configs() -> None:
+    """Store the app's configs in Hydra's ConfigStore: the schema, and conf/analyze.yaml and the
+    conf/data/ group read from the installed package.
+
+    Not `config_path="pkg://moe.conf"`: there `model` is a config group (moe-train's), so Hydra takes
+    `model=hf:...` for a choice of that group and refuses it. A search path without conf/ keeps
+    `model` a plain value; the YAML files stay the only copy of their content.
+    """
+    store = ConfigStore.instance()
+    store.store(name="analyze_schema", node=AnalyzeConfig)
+    conf = importlib.resources.files("moe.conf")
+    store.store(name="analyze", node=OmegaConf.create(conf.joinpath("analyze.yaml").read_text()))
+    for option in sorted(conf.joinpath("data").iterdir(), key=lambda p: p.name):
+        if option.name.endswith(".yaml"):
+            store.store(group="data", name=option.name[:-len(".yaml")], node=OmegaConf.create(option.read_text()))
+
+
+register_configs()
+OmegaConf.register_new_resolver("moe_analyze_dir", analyze_dir, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="analyze")
 def main(dict_cfg: DictConfig) -> float:
     cfg: AnalyzeConfig = OmegaConf.to_object(dict_cfg)
-    summary = analyze_run(cfg.run_dir, cfg.analysis, model=cfg.model, twin=cfg.twin,
-                          batch_size=cfg.batch_size, device=cfg.device)
-    print(f"report: {cfg.run_dir}/analysis/report.md  verdict: {summary['verdict']['verdict']}")
+    if cfg.model.startswith(HF_PREFIX):
+        from analysis.hf.run import analyze_hf_model
+
+        out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
+        summary = analyze_hf_model(cfg.model[len(HF_PREFIX):], cfg.data, out_dir, cfg.analysis,
+                                   batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                                   revision=cfg.revision)
+    else:
+        if cfg.run_dir is None:
+            raise ValueError(_NEEDS_RUN_DIR)
+        out_dir = cfg.out_dir or f"{cfg.run_dir}/analysis"
+        summary = analyze_run(cfg.run_dir, cfg.analysis, model=cfg.model, twin=cfg.twin,
+                              batch_size=cfg.batch_size, device=cfg.device, out_dir=out_dir)
+    print(f"report: {out_dir}/report.md  verdict: {summary['verdict']['verdict']}")
     return 0.0
 
 

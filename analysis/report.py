@@ -15,7 +15,10 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
 
     format_version        1
     domains               [D] domain names; domain ids index this list
-    model                 {router, blocks, num_moe_layers, num_experts, top_k, vocab_size}
+    model                 {router, blocks, num_moe_layers, num_experts, top_k, vocab_size}, plus the
+                          `model_info` argument's entries (a pretrained HF model: name, family,
+                          model_type, router (its routing rule), shared_experts, num_layers,
+                          total_params, dtype, transformers)
     config                AnalysisConfig as a dict (incl. thresholds)
     tokens                {recorded, per_domain: {domain: n}, knockout_per_domain: {domain: n} | null,
                            probe: n | null}
@@ -203,6 +206,7 @@ def analyze_model(
     dense_twin: nn.Module | None = None,
     comparison: Mapping[str, Mapping[str, float]] | None = None,
     cfg: AnalysisConfig | None = None,
+    model_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure specialization of `model`'s MoE layers and write the report into `out_dir`.
 
@@ -214,6 +218,7 @@ def analyze_model(
         dense_twin: the matched dense `LanguageModel`; enables the knockout control and its loss.
         comparison: extra per-domain losses to show, model name -> {domain: nats}.
         cfg: `AnalysisConfig` (defaults if None).
+        model_info: extra entries of summary["model"], overriding the defaults (e.g. "router").
     Returns the summary dict (the content of summary.json; keys in the module docstring).
     """
     cfg = cfg or AnalysisConfig()
@@ -282,7 +287,7 @@ def analyze_model(
         "domains": domains,
         "model": {"router": type(first.router).__name__, "blocks": recording.blocks,
                   "num_moe_layers": len(recording.layers), "num_experts": first.router.num_experts,
-                  "top_k": first.router.top_k, "vocab_size": int(model.vocab_size)},
+                  "top_k": first.router.top_k, "vocab_size": int(model.vocab_size), **(model_info or {})},
         "config": dataclasses.asdict(cfg),
         "tokens": {"recorded": int(recording.loss_tokens.sum()),
                    "per_domain": _by_domain(recording.loss_tokens, domains),
@@ -331,6 +336,10 @@ def render_report(summary: Mapping[str, Any]) -> str:
         "# MoE specialization report", "",
         f"**Verdict: {v['verdict']}** — {v['rule']}.", "",
         "## Setup", "",
+    ]
+    if m.get("name"):
+        lines.append(f"- model `{m['name']}` ({m.get('family', '?')}, {m.get('dtype', '?')})")
+    lines += [
         f"- router `{m['router']}`, {m['num_moe_layers']} MoE layer(s) at blocks {m['blocks']}, "
         f"E = {e} experts, k = {k} (uniform share k/E = {k / e:.3g})",
         f"- domains: {', '.join(summary['domains'])}; {tok['recorded']} validation tokens recorded "
@@ -339,6 +348,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
         f"permutations, {summary['config']['n_bootstrap']} bootstrap replicates; information in bits, "
         "losses in nats/token",
     ]
+    if m.get("shared_experts"):
+        lines.append(f"- shared experts (outside the routing measured here): {m['shared_experts']}")
     if tok.get("knockout_per_domain"):
         lines.append(f"- knockouts on {', '.join(f'{d}: {n:g}' for d, n in tok['knockout_per_domain'].items())} "
                      "tokens per domain")

@@ -32,8 +32,10 @@ def load_trained_model(run_dir: str | Path, name: str, device: str | torch.devic
 
 
 def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model: str = "moe",
-                twin: str | None = "dense_active", batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
-    """Record, measure and report the MoE of a run into `<run_dir>/analysis/`; returns the summary."""
+                twin: str | None = "dense_active", batch_size: int = 16, device: str = "cpu",
+                out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Record, measure and report the MoE of a run into `out_dir` (default `<run_dir>/analysis/`);
+    returns the summary."""
     run_dir = Path(run_dir)
     data = load_prepared(run_dir)
     val = {d: data.val_batches(batch_size=batch_size, domain=d) for d in data.domains}
@@ -44,5 +46,6 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
     if comparison_file.exists():
         table = json.loads(comparison_file.read_text())
         comparison = {name: row["val_loss"] for name, row in table.items()}
-    return analyze_model(moe_model, val, data.domains, run_dir / "analysis", dense_twin=twin_model,
+    out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    return analyze_model(moe_model, val, data.domains, out, dense_twin=twin_model,
                          comparison=comparison, cfg=cfg)

@@ -35,6 +35,20 @@ def test_bad_config_fails_at_composition_with_a_clear_message(compose_train, ove
         compose_train(override)
 
 
+def test_analyze_app_takes_a_model_name_and_a_data_group():
+    """`model` is also a config group of moe-train; moe-analyze must still read model=... as a value."""
+    from hydra import compose, initialize
+
+    import analysis.cli  # noqa: F401  (registers the app's configs)
+
+    with initialize(version_base="1.3", config_path=None):
+        cfg = compose("analyze", overrides=["model=hf:allenai/OLMoE-1B-7B-0924", "data=hf", "device=cuda"])
+        assert cfg.model == "hf:allenai/OLMoE-1B-7B-0924" and cfg.data.source == "hf"
+        assert compose("analyze", overrides=["run_dir=/r", "model=dense_active"]).model == "dense_active"
+        with pytest.raises(ConfigCompositionException):
+            compose("analyze", overrides=["run_dir=/r", "data=nope"])
+
+
 def run(args, cwd):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 

@@ -1,0 +1,98 @@
+"""The supported `transformers` MoE families: where their MoE blocks are, how they route, and what
+they run besides the routed experts.
+
+Keyed by `config.model_type`. Every family keeps its decoder layers in `model.model.layers`; a layer
+is an MoE layer when its MLP (`mlp`, or `block_sparse_moe` in transformers 4.x Mixtral) has both a
+`gate` and `experts` (dense layers: DeepSeek's first `first_k_dense_replace` layers, Qwen-MoE's
+`mlp_only_layers` and `decoder_sparse_step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from analysis.hf.rules import GroupLimitedSoftmax, RoutingRule, SigmoidGroupTopK, SoftmaxTopK
+
+__all__ = ["FAMILIES", "Family", "family_of", "moe_blocks"]
+
+_MLP_ATTRS = ("mlp", "block_sparse_moe")
+
+
+@dataclass(frozen=True)
+class Family:
+    """name: as papers call it; rule(config) -> RoutingRule; shared(config) -> a sentence on the
+    experts every token uses besides its routed ones (None: none)."""
+
+    name: str
+    rule: Callable[[Any], RoutingRule]
+    shared: Callable[[Any], str | None]
+
+
+def _no_shared(config: Any) -> None:
+    return None
+
+
+def _qwen2_shared(config: Any) -> str:
+    return (f"1 shared expert (width {config.shared_expert_intermediate_size}) on every token, scaled per "
+            "token by sigmoid(shared_expert_gate x); not routed, not knocked out")
+
+
+def _deepseek_shared(config: Any) -> str | None:
+    n = getattr(config, "n_shared_experts", 0) or 0
+    if not n:
+        return None
+    return (f"{n} shared expert(s) (width {config.moe_intermediate_size} each) on every token, ungated; "
+            "not routed, not knocked out")
+
+
+def _softmax(normalize: Callable[[Any], bool]) -> Callable[[Any], RoutingRule]:
+    return lambda c: SoftmaxTopK(top_k=c.num_experts_per_tok, normalize=bool(normalize(c)))
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family("Mixtral", _softmax(lambda c: True), _no_shared),
+    "olmoe": Family("OLMoE", _softmax(lambda c: c.norm_topk_prob), _no_shared),
+    "qwen2_moe": Family("Qwen2-MoE", _softmax(lambda c: c.norm_topk_prob), _qwen2_shared),
+    "qwen3_moe": Family("Qwen3-MoE", _softmax(lambda c: c.norm_topk_prob), _no_shared),
+    "deepseek_v2": Family(
+        "DeepSeek-V2",
+        lambda c: GroupLimitedSoftmax(top_k=c.num_experts_per_tok, method=c.topk_method or "greedy",
+                                      n_group=c.n_group, topk_group=c.topk_group,
+                                      scale=float(c.routed_scaling_factor)),
+        _deepseek_shared),
+    "deepseek_v3": Family(
+        "DeepSeek-V3",
+        lambda c: SigmoidGroupTopK(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+                                   normalize=bool(c.norm_topk_prob), scale=float(c.routed_scaling_factor)),
+        _deepseek_shared),
+}
+
+
+def family_of(config: Any) -> Family:
+    """The family of a transformers config; ValueError naming the supported ones otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not a supported MoE family; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module | None]]:
+    """(decoder layer index, its MoE block or None for a dense layer) for every decoder layer."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no `model.layers`; not a supported decoder-only MoE model")
+    out = []
+    for i, layer in enumerate(layers):
+        block = None
+        for attr in _MLP_ATTRS:
+            mlp = getattr(layer, attr, None)
+            if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "experts"):
+                block = mlp
+                break
+        out.append((i, block))
+    return out

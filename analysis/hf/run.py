@@ -1,0 +1,53 @@
+"""`moe-analyze model=hf:<name>`: the specialization report of a pretrained HF MoE model on any
+of the package's domain-labelled data sources, tokenized with the model's own tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from analysis.hf.adapter import load_hf_model
+from analysis.report import AnalysisConfig, analyze_model
+from moe.data import DataConfig, as_data_config, prepare_data
+
+__all__ = ["analyze_hf_model", "hf_data_config"]
+
+
+def hf_data_config(data: DataConfig | Any, name: str) -> DataConfig:
+    """`data` with the tokenizer of model `name`: `tokenizer=bpe` (the default) becomes `hf:<name>`;
+    any other tokenizer than the model's is an error (the model reads only its own ids)."""
+    cfg = as_data_config(data)
+    if cfg.source == "synthetic":
+        raise ValueError("data=synthetic yields token ids, not text, so a pretrained model's tokenizer cannot "
+                         "read it; use data=builtin, data=local or data=hf")
+    want = f"hf:{name}"
+    if cfg.tokenizer == "bpe":
+        cfg.tokenizer = want
+    elif cfg.tokenizer != want:
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}, but model=hf:{name} reads only its own tokens; "
+                         f"leave data.tokenizer unset (it becomes {want!r})")
+    return cfg
+
+
+def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg: AnalysisConfig | None = None, *,
+                     batch_size: int = 16, device: str = "cpu", dtype: str = "auto", seed: int = 0,
+                     revision: str | None = None) -> dict[str, Any]:
+    """Load `name` (Hub name or local directory), prepare `data` with its tokenizer (`seed` splits
+    the documents), and write the report of its routing on the validation split into `out_dir`
+    (report.md, summary.json, routing.npz, figures/, and data/ with the data manifest).
+
+    Evaluates `data.val_tokens_per_domain` tokens per domain in batches of `batch_size` sequences of
+    `data.seq_len`; knockouts use `cfg.knockout_tokens` of them per domain. No dense twin exists, so
+    knockout selectivity has no dense-slice control. Returns the summary dict.
+    """
+    data_cfg = hf_data_config(data, name)
+    prepared = prepare_data(data_cfg, seed=seed)
+    val = {d: prepared.val_batches(batch_size=batch_size, domain=d) for d in prepared.domains}
+    model = load_hf_model(name, device=device, dtype=dtype, revision=revision)
+    top = max(int(b.tokens.max()) for batches in val.values() for b in batches)
+    if top >= model.vocab_size:  # a tokenizer with added tokens the embeddings lack
+        raise ValueError(f"the tokenizer of {name} produced id {top}, outside the model's {model.vocab_size} "
+                         "embedding rows")
+    out = Path(out_dir)
+    prepared.save(out)
+    return analyze_model(model, val, prepared.domains, out, cfg=cfg, model_info=model.describe())
