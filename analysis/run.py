@@ -45,7 +45,8 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
     comparison_file = run_dir / "comparison.json"
     if comparison_file.exists():
         table = json.loads(comparison_file.read_text())
-        comparison = {name: row["val_loss"] for name, row in table.items()}
+        # The analyzed model and its twin are evaluated again by analyze_model; list the others only.
+        comparison = {name: row["val_loss"] for name, row in table.items() if name not in (model, twin)}
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     return analyze_model(moe_model, val, data.domains, out, dense_twin=twin_model,
                          comparison=comparison, cfg=cfg)
