@@ -109,7 +109,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, name: str, data: PreparedData,
                  run_dir: str | Path, ctx: DistContext):
         self.cfg, self.t, self.name, self.data, self.ctx = cfg, cfg.trainer, name, data, ctx
-        self.out_dir = Path(run_dir) / "models" / name
+        self.run_dir = Path(run_dir)
+        self.out_dir = self.run_dir / "models" / name
         self.ckpt_dir = checkpoint_dir(run_dir, name)
         self.device = ctx.device
         torch.manual_seed(cfg.seed)  # same seed -> same init for every twin's shared parts
@@ -164,7 +165,7 @@ class Trainer:
 
     def restore(self) -> bool:
         """Load the newest checkpoint of this model, if any. Returns whether one was loaded."""
-        path = latest_checkpoint(self.out_dir.parent.parent, self.name)
+        path = latest_checkpoint(self.run_dir, self.name)
         if path is None:
             return False
         state = load_checkpoint(path, map_location=self.device)
@@ -306,8 +307,9 @@ class Trainer:
                                                    self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, Any] = {k: float(all_reduce_mean(torch.tensor(v, device=self.device), self.ctx))
-                                 for k, v in sums.items()}
+        # One collective for all scalars rather than one per metric.
+        means = all_reduce_mean(torch.tensor(list(sums.values()), device=self.device), self.ctx).tolist()
+        stats: dict[str, Any] = dict(zip(sums, means))
         stats["grad_norm"] = float(grad_norm)
         if self.balancer is not None:
             loads = self.balancer.end_step()
@@ -322,7 +324,7 @@ class Trainer:
     def _check_finite(self, micro: int, **components: torch.Tensor) -> None:
         for name, value in components.items():
             if not bool(torch.isfinite(value.detach()).all()):
-                last = latest_checkpoint(self.out_dir.parent.parent, self.name)
+                last = latest_checkpoint(self.run_dir, self.name)
                 raise TrainingDiverged(
                     f"[{self.name}] {name} is {float(value.detach()):.4g} at step {self.step} (micro-step {micro}); "
                     f"training stopped. The last good checkpoint is {last or 'none (no checkpoint written yet)'}. "
