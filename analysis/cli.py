@@ -37,6 +37,9 @@ class AnalyzeConfig:
     # A model of the run (moe, dense_active, ...), or hf:<Hub name or local path> for a pretrained one.
     model: str = "moe"
     twin: Optional[str] = "dense_active"  # dense control for knockouts; null = none (run_dir only)
+    # A run that trained the twins without the MoE (twin.only=true, as a sweep's `dense` arm does);
+    # null = the twin comes from run_dir.
+    twin_run: Optional[str] = None
     batch_size: int = 16
     device: str = "cpu"
     # Where the report goes; null = <run_dir>/analysis, or for model=hf:... the Hydra run directory.
@@ -98,7 +101,7 @@ def main(dict_cfg: DictConfig) -> float:
         if cfg.run_dir is None:
             raise ValueError(_NEEDS_RUN_DIR)
         out_dir = cfg.out_dir or f"{cfg.run_dir}/analysis"
-        summary = analyze_run(cfg.run_dir, cfg.analysis, model=cfg.model, twin=cfg.twin,
+        summary = analyze_run(cfg.run_dir, cfg.analysis, model=cfg.model, twin=cfg.twin, twin_run=cfg.twin_run,
                               batch_size=cfg.batch_size, device=cfg.device, out_dir=out_dir)
     print(f"report: {out_dir}/report.md  verdict: {summary['verdict']['verdict']}")
     return 0.0

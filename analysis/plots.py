@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "SWEEP_METRICS",
+    "plot_arm_intervals",
     "plot_cka",
     "plot_domain_expert_heatmaps",
     "plot_information",
@@ -458,6 +459,60 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
         handles[0].legend(fontsize=7)
     fig.suptitle(f"{len(runs)} runs by {key}" + ("" if by is None else " (side by side: the other axes)"))
     return fig
+
+
+def plot_arm_intervals(aggregate: Sequence[Mapping[str, Any]], measures: Sequence[str],
+                       descriptions: Mapping[str, str] | None = None) -> Figure:
+    """Measures of a sweep averaged over seeds, with their intervals: one row of panels per measure,
+    one column per corpus, arms on the x axis, colour = MoE layer.
+
+    `aggregate` are `analysis.sweep.aggregate_measures` rows: {"corpus", "arm", "layer", <measure>:
+    {"mean", "low", "high", "n"}}. A nan interval (one seed) draws the mean alone. Plug-in NMI panels add the
+    null's q95 (grey ticks); knockout panels the dense twin's slices (open circles).
+    """
+    if not aggregate:
+        raise ValueError("no aggregate rows to plot")
+    corpora = list(dict.fromkeys(a["corpus"] for a in aggregate))
+    layers = sorted({a["layer"] for a in aggregate})
+    n_arms = max(len({a["arm"] for a in aggregate if a["corpus"] == c}) for c in corpora)
+    fig = Figure(figsize=(max(3.5, 0.75 * n_arms + 1.5) * len(corpora), 2.6 * len(measures)), layout="constrained")
+    axes = fig.subplots(len(measures), len(corpora), squeeze=False)
+    width = 0.6
+
+    def point(iv: Mapping[str, float]) -> tuple[float, float, float]:
+        mean = _nan_float(iv.get("mean"))
+        low, high = _nan_float(iv.get("low")), _nan_float(iv.get("high"))
+        return mean, (mean - low) if np.isfinite(low) else 0.0, (high - mean) if np.isfinite(high) else 0.0
+
+    for col, corpus in enumerate(corpora):
+        rows = [a for a in aggregate if a["corpus"] == corpus]
+        arms = list(dict.fromkeys(a["arm"] for a in rows))
+        for row, measure in enumerate(measures):
+            ax = axes[row][col]
+            for li, layer in enumerate(layers):
+                sel = [a for a in rows if a["layer"] == layer]
+                xs = [arms.index(a["arm"]) + (li + 0.5) / len(layers) * width - width / 2 for a in sel]
+                pts = np.array([point(a[measure]) for a in sel]).reshape(-1, 3)
+                color = f"C{li % 10}"
+                ax.errorbar(xs, pts[:, 0], yerr=[pts[:, 1], pts[:, 2]], fmt="o", color=color, capsize=3,
+                            label=f"layer {layer}")
+                if measure == "nmi_plugin" and sel and "nmi_null_q95" in sel[0]:
+                    ax.plot(xs, [point(a["nmi_null_q95"])[0] for a in sel], "_", ms=10, color="grey")
+                if measure == "ko_selectivity" and sel and "dense_ko_selectivity" in sel[0]:
+                    ax.plot(xs, [point(a["dense_ko_selectivity"])[0] for a in sel], "o", mfc="none", color=color)
+            if measure in ("cmi_excess", "loss_gap"):
+                ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set_xticks(range(len(arms)), labels=arms, fontsize=7, rotation=30)
+            ax.set_xlim(-0.6, len(arms) - 0.4)
+            ax.grid(axis="y", alpha=0.3)
+            title = (descriptions or {}).get(measure, SWEEP_METRICS.get(measure, measure))
+            ax.set_title(f"{corpus}: {title}" if row == 0 else title, fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    return fig
+
+
+def _nan_float(x: Any) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def save_figure(fig: Figure, name: str, out_dir: str | Path | None = None, dpi: int = 110) -> Figure:

@@ -31,22 +31,64 @@ def load_trained_model(run_dir: str | Path, name: str, device: str | torch.devic
     return model.eval()
 
 
+# Trainer fields that decide what a model learns (the rest is bookkeeping: logging, checkpoints).
+OPTIMIZATION_FIELDS = ("max_steps", "micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
+                       "weight_decay", "beta1", "beta2", "grad_clip", "precision")
+
+
+def training_identity(run_dir: Path) -> dict[str, Any]:
+    """What decides the models a run trains, bookkeeping aside: data stream, model config and
+    optimization; two runs with equal identities train identical dense twins."""
+    config_file, manifest_file = run_dir / "config.yaml", run_dir / "data" / "manifest.json"
+    for f in (config_file, manifest_file):
+        if not f.is_file():
+            raise CheckpointError(f"{f} does not exist: {run_dir} is not a complete moe-train run directory")
+    config = OmegaConf.to_container(OmegaConf.load(config_file))
+    trainer = config.get("trainer", {})
+    return {"data stream (data/manifest.json stream_fingerprint: corpus, tokenizer, split, seed)":
+            json.loads(manifest_file.read_text())["stream_fingerprint"],
+            "model config": config.get("model"),
+            **{f"trainer.{k}": trainer.get(k) for k in OPTIMIZATION_FIELDS}}
+
+
+def twin_mismatches(run_dir: str | Path, twin_run: str | Path) -> list[str]:
+    """Why the dense twins trained in `twin_run` are not the twins of the MoE of `run_dir` (same
+    model config, data stream and optimization): one line per differing item; [] = they are."""
+    a, b = training_identity(Path(run_dir)), training_identity(Path(twin_run))
+    return [f"{key}: {a[key]!r} vs {b[key]!r}" for key in a if a[key] != b[key]]
+
+
 def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model: str = "moe",
-                twin: str | None = "dense_active", batch_size: int = 16, device: str = "cpu",
-                out_dir: str | Path | None = None) -> dict[str, Any]:
+                twin: str | None = "dense_active", twin_run: str | Path | None = None, batch_size: int = 16,
+                device: str = "cpu", out_dir: str | Path | None = None) -> dict[str, Any]:
     """Record, measure and report the MoE of a run into `out_dir` (default `<run_dir>/analysis/`);
-    returns the summary."""
+    returns the summary.
+
+    `twin` names the dense control, taken from `twin_run` when given (a run that trained the twins
+    without the MoE, `twin.only=true`, on the same data stream, model config and optimization;
+    checked) and from `run_dir` otherwise.
+    """
     run_dir = Path(run_dir)
+    twin_dir = run_dir
+    if twin_run is not None:
+        twin_dir = Path(twin_run)
+        problems = twin_mismatches(run_dir, twin_dir)
+        if problems:
+            raise ValueError(f"the models of {twin_dir} are not the twins of the MoE of {run_dir}; they differ in\n  "
+                             + "\n  ".join(problems) + "\nTrain the twins with the same data, seed, model and trainer.")
     data = load_prepared(run_dir)
     val = {d: data.val_batches(batch_size=batch_size, domain=d) for d in data.domains}
     moe_model = load_trained_model(run_dir, model, device)
-    twin_model = load_trained_model(run_dir, twin, device) if twin and latest_checkpoint(run_dir, twin) else None
-    comparison = None
-    comparison_file = run_dir / "comparison.json"
-    if comparison_file.exists():
-        table = json.loads(comparison_file.read_text())
-        # The analyzed model and its twin are evaluated again by analyze_model; list the others only.
-        comparison = {name: row["val_loss"] for name, row in table.items() if name not in (model, twin)}
+    if twin_run is not None and twin and latest_checkpoint(twin_dir, twin) is None:
+        raise CheckpointError(f"no checkpoint of the twin {twin!r} in {twin_dir}")
+    twin_model = load_trained_model(twin_dir, twin, device) if twin and latest_checkpoint(twin_dir, twin) else None
+    comparison = {}
+    for source in dict.fromkeys((run_dir, twin_dir)):
+        comparison_file = source / "comparison.json"
+        if comparison_file.exists():
+            table = json.loads(comparison_file.read_text())
+            # The analyzed model and its twin are evaluated again by analyze_model; list the others only.
+            comparison.update({name: row["val_loss"] for name, row in table.items() if name not in (model, twin)})
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     return analyze_model(moe_model, val, data.domains, out, dense_twin=twin_model,
-                         comparison=comparison, cfg=cfg)
+                         comparison=comparison or None, cfg=cfg)

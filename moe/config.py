@@ -54,6 +54,9 @@ class TwinConfig:
     """Dense twins trained beside the MoE on the same data order, seed and token budget."""
 
     match: List[str] = field(default_factory=lambda: ["active"])  # subset of: active, total
+    # Train the twins without the MoE: a sweep trains them once per (data, seed) in their own job
+    # instead of beside every MoE variant (`moe-sweep` pairs them up again).
+    only: bool = False
 
 
 @dataclass
@@ -102,6 +105,9 @@ def validate(cfg: TrainConfig) -> None:
     for match in cfg.twin.match:
         if match not in TWIN_MATCHES:
             raise ValueError(f"twin.match contains {match!r}; allowed values: {', '.join(TWIN_MATCHES)}")
+    if cfg.twin.only and (cfg.model.ffn != "moe" or not cfg.twin.match):
+        raise ValueError("twin.only=true trains the dense twins of an MoE model without it; it needs model.ffn=moe "
+                         f"and a non-empty twin.match (got ffn={cfg.model.ffn!r}, match={list(cfg.twin.match)})")
     if cfg.balance.scope == "aux_free" and cfg.model.ffn == "moe" and cfg.router.kind != "sigmoid":
         raise ValueError("balance=aux_free nudges a selection bias that only router=sigmoid has; "
                          f"got router.kind={cfg.router.kind!r}. Use router=sigmoid or another balance scope.")

@@ -33,7 +33,8 @@ def models_to_train(cfg: TrainConfig) -> list[tuple[str, object]]:
     """(name, ModelConfig) of every model of the experiment, the MoE first."""
     if cfg.model.ffn == "dense":
         return [("dense", cfg.model)]
-    return [("moe", cfg.model)] + [(f"dense_{match}", dense_twin(cfg.model, match)) for match in cfg.twin.match]
+    twins = [(f"dense_{match}", dense_twin(cfg.model, match)) for match in cfg.twin.match]
+    return twins if cfg.twin.only else [("moe", cfg.model)] + twins
 
 
 def comparison_table(results: dict[str, TrainResult]) -> dict:
@@ -75,7 +76,7 @@ def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | Non
         (run_dir / "comparison.json").write_text(json.dumps(table, indent=2))
         (run_dir / "comparison.md").write_text(comparison_markdown(table))
         print(comparison_markdown(table))
-        if cfg.analyze and cfg.model.ffn == "moe":
+        if cfg.analyze and "moe" in table:
             from analysis.run import analyze_run
             analyze_run(run_dir)
     barrier(ctx)

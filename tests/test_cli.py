@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "router", "balance", "data", "trainer", "backend", "experiment"]
+GROUPS = ["model", "router", "balance", "data", "trainer", "backend", "experiment", "arm"]
 
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
