@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.balance import BalanceConfig
 from moe.data import DataConfig
+from moe.layer import BACKENDS
 from moe.model import ModelConfig
 from moe.routing import RouterConfig
 from moe.sizing import TWIN_MATCHES
 
 PRECISIONS = ("auto", "fp32", "bf16")
-BACKENDS = ("native", "megablocks")
 
 
 @dataclass
@@ -105,6 +105,10 @@ def validate(cfg: TrainConfig) -> None:
     for match in cfg.twin.match:
         if match not in TWIN_MATCHES:
             raise ValueError(f"twin.match contains {match!r}; allowed values: {', '.join(TWIN_MATCHES)}")
+    if cfg.backend.name == "megablocks" and (t.device == "cpu" or t.precision == "fp32"):
+        raise ValueError("backend=megablocks runs MegaBlocks' bf16 grouped GEMM on CUDA; got trainer.device="
+                         f"{t.device!r}, trainer.precision={t.precision!r}. Use trainer.device=cuda (or auto) and "
+                         "trainer.precision=bf16 (or auto), or backend=native")
     if cfg.twin.only and (cfg.model.ffn != "moe" or not cfg.twin.match):
         raise ValueError("twin.only=true trains the dense twins of an MoE model without it; it needs model.ffn=moe "
                          f"and a non-empty twin.match (got ffn={cfg.model.ffn!r}, match={list(cfg.twin.match)})")

@@ -47,6 +47,14 @@ class DenseMLP(nn.Module):
         return activate(x @ self.w_in, self.activation) @ self.w_out
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: autocast's where it is on for x's device, else x's own.
+    Grouped kernels are not autocast ops, so the experts cast their operands themselves."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     """Per-expert matmul over tokens sorted by expert: rows [start_e, end_e) of x times w[e].
 
@@ -91,6 +99,7 @@ class GroupedExperts(nn.Module):
         With `capacity` C the rows are E padded groups of C (P = E*C) and run as one batched
         matmul; without it they are ragged groups of `counts_E` rows (P = A).
         """
+        x_PD = x_PD.to(compute_dtype(x_PD))  # bf16 under CUDA autocast: the torch._grouped_mm path
         w_in, w_out = self.w_in.to(x_PD.dtype), self.w_out.to(x_PD.dtype)
         gate_P1 = gate_P.to(x_PD.dtype).unsqueeze(-1)
         # The gate is linear in the output, so scale whichever of hidden (F) and output (D) is narrower.

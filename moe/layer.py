@@ -96,3 +96,18 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view_as(x), routing
+
+
+BACKENDS = ("native", "megablocks")
+
+
+def build_moe_layer(backend: str, d_model: int, cfg: MoEConfig, router_cfg: RouterConfig, init_std: float = 0.02,
+                    out_std: float | None = None) -> nn.Module:
+    """The MoE layer of `backend`: `MoELayer` (native) or `MegablocksMoELayer` (CUDA; MegaBlocks
+    imported only here, only when asked for)."""
+    if backend == "native":
+        return MoELayer(d_model, cfg, router_cfg, init_std, out_std)
+    if backend == "megablocks":
+        from moe.megablocks_backend import MegablocksMoELayer
+        return MegablocksMoELayer(d_model, cfg, router_cfg, init_std, out_std)
+    raise ValueError(f"backend={backend!r} is unknown; allowed values: {', '.join(BACKENDS)}")

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moe.experts import DenseMLP
-from moe.layer import MoEConfig, MoELayer
+from moe.layer import MoEConfig, MoELayer, build_moe_layer
 from moe.routing import RouterConfig, Routing
 from moe.sizing import dense_twin_width, layer_size
 
@@ -98,7 +98,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, layer: int, backend: str = "native"):
         super().__init__()
         # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layers).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -106,7 +106,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, out_std)
         self.ffn_norm = nn.RMSNorm(cfg.d_model)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.ffn = (MoELayer(cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std) if self.is_moe
+        self.ffn = (build_moe_layer(backend, cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std) if self.is_moe
                     else DenseMLP(cfg.d_model, cfg.resolved_dense_width, cfg.moe.activation, cfg.init_std, out_std))
 
     def forward(self, x_BSD: Tensor, token_ids_BS: Tensor) -> tuple[Tensor, Routing | None]:
@@ -130,14 +130,16 @@ class LMOutput:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, router_cfg: RouterConfig | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, router_cfg: RouterConfig | None = None,
+                 backend: str = "native"):
+        """`backend`: native | megablocks, the MoE layers' expert computation (`moe.layer.build_moe_layer`)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, router_cfg or RouterConfig(), i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, router_cfg or RouterConfig(), i, backend) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:

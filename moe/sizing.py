@@ -12,6 +12,7 @@ from torch import nn
 
 from moe.experts import DenseMLP
 from moe.layer import MoEConfig, MoELayer
+from moe.megablocks_backend import MegablocksMoELayer
 
 TWIN_MATCHES = ("active", "total")
 
@@ -42,13 +43,13 @@ def _count(module: nn.Module | None) -> int:
 
 
 def layer_size(layer: nn.Module) -> LayerSize:
-    """Total and active parameters and forward FLOPs/token of a DenseMLP or MoELayer."""
+    """Total and active parameters and forward FLOPs/token of a DenseMLP or an MoE layer (either backend)."""
     if isinstance(layer, DenseMLP):
         n = _count(layer)
         return LayerSize(n, n, 2 * n)
-    if isinstance(layer, MoELayer):
+    if isinstance(layer, (MoELayer, MegablocksMoELayer)):
         experts = _count(layer.experts)
-        num_experts = layer.experts.num_experts
+        num_experts = layer.cfg.routed_experts
         per_expert = experts // num_experts
         # Expert choice gives each token k experts on average (capacity factor 1).
         routed_active = layer.cfg.routed_top_k * per_expert

@@ -60,6 +60,9 @@ def comparison_markdown(table: dict) -> str:
 def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | None = None) -> dict:
     """Prepare data, train every model of the experiment, write the comparison (and analysis).
     Returns the comparison table."""
+    if cfg.backend.name == "megablocks":
+        from moe.megablocks_backend import require_megablocks
+        require_megablocks()  # no GPU or no MegaBlocks: fail before any data or model work
     ctx = ctx or init_distributed(cfg.trainer.device)
     run_dir = Path(run_dir)
     if ctx.is_main:  # rank 0 fills the cache; the others then read it

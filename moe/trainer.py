@@ -114,7 +114,7 @@ class Trainer:
         self.ckpt_dir = checkpoint_dir(run_dir, name)
         self.device = ctx.device
         torch.manual_seed(cfg.seed)  # same seed -> same init for every twin's shared parts
-        self.model = LanguageModel(model_cfg, data.vocab_size, cfg.router).to(self.device)
+        self.model = LanguageModel(model_cfg, data.vocab_size, cfg.router, cfg.backend.name).to(self.device)
         self.size = model_size(self.model, data.seq_len)
         self.routers = [layer.router for layer in self.model.moe_layers]
         self.balancer = LoadBalancer(cfg.balance, self.routers[0].num_experts) if self.routers else None

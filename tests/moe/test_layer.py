@@ -159,3 +159,15 @@ def test_gelu_experts():
     x = torch.randn(10, D, dtype=torch.float64)
     y, routing = layer(x)
     torch.testing.assert_close(y, naive_moe(layer, x, routing))
+
+
+def test_experts_compute_in_the_autocast_dtype_and_train_float32_weights():
+    """Grouped kernels are not autocast ops: the experts cast operands themselves (on CUDA this
+    selects torch._grouped_mm), and the float32 master weights still get gradients."""
+    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, expert_width=8), RouterConfig())
+    x = torch.randn(10, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, routing = layer(x)
+    assert y.dtype == torch.bfloat16 and routing.probs.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.experts.w_in.grad.dtype == torch.float32 and layer.experts.w_in.grad.abs().sum() > 0
