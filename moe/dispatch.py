@@ -9,8 +9,11 @@ The padded layout is chosen when padding costs at most `max_padding` extra rows 
 routing): one batched matmul is much faster than a loop of small per-expert matmuls on the CPU.
 
 Gate weights are applied per row inside the experts (on the hidden activations, F wide rather
-than D), so combining is a plain `index_add` of rows into their tokens; on the CPU it runs
-sequentially over rows, so the result is the same bit for bit on every run.
+than D), so combining is a plain sum of each token's rows. Dropless routing (every slot kept, the
+default) makes the slots and the real rows a bijection (`slot_row`), so both directions are
+gathers: combine reads each token's k rows and sums them in slot order, and the gather's backward
+does the same with the gradient; a scatter-add (`index_add`, sequential on CPU) is needed only when
+capacity or a knockout drops slots. Either way the result is the same bit for bit on every run.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ class Dispatch:
         row_gate:  [P] the gate weight of each row (0 for pad rows), float32, carries gradient.
         counts:    [E] kept assignments per expert.
         capacity:  C rows per expert in the padded layout; None for the ragged layout.
+        slot_row:  [T*K] the row of each (token, slot) when every slot is kept; None otherwise.
     """
 
     row_token: Tensor
     row_gate: Tensor
     counts: Tensor
     capacity: int | None
+    slot_row: Tensor | None = None
 
 
 def permute(routing: Routing, max_padding: float | None = 1.0) -> Dispatch:
@@ -59,8 +64,18 @@ def permute(routing: Routing, max_padding: float | None = 1.0) -> Dispatch:
     padded = (max_padding is not None and num_kept > 0
               and num_experts * capacity <= (1 + max_padding) * num_kept)
     gates = routing.weights.reshape(-1)
+    dropless = num_kept == flat_experts.numel()
+
+    def slot_rows(rows_of_sorted: Tensor) -> Tensor | None:
+        if not dropless:
+            return None
+        slot_row = torch.empty_like(slots)
+        slot_row[slots] = rows_of_sorted
+        return slot_row
+
     if not padded:
-        return Dispatch(row_token=slots // top_k, row_gate=gates[slots], counts=counts, capacity=None)
+        return Dispatch(row_token=slots // top_k, row_gate=gates[slots], counts=counts, capacity=None,
+                        slot_row=slot_rows(torch.arange(num_kept, device=slots.device)))
     starts = torch.cumsum(counts, 0) - counts
     rows = sorted_experts * capacity + (torch.arange(num_kept, device=slots.device) - starts[sorted_experts])
     # Pad rows point at slot T*K, an appended zero gate, and at token 0.
@@ -68,14 +83,67 @@ def permute(routing: Routing, max_padding: float | None = 1.0) -> Dispatch:
     row_slot[rows] = slots
     row_gate = torch.cat([gates, gates.new_zeros(1)])[row_slot]
     row_token = torch.where(row_slot < gates.numel(), row_slot // top_k, 0)
-    return Dispatch(row_token=row_token, row_gate=row_gate, counts=counts, capacity=capacity)
+    return Dispatch(row_token=row_token, row_gate=row_gate, counts=counts, capacity=capacity,
+                    slot_row=slot_rows(rows))
+
+
+def _sum_slots(rows_PD: Tensor, slot_row: Tensor, num_tokens: int) -> Tensor:
+    """[P, D] rows -> [T, D]: token t's K rows (slot order) summed."""
+    slots_per_token = slot_row.numel() // max(num_tokens, 1)
+    return rows_PD.index_select(0, slot_row).view(num_tokens, slots_per_token, rows_PD.shape[1]).sum(1)
+
+
+def _real_row_tokens(dispatch: Dispatch, num_tokens: int) -> Tensor:
+    """[P] row -> token, with pad rows (padded layout) sent to token T (a zero row)."""
+    if dispatch.capacity is None:
+        return dispatch.row_token
+    real = torch.zeros(dispatch.row_token.numel(), dtype=torch.bool, device=dispatch.row_token.device)
+    real[dispatch.slot_row] = True
+    return torch.where(real, dispatch.row_token, num_tokens)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x [T, D] -> rows [P, D]; backward sums each token's row gradients by gather (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, row_token: Tensor, slot_row: Tensor) -> Tensor:
+        ctx.save_for_backward(slot_row)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, row_token)
+
+    @staticmethod
+    def backward(ctx, grad_PD: Tensor):
+        (slot_row,) = ctx.saved_tensors
+        return _sum_slots(grad_PD, slot_row, ctx.num_tokens), None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """rows [P, D] -> [T, D] by gather + sum; backward hands each row its token's gradient (pad
+    rows, which no token reads, index a zero row and get zero)."""
+
+    @staticmethod
+    def forward(ctx, y_PD: Tensor, slot_row: Tensor, row_token: Tensor, num_tokens: int) -> Tensor:
+        ctx.save_for_backward(row_token)
+        ctx.padded = y_PD.shape[0] != slot_row.numel()
+        return _sum_slots(y_PD, slot_row, num_tokens)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        (row_token,) = ctx.saved_tensors
+        if ctx.padded:
+            grad_TD = torch.cat([grad_TD, grad_TD.new_zeros(1, grad_TD.shape[1])])
+        return grad_TD.index_select(0, row_token), None, None, None
 
 
 def gather_rows(x_TD: Tensor, dispatch: Dispatch) -> Tensor:
     """[T, D] -> [P, D] expert rows."""
-    return x_TD.index_select(0, dispatch.row_token)
+    if dispatch.slot_row is None:
+        return x_TD.index_select(0, dispatch.row_token)
+    return _GatherRows.apply(x_TD, dispatch.row_token, dispatch.slot_row)
 
 
 def combine(y_PD: Tensor, dispatch: Dispatch, num_tokens: int) -> Tensor:
     """Gated expert rows [P, D] -> [T, D]: each token sums the rows of its kept assignments."""
-    return y_PD.new_zeros(num_tokens, y_PD.shape[1]).index_add(0, dispatch.row_token, y_PD)
+    if dispatch.slot_row is None:
+        return y_PD.new_zeros(num_tokens, y_PD.shape[1]).index_add(0, dispatch.row_token, y_PD)
+    return _CombineRows.apply(y_PD, dispatch.slot_row, _real_row_tokens(dispatch, num_tokens), num_tokens)

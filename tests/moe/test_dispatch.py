@@ -52,3 +52,31 @@ def test_layouts_match_naive_loop(max_padding, drop, skew, F):
     inputs = [x, routing.weights, experts.w_in, experts.w_out]
     for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("max_padding", [None, 100.0])
+def test_gather_combine_without_scatter_equal_the_scatter_add_path(max_padding):
+    """Dropless routing takes the gather-only path; forcing the index_add path gives the same
+    values and gradients (the only difference is the order of a K-term sum)."""
+    import dataclasses
+
+    routing = make_routing(drop=False, skew=False)
+    fast = permute(routing, max_padding=max_padding)
+    assert fast.slot_row is not None and permute(make_routing(drop=True, skew=False)).slot_row is None
+    slow = dataclasses.replace(fast, slot_row=None)
+    outs = []
+    for dispatch in (fast, slow):
+        x = torch.randn(T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        rows = gather_rows(x, dispatch)
+        y = combine(rows * dispatch.row_gate.detach()[:, None], dispatch, T)  # pad rows: gate 0, as in the experts
+        (y * torch.linspace(-1, 1, T * D, dtype=torch.float64).view(T, D)).sum().backward()
+        outs.append((y.detach(), x.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-12) and torch.allclose(outs[0][1], outs[1][1], rtol=1e-12)
+
+
+def test_no_tokens():
+    probs = torch.full((0, E), 1 / E)
+    routing = Routing(torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K), probs, probs,
+                      torch.ones(0, K, dtype=torch.bool))
+    dispatch = permute(routing)
+    assert combine(gather_rows(torch.zeros(0, D), dispatch), dispatch, 0).shape == (0, D)
