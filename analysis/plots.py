@@ -57,6 +57,14 @@ def _grid(n: int, width: float, height: float, max_cols: int = 4) -> tuple[Figur
     return fig, axes
 
 
+def _point_and_interval(ax, x, y, lo, hi, color: str, label: str | None = None, capsize: int = 4) -> None:
+    """Points y at x with intervals [lo, hi] drawn as they are: a percentile bootstrap interval of
+    a biased statistic (plug-in MI near zero) may lie wholly above its point estimate."""
+    lo, hi = _arr(lo), _arr(hi)
+    ax.errorbar(x, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", capsize=capsize, color=color)
+    ax.plot(x, y, "o", color=color, label=label)
+
+
 def _layer_label(summary: Summary | None, i: int) -> str:
     if summary is not None:
         layer = summary["layers"][i]
@@ -186,8 +194,8 @@ def plot_nmi(summary: Summary) -> Figure:
     hi = np.array([n["ci_high"] for n in nmi])
     fig = Figure(figsize=(max(4.0, 0.8 * len(nmi) + 2.5), 3.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.errorbar(x, plugin, yerr=[plugin - lo, hi - plugin], fmt="o", capsize=4,
-                label=f"plug-in NMI, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI")
+    _point_and_interval(ax, x, plugin, lo, hi, color="C0",
+                        label=f"plug-in NMI, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI")
     ax.plot(x, [n["corrected"] for n in nmi], "s", mfc="none", label="Miller-Madow NMI")
     ax.plot(x, [n["null_mean"] for n in nmi], "_", ms=18, color="grey", label="null mean (doc. permutation)")
     ax.plot(x, [n["null_q95"] for n in nmi], "_", ms=18, color="black", label="null q95")
@@ -437,8 +445,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
                     ys = _arr([r.get("nmi_plugin", np.nan) for r in sel])
                     lo = _arr([r.get("nmi_low", np.nan) for r in sel])
                     hi = _arr([r.get("nmi_high", np.nan) for r in sel])
-                    ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="o", color=color, capsize=3,
-                                label=f"layer {layer}")
+                    _point_and_interval(ax, xs, ys, lo, hi, color=color, label=f"layer {layer}", capsize=3)
                     ax.plot(xs, [r.get("nmi_null_q95", np.nan) for r in sel], "_", ms=10, color="grey")
                 else:
                     ax.plot(xs, ys, "o", color=color, label=f"layer {layer}")

@@ -95,6 +95,17 @@ def test_plots_draw_from_the_saved_summary_and_from_arrays(full_run):
     assert isinstance(plot_loss_comparison({"moe": {"a": 3.0, "b": 3.1}, "dense": {"a": 3.05}}), Figure)
 
 
+def test_nmi_plot_takes_an_interval_that_excludes_its_point(full_run):
+    """A percentile bootstrap of plug-in NMI near zero can lie wholly above the estimate (it is
+    biased upward); the figure must draw it, not fail (seen on a random-router run)."""
+    import copy
+
+    summary = copy.deepcopy(_strict_json(full_run[0] / "summary.json"))
+    nmi = summary["layers"][0]["nmi"]
+    nmi["plugin"], nmi["ci_low"], nmi["ci_high"] = 0.001, 0.002, 0.004
+    assert isinstance(plot_nmi(summary), Figure)
+
+
 def test_analysis_without_twin_knockouts_or_probes(trained_moe, val_by_domain, synthetic_data, tmp_path):
     cfg = AnalysisConfig(n_permutations=19, n_bootstrap=19, knockouts=False, probes=False, save_records=False)
     summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, cfg=cfg)
