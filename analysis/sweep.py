@@ -16,9 +16,9 @@ Output (`<sweep_dir>/summary/`):
 - `runs.csv`: one row per (MoE job, MoE layer): corpus, arm, seed, layer, the measures below, and
   the job's and its twins' per-domain validation losses (nats/token).
 - `aggregate.json` and `results.md`: per (corpus, arm, layer) the mean of each measure over seeds
-  with a Student-t interval (`confidence`), and per (corpus, arm) the MoE's loss gap to each twin,
-  paired by seed.
-- `figures/`: measures by arm with seed intervals; per-seed points per corpus.
+  with a Student-t interval (`confidence`), each arm's difference to `micro_batch` paired by seed,
+  and per (corpus, arm) the MoE's loss gap to each twin, paired by seed.
+- `figures/`: `measures_by_arm.png` (means and seed intervals), `seeds_<corpus>.png` (every seed).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import csv
 import importlib.resources
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "corpus_of",
     "loss_gaps",
     "pair_twins",
+    "paired_contrasts",
     "seed_interval",
     "sweep_records",
     "write_sweep_report",
@@ -206,6 +208,29 @@ def aggregate_measures(records: Sequence[Mapping[str, Any]], confidence: float =
     return out
 
 
+def paired_contrasts(records: Sequence[Mapping[str, Any]], baseline: str = "micro_batch",
+                     measures: Sequence[str] = ("nmi", "cmi_excess", "ko_selectivity"),
+                     confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per (corpus, arm, layer), each measure of the arm minus that of `baseline`, paired by seed
+    (the two jobs of a seed share data order, tokenizer and initialization, so the pairing removes
+    the run-to-run spread they share), as {mean, low, high, n}. Arms without the baseline's seeds
+    and the baseline itself are left out."""
+    index = {(r["corpus"], r["arm"], r["layer"], r["seed"]): r for r in records}
+    groups = sorted({(c, a, layer) for c, a, layer, _ in index if a != baseline},
+                    key=lambda g: (g[0], _arm_key(g[1]), g[2]))
+    out = []
+    for corpus, arm, layer in groups:
+        seeds = sorted(s for c, a, l_, s in index
+                       if (c, a, l_) == (corpus, arm, layer) and (corpus, baseline, layer, s) in index)
+        if not seeds:
+            continue
+        pairs = [(index[(corpus, arm, layer, s)], index[(corpus, baseline, layer, s)]) for s in seeds]
+        out.append({"corpus": corpus, "arm": arm, "baseline": baseline, "layer": layer, "seeds": seeds,
+                    **{m: seed_interval([a.get(m, math.nan) - b.get(m, math.nan) for a, b in pairs], confidence)
+                       for m in measures}})
+    return out
+
+
 def loss_gaps(records: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
     """Per (corpus, arm): the MoE's validation loss and its gap to each twin (MoE minus twin,
     nats/token, negative = MoE better), per domain and all together, as {mean, low, high, n} over
@@ -246,7 +271,7 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping[str, Any]],
-                   confidence: float) -> str:
+                   confidence: float, contrasts: Sequence[Mapping[str, Any]] = ()) -> str:
     """The markdown tables of `results.md`."""
     pct = f"{confidence:.0%}"
     lines = ["# Specialization sweep", "",
@@ -263,6 +288,14 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
              _ci(m["ko_selectivity"]), _ci(m["dense_ko_selectivity"]), _ci(m["maxvio"], 2),
              ", ".join(f"{k} {v}" for k, v in sorted(m["verdicts"].items()))] for m in measures]
     lines += _md(header, rows)
+    if contrasts:
+        base = contrasts[0]["baseline"]
+        lines += ["", f"## Paired against `{base}`", "",
+                  f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization); "
+                  "an interval that excludes 0 is a difference the seeds agree on.", ""]
+        lines += _md(["corpus", "arm", "layer", "Δ NMI", "Δ I(D;E\\|T) excess", "Δ KO selectivity"],
+                     [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _ci(c["cmi_excess"]),
+                       _ci(c["ko_selectivity"])] for c in contrasts])
     lines += ["", "## Validation loss against the dense twins", "",
               "Loss in nats/token on all domains' validation tokens; gaps are MoE minus twin, paired by seed "
               "(negative: the MoE is better).", ""]
@@ -307,16 +340,18 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
         writer.writeheader()
         writer.writerows([{k: r.get(k) for k in columns} for r in records])
     measures, gaps = aggregate_measures(records, confidence), loss_gaps(records, confidence)
-    aggregate = {"confidence": confidence, "measures": measures, "loss": gaps, "descriptions": MEASURES}
+    contrasts = paired_contrasts(records, confidence=confidence)
+    aggregate = {"confidence": confidence, "measures": measures, "contrasts": contrasts, "loss": gaps,
+                 "descriptions": MEASURES}
     (out / "aggregate.json").write_text(json.dumps(_jsonable(aggregate), indent=2))
     figures = {"measures_by_arm": plot_arm_intervals(measures, ("nmi_plugin", "cmi_excess", "ko_selectivity", "maxvio"),
                                                      descriptions=MEASURES)}
-    for i, corpus in enumerate(dict.fromkeys(r["corpus"] for r in records)):
+    for corpus in dict.fromkeys(r["corpus"] for r in records):
         rows = sorted((r for r in records if r["corpus"] == corpus), key=lambda r: (_arm_key(r["arm"]), r["seed"]))
         fig = plot_sweep(rows, by="arm", metrics=("nmi", "cmi_excess", "ko_selectivity", "maxvio", "loss_gap"))
         fig.suptitle(f"{corpus}: every seed (x: arm; side by side: seeds)")
-        figures[f"seeds_corpus{i}"] = fig
-    text = render_results(measures, gaps, confidence)
+        figures["seeds_" + re.sub(r"[^A-Za-z0-9.]+", "_", corpus).strip("_")] = fig
+    text = render_results(measures, gaps, confidence, contrasts)
     text += "\n## Figures\n\n" + "\n".join(f"![{name}](figures/{name}.png)" for name in figures) + "\n"
     for name, fig in figures.items():
         save_figure(fig, name, out / "figures")

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from analysis.run import analyze_run, twin_mismatches
 from analysis.runs import load_sweep
-from analysis.sweep import arm_of, corpus_of, loss_gaps, pair_twins, seed_interval
+from analysis.sweep import arm_of, corpus_of, loss_gaps, pair_twins, paired_contrasts, seed_interval
 from moe.config import as_plain_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -68,6 +68,17 @@ def test_loss_gaps_are_paired_by_seed():
     assert gap["gap_dense_active"]["all"]["high"] == pytest.approx(-0.1)
     assert gap["gap_dense_total"]["all"]["mean"] == pytest.approx(0.1)
     assert gap["loss_moe"]["all"]["mean"] == pytest.approx(3.9)
+
+
+def test_contrasts_pair_arms_by_seed():
+    # Seeds differ a lot; global_batch is always 0.05 above micro_batch: the paired interval is exact.
+    rows = [{"corpus": "c", "arm": arm, "layer": 0, "seed": s, "nmi": base + (0.05 if arm == "global_batch" else 0),
+             "cmi_excess": 0.0, "ko_selectivity": 0.0}
+            for s, base in ((0, 0.1), (1, 0.4), (2, 0.7)) for arm in ("micro_batch", "global_batch")]
+    rows.append({**rows[-1], "seed": 3})  # no micro_batch partner: left out
+    (c,) = paired_contrasts(rows)
+    assert (c["arm"], c["baseline"], c["seeds"]) == ("global_batch", "micro_batch", [0, 1, 2])
+    assert c["nmi"]["mean"] == pytest.approx(0.05) and c["nmi"]["high"] - c["nmi"]["low"] == pytest.approx(0, abs=1e-12)
 
 
 def _run(args, cwd):
@@ -141,7 +152,7 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
     assert first["nmi"]["n"] == 2 and first["nmi"]["mean"] == pytest.approx(sum(values) / 2)
     text = (out / "results.md").read_text()
     assert "| synthetic(overlap=0.5) | global_batch | 0 |" in text
-    for name in ("measures_by_arm", "seeds_corpus0"):
+    for name in ("measures_by_arm", "seeds_synthetic_overlap_0.5"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
 
     # A second call reuses the analyses (no re-analysis) and rewrites the same table.
