@@ -10,8 +10,9 @@ weights' dtype, while the design keeps one router implementation.
 MegaBlocks' balancing loss and z-loss are switched off (`moe_loss_weight = moe_zloss_weight = 0`):
 they exist only at micro-batch scope and accumulate in module-level lists that must be drained
 after every forward. Ours are computed from the routing record for every scope, with MegaBlocks'
-normalization (`E/(k*T) * sum_e count_e * mean_t p_e`), and with zero weights MegaBlocks never
-appends to its lists, so nothing leaks between steps or models.
+normalization (`E/(k*T) * sum_e count_e * mean_t p_e`); with zero weights MegaBlocks does not append
+to its lists, and the layer drains them after each forward anyway, so nothing leaks between steps
+or models.
 
 Weights: the experts' parameters stay float32 master weights (`Arguments(bf16=False)`); each
 forward casts them to the autocast dtype through `torch.func.functional_call`, since MegaBlocks'
@@ -140,8 +141,14 @@ class MegablocksMoELayer(nn.Module):
         self.cfg = cfg
         self.router: Router = build_router(router_cfg, d_model, cfg.routed_experts, cfg.routed_top_k,
                                            cfg.capacity_factor)
+        # MegaBlocks' module-level loss lists, drained after every forward in case a MegaBlocks
+        # version fills them regardless of the zero loss weights.
+        self._drain: list[Callable[[], None]] = []
         if experts is None:
             dmoe = require_megablocks()
+            from megablocks.layers import moe as mb_moe, router as mb_router
+
+            self._drain = [mb_moe.clear_load_balancing_loss, getattr(mb_router, "clear_router_zloss", lambda: None)]
             from megablocks.layers.arguments import Arguments
 
             args = Arguments(**megablocks_arguments(d_model, cfg, init_std=init_std, out_std=out_std,
@@ -167,6 +174,8 @@ class MegablocksMoELayer(nn.Module):
         weights = (routing.weights * routing.kept).to(dtype)
         params = {name: p.to(dtype) for name, p in self.experts.named_parameters()}
         y_TD = functional_call(self.experts, params, (x_TD.to(dtype), routing.probs, weights, routing.indices))
+        for drain in self._drain:
+            drain()
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view_as(x), routing
