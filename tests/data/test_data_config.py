@@ -13,20 +13,25 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moe.data import DataConfig, as_data_config
+from moe.data.config import SOURCES
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 
 
-def test_presets_exist():
-    assert PRESETS == ["builtin", "hf", "local", "synthetic"]
+# Presets named after a source select it; the others are named variants of one source.
+VARIANTS = {"planted": "synthetic"}
+
+
+def test_every_source_has_its_preset():
+    assert sorted(PRESETS) == sorted([*SOURCES, *VARIANTS])
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_merges_onto_schema(preset):
     node = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF / "data" / f"{preset}.yaml"))
     cfg = as_data_config(node)
-    assert isinstance(cfg, DataConfig) and cfg.source == preset
+    assert isinstance(cfg, DataConfig) and cfg.source == VARIANTS.get(preset, preset)
 
 
 def test_builtin_preset_is_exactly_the_schema_defaults():
