@@ -2,15 +2,18 @@
 loop and (if `transformers` is installed) Hugging Face's MixtralSparseMoeBlock with the same
 weights. Prints time ratios measured side by side in one run. Not a test.
 
-    python benchmarks/bench_layer.py [--tokens 4096] [--repeats 10]
+    python benchmarks/bench_layer.py [--tokens 4096] [--repeats 20] [--default-allocator]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
+
+from moe.host_memory import retain_freed_memory
 
 from moe.dispatch import combine, gather_rows, permute
 from moe.experts import DenseMLP, activate
@@ -22,20 +25,21 @@ SHAPES = [dict(num_experts=8, top_k=2, d_model=256, expert_width=512),
           dict(num_experts=64, top_k=8, d_model=256, expert_width=64)]
 
 
-def timed(fn, x, repeats: int) -> float:
-    """Median seconds of forward+backward."""
-    def step():
+def timed(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of forward+backward of each function. They take turns repeat by repeat, so a
+    slow spell of a shared machine hits all of them alike."""
+    def step(fn):
         x.grad = None
         out = fn(x)
         out.sum().backward()
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats + 2):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            step(fn)
+            if i >= 2:  # warm-up excluded
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def naive_loop(layer: MoELayer):
@@ -86,9 +90,13 @@ def hf_block(layer: MoELayer, cfg: MoEConfig, d_model: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave malloc as it is instead of retaining freed memory as training does")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median")
+    allocator = "glibc default" if args.default_allocator else (
+        "retained freed memory" if retain_freed_memory() else "default (not glibc)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median, malloc: {allocator}")
     for shape in SHAPES:
         d_model = shape.pop("d_model")
         torch.manual_seed(0)
@@ -96,22 +104,19 @@ def main() -> None:
         layer = MoELayer(d_model, cfg, RouterConfig(kind="topk"))  # std 0.02 init -> balanced routing
         dense = DenseMLP(d_model, dense_twin_width(cfg, "active"))
         x = torch.randn(args.tokens, d_model, requires_grad=True)
-        results = {"dense (width k*f)": timed(dense, x, args.repeats),
-                   "native MoE": timed(lambda v: layer(v)[0], x, args.repeats),
-                   "naive per-expert loop": timed(naive_loop(layer), x, args.repeats)}
+        fns = {"dense (width k*f)": dense, "native MoE": lambda v: layer(v)[0],
+               "naive per-expert loop": naive_loop(layer)}
         hf = hf_block(layer, cfg, d_model)
         if hf is not None:
-            block, run = hf
+            _, run = hf
             with torch.no_grad():
-                ref = layer(x)[0]
-                torch.testing.assert_close(run(x), ref, rtol=1e-4, atol=1e-5)
-            results["HF MixtralSparseMoeBlock"] = timed(run, x, args.repeats)
+                torch.testing.assert_close(run(x), layer(x)[0], rtol=1e-4, atol=1e-5)
+            fns["HF MixtralSparseMoeBlock"] = run
         # floor: gathering and scattering the T*k token copies, forward and backward
         with torch.no_grad():
-            routing = layer.router(x)
-        dispatch = permute(routing)
-        results["gather+combine only"] = timed(lambda v: combine(gather_rows(v, dispatch), dispatch, len(v)), x,
-                                               args.repeats)
+            dispatch = permute(layer.router(x))
+        fns["gather+combine only"] = lambda v: combine(gather_rows(v, dispatch), dispatch, len(v))
+        results = timed(fns, x, args.repeats)
         base = results["dense (width k*f)"]
         print(f"\nE={cfg.num_experts} k={cfg.top_k} d={d_model} f={cfg.expert_width}")
         for name, seconds in results.items():

@@ -40,6 +40,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    # Keep freed CPU buffers for the next step instead of returning them to the OS (glibc only;
+    # see moe/host_memory.py): the MoE's T*k-row buffers otherwise page-fault in afresh each step.
+    retain_host_memory: bool = True
     log_every: int = 10
     eval_every: int = 300  # per-domain validation loss every N steps (and at the end)
     eval_batch_size: int = 16

@@ -55,6 +55,46 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _LoopGroupedMM(torch.autograd.Function):
+    """Per-expert matmuls written straight into one output (no torch.cat, whose copy of the
+    [A, O] result costs about as much as the matmuls at small widths), and a weight gradient
+    built in place (indexing w[e] in a Python loop would make autograd add E full-size zero
+    tensors)."""
+
+    @staticmethod
+    def forward(ctx, x_AI: Tensor, w_EIO: Tensor, counts: list[int]) -> Tensor:
+        ctx.save_for_backward(x_AI, w_EIO)
+        ctx.counts = counts
+        out = x_AI.new_empty(x_AI.shape[0], w_EIO.shape[2])
+        for e, rows in _expert_rows(counts):
+            torch.mm(x_AI[rows], w_EIO[e], out=out[rows])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_AO: Tensor):
+        x_AI, w_EIO = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_AO.new_empty(x_AI.shape)
+            for e, rows in _expert_rows(ctx.counts):
+                torch.mm(grad_AO[rows], w_EIO[e].t(), out=grad_x[rows])
+        if ctx.needs_input_grad[1]:
+            grad_w = w_EIO.new_zeros(w_EIO.shape)  # experts without tokens get zero gradient
+            for e, rows in _expert_rows(ctx.counts):
+                torch.mm(x_AI[rows].t(), grad_AO[rows], out=grad_w[e])
+        return grad_x, grad_w, None
+
+
+def _expert_rows(counts: list[int]):
+    """(expert, row slice) for each expert with rows, in expert order."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
 def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     """Per-expert matmul over tokens sorted by expert: rows [start_e, end_e) of x times w[e].
 
@@ -62,15 +102,14 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     Returns [A, O].
 
     On CUDA with bf16 and 16-byte-aligned sizes it is one `torch._grouped_mm` kernel (autograd
-    supported there); elsewhere a split loop over experts, which on CPU is as fast as
-    `torch._grouped_mm` (measured in torch 2.13) and, unlike it, has a backward.
+    supported there); elsewhere a loop of one matmul per expert (`_LoopGroupedMM`), which on CPU
+    is as fast as `torch._grouped_mm` (measured in torch 2.13) and, unlike it, has a backward.
     """
     if (x_AI.is_cuda and hasattr(torch, "_grouped_mm") and x_AI.dtype == torch.bfloat16
             and w_EIO.dtype == torch.bfloat16 and x_AI.shape[1] % 8 == 0 and w_EIO.shape[2] % 8 == 0):
         offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return torch._grouped_mm(x_AI, w_EIO, offs=offsets)
-    chunks = torch.split(x_AI, counts_E.tolist())
-    return torch.cat([chunk @ w_EIO[e] for e, chunk in enumerate(chunks)], dim=0)
+    return _LoopGroupedMM.apply(x_AI, w_EIO, counts_E.tolist())
 
 
 class GroupedExperts(nn.Module):

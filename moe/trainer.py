@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from moe.balance import LoadBalancer, max_violation, update_expert_bias
 from moe.checkpoint import check_fingerprint, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from moe.config import TrainConfig, TrainerConfig, as_plain_dict
+from moe.host_memory import retain_freed_memory
 from moe.data import Batch, PreparedData
 from moe.distributed import DistContext, all_reduce_mean, barrier
 from moe.model import LanguageModel, ModelConfig, model_size
@@ -220,6 +221,8 @@ class Trainer:
         self._open_tensorboard()
         if self.t.threads:
             torch.set_num_threads(self.t.threads)
+        if self.t.retain_host_memory:
+            retain_freed_memory()
         if self.ctx.is_main:
             print(f"[{self.name}] params total={self.size.total_params:,} active={self.size.active_params:,} "
                   f"FLOPs/token={self.size.flops_per_token:,}" + (f" (resumed at step {self.step})" if resumed else ""))
