@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from moe.dispatch import combine, cpu_max_padding, gather_rows, permute
+from moe.dispatch import CPU_MAX_PADDING, combine, gather_rows, permute
 from moe.experts import ACTIVATIONS, DenseMLP, GroupedExperts
 from moe.routing import Router, RouterConfig, Routing, build_router
 
@@ -90,7 +90,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         # Grouped matmul kernels on CUDA want the ragged layout; on the CPU padding is cheaper while small.
-        dispatch = permute(routing, max_padding=None if x_TD.is_cuda else cpu_max_padding(routing.num_experts))
+        dispatch = permute(routing, max_padding=None if x_TD.is_cuda else CPU_MAX_PADDING)
         y_PD = self.experts(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity)
         y_TD = combine(y_PD, dispatch, x_TD.shape[0])
         if self.shared is not None:
