@@ -1,18 +1,35 @@
-"""Knockouts: remove one expert (or a matched slice of the dense twin) at evaluation and measure
-how much each domain's next-token loss rises.
+"""Knockouts: remove one expert (or a group of the dense twin's hidden units) at evaluation and
+measure how much each domain's next-token loss rises, with a standard error.
 
-Legend: L MoE layers, D domains, E experts, F hidden units of a dense FFN.
+Legend: L MoE layers, D domains, E experts, F hidden units of a dense FFN, U units (experts or
+dense groups), N evaluated tokens.
 
-- `expert_knockouts`: for each MoE layer l and expert e, set `router.expert_mask[e] = False`
-  (learned routers re-route the expert's tokens to their next choice; fixed routers, hash and
-  random, drop those assignments) and record the per-domain loss increase: damage [L, D, E] nats.
-- `dense_slice_knockouts`, the control: the same blocks of the dense twin, whose hidden width F is
-  cut into E contiguous slices of hidden units; zeroing slice e's output rows (`w_out[slice]`,
-  equivalent to zeroing those hidden activations) gives damage [L, D, E] for the twin.
-- `top1_knockouts`: drop each token's own highest-gate expert in one layer (its slot marked not
-  kept): damage [L, D].
-- `selectivity`: how much an expert's damage concentrates on one domain, per expert; a specialist
-  hurts one domain (selectivity 1), an ensemble member hurts all alike (0).
+One intervention for every router, and its match in the dense control (`INTERVENTIONS`):
+- expert (`expert_dropped`): every assignment of a token to expert e in layer l is dropped (marked
+  not kept in the layer's `Routing` record by a router forward hook). The token keeps its other
+  experts' outputs, with their gates unchanged (not renormalized), and the residual; no token is
+  re-routed to another expert. The same for learned, hash, random and expert-choice routers.
+- dense group (`hidden_units_zeroed`): a random group of the dense FFN's hidden units is removed
+  for every token (its `w_out` rows zeroed, exactly as zeroing those hidden activations). Groups
+  are drawn per layer with a seeded rng, in a few sizes around F/E units with replicates
+  (`dense_groups`), so their damages span the experts'; nothing is pooled across layers.
+
+Damage is paired: the per-token loss with the unit removed minus the intact loss on the same
+tokens (random routers draw the same routing in both passes: each pass starts from the same torch
+seed), averaged per domain, with a document-cluster-robust standard error
+(`analysis.knockout_stats.cluster_mean_se`): damage, damage_se [L, D, U] nats.
+
+- `expert_knockouts`: damage [L, D, E] of dropping each expert.
+- `dense_group_knockouts`: the control, damage [L, D, G] of zeroing each random group.
+- `top1_knockouts`: drop each token's own highest-gate expert in one layer: damage [L, D].
+- Statistics (pure numpy, in `analysis.knockout_stats`, re-exported here): `corrected_cv`,
+  `cv_lower_bound`, `heterogeneity`, `matched_comparison` (experts against dense groups of the same
+  layer at matched damage), `simulate_damage`.
+
+Legacy, kept only until `analysis.report` moves to the functions above: `expert_masked` (masks the
+router logit: learned routers re-route the expert's tokens, fixed routers drop them: not one
+intervention), `dense_slice_knockouts` / `hidden_slices` (contiguous blocks of hidden units, whose
+order is arbitrary) and `selectivity` (drifts with the damage size).
 
 Every context manager restores the model on exit, also when the forward raises.
 """
@@ -28,40 +45,99 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis.knockout_stats import (
+    MATCH_STATISTICS,
+    DomainMeans,
+    Heterogeneity,
+    MatchedComparison,
+    SimulatedDamage,
+    cluster_mean_se,
+    cochran_q,
+    corrected_cv,
+    cv_lower_bound,
+    heterogeneity,
+    matched_comparison,
+    selectivity,
+    simulate_damage,
+)
 from moe.data.batch import Batch
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
 from moe.routing import Routing
 
 __all__ = [
+    "CLUSTERS",
+    "INTERVENTIONS",
+    "MATCH_STATISTICS",
+    "DomainMeans",
+    "Heterogeneity",
     "KnockoutResult",
+    "MatchedComparison",
+    "SimulatedDamage",
+    "cluster_mean_se",
+    "cochran_q",
+    "corrected_cv",
+    "cv_lower_bound",
+    "dense_group_knockouts",
+    "dense_groups",
     "dense_slice_knockouts",
     "domain_losses",
+    "expert_dropped",
     "expert_knockouts",
     "expert_masked",
+    "heterogeneity",
     "hidden_slice_zeroed",
     "hidden_slices",
+    "hidden_units_zeroed",
+    "matched_comparison",
     "selectivity",
+    "simulate_damage",
+    "token_losses",
     "top1_dropped",
     "top1_knockouts",
 ]
 
+INTERVENTIONS = {
+    "expert": ("drop: every assignment of a token to the expert is marked not kept in the layer's routing "
+               "record, so the token keeps its other experts (gates not renormalized) and the residual; "
+               "no token is re-routed; the same for every router (learned, hash, random, expert choice)"),
+    "dense_group": ("zero: a random group of the dense FFN's hidden units (seeded, per layer) is removed for "
+                    "every token (w_out rows zeroed, as zeroing those hidden activations)"),
+    "top1": ("drop: each token's own highest-gate kept assignment in the layer is marked not kept; the token "
+             "keeps its other experts and the residual"),
+    "dense_slice": ("zero (legacy): a contiguous block of the dense FFN's hidden units is removed for every "
+                    "token; the unit order is arbitrary, use dense groups"),
+}
+
+CLUSTERS = ("doc", "row")
+
 
 @dataclass(frozen=True)
 class KnockoutResult:
-    """Loss increases from knocking out units.
+    """Loss increases from knocking out units, paired on the same tokens.
 
-    base_loss [D]: mean next-token loss per domain (nats) of the intact model on the evaluated
-    tokens; damage: [L, D, E] (experts or slices) or [L, D] (top-1) loss with the unit removed minus
-    base_loss (nats; negative when removal helps); tokens [D]: evaluated tokens per domain;
-    blocks: the block index of each of the L layers; kind: "expert", "dense_slice" or "top1".
+    base_loss [D]: mean next-token loss per domain (nats) of the intact model on the evaluated tokens.
+    damage [L, D, U] (experts, dense groups) or [L, D] (top-1): per-domain mean of the per-token
+    loss with the unit removed minus the intact loss (nats; negative when removal helps).
+    damage_se: its cluster-robust standard error, same shape (nats; clusters: documents, or rows).
+    tokens [D], clusters [D]: evaluated tokens and clusters per domain.
+    blocks: the block index of each of the L layers.
+    kind: "expert", "dense_group", "top1" or "dense_slice" (legacy); intervention: the sentence of
+    `INTERVENTIONS` saying what was removed (for the report).
+    groups: dense groups only, groups[l][g] the hidden-unit indices of group g of layer l (int64);
+    group_size [L, G]: their sizes (units), None otherwise.
     """
 
     base_loss: np.ndarray
     damage: np.ndarray
+    damage_se: np.ndarray
     tokens: np.ndarray
+    clusters: np.ndarray
     blocks: list[int]
     kind: str
+    intervention: str
+    groups: list[list[np.ndarray]] | None = None
+    group_size: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -75,11 +151,25 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Every evaluation pass starts from the same torch RNG state (random routers then draw the
+    same routing in the intact and the knocked-out pass); the caller's RNG state is restored."""
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # manual_seed seeds every CUDA device: restore them all
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def domain_losses(model: nn.Module, batches: Sequence[Batch], num_domains: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean next-token loss per domain (nats) [D] and tokens per domain [D] of `model` over
     `batches` in eval mode (restored after); a batch may mix domains; nan for domains without tokens."""
-    device = next(model.parameters()).device
+    device = _device(model)
     total = torch.zeros(num_domains, dtype=torch.float64, device=device)
     count = torch.zeros(num_domains, dtype=torch.float64, device=device)
     with _eval_mode(model):
@@ -94,10 +184,82 @@ def domain_losses(model: nn.Module, batches: Sequence[Batch], num_domains: int) 
         return np.where(count > 0, total / np.maximum(count, 1), np.nan), count.astype(np.int64)
 
 
+@torch.no_grad()
+def token_losses(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -> np.ndarray:
+    """Per-token next-token loss (nats) [N] of `model` over `batches`, in batch then row-major
+    order, float64; eval mode (restored after), torch RNG seeded with `seed` (restored after)."""
+    device = _device(model)
+    out = []
+    with _eval_mode(model), _seeded(seed, device):
+        for batch in batches:
+            batch = batch.to(device)
+            out.append(model(batch.tokens, batch.targets).token_loss.reshape(-1).double())
+    if not out:
+        return np.zeros(0)
+    return torch.cat(out).cpu().numpy()
+
+
+def _labels(batches: Sequence[Batch], cluster: str) -> tuple[np.ndarray, np.ndarray]:
+    """Domain [N] and cluster id [N] of the evaluated tokens (order of `token_losses`)."""
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster={cluster!r}: allowed values {', '.join(CLUSTERS)}")
+    if not batches:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    domain = np.concatenate([b.domain.reshape(-1).cpu().numpy() for b in batches]).astype(np.int64)
+    if cluster == "doc":
+        ids = np.concatenate([b.doc.reshape(-1).cpu().numpy() for b in batches]).astype(np.int64)
+    else:
+        ids, start = [], 0
+        for b in batches:
+            rows, seq = b.tokens.shape
+            ids.append(np.repeat(np.arange(start, start + rows), seq))
+            start += rows
+        ids = np.concatenate(ids).astype(np.int64)
+    return domain, ids
+
+
+class _Paired:
+    """Intact per-token losses of one evaluation stream, and the damage of interventions on it."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], num_domains: int, cluster: str, seed: int):
+        self.model, self.batches, self.num_domains, self.seed = model, batches, num_domains, seed
+        self.domain, self.cluster = _labels(batches, cluster)
+        self.base = token_losses(model, batches, seed=seed)
+        intact = cluster_mean_se(self.base, self.domain, self.cluster, num_domains)
+        self.base_loss, self.tokens, self.clusters = intact.mean, intact.tokens, intact.clusters
+
+    def damage(self) -> tuple[np.ndarray, np.ndarray]:
+        """(damage [D], se [D]) of the model as it is now against the intact pass."""
+        diff = token_losses(self.model, self.batches, seed=self.seed) - self.base
+        res = cluster_mean_se(diff, self.domain, self.cluster, self.num_domains)
+        return res.mean, res.se
+
+
 # ----------------------------------------------------------------------------- interventions
+def _without_experts(routing: Routing, experts: torch.Tensor) -> Routing:
+    """The routing with every slot assigned to one of `experts` marked not kept."""
+    drop = torch.isin(routing.indices, experts.to(routing.indices.device))
+    return dataclasses.replace(routing, kept=routing.kept & ~drop)
+
+
+@contextmanager
+def expert_dropped(layer: MoELayer, experts: int | Sequence[int]) -> Iterator[None]:
+    """Drop every assignment to `experts` in `layer` (a router forward hook marks those slots not
+    kept in the `Routing` record): each token keeps its other experts, with unchanged gates, and the
+    residual; nothing is re-routed, for every router kind. Removed on exit."""
+    ids = torch.as_tensor(experts, dtype=torch.long).reshape(-1)
+    handle = layer.router.register_forward_hook(lambda module, args, routing: _without_experts(routing, ids))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def expert_masked(layer: MoELayer, experts: int | Sequence[int]) -> Iterator[None]:
-    """Mask `experts` in `layer`'s router (`expert_mask[e] = False`) and restore the mask on exit."""
+    """Legacy: mask `experts` in `layer`'s router (`expert_mask[e] = False`; learned routers
+    re-route their tokens, fixed routers drop them) and restore the mask on exit. The knockout
+    functions use `expert_dropped`."""
     mask = layer.router.expert_mask
     saved = mask.clone()
     try:
@@ -107,27 +269,62 @@ def expert_masked(layer: MoELayer, experts: int | Sequence[int]) -> Iterator[Non
         mask.copy_(saved)
 
 
+def _unit_index(units: slice | Sequence[int] | np.ndarray | torch.Tensor, device: torch.device):
+    if isinstance(units, slice):
+        return units
+    return torch.as_tensor(np.asarray(units, dtype=np.int64), device=device)
+
+
+@contextmanager
+def hidden_units_zeroed(mlp: DenseMLP, units: slice | Sequence[int] | np.ndarray) -> Iterator[None]:
+    """Zero the output rows `w_out[units]` of a dense MLP (a slice or hidden-unit indices), which
+    removes exactly those hidden units' contribution (as zeroing h[..., units] would, for SwiGLU
+    and GELU alike); restored on exit."""
+    w_out = mlp.w_out
+    index = _unit_index(units, w_out.device)
+    saved = w_out.detach()[index].clone()
+    try:
+        with torch.no_grad():
+            w_out[index] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            w_out[index] = saved
+
+
+hidden_slice_zeroed = hidden_units_zeroed  # legacy name
+
+
 def hidden_slices(hidden: int, num_slices: int) -> list[slice]:
-    """Cut F hidden units into `num_slices` contiguous, near-equal slices (sizes differ by <= 1)."""
+    """Legacy: cut F hidden units into `num_slices` contiguous, near-equal slices (sizes differ by <= 1)."""
     if not 1 <= num_slices <= hidden:
         raise ValueError(f"cannot cut {hidden} hidden units into {num_slices} non-empty slices")
     edges = np.linspace(0, hidden, num_slices + 1).round().astype(int)
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-@contextmanager
-def hidden_slice_zeroed(mlp: DenseMLP, units: slice) -> Iterator[None]:
-    """Zero the output rows `w_out[units]` of a dense MLP, which removes exactly those hidden units'
-    contribution (as zeroing h[..., units] would, for SwiGLU and GELU alike); restored on exit."""
-    w_out = mlp.w_out
-    saved = w_out.detach()[units].clone()
-    try:
-        with torch.no_grad():
-            w_out[units] = 0
-        yield
-    finally:
-        with torch.no_grad():
-            w_out[units] = saved
+def dense_groups(hidden: int, num_experts: int, *, size_factors: Sequence[float] = (0.5, 1.0, 2.0),
+                 replicates: int = 8, rng: np.random.Generator | int | None = 0) -> list[np.ndarray]:
+    """Random groups of hidden units of a dense FFN of width F = `hidden`.
+
+    For each factor a (in order) `replicates` groups of round(a * F / E) units (at least 1, at most
+    F), each drawn without replacement, independently of the others; returns the sorted int64
+    unit indices of len(size_factors) * replicates groups (a size capped at F has one possible
+    group, so its replicates are identical: keep factors below E). F / E units removed from every token
+    match the average FFN width one expert knockout removes per token (k experts of width F/k
+    serve each token of an active-matched twin, and a token uses a given expert with probability k/E).
+    """
+    if hidden < 1 or num_experts < 1 or replicates < 1 or not size_factors:
+        raise ValueError("hidden, num_experts and replicates must be >= 1 and size_factors non-empty")
+    if any(not a > 0 for a in size_factors):
+        raise ValueError(f"size_factors {list(size_factors)} must be > 0")
+    rng = np.random.default_rng(rng)
+    groups = []
+    for a in size_factors:
+        size = int(min(hidden, max(1, round(a * hidden / num_experts))))
+        for _ in range(replicates):
+            groups.append(np.sort(rng.choice(hidden, size=size, replace=False)).astype(np.int64))
+    return groups
 
 
 def _drop_top1(routing: Routing) -> Routing:
@@ -156,66 +353,97 @@ def _moe_blocks(model: nn.Module) -> list[int]:
     return blocks
 
 
-def expert_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int) -> KnockoutResult:
-    """Damage [L, D, E]: per-domain loss increase when expert e of MoE layer l is masked.
-
-    One evaluation of `batches` per (layer, expert) plus one intact; eval mode, no grad.
-    """
-    blocks = _moe_blocks(model)
-    with _eval_mode(model):
-        base, tokens = domain_losses(model, batches, num_domains)
-        layers = model.moe_layers
-        damage = np.empty((len(layers), num_domains, layers[0].router.num_experts))
-        for l, layer in enumerate(layers):
-            for e in range(layer.router.num_experts):
-                with expert_masked(layer, e):
-                    damage[l, :, e] = domain_losses(model, batches, num_domains)[0] - base
-    return KnockoutResult(base, damage, tokens, blocks, "expert")
-
-
-def dense_slice_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
-                          blocks: Sequence[int], num_slices: int) -> KnockoutResult:
-    """Control damage [L, D, num_slices]: per-domain loss increase when slice s of the hidden units
-    of the dense FFN in block `blocks[l]` of the twin is zeroed (`hidden_slices`)."""
+def _dense_mlps(dense_model: nn.Module, blocks: Sequence[int]) -> list[DenseMLP]:
     mlps = [dense_model.blocks[b].ffn for b in blocks]
     for b, mlp in zip(blocks, mlps):
         if not isinstance(mlp, DenseMLP):
             raise TypeError(f"block {b} of the dense twin holds a {type(mlp).__name__}, not a DenseMLP")
-    with _eval_mode(dense_model):
-        base, tokens = domain_losses(dense_model, batches, num_domains)
-        damage = np.empty((len(mlps), num_domains, num_slices))
-        for l, mlp in enumerate(mlps):
-            for s, units in enumerate(hidden_slices(mlp.w_out.shape[0], num_slices)):
-                with hidden_slice_zeroed(mlp, units):
-                    damage[l, :, s] = domain_losses(dense_model, batches, num_domains)[0] - base
-    return KnockoutResult(base, damage, tokens, list(blocks), "dense_slice")
+    return mlps
 
 
-def top1_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int) -> KnockoutResult:
-    """Damage [L, D]: per-domain loss increase when every token loses its own top-1 expert in layer l."""
+def expert_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
+                     cluster: str = "doc", seed: int = 0) -> KnockoutResult:
+    """Damage and its se [L, D, E] (nats) of dropping expert e of MoE layer l (`expert_dropped`:
+    its assignments are removed, the tokens keep their other experts and the residual, nothing is
+    re-routed, for every router kind).
+
+    One evaluation of `batches` per (layer, expert) plus one intact; eval mode, no grad, each pass
+    from torch seed `seed`. cluster: "doc" (document ids of `Batch.doc`) or "row" (sequence rows)
+    as the clusters of the standard error.
+    """
     blocks = _moe_blocks(model)
     with _eval_mode(model):
-        base, tokens = domain_losses(model, batches, num_domains)
-        damage = np.empty((len(blocks), num_domains))
+        paired = _Paired(model, batches, num_domains, cluster, seed)
+        layers = model.moe_layers
+        shape = (len(layers), num_domains, layers[0].router.num_experts)
+        damage, se = np.empty(shape), np.empty(shape)
+        for l, layer in enumerate(layers):
+            for e in range(layer.router.num_experts):
+                with expert_dropped(layer, e):
+                    damage[l, :, e], se[l, :, e] = paired.damage()
+    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "expert",
+                          INTERVENTIONS["expert"])
+
+
+def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
+                          blocks: Sequence[int], num_experts: int,
+                          size_factors: Sequence[float] = (0.5, 1.0, 2.0), replicates: int = 8,
+                          seed: int = 0, cluster: str = "doc") -> KnockoutResult:
+    """The control: damage and its se [L, D, G] (nats) of zeroing random group g of the hidden
+    units of the dense FFN in block `blocks[l]` of the twin, for every token (`hidden_units_zeroed`).
+
+    Groups per layer from `dense_groups(F, num_experts, size_factors=..., replicates=...)`, with
+    the rng seeded by (seed, block), so G = len(size_factors) * replicates and a layer's groups do
+    not depend on which other layers are evaluated. `KnockoutResult.groups` holds the unit indices,
+    `group_size` [L, G] their sizes. Compare each layer with the same MoE layer only
+    (`matched_comparison`); sizes around F/E (`num_experts`: the MoE's routed experts) make the
+    damages span the experts'. One evaluation per group plus one intact; cluster, seed as in
+    `expert_knockouts`.
+    """
+    mlps = _dense_mlps(dense_model, blocks)
+    groups = [dense_groups(mlp.w_out.shape[0], num_experts, size_factors=size_factors, replicates=replicates,
+                           rng=np.random.default_rng([seed, b])) for b, mlp in zip(blocks, mlps)]
+    with _eval_mode(dense_model):
+        paired = _Paired(dense_model, batches, num_domains, cluster, seed)
+        shape = (len(mlps), num_domains, len(groups[0]) if groups else 0)
+        damage, se = np.empty(shape), np.empty(shape)
+        for l, mlp in enumerate(mlps):
+            for g, units in enumerate(groups[l]):
+                with hidden_units_zeroed(mlp, units):
+                    damage[l, :, g], se[l, :, g] = paired.damage()
+    sizes = np.array([[u.size for u in layer] for layer in groups], dtype=np.int64).reshape(len(mlps), -1)
+    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, list(blocks),
+                          "dense_group", INTERVENTIONS["dense_group"], groups, sizes)
+
+
+def dense_slice_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
+                          blocks: Sequence[int], num_slices: int, cluster: str = "doc",
+                          seed: int = 0) -> KnockoutResult:
+    """Legacy control (use `dense_group_knockouts`): damage and se [L, D, num_slices] of zeroing
+    contiguous slice s of the hidden units of the dense FFN in block `blocks[l]` (`hidden_slices`)."""
+    mlps = _dense_mlps(dense_model, blocks)
+    with _eval_mode(dense_model):
+        paired = _Paired(dense_model, batches, num_domains, cluster, seed)
+        shape = (len(mlps), num_domains, num_slices)
+        damage, se = np.empty(shape), np.empty(shape)
+        for l, mlp in enumerate(mlps):
+            for s, units in enumerate(hidden_slices(mlp.w_out.shape[0], num_slices)):
+                with hidden_units_zeroed(mlp, units):
+                    damage[l, :, s], se[l, :, s] = paired.damage()
+    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, list(blocks),
+                          "dense_slice", INTERVENTIONS["dense_slice"])
+
+
+def top1_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
+                   cluster: str = "doc", seed: int = 0) -> KnockoutResult:
+    """Damage and se [L, D] (nats) when every token loses its own top-1 expert in layer l
+    (`top1_dropped`); cluster, seed as in `expert_knockouts`."""
+    blocks = _moe_blocks(model)
+    with _eval_mode(model):
+        paired = _Paired(model, batches, num_domains, cluster, seed)
+        damage, se = np.empty((len(blocks), num_domains)), np.empty((len(blocks), num_domains))
         for l, layer in enumerate(model.moe_layers):
             with top1_dropped(layer):
-                damage[l] = domain_losses(model, batches, num_domains)[0] - base
-    return KnockoutResult(base, damage, tokens, blocks, "top1")
-
-
-def selectivity(damage: np.ndarray, min_damage: float = 1e-6) -> np.ndarray:
-    """Domain selectivity of each unit's knockout, [..., E] from damage [..., D, E] (nats).
-
-    With g = max(damage, 0) (a knockout that helps a domain counts as no damage):
-    selectivity = (max_d g - mean_d g) / mean_d g / (D - 1), in [0, 1]. 0 when the unit hurts every
-    domain equally (an ensemble member), 1 when it hurts a single domain (a specialist). nan when
-    the mean damage is below `min_damage` nats (nothing to apportion) or D = 1. Finite-sample
-    noise alone makes it positive: compare with the dense twin's slices, not with 0.
-    """
-    g = np.clip(np.asarray(damage, dtype=np.float64), 0.0, None)
-    d = g.shape[-2]
-    if d < 2:
-        return np.full(g.shape[:-2] + g.shape[-1:], np.nan)
-    mean = g.mean(axis=-2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mean > min_damage, (g.max(axis=-2) - mean) / mean / (d - 1), np.nan)
+                damage[l], se[l] = paired.damage()
+    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "top1",
+                          INTERVENTIONS["top1"])

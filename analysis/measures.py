@@ -11,11 +11,13 @@ Legend as in `analysis.recorder`: N tokens, K slots, E experts, D domains, V voc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from analysis.information import (
+    DocCounts,
     conditional_mutual_information,
     conditional_mutual_information_mm,
     entropy,
@@ -30,9 +32,13 @@ from analysis.metrics import (
     vocabulary_specialization,
 )
 from analysis.recorder import LayerCounts, RoutingRecords
-from analysis.statistics import summarize_specialization, within_token_null
+from analysis.heldout import HeldoutInformation, context_keys, heldout_conditional_information
+from analysis.statistics import SpecializationResult, summarize_specialization
 
-__all__ = ["coactivation_from_pairs", "domain_shares", "measure_layer"]
+CONTEXTS = ("token", "bigram")
+
+__all__ = ["CONTEXTS", "RoutingEvidence", "coactivation_from_pairs", "domain_shares", "measure_layer",
+           "previous_tokens", "routing_evidence"]
 
 
 def domain_shares(domain_expert: np.ndarray, tokens_per_domain: np.ndarray) -> np.ndarray:
@@ -71,25 +77,47 @@ def _nanstat(fn, a: np.ndarray) -> float:
     return float(fn(a)) if a.size else float("nan")
 
 
-def _within_token(records: RoutingRecords, layer: int, *, n_permutations: int, max_records: int | None,
-                  gate_weighted: bool, vocab_size: int, n_domains: int, n_experts: int,
-                  rng: np.random.Generator) -> dict[str, Any]:
-    """Within-token permutation null of I(D;E|T) on (a uniform subsample of) the raw records."""
-    rec = records.layers[layer]
-    n = records.token.size
-    idx = np.arange(n)
-    if max_records is not None and n > max_records:
-        idx = np.sort(rng.choice(n, size=max_records, replace=False))
-    kept = rec.kept[idx]
-    weights = None
-    if gate_weighted:
-        weights = np.where(kept, rec.gates[idx], 0.0)
-    elif not kept.all():
-        weights = kept.astype(np.float64)  # dropped slots weigh 0: not a routing decision
-    null = within_token_null(records.token[idx], records.domain[idx], rec.experts[idx].astype(np.int64),
-                             vocab_size, n_domains, n_experts, weights, n_permutations=n_permutations, rng=rng)
-    return {"null_observed": null.observed, "null_mean": null.mean, "null_q95": null.q95,
-            "p_value": null.p_value, "n_permutations": int(n_permutations), "records_used": int(idx.size)}
+@dataclass(frozen=True)
+class RoutingEvidence:
+    """The two routing measures the verdict reads: NMI above its document null (`nmi`) and the
+    held-out domain information beyond the context (`cmi`; None without per-token records)."""
+
+    nmi: SpecializationResult
+    cmi: HeldoutInformation | None
+    context: str
+
+
+def routing_evidence(docs: DocCounts, n_domains: int, n_experts: int, *, token: np.ndarray | None = None,
+                     prev_token: np.ndarray | None = None, domain: np.ndarray | None = None,
+                     doc: np.ndarray | None = None, experts: np.ndarray | None = None,
+                     weights: np.ndarray | None = None, context: str = "token", n_permutations: int = 200,
+                     n_bootstrap: int = 200, confidence: float = 0.95,
+                     rng: np.random.Generator | int) -> RoutingEvidence:
+    """NMI of the per-document table `docs` against its document-permutation null, and (given the
+    per-token arrays token, domain, doc [N], experts [N, K], weights [N, K] or None) the held-out
+    I(D;E|C) with C = the token id (`context="token"`) or the token and the previous token
+    (`"bigram"`, prev_token [N], -1 at a sequence start). One function for a trained model's
+    records and for the calibration battery, so both are judged by the same numbers."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    nmi_rng, cmi_rng = np.random.default_rng(rng).spawn(2)
+    nmi = summarize_specialization(docs, n_domains, n_permutations=n_permutations, n_resamples=n_bootstrap,
+                                   confidence=confidence, rng=nmi_rng)
+    cmi = None
+    if token is not None:
+        keys = context_keys(token, prev_token if context == "bigram" else None)
+        cmi = heldout_conditional_information(keys, domain, doc, experts, n_domains, n_experts, weights,
+                                              n_resamples=max(n_bootstrap, 200), confidence=confidence, rng=cmi_rng)
+    return RoutingEvidence(nmi, cmi, context)
+
+
+def previous_tokens(token: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The previous token of each record in stream order [N], -1 at position 0 of a sequence."""
+    prev = np.empty_like(np.asarray(token, dtype=np.int64))
+    prev[1:] = token[:-1]
+    prev[0] = -1
+    prev[np.asarray(position) == 0] = -1
+    return prev
 
 
 def measure_layer(
@@ -100,43 +128,49 @@ def measure_layer(
     n_permutations: int = 200,
     n_bootstrap: int = 200,
     confidence: float = 0.95,
-    max_null_records: int | None = 2_000_000,
+    context: str = "token",
     rng: np.random.Generator | int,
 ) -> dict[str, Any]:
     """All measures of one layer as a dict of floats / nested lists (keys in `analysis.report`).
 
     counts: the layer's `LayerCounts`; records, layer: the raw records and this layer's index in
-    them, for the within-token null of I(D;E|T) (skipped, fields None, when records is None).
-    n_permutations: document-permutation replicates of the NMI null and within-token replicates of
-    the I(D;E|T) null; n_bootstrap: document-bootstrap replicates of the NMI interval;
-    max_null_records: subsample the records of the within-token null to this many tokens (its cost
-    grows with N per replicate); the null then carries its own observed value (`null_observed`).
+    them, for the held-out I(D;E|C) (skipped, fields None, when records is None).
+    n_permutations: document-permutation replicates of the NMI null; n_bootstrap: document-bootstrap
+    replicates of the NMI interval and of the held-out I(D;E|C) (at least 200); context: "token" or
+    "bigram", what C holds.
     """
-    gen = np.random.default_rng(rng)
-    spec_rng, null_rng = gen.spawn(2)
     e, d, k = counts.num_experts, counts.num_domains, counts.top_k
     joint = joint_from_docs(counts.docs.doc_domain, counts.docs.counts, d)  # weighted [D, E]
     token_expert = counts.token_expert(weighted=counts.weighting == "gate")
-    spec = summarize_specialization(counts.docs, d, n_permutations=n_permutations, n_resamples=n_bootstrap,
-                                    confidence=confidence, rng=spec_rng)
-
-    # H(D|T) bounds I(D;E|T): when tokens determine the domain it is 0 and so is I(D;E|T).
-    cube = counts.cube
-    td = np.bincount(cube.token * d + cube.domain, weights=cube.count)
-    h_d_given_t = max(entropy(td[td > 0]) - entropy(np.bincount(cube.token, weights=cube.count)), 0.0)
-    cmi = conditional_mutual_information(cube)
-    cmi_out: dict[str, Any] = {
-        "plugin": cmi, "corrected": conditional_mutual_information_mm(cube),
-        "h_domain_given_token_bits": h_d_given_t,
-        "null_observed": None, "null_mean": None, "null_q95": None, "p_value": None,
-        "n_permutations": 0, "records_used": 0, "normalized_excess": None,
-    }
+    arrays: dict[str, Any] = {}
     if records is not None:
-        cmi_out.update(_within_token(records, layer, n_permutations=n_permutations, max_records=max_null_records,
-                                     gate_weighted=counts.weighting == "gate", vocab_size=counts.vocab_size,
-                                     n_domains=d, n_experts=e, rng=null_rng))
-        if h_d_given_t > 1e-12:
-            cmi_out["normalized_excess"] = (cmi_out["null_observed"] - cmi_out["null_mean"]) / h_d_given_t
+        rec = records.layers[layer]
+        kept = rec.kept
+        weights = np.where(kept, rec.gates, 0.0) if counts.weighting == "gate" else (
+            None if kept.all() else kept.astype(np.float64))  # a dropped slot weighs 0: no routing decision
+        arrays = dict(token=records.token, prev_token=previous_tokens(records.token, records.position),
+                      domain=records.domain, doc=records.doc, experts=rec.experts.astype(np.int64), weights=weights)
+    ev = routing_evidence(counts.docs, d, e, context=context, n_permutations=n_permutations,
+                          n_bootstrap=n_bootstrap, confidence=confidence, rng=rng, **arrays)
+    spec, held = ev.nmi, ev.cmi
+    cube = counts.cube
+    cmi_out: dict[str, Any] = {
+        "context": context,
+        "plugin_token_bits": conditional_mutual_information(cube),
+        "plugin_token_corrected_bits": conditional_mutual_information_mm(cube),
+        "bits": None, "bits_ci_low": None, "bits_ci_high": None, "share": None, "share_ci_low": None,
+        "share_ci_high": None, "p_value": None, "h_domain_given_context_bits": None, "assignments_scored": None,
+        "n_folds": None, "n_bootstrap": None,
+    }
+    if held is not None:
+        h = held.h_domain_given_context
+        cmi_out.update({
+            "bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
+            "share": held.share, "share_ci_low": held.ci_low / h if h > 1e-12 else None,
+            "share_ci_high": held.ci_high / h if h > 1e-12 else None, "p_value": held.p_value,
+            "h_domain_given_context_bits": h, "assignments_scored": held.n_assignments,
+            "n_folds": held.n_folds, "n_bootstrap": held.n_resamples,
+        })
 
     co = coactivation_from_pairs(counts.pairs)
     co_null = coactivation_null(min(k, e), e) if e > 1 else None
@@ -156,14 +190,15 @@ def measure_layer(
         "entropy_domain_bits": entropy(joint.sum(axis=1)),
         "mi_domain_expert_bits": {"plugin": mutual_information(joint), "corrected": mutual_information_mm(joint)},
         "nmi": {
+            "excess": spec.excess, "excess_ci_low": spec.excess_ci_low, "excess_ci_high": spec.excess_ci_high,
             "plugin": spec.observed, "corrected": spec.corrected, "ci_low": spec.ci_low, "ci_high": spec.ci_high,
             "confidence": spec.confidence, "null_mean": spec.null_mean, "null_q95": spec.null_q95,
-            "p_value": spec.p_value, "n_docs": spec.n_docs, "n_permutations": spec.n_permutations,
-            "n_bootstrap": spec.n_resamples,
+            "p_value": spec.p_value, "n_docs": spec.n_docs, "docs_per_domain": list(spec.docs_per_domain),
+            "n_permutations": spec.n_permutations, "n_bootstrap": spec.n_resamples,
         },
         "mi_token_expert_bits": {"plugin": mutual_information(token_expert),
                                  "corrected": mutual_information_mm(token_expert)},
-        "cmi_domain_expert_given_token_bits": cmi_out,
+        "cmi": cmi_out,
         # Rare tokens score high by chance; 10E/k occurrences is the helper's suggested floor.
         "vocabulary_specialization": {"value": vocab_spec if math.isfinite(vocab_spec) else None,
                                       "min_count": min_count, "uniform": k / e},

@@ -185,28 +185,27 @@ def plot_sweep_heatmaps(summaries: Mapping[str, Summary], layer: int = -1, norma
 
 
 def plot_nmi(summary: Summary) -> Figure:
-    """NMI per layer: plug-in value with its document-bootstrap interval, the Miller-Madow value,
-    and the document-permutation null (mean and q95)."""
+    """NMI per layer above chance: NMI minus its document-permutation null mean, with the
+    bias-corrected document-bootstrap interval, against the equivalence margin (below it with the
+    whole interval: ensemble); the plug-in NMI and the null q95 for reference."""
     nmi = [layer["nmi"] for layer in summary["layers"]]
     x = np.arange(len(nmi))
-    plugin = np.array([n["plugin"] for n in nmi])
-    lo = np.array([n["ci_low"] for n in nmi])
-    hi = np.array([n["ci_high"] for n in nmi])
     fig = Figure(figsize=(max(4.0, 0.8 * len(nmi) + 2.5), 3.5), layout="constrained")
     ax = fig.add_subplot()
-    _point_and_interval(ax, x, plugin, lo, hi, color="C0",
-                        label=f"plug-in NMI, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI")
-    ax.plot(x, [n["corrected"] for n in nmi], "s", mfc="none", label="Miller-Madow NMI")
-    ax.plot(x, [n["null_mean"] for n in nmi], "_", ms=18, color="grey", label="null mean (doc. permutation)")
-    ax.plot(x, [n["null_q95"] for n in nmi], "_", ms=18, color="black", label="null q95")
-    thr = summary.get("config", {}).get("thresholds", {}).get("nmi_min")
+    _point_and_interval(ax, x, _arr([n["excess"] for n in nmi]), _arr([n["excess_ci_low"] for n in nmi]),
+                        _arr([n["excess_ci_high"] for n in nmi]), color="C0",
+                        label=f"NMI − null mean, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI")
+    ax.plot(x, [n["plugin"] for n in nmi], "s", mfc="none", color="grey", label="plug-in NMI")
+    ax.plot(x, [n["null_q95"] for n in nmi], "_", ms=18, color="black", label="plug-in null q95")
+    thr = summary.get("config", {}).get("thresholds", {}).get("nmi_margin")
     if thr is not None:
-        ax.axhline(thr, ls=":", color="tab:red", label=f"nmi_min = {thr:g}")
+        ax.axhline(thr, ls=":", color="tab:red", label=f"nmi_margin = {thr:g}")
+    ax.axhline(0.0, lw=0.6, color="black")
     ax.set_xticks(x, labels=[str(layer["layer"]) for layer in summary["layers"]])
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("NMI = I(D;E) / H(D)")
     ax.legend(fontsize=7)
-    ax.set_title("Domain information in routing")
+    ax.set_title("Domain information in routing, above chance")
     return fig
 
 
@@ -214,11 +213,9 @@ def plot_information(summary: Summary) -> Figure:
     """Vocabulary vs domain, per layer (bits).
 
     Left: I(D;E) (plug-in bar, Miller-Madow marker) beside I(T;E), with H(D), the most I(D;E) can
-    be, as a dashed tick. Right: I(D;E|T), the domain information in routing beyond the token id,
-    against its within-token permutation null (mean and q95) and H(D|T), its ceiling; the label
-    above each bar is the excess over the null as a fraction of H(D|T). A router that reads only the
-    token id has I(D;E|T) at its null however large I(D;E) is. The bar is the plug-in value on the
-    records the null used (all records unless `max_null_records` subsampled them).
+    be, as a dashed tick. Right: the held-out I(D;E|C) (`analysis.heldout`), the domain information
+    in routing beyond the context C, as a share of H(D|C) with its document-bootstrap interval, in
+    bits beside it. A router that reads only the token id scores ~0 however large I(D;E) is.
     """
     layers = summary["layers"]
     x = np.arange(len(layers))
@@ -243,31 +240,34 @@ def plot_information(summary: Summary) -> Figure:
     left.legend(fontsize=7)
     left.set_title("What the expert choice tells about the token", fontsize=9)
 
-    cmi = [layer["cmi_domain_expert_given_token_bits"] for layer in layers]
-    obs = _arr([c["null_observed"] if c.get("null_observed") is not None else c["plugin"] for c in cmi])
-    right.bar(x, obs, 0.5, color="tab:green", label="I(D;E|T)")
-    right.plot(x, _arr([c["null_mean"] for c in cmi]), "_", ms=22, mew=2, color="grey",
-               label="null mean (within token)")
-    right.plot(x, _arr([c["null_q95"] for c in cmi]), "_", ms=22, mew=2, color="black", label="null q95")
-    h_dt = _arr([c["h_domain_given_token_bits"] for c in cmi])
-    for xi, c, y, h in zip(x, cmi, obs, h_dt):
-        excess = c.get("normalized_excess")
-        if np.isfinite(y):
-            text = f"H(D|T) = {h:.3g}" + ("" if excess is None else f"\nexcess {excess:.2f} of it")
-            right.annotate(text, (xi, y), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
+    cmi = [layer["cmi"] for layer in layers]
+    share = _arr([c["share"] for c in cmi])
+    _point_and_interval(right, x, share, _arr([c["share_ci_low"] for c in cmi]),
+                        _arr([c["share_ci_high"] for c in cmi]), color="tab:green",
+                        label="held-out I(D;E|C) / H(D|C), doc. bootstrap CI")
+    thr = summary.get("config", {}).get("thresholds", {}).get("cmi_margin")
+    if thr is not None:
+        right.axhline(thr, ls=":", color="tab:red", label=f"cmi_margin = {thr:g}")
+    right.axhline(0.0, lw=0.6, color="black")
+    for xi, c, y in zip(x, cmi, share):
+        if np.isfinite(y) and c.get("h_domain_given_context_bits") is not None:
+            right.annotate(f"{c['bits']:.3g} bits\nH(D|C) = {c['h_domain_given_context_bits']:.3g}", (xi, y),
+                           textcoords="offset points", xytext=(8, 0), fontsize=7)
     right.margins(y=0.25)
     right.set_xticks(x, labels=names)
     right.set_xlabel("MoE layer")
-    right.set_ylabel("bits")
+    right.set_ylabel("share of H(D|C)")
     right.legend(fontsize=7)
-    right.set_title("Domain information beyond the token id", fontsize=9)
+    right.set_title(f"Domain information beyond the context ({cmi[0].get('context', 'token')})", fontsize=9)
     fig.suptitle("Vocabulary vs domain specialization")
     return fig
 
 
 def plot_knockout(summary: Summary) -> Figure:
-    """Knockout damage per layer: the MoE's [D, E] (expert e masked) next to the dense twin's [D, E]
-    (hidden slice e zeroed), on one colour scale per layer (nats of loss increase)."""
+    """Knockout damage per layer. Left: the MoE's [D, E] damage (expert e's assignments dropped),
+    nats of loss increase. Right (with a dense twin): each unit's noise-corrected damage CV across
+    domains against its mean damage, experts (filled) and the twin's random unit groups of the same
+    layer (open), on a log damage axis: a specialist expert sits above dense groups of equal damage."""
     layers = [layer for layer in summary["layers"] if layer.get("knockout")]
     if not layers:
         raise ValueError("the summary holds no knockout results")
@@ -275,21 +275,28 @@ def plot_knockout(summary: Summary) -> Figure:
     has_dense = layers[0]["knockout"].get("dense_damage") is not None
     cols = 2 if has_dense else 1
     e = len(layers[0]["knockout"]["damage"][0])
-    fig = Figure(figsize=(cols * (0.5 * e + 2.8), len(layers) * (0.4 * len(domains) + 1.6)), layout="constrained")
+    fig = Figure(figsize=(cols * (0.5 * e + 3.2), len(layers) * (0.4 * len(domains) + 1.8)), layout="constrained")
     for r, layer in enumerate(layers):
         ko = layer["knockout"]
-        mats = [("MoE: expert masked", _arr(ko["damage"]))]
+        m = _arr(ko["damage"])
+        vmax = np.nanmax(np.abs(m)) or 1e-12
+        ax = fig.add_subplot(len(layers), cols, r * cols + 1)
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+        ax.set_title(f"layer {layer['layer']}: expert dropped", fontsize=9)
+        ax.set_yticks(range(len(domains)), labels=domains)
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_xlabel("expert")
+        fig.colorbar(im, ax=ax, label="loss increase (nats)")
         if has_dense:
-            mats.append(("dense twin: slice zeroed", _arr(ko["dense_damage"])))
-        vmax = max(np.nanmax(np.abs(m)) for _, m in mats) or 1e-12
-        for c, (title, m) in enumerate(mats):
-            ax = fig.add_subplot(len(layers), cols, r * cols + c + 1)
-            im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
-            ax.set_title(f"layer {layer['layer']}: {title}", fontsize=9)
-            ax.set_yticks(range(len(domains)), labels=domains)
-            ax.set_xticks(range(m.shape[1]))
-            ax.set_xlabel("expert" if c == 0 else "slice")
-        fig.colorbar(im, ax=fig.axes[-cols:], label="loss increase (nats)")
+            ax = fig.add_subplot(len(layers), cols, r * cols + 2)
+            ax.plot(_arr(ko["dense_mean_damage"]), _arr(ko["dense_cv"]), "o", mfc="none", color="grey",
+                    label="dense twin: random unit group")
+            ax.plot(_arr(ko["mean_damage"]), _arr(ko["cv"]), "o", color="C3", label="MoE: expert")
+            ax.set_xscale("symlog", linthresh=1e-3)
+            ax.set_xlabel("mean damage (nats)")
+            ax.set_ylabel("damage CV across domains")
+            ax.set_title(f"layer {layer['layer']}: selectivity at matched damage", fontsize=9)
+            ax.legend(fontsize=7)
     fig.suptitle("Knockout damage per domain")
     return fig
 
@@ -389,9 +396,9 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Se
 
 
 SWEEP_METRICS = {
-    "nmi": "NMI (plug-in, CI; grey: null q95)",
-    "cmi_excess": "I(D;E|T) excess over null / H(D|T)",
-    "ko_selectivity": "knockout selectivity (median)\nfilled MoE, open dense twin",
+    "nmi": "NMI − null mean (CI)",
+    "cmi_share": "held-out I(D;E|C) / H(D|C) (CI)",
+    "ko_selectivity": "knockout: median expert percentile\namong damage-matched dense groups",
     "cka": "mean expert CKA",
     "maxvio": "MaxVio (load imbalance)",
     "loss_gap": "MoE − dense loss (nats, all domains)",
@@ -399,7 +406,7 @@ SWEEP_METRICS = {
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
-               metrics: Sequence[str] = ("nmi", "cmi_excess", "ko_selectivity", "cka", "loss_gap")) -> Figure:
+               metrics: Sequence[str] = ("nmi", "cmi_share", "ko_selectivity", "cka", "loss_gap")) -> Figure:
     """Specialization measures across the runs of a sweep, one panel per metric.
 
     `rows` are `analysis.runs.sweep_rows(sweep)` (one per run and MoE layer). The x axis has one
@@ -441,21 +448,18 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
                 xs = [xpos(r, li, len(layers)) for r in sel]
                 ys = _arr([r.get(metric, np.nan) for r in sel])
                 color = f"C{li % 10}"
-                if metric == "nmi":
-                    ys = _arr([r.get("nmi_plugin", np.nan) for r in sel])
-                    lo = _arr([r.get("nmi_low", np.nan) for r in sel])
-                    hi = _arr([r.get("nmi_high", np.nan) for r in sel])
+                if metric in ("nmi", "cmi_share"):
+                    prefix = metric.split("_")[0]
+                    lo = _arr([r.get(f"{prefix}_low", np.nan) for r in sel])
+                    hi = _arr([r.get(f"{prefix}_high", np.nan) for r in sel])
                     _point_and_interval(ax, xs, ys, lo, hi, color=color, label=f"layer {layer}", capsize=3)
-                    ax.plot(xs, [r.get("nmi_null_q95", np.nan) for r in sel], "_", ms=10, color="grey")
                 else:
                     ax.plot(xs, ys, "o", color=color, label=f"layer {layer}")
-                if metric == "ko_selectivity":
-                    ax.plot(xs, [r.get("dense_ko_selectivity", np.nan) for r in sel], "o", mfc="none", color=color)
                 for gi, g in enumerate(groups):
                     vals = [y for r, y in zip(sel, ys) if str(r.get(key)) == g and np.isfinite(y)]
                     if vals:
                         ax.plot([gi - width / 2, gi + width / 2], [np.mean(vals)] * 2, color=color, lw=1, alpha=0.5)
-            if metric == "cmi_excess":
+            if metric in ("nmi", "cmi_share"):
                 ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xticks(range(len(groups)), labels=[g.replace(", ", "\n") for g in groups], fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)
@@ -505,9 +509,7 @@ def plot_arm_intervals(aggregate: Sequence[Mapping[str, Any]], measures: Sequenc
                             label=f"layer {layer}")
                 if measure == "nmi_plugin" and sel and "nmi_null_q95" in sel[0]:
                     ax.plot(xs, [point(a["nmi_null_q95"])[0] for a in sel], "_", ms=10, color="grey")
-                if measure == "ko_selectivity" and sel and "dense_ko_selectivity" in sel[0]:
-                    ax.plot(xs, [point(a["dense_ko_selectivity"])[0] for a in sel], "o", mfc="none", color=color)
-            if measure in ("cmi_excess", "loss_gap"):
+            if measure in ("nmi", "cmi_share", "loss_gap"):
                 ax.axhline(0.0, color="grey", lw=0.8)
             ax.set_xticks(range(len(arms)), labels=arms, fontsize=7, rotation=30)
             ax.set_xlim(-0.6, len(arms) - 0.4)

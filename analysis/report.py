@@ -10,22 +10,24 @@ domain=name)`); `domains` lists the names in domain-id order. Writes into `out_d
     routing.npz     raw per-token routing records (`analysis.recorder.RoutingRecords.load`)
     figures/*.png   domain_expert, nmi, knockout, cka, loss (`analysis.plots`)
 
-summary.json (and the returned dict), format_version 1. Units: bits for information, nats per token
+summary.json (and the returned dict), format_version 2. Units: bits for information, nats per token
 for losses. `null` = not measured or undefined (a nan). Keys are stable; new keys may be added.
 
-    format_version        1
+    format_version        2
     domains               [D] domain names; domain ids index this list
     model                 {router, blocks, num_moe_layers, num_experts, top_k, vocab_size}, plus the
                           `model_info` argument's entries (a pretrained HF model: name, family,
                           model_type, router (its routing rule), shared_experts, num_layers,
                           total_params, dtype, transformers)
     config                AnalysisConfig as a dict (incl. thresholds)
-    tokens                {recorded, per_domain: {domain: n}, knockout_per_domain: {domain: n} | null,
-                           probe: n | null}
+    tokens                {recorded, per_domain: {domain: n}, documents_per_domain: {domain: m},
+                           knockout_per_domain: {domain: n} | null, probe: n | null}
+    data_splits           null, or {split: {domain: {tokens, documents}}} of the data the model
+                          trained and is evaluated on (`analyze_run` reads it from the run's manifest)
     comparison            {model name: {domain: loss}}: "moe" and (with a twin) "dense_twin" measured
                           on the full validation set here, plus any entries of the `comparison` argument
-    knockout              null, or {base_loss: {domain: loss}, dense_base_loss: {..} | null,
-                           dense_selectivity_pooled: [..] | null} (MoE / twin on the knockout tokens)
+    knockout              null, {skipped: reason}, or {base_loss: {domain: loss}, dense_base_loss | null,
+                           intervention: {expert, dense}, documents_per_domain}
     verdict               {verdict, rule, counts: {specialist, ensemble, inconclusive}}: the model's
     layers                [L] per MoE layer (depth order), each:
       layer, block                  MoE-layer index and block index in the model
@@ -34,15 +36,17 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
       domain_specialization         [D][E] share of domain d's tokens routed to e (OLMoE); uniform_share = k/E
       entropy_domain_bits           H(D)
       mi_domain_expert_bits         {plugin, corrected}: I(D;E), Miller-Madow corrected
-      nmi                           {plugin, corrected, ci_low, ci_high, confidence, null_mean, null_q95,
-                                     p_value, n_docs, n_permutations, n_bootstrap}: NMI = I(D;E)/H(D),
-                                     document-bootstrap CI and document-permutation null (of the plug-in)
+      nmi                           {excess, excess_ci_low, excess_ci_high, plugin, corrected, ci_low, ci_high,
+                                     confidence, null_mean, null_q95, p_value, n_docs, docs_per_domain [D],
+                                     n_permutations, n_bootstrap}: NMI = I(D;E)/H(D); excess = plugin - null_mean
+                                     (the headline); intervals: bias-corrected percentile, domain-stratified
+                                     document bootstrap; null: document permutation
       mi_token_expert_bits          {plugin, corrected}: I(T;E)
-      cmi_domain_expert_given_token_bits
-                                    {plugin, corrected, h_domain_given_token_bits, null_observed, null_mean,
-                                     null_q95, p_value, n_permutations, records_used, normalized_excess}:
-                                     I(D;E|T) and its within-token null (on `records_used` records;
-                                     normalized_excess = (null_observed - null_mean) / H(D|T))
+      cmi                           {context, bits, bits_ci_low, bits_ci_high, share, share_ci_low, share_ci_high,
+                                     p_value, h_domain_given_context_bits, assignments_scored, n_folds,
+                                     n_bootstrap, plugin_token_bits, plugin_token_corrected_bits}: the held-out
+                                     I(D;E|C) (`analysis.heldout`), share = bits / H(D|C); the plug-in I(D;E|T)
+                                     for reference only (biased: a random router scores > 0)
       vocabulary_specialization     {value, min_count, uniform}: OLMoE, tokens seen >= min_count times
       coactivation                  {matrix [E][E] P(j|i), null = (k-1)/(E-1), max_offdiag,
                                      mean_abs_deviation = mean |P(j|i) - null| off the diagonal}
@@ -50,12 +54,14 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
       router_entropy_bits           {mean, max = log2 E}
       load                          {counts [E], max_violation, max_violation_batch_mean, entropy_bits,
                                      entropy_max_bits}
-      knockout                      null, or {damage [D][E], selectivity [E], selectivity_median,
-                                     dense_damage [D][E] | null, dense_selectivity [E] | null,
-                                     dense_selectivity_median, top1_damage {domain: loss increase}}
+      knockout                      null, or {damage, damage_se [D][E], mean_damage [E], cv [E], cv_lower [E],
+                                     percentile [E] | null, p_value [E] | null, n_matched [E] | null,
+                                     selectivity_median (median percentile) | null, dense_damage [D][G] | null,
+                                     dense_mean_damage [G], dense_cv [G], dense_group_size [G],
+                                     dense_selectivity_median (median dense CV), top1_damage {domain: nats}}
       cka                           null, or {matrix [E][E], mean_offdiag}
       verdict                       {verdict, rule, notes, criteria: {nmi|cmi|knockout|cka:
-                                     {name, verdict, value, threshold, reason}}}
+                                     {name, verdict, value, threshold, reason, votes}}}
     files                 {report, summary, records | null, figures: {name: "figures/<name>.png"}}
 """
 
@@ -66,17 +72,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from torch import nn
 
 from analysis.knockout import (
+    INTERVENTIONS,
     KnockoutResult,
-    dense_slice_knockouts,
+    dense_group_knockouts,
     domain_losses,
     expert_knockouts,
-    selectivity,
+    heterogeneity,
+    matched_comparison,
     top1_knockouts,
 )
 from analysis.measures import measure_layer
@@ -88,25 +96,33 @@ from moe.data.batch import Batch
 
 __all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analyze_model", "render_report", "to_jsonable"]
 
-SUMMARY_FORMAT_VERSION = 1
+SUMMARY_FORMAT_VERSION = 2
 
 
 @dataclass
 class AnalysisConfig:
     """Knobs of `analyze_model` (Hydra: the `analysis` node). Plain fields only."""
 
-    # Replicates of the document-permutation null (NMI) and of the within-token null (I(D;E|T)).
+    # Replicates of the document-permutation null of the NMI.
     n_permutations: int = 200
-    # Document-bootstrap replicates of the NMI interval, and its confidence level.
+    # Domain-stratified document-bootstrap replicates of the NMI and held-out I(D;E|C) intervals
+    # (the latter at least 200), and their confidence level.
     n_bootstrap: int = 200
     confidence: float = 0.95
+    # What the held-out I(D;E|C) conditions on: "token" (the token id) or "bigram" (the token and
+    # the previous token: also rules out routing keyed on the previous token).
+    context: str = "token"
     # Validation tokens per domain evaluated by every knockout; the knockouts cost
-    # (L*E + L + 1) evaluations of D*knockout_tokens tokens (and L*E + 1 for the twin).
+    # (L*E + L + 1) evaluations of D*knockout_tokens tokens, and the twin's L*G + 1.
     knockout_tokens: int = 4096
+    # The dense control: per layer, random groups of round(a*F/E) hidden units for each a, each
+    # drawn `dense_group_replicates` times (G = len * replicates groups per layer); experts are
+    # compared with the groups whose mean damage lies within a factor `damage_match_factor`.
+    dense_group_sizes: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    dense_group_replicates: int = 4
+    damage_match_factor: float = 2.0
     # Probe tokens (all domains together) on which every expert runs for the CKA matrix.
     probe_tokens: int = 2048
-    # The within-token null re-sorts its records per replicate: subsample to this many (null: all).
-    max_null_records: Optional[int] = 2_000_000
     # Weight information tables by gate values instead of one count per kept assignment.
     gate_weighted: bool = False
     knockouts: bool = True
@@ -165,34 +181,46 @@ def _by_domain(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
 
 
 def _knockout_entries(moe: KnockoutResult, top1: KnockoutResult, dense: KnockoutResult | None,
-                      domains: Sequence[str]) -> list[dict[str, Any]]:
-    moe_sel = selectivity(moe.damage)  # [L, E]
-    dense_sel = None if dense is None else selectivity(dense.damage)
+                      domains: Sequence[str], factor: float) -> list[dict[str, Any]]:
+    """Per layer: the experts' damage with its se, their noise-corrected damage CV (0: every domain
+    hurt alike, 1: one domain only) and, with a twin, each expert's percentile and p-value among
+    the same layer's dense groups of matched damage (`analysis.knockout.matched_comparison`)."""
+    het = heterogeneity(moe.damage, moe.damage_se)
+    matched = None if dense is None else matched_comparison(moe.damage, moe.damage_se, dense.damage,
+                                                            dense.damage_se, factor=factor)
+    dense_het = None if dense is None else heterogeneity(dense.damage, dense.damage_se)
     out = []
     for l in range(moe.damage.shape[0]):
-        out.append({
-            "damage": moe.damage[l], "selectivity": moe_sel[l],
-            "selectivity_median": float(np.nanmedian(moe_sel[l])) if np.isfinite(moe_sel[l]).any() else None,
+        pct = None if matched is None else matched.percentile[l]
+        entry = {
+            "damage": moe.damage[l], "damage_se": moe.damage_se[l], "mean_damage": het.mean_damage[l],
+            "cv": het.cv[l], "cv_lower": het.cv_lower[l],
+            "percentile": pct, "p_value": None if matched is None else matched.p_value[l],
+            "n_matched": None if matched is None else matched.n_matched[l],
+            "selectivity_median": (float(np.nanmedian(pct)) if pct is not None and np.isfinite(pct).any() else None),
             "dense_damage": None if dense is None else dense.damage[l],
-            "dense_selectivity": None if dense_sel is None else dense_sel[l],
-            "dense_selectivity_median": (float(np.nanmedian(dense_sel[l]))
-                                         if dense_sel is not None and np.isfinite(dense_sel[l]).any() else None),
+            "dense_mean_damage": None if dense_het is None else dense_het.mean_damage[l],
+            "dense_cv": None if dense_het is None else dense_het.cv[l],
+            "dense_group_size": None if dense is None else dense.group_size[l],
+            "dense_selectivity_median": (float(np.nanmedian(dense_het.cv[l]))
+                                         if dense_het is not None and np.isfinite(dense_het.cv[l]).any() else None),
             "top1_damage": _by_domain(top1.damage[l], domains),
-        })
+        }
+        out.append(entry)
     return out
 
 
-def _evidence(index: int, layer: Mapping[str, Any], dense_pool: np.ndarray | None) -> LayerEvidence:
-    nmi, cmi = layer["nmi"], layer["cmi_domain_expert_given_token_bits"]
+def _evidence(index: int, layer: Mapping[str, Any]) -> LayerEvidence:
+    nmi, cmi = layer["nmi"], layer["cmi"]
     ko, cka = layer.get("knockout"), layer.get("cka")
     return LayerEvidence(
         layer=index,
-        nmi_corrected=nmi["corrected"], nmi_ci_low=nmi["ci_low"], nmi_ci_high=nmi["ci_high"],
-        nmi_null_mean=nmi["null_mean"], nmi_null_q95=nmi["null_q95"],
-        cmi_observed=cmi["null_observed"], cmi_null_mean=cmi["null_mean"], cmi_p_value=cmi["p_value"],
-        h_domain_given_token=cmi["h_domain_given_token_bits"],
-        moe_selectivity=None if ko is None else list(np.asarray(ko["selectivity"], dtype=float)),
-        dense_selectivity=None if dense_pool is None else list(dense_pool),
+        nmi_excess=nmi["excess"], nmi_excess_ci_low=nmi["excess_ci_low"], nmi_excess_ci_high=nmi["excess_ci_high"],
+        nmi_p_value=nmi["p_value"],
+        cmi_share=cmi["share"], cmi_share_ci_low=cmi["share_ci_low"], cmi_share_ci_high=cmi["share_ci_high"],
+        cmi_p_value=cmi["p_value"], h_domain_given_context=cmi["h_domain_given_context_bits"],
+        knockout_percentiles=None if ko is None or ko["percentile"] is None else
+        list(np.asarray(ko["percentile"], dtype=float)),
         cka_mean_offdiag=None if cka is None else cka["mean_offdiag"],
     )
 
@@ -207,6 +235,7 @@ def analyze_model(
     comparison: Mapping[str, Mapping[str, float]] | None = None,
     cfg: AnalysisConfig | None = None,
     model_info: Mapping[str, Any] | None = None,
+    data_splits: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """Measure specialization of `model`'s MoE layers and write the report into `out_dir`.
 
@@ -219,6 +248,7 @@ def analyze_model(
         comparison: extra per-domain losses to show, model name -> {domain: nats}.
         cfg: `AnalysisConfig` (defaults if None).
         model_info: extra entries of summary["model"], overriding the defaults (e.g. "router").
+        data_splits: {split: {domain: {"tokens": n, "documents": m}}} of the data, for the report.
     Returns the summary dict (the content of summary.json; keys in the module docstring).
     """
     cfg = cfg or AnalysisConfig()
@@ -235,27 +265,35 @@ def analyze_model(
     layers = []
     for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
         measured = measure_layer(counts, recording.records, i, n_permutations=cfg.n_permutations,
-                                 n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence,
-                                 max_null_records=cfg.max_null_records, rng=rng)
+                                 n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence, context=cfg.context,
+                                 rng=rng)
         layers.append({"layer": i, "block": recording.blocks[i], **measured, "knockout": None, "cka": None})
 
     summary_ko = None
     ko_tokens = None
     if cfg.knockouts:
         ko_stream = _stream(val_batches, cfg.knockout_tokens, cfg.mix_domains)
-        moe_ko = expert_knockouts(model, ko_stream, n_dom)
-        top1_ko = top1_knockouts(model, ko_stream, n_dom)
-        dense_ko = None
-        if dense_twin is not None:
-            dense_ko = dense_slice_knockouts(dense_twin, ko_stream, n_dom, blocks=recording.blocks,
-                                             num_slices=moe_ko.damage.shape[2])
-        for layer, entry in zip(layers, _knockout_entries(moe_ko, top1_ko, dense_ko, domains)):
-            layer["knockout"] = entry
-        pool = None if dense_ko is None else selectivity(dense_ko.damage).ravel()
-        summary_ko = {"base_loss": _by_domain(moe_ko.base_loss, domains),
-                      "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
-                      "dense_selectivity_pooled": pool}
-        ko_tokens = _by_domain(moe_ko.tokens, domains)
+        try:
+            moe_ko = expert_knockouts(model, ko_stream, n_dom, seed=cfg.seed)
+            top1_ko = top1_knockouts(model, ko_stream, n_dom, seed=cfg.seed)
+        except NotImplementedError as err:  # a router that cannot drop single assignments (some HF gates)
+            moe_ko, summary_ko = None, {"skipped": str(err)}
+        if moe_ko is not None:
+            dense_ko = None
+            if dense_twin is not None:
+                dense_ko = dense_group_knockouts(dense_twin, ko_stream, n_dom, blocks=recording.blocks,
+                                                 num_experts=moe_ko.damage.shape[2],
+                                                 size_factors=cfg.dense_group_sizes,
+                                                 replicates=cfg.dense_group_replicates, seed=cfg.seed)
+            for layer, entry in zip(layers, _knockout_entries(moe_ko, top1_ko, dense_ko, domains,
+                                                              cfg.damage_match_factor)):
+                layer["knockout"] = entry
+            summary_ko = {"base_loss": _by_domain(moe_ko.base_loss, domains),
+                          "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
+                          "intervention": {"expert": INTERVENTIONS["expert"],
+                                           "dense": None if dense_ko is None else INTERVENTIONS["dense_group"]},
+                          "documents_per_domain": _by_domain(moe_ko.clusters, domains)}
+            ko_tokens = _by_domain(moe_ko.tokens, domains)
 
     probe_tokens = None
     if cfg.probes:
@@ -268,10 +306,7 @@ def analyze_model(
 
     # Verdicts read the same numbers the report shows (after the JSON round of nan -> None).
     layers = to_jsonable(layers)
-    dense_pool = None
-    if summary_ko is not None and summary_ko["dense_selectivity_pooled"] is not None:
-        dense_pool = np.asarray(summary_ko["dense_selectivity_pooled"], dtype=float)
-    layer_verdicts = [judge_layer(_evidence(i, layer, dense_pool), cfg.thresholds) for i, layer in enumerate(layers)]
+    layer_verdicts = [judge_layer(_evidence(i, layer), cfg.thresholds) for i, layer in enumerate(layers)]
     for layer, v in zip(layers, layer_verdicts):
         layer["verdict"] = v.as_dict()
     model_verdict = judge_model(layer_verdicts, cfg.thresholds)
@@ -291,7 +326,9 @@ def analyze_model(
         "config": dataclasses.asdict(cfg),
         "tokens": {"recorded": int(recording.loss_tokens.sum()),
                    "per_domain": _by_domain(recording.loss_tokens, domains),
+                   "documents_per_domain": _by_domain(layers[0]["nmi"]["docs_per_domain"], domains),
                    "knockout_per_domain": ko_tokens, "probe": probe_tokens},
+        "data_splits": None if data_splits is None else {k: dict(v) for k, v in data_splits.items()},
         "comparison": losses,
         "knockout": summary_ko,
         "verdict": {"verdict": model_verdict.verdict, "rule": model_verdict.rule, "counts": model_verdict.counts},
@@ -342,12 +379,21 @@ def render_report(summary: Mapping[str, Any]) -> str:
     lines += [
         f"- router `{m['router']}`, {m['num_moe_layers']} MoE layer(s) at blocks {m['blocks']}, "
         f"E = {e} experts, k = {k} (uniform share k/E = {k / e:.3g})",
-        f"- domains: {', '.join(summary['domains'])}; {tok['recorded']} validation tokens recorded "
-        f"({', '.join(f'{d}: {n:g}' for d, n in tok['per_domain'].items())})",
+        f"- domains: {', '.join(summary['domains'])}; {tok['recorded']} validation tokens recorded in "
+        f"{sum((tok.get('documents_per_domain') or {}).values())} documents ("
+        + ", ".join(f"{d}: {n:g} tokens, {(tok.get('documents_per_domain') or {}).get(d, '?')} documents"
+                    for d, n in tok["per_domain"].items()) + ")",
         f"- assignments weighted by `{layers[0]['weighting']}`; {summary['config']['n_permutations']} "
-        f"permutations, {summary['config']['n_bootstrap']} bootstrap replicates; information in bits, "
-        "losses in nats/token",
+        f"document permutations, {summary['config']['n_bootstrap']} domain-stratified document-bootstrap "
+        "replicates; information in bits, losses in nats/token",
     ]
+    for split, per_domain in (summary.get("data_splits") or {}).items():
+        lines.append(f"- {split} split: " + ", ".join(f"{d}: {c['tokens']} tokens, {c['documents']} documents"
+                                                       for d, c in per_domain.items()))
+    few = [d for d, n in (tok.get("documents_per_domain") or {}).items() if n < 30]
+    if few:
+        lines.append(f"- **few documents**: {', '.join(few)} have fewer than 30 validation documents; the document-"
+                     "level intervals are wide and the verdict leans to inconclusive")
     if m.get("shared_experts"):
         lines.append(f"- shared experts (outside the routing measured here): {m['shared_experts']}")
     if tok.get("knockout_per_domain"):
@@ -365,42 +411,67 @@ def render_report(summary: Mapping[str, Any]) -> str:
     lines += ["", "## Specialization measures per layer", ""]
     rows = []
     for layer in layers:
-        nmi, cmi = layer["nmi"], layer["cmi_domain_expert_given_token_bits"]
+        nmi, cmi = layer["nmi"], layer["cmi"]
         co, cons = layer["coactivation"], layer["consecutive_top1"]
         rows.append([
             str(layer["layer"]),
-            f"{_f(nmi['plugin'])} [{_f(nmi['ci_low'])}, {_f(nmi['ci_high'])}]",
-            _f(nmi["corrected"]), f"{_f(nmi['null_q95'])} (p={_f(nmi['p_value'])})",
+            f"{_f(nmi['excess'])} [{_f(nmi['excess_ci_low'])}, {_f(nmi['excess_ci_high'])}] (p={_f(nmi['p_value'])})",
+            f"{_f(nmi['plugin'])} / {_f(nmi['null_mean'])}",
+            f"{_f(cmi['share'])} [{_f(cmi['share_ci_low'])}, {_f(cmi['share_ci_high'])}] (p={_f(cmi['p_value'])})",
+            f"{_f(cmi['bits'])} / {_f(cmi['h_domain_given_context_bits'])}",
             _f(layer["mi_domain_expert_bits"]["plugin"]), _f(layer["mi_token_expert_bits"]["plugin"]),
-            f"{_f(cmi['plugin'])} (null {_f(cmi['null_mean'])}, p={_f(cmi['p_value'])})",
             f"{_f(co['max_offdiag'])} / {_f(co['null'])}", f"{_f(cons['rate'])} / {_f(cons['null'])}",
             f"{_f(layer['router_entropy_bits']['mean'])} / {_f(layer['router_entropy_bits']['max'])}",
             _f(layer["load"]["max_violation"]),
         ])
-    lines += _table(["layer", "NMI [CI]", "NMI (MM)", "null q95", "I(D;E)", "I(T;E)", "I(D;E|T)",
-                     "max co-act. / null", "consec. top-1 / null", "router H / max", "MaxVio"], rows)
+    context = layers[0]["cmi"].get("context", "token")
+    lines += _table(["layer", "NMI − null [CI]", "NMI plug-in / null mean", f"I(D;E|C) share [CI], C={context}",
+                     "I(D;E|C) / H(D|C) bits", "I(D;E)", "I(T;E)", "max co-act. / null", "consec. top-1 / null",
+                     "router H / max", "MaxVio"], rows)
+    lines += ["", "NMI − null: I(D;E)/H(D) minus the mean of its document-permutation null (0 for domain-blind "
+              "routing, however documents cluster), with the bias-corrected percentile interval of a domain-stratified "
+              "document bootstrap. I(D;E|C) share: the held-out (cross-fitted over documents) domain information in "
+              "routing beyond the context C, over the Miller-Madow H(D|C) (`analysis.heldout`)."]
 
     if any(layer.get("knockout") for layer in layers) or any(layer.get("cka") for layer in layers):
         lines += ["", "## Knockouts and redundancy", ""]
+        intervention = (summary.get("knockout") or {}).get("intervention") or {}
+        for who, text in intervention.items():
+            if text:
+                lines.append(f"- {who} knockout: {text}")
+        if (summary.get("knockout") or {}).get("skipped"):
+            lines.append(f"- knockouts skipped: {summary['knockout']['skipped']}")
         rows = []
         for layer in layers:
             ko, cka = layer.get("knockout") or {}, layer.get("cka") or {}
             top1 = ko.get("top1_damage") or {}
-            rows.append([str(layer["layer"]), ko.get("selectivity_median"), ko.get("dense_selectivity_median"),
+            damage = [x for x in (ko.get("mean_damage") or []) if x is not None]
+            cv = [x for x in (ko.get("cv") or []) if x is not None]
+            dense_damage = [x for x in (ko.get("dense_mean_damage") or []) if x is not None]
+            rows.append([str(layer["layer"]),
+                         f"{_f(min(damage))}–{_f(max(damage))}" if damage else "–",
+                         _f(float(np.median(cv))) if cv else "–",
+                         f"{_f(min(dense_damage))}–{_f(max(dense_damage))}" if dense_damage else "–",
+                         ko.get("dense_selectivity_median"), ko.get("selectivity_median"),
                          ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–", cka.get("mean_offdiag")])
-        lines += _table(["layer", "MoE selectivity (median)", "dense-slice selectivity (median)",
+        lines += _table(["layer", "expert damage (nats)", "expert CV (median)", "dense group damage (nats)",
+                         "dense CV (median)", "expert percentile at matched damage (median)",
                          "top-1 knockout damage (nats)", "mean expert CKA"], rows)
-        lines += ["", "Selectivity = (max − mean) / mean / (D − 1) of an expert's per-domain damage: "
-                  "0 hurts every domain alike, 1 hurts one domain only."]
+        lines += ["", "CV: the noise-corrected coefficient of variation of a unit's damage across domains (0: every "
+                  "domain hurt alike, 1: one domain only), which does not drift with the size of the damage. "
+                  "Percentile: where an expert's CV lower bound falls among the dense twin's random unit groups "
+                  "of the same layer whose mean damage lies within a factor "
+                  f"{summary['config'].get('damage_match_factor', 2)} of the expert's."]
+        lines.append("")
 
     lines += ["", "## Verdict per layer", ""]
     for layer in layers:
         lv = layer["verdict"]
         lines += [f"### Layer {layer['layer']} (block {layer['block']}): {lv['verdict']}", "",
                   f"Rule: {lv['rule']}.", ""]
-        lines += _table(["criterion", "points to", "value", "threshold", "why"],
-                        [[c["name"], c["verdict"], c["value"], c["threshold"], c["reason"]]
-                         for c in lv["criteria"].values()])
+        lines += _table(["criterion", "points to", "votes", "value", "threshold", "why"],
+                        [[c["name"], c["verdict"], "yes" if c.get("votes", True) else "no (reported)", c["value"],
+                          c["threshold"], c["reason"]] for c in lv["criteria"].values()])
         lines += [f"\nNote: {n}." for n in lv["notes"]]
         lines.append("")
 

@@ -302,10 +302,12 @@ def _dense_name(comparison: Mapping[str, Any]) -> str | None:
 def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
     """One flat row per (run, MoE layer); a run without analysis gives one row with layer None.
 
-    Keys: run, label, the sweep axes, layer, verdict (the layer's), model_verdict, nmi (Miller-Madow),
-    nmi_plugin, nmi_low / nmi_high (bootstrap CI of the plug-in), nmi_null_q95 (of the plug-in),
-    mi_domain_bits (I(D;E)), mi_token_bits (I(T;E)), cmi_bits (I(D;E|T)), cmi_null_q95, cmi_excess
-    ((observed - null) / H(D|T)), ko_selectivity and dense_ko_selectivity (medians), cka (mean off-diagonal), maxvio,
+    Keys: run, label, the sweep axes, layer, verdict (the layer's), model_verdict, nmi (NMI minus its
+    document-permutation null mean), nmi_low / nmi_high (its bootstrap interval), nmi_plugin,
+    nmi_null_q95 (of the plug-in), docs_min (fewest validation documents of a domain),
+    mi_domain_bits (I(D;E)), mi_token_bits (I(T;E)), cmi_bits (held-out I(D;E|C)), cmi_share (its share
+    of H(D|C)), cmi_low / cmi_high (the share's interval), ko_selectivity and dense_ko_selectivity
+    (medians), cka (mean off-diagonal), maxvio,
     loss_moe, loss_dense (the active-matched twin, else the first dense model), loss_gap = moe - dense
     (nats/token, all domains; negative = the MoE is better). Missing numbers are nan.
     """
@@ -323,16 +325,16 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
             if layer is None:
                 rows.append({**base, "layer": None, "verdict": None})
                 continue
-            nmi, cmi = layer["nmi"], layer["cmi_domain_expert_given_token_bits"]
+            nmi, cmi = layer["nmi"], layer["cmi"]
             rows.append({
                 **base, "layer": layer["layer"], "verdict": layer["verdict"]["verdict"],
-                "nmi": _nan(nmi["corrected"]), "nmi_plugin": _nan(nmi["plugin"]),
-                "nmi_low": _nan(nmi["ci_low"]), "nmi_high": _nan(nmi["ci_high"]),
-                "nmi_null_q95": _nan(nmi["null_q95"]),
+                "nmi": _nan(nmi["excess"]), "nmi_low": _nan(nmi["excess_ci_low"]),
+                "nmi_high": _nan(nmi["excess_ci_high"]), "nmi_plugin": _nan(nmi["plugin"]),
+                "nmi_null_q95": _nan(nmi["null_q95"]), "docs_min": min(nmi["docs_per_domain"] or [0]),
                 "mi_domain_bits": _nan(layer["mi_domain_expert_bits"]["plugin"]),
                 "mi_token_bits": _nan(layer["mi_token_expert_bits"]["plugin"]),
-                "cmi_bits": _nan(cmi["plugin"]), "cmi_null_q95": _nan(cmi["null_q95"]),
-                "cmi_excess": _nan(cmi.get("normalized_excess")),
+                "cmi_bits": _nan(cmi["bits"]), "cmi_share": _nan(cmi["share"]),
+                "cmi_low": _nan(cmi["share_ci_low"]), "cmi_high": _nan(cmi["share_ci_high"]),
                 "ko_selectivity": _nan(_get(layer, "knockout", "selectivity_median")),
                 "dense_ko_selectivity": _nan(_get(layer, "knockout", "dense_selectivity_median")),
                 "cka": _nan(_get(layer, "cka", "mean_offdiag")),

@@ -7,8 +7,12 @@ sequence), so the unit of resampling is the *document*:
   and gets one domain), recompute the statistic. The null of "routing carries no domain
   information beyond chance document-to-domain assignment".
 - `bootstrap_ci`: resample documents with replacement, recompute, take percentiles.
-- `within_token_null`: for I(D;E|X), permute domain labels among the occurrences of each token id,
-  which keeps p(x,d) and p(x,e) and breaks only the domain-expert link within a token.
+- `stratified_doc_bootstrap`: the same within each domain, so a replicate keeps every domain's
+  number of documents.
+
+Domain information beyond the token id, I(D;E|T), is tested by cross-fitting over documents in
+`analysis.heldout`: a within-token shuffle of single occurrences ignores that a document's tokens
+share context, and called routers significant that never see the domain.
 
 The document nulls work on the per-document table `DocCounts` (counts [M, E]): a replicate's joint
 [D, E] is a matrix product of a [R, M] label mask or multiplicity matrix with counts [M, E], so
@@ -28,10 +32,7 @@ import numpy as np
 
 from analysis.information import (
     DocCounts,
-    _as_experts,
     _as_labels,
-    _as_weights,
-    _key_counts,
     joint_from_docs,
     normalized_mutual_information,
     normalized_mutual_information_mm,
@@ -48,9 +49,8 @@ __all__ = [
     "permutation_null",
     "permute_doc_domains",
     "resample_docs",
+    "stratified_doc_bootstrap",
     "summarize_specialization",
-    "within_token_null",
-    "within_token_shuffle",
 ]
 
 Statistic = Callable[[np.ndarray], float]
@@ -118,12 +118,16 @@ class BootstrapInterval:
 
 @dataclass(frozen=True)
 class SpecializationResult:
-    """Domain specialization of one layer: plug-in NMI with its corrections, CI and null.
+    """Domain specialization of one layer: NMI above chance, its interval and its null.
 
-    observed: plug-in NMI; corrected: Miller-Madow NMI; ci_low/ci_high: document-bootstrap
-    percentile interval of the plug-in NMI; null_mean/null_q95: document-permutation null of the
-    plug-in NMI (same statistic, same bias, so the CI and the null compare directly); p_value:
-    permutation p-value; n_samples: table total (assignments, or summed weight); n_docs: M.
+    observed: plug-in NMI; corrected: Miller-Madow NMI; null_mean/null_q95/p_value: the
+    document-permutation null of the plug-in NMI (chance level, including the share that document
+    clustering and the plug-in bias add); excess = observed - null_mean, the headline number (a
+    domain-blind router scores ~0 on it, whatever its document clustering); ci_low/ci_high: the
+    domain-stratified document-bootstrap interval of the plug-in NMI, shifted by the bootstrap's own
+    bias estimate (duplicated documents inflate a resampled plug-in NMI, which left the plain
+    percentile interval above its estimate), so it contains the estimate; excess_ci_low/high: the
+    same interval minus null_mean. n_samples: table total; n_docs: M; docs_per_domain [D].
     """
 
     observed: float
@@ -138,11 +142,20 @@ class SpecializationResult:
     n_docs: int
     n_permutations: int
     n_resamples: int
+    docs_per_domain: tuple[int, ...] = ()
 
     @property
     def excess(self) -> float:
-        """Observed minus null mean: a permutation-based bias correction of the plug-in NMI."""
+        """Observed minus null mean: the NMI above chance (document clustering and bias removed)."""
         return self.observed - self.null_mean
+
+    @property
+    def excess_ci_low(self) -> float:
+        return self.ci_low - self.null_mean
+
+    @property
+    def excess_ci_high(self) -> float:
+        return self.ci_high - self.null_mean
 
 
 def p_value(observed: float, null: np.ndarray) -> float:
@@ -183,6 +196,25 @@ def resample_docs(n_docs: int, n_resamples: int, rng: RngLike) -> np.ndarray:
     draws = _rng(rng).integers(0, m, size=(r, m))
     flat = (draws + (np.arange(r) * m)[:, None]).ravel()
     return np.bincount(flat, minlength=r * m).reshape(r, m).astype(np.float64)
+
+
+def stratified_doc_bootstrap(doc_domain: np.ndarray, n_resamples: int, rng: RngLike) -> np.ndarray:
+    """Bootstrap multiplicities [R, M] stratified by domain: each domain's M_d documents are drawn
+    M_d times with replacement, so every replicate keeps the number of documents per domain (rows
+    restricted to one domain sum to M_d). Unstratified resampling lets a replicate lose a small
+    domain's documents, which moves H(D) and every statistic normalized by it."""
+    dd = np.asarray(doc_domain)
+    if dd.ndim != 1:
+        raise ValueError(f"doc_domain must be [M], got shape {dd.shape}")
+    r = _check_count("n_resamples", n_resamples)
+    gen = _rng(rng)
+    out = np.zeros((r, dd.size), dtype=np.float64)
+    for d in np.unique(dd):
+        idx = np.flatnonzero(dd == d)
+        draws = gen.integers(0, idx.size, size=(r, idx.size))
+        flat = (draws + (np.arange(r) * idx.size)[:, None]).ravel()
+        out[:, idx] = np.bincount(flat, minlength=r * idx.size).reshape(r, idx.size)
+    return out
 
 
 def joints_from_doc_labels(labels: np.ndarray, counts: np.ndarray, n_domains: int) -> np.ndarray:
@@ -252,22 +284,25 @@ def bootstrap_ci(
     confidence: float = 0.95,
     rng: RngLike,
 ) -> BootstrapInterval:
-    """Percentile bootstrap interval of `statistic(joint [D, E])`, resampling documents.
+    """Bias-corrected percentile interval of `statistic(joint [D, E])`, resampling documents within
+    each domain (`stratified_doc_bootstrap`).
 
-    Each replicate draws M documents with replacement (multiplicities [R, M]) and rebuilds the joint
-    by matrix products with counts [M, E]. The interval is [q_{(1-c)/2}, q_{(1+c)/2}] of the R
-    replicate values. A plug-in statistic keeps its upward bias here (duplicated documents make it
-    slightly larger still); compare the interval with the permutation null of the same statistic.
+    Each replicate rebuilds the joint by matrix products with counts [M, E]. A plug-in statistic
+    comes out larger on resampled tables (a drawn-twice document adds apparent structure), so the
+    percentile interval [q_{(1-c)/2}, q_{(1+c)/2}] is shifted down by the bootstrap bias estimate
+    mean(replicates) - estimate (Efron & Tibshirani 1993, sec. 10.6): the interval then brackets the
+    estimate, as the percentile interval of an unbiased statistic does.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     dd, counts = _check_docs(docs, n_domains)
     estimate = float(statistic(joint_from_docs(dd, counts, n_domains)))
-    weights = resample_docs(dd.size, n_resamples, rng)
+    weights = stratified_doc_bootstrap(dd, n_resamples, rng)
     joints = joints_from_doc_weights(weights, dd, counts, n_domains)
     samples = np.array([statistic(j) for j in joints], dtype=np.float64)
     alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(samples, [alpha, 1.0 - alpha])
+    bias = float(samples.mean()) - estimate
+    low, high = np.quantile(samples, [alpha, 1.0 - alpha]) - bias
     return BootstrapInterval(estimate, float(low), float(high), float(confidence), samples)
 
 
@@ -280,8 +315,9 @@ def summarize_specialization(
     confidence: float = 0.95,
     rng: RngLike,
 ) -> SpecializationResult:
-    """NMI of the domain x expert table with its Miller-Madow value, document-bootstrap CI and
-    document-permutation null (see `SpecializationResult`)."""
+    """NMI of the domain x expert table above its document-permutation null, with its Miller-Madow
+    value and the bias-corrected, domain-stratified document-bootstrap interval (see
+    `SpecializationResult`)."""
     dd, counts = _check_docs(docs, n_domains)
     joint = joint_from_docs(dd, counts, n_domains)
     null_rng, boot_rng = _rng(rng).spawn(2)  # independent streams: the result ignores call order
@@ -300,123 +336,5 @@ def summarize_specialization(
         n_docs=int(dd.size),
         n_permutations=int(n_permutations),
         n_resamples=int(n_resamples),
+        docs_per_domain=tuple(int(c) for c in np.bincount(dd, minlength=n_domains)),
     )
-
-
-# ----------------------------------------------------------------------------- within-token null
-def _shuffle_within_runs(run_key: np.ndarray, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Permute `values` uniformly within each run of records sharing a token.
-
-    run_key [N] = run index << 32 (non-decreasing). One argsort of run_key | random 32 bits moves
-    every element to a random slot of its own run: no Python loop over runs, and ~10x faster than
-    np.lexsort((noise, run)) on 1e7 records.
-    """
-    return values[np.argsort(run_key | rng.integers(0, 1 << 32, size=run_key.size, dtype=np.int64))]
-
-
-def _token_runs(token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order [N] sorting the records by token (stable), run index of each sorted record)."""
-    # Token ids of vocabularies up to 65536 sort as uint16, where numpy uses an O(N) radix sort.
-    key = token.astype(np.uint16) if token.size and 0 <= token.min() and token.max() < 1 << 16 else token
-    order = np.argsort(key, kind="stable")
-    t = token[order]
-    run = np.concatenate(([0], np.cumsum(t[1:] != t[:-1]))).astype(np.int64) if t.size else t.astype(np.int64)
-    return order, run
-
-
-def within_token_shuffle(token: np.ndarray, domain: np.ndarray, rng: RngLike) -> np.ndarray:
-    """One within-token shuffle of the domain labels, [N] aligned with the input records.
-
-    For each token id, the domains of its occurrences are permuted among those occurrences: p(x, d)
-    and p(x, e) are unchanged and only the domain-expert association inside a token is broken.
-    """
-    t = np.asarray(token)
-    d = np.asarray(domain)
-    if t.ndim != 1 or t.shape != d.shape:
-        raise ValueError(f"token and domain must be 1-D of equal length, got {t.shape} and {d.shape}")
-    order, run = _token_runs(t.astype(np.int64, copy=False))
-    out = np.empty_like(d)
-    out[order] = _shuffle_within_runs(run << 32, d[order], _rng(rng))
-    return out
-
-
-def _sum_xlogx(keys: list[np.ndarray], weights: list[np.ndarray | None], size: int) -> float:
-    """sum_c n_c log2 n_c over the cells of the (weighted) key counts."""
-    _, n = _key_counts(keys, weights, size)
-    return float(np.dot(n, np.log2(n)))
-
-
-def within_token_null(
-    token: np.ndarray,
-    domain: np.ndarray,
-    experts: np.ndarray,
-    n_tokens: int,
-    n_domains: int,
-    n_experts: int,
-    weights: np.ndarray | None = None,
-    *,
-    n_permutations: int = 199,
-    rng: RngLike,
-) -> NullDistribution:
-    """Within-token permutation null of the plug-in I(D;E|X), bits (X = token id).
-
-    Each replicate permutes domain labels among the occurrences of every token id
-    (`within_token_shuffle`) and recomputes I(D;E|X). Since p(x,d), p(x,e), p(x) are invariant,
-    I(D;E|X) = (S_XDE - S_XD - S_XE + S_X) / N with S_A = sum n_A log2 n_A, and only S_XDE is
-    recomputed; tokens seen in a single domain contribute a constant and are not shuffled. A router
-    that only looks at token ids gives p ~ Uniform(0, 1). Cost: one argsort and one recount of the
-    mixed-domain records per replicate, ~1 s per 1e7 records on 2 cores (the document nulls, on
-    the [M, E] table, are ~1000x cheaper: subsample tokens or use few replicates here).
-    Inputs as `analysis.information.token_domain_expert_counts`.
-    """
-    x = _as_labels("token", token, n_tokens)
-    d = _as_labels("domain", domain, n_domains)
-    if d.shape != x.shape or x.size == 0:
-        raise ValueError(f"token and domain must be non-empty and of equal length, got {x.shape}, {d.shape}")
-    ex = _as_experts(experts, x.size, n_experts)
-    w = _as_weights(weights, ex.shape)
-    r = _check_count("n_permutations", n_permutations)
-    gen = _rng(rng)
-    k = ex.shape[1]
-    nd, ne, v = int(n_domains), int(n_experts), int(n_tokens)
-    w_cols = [None if w is None else w[:, j] for j in range(k)]
-    occ = np.full(x.size, float(k)) if w is None else w.sum(axis=1)  # weight of one occurrence
-    total = float(occ.sum())
-    if not total > 0:
-        raise ValueError("records have zero total weight")
-
-    s_x = _sum_xlogx([x], [occ], v)
-    s_xd = _sum_xlogx([x * nd + d], [occ], v * nd)
-    s_xe = _sum_xlogx([x * ne + ex[:, j] for j in range(k)], w_cols, v * ne)
-
-    # Tokens whose occurrences all share one domain are left unchanged by any within-token shuffle:
-    # their S_XDE part is computed once and only the mixed-domain records are shuffled.
-    order, run = _token_runs(x)
-    d_sorted = d[order]
-    starts = np.flatnonzero(np.concatenate(([True], run[1:] != run[:-1])))
-    run_len = np.diff(np.append(starts, x.size))
-    mixed = np.repeat(np.minimum.reduceat(d_sorted, starts) != np.maximum.reduceat(d_sorted, starts), run_len)
-    o_f, o_m = order[~mixed], order[mixed]  # fixed / mixed records, the mixed ones sorted by token
-    cells = v * nd * ne
-
-    def s_xde_of(rows: np.ndarray, dom: np.ndarray) -> float:
-        base = (x[rows] * nd + dom) * ne
-        keys = [base + ex[rows, j] for j in range(k)]
-        return _sum_xlogx(keys, [None if w is None else w[rows, j] for j in range(k)], cells)
-
-    s_fixed = s_xde_of(o_f, d[o_f]) if o_f.size else 0.0
-    # Per replicate only the domain moves: key = (x*D*E + e) + d*E with the first part precomputed.
-    const = [x[o_m] * (nd * ne) + ex[o_m, j] for j in range(k)]
-    w_m = [None if w is None else w[o_m, j] for j in range(k)]
-    d_m, run_key = d_sorted[mixed], run[mixed] << 32
-
-    def cmi(s_xde: float) -> float:
-        return max((s_xde - s_xd - s_xe + s_x) / total, 0.0)  # clip rounding below 0
-
-    def s_mixed(dom: np.ndarray) -> float:
-        shift = dom * ne
-        return _sum_xlogx([c + shift for c in const], w_m, cells) if dom.size else 0.0
-
-    observed = cmi(s_fixed + s_mixed(d_m))
-    null = np.array([cmi(s_fixed + s_mixed(_shuffle_within_runs(run_key, d_m, gen))) for _ in range(r)])
-    return NullDistribution(observed, null, p_value(observed, null))

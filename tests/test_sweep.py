@@ -130,7 +130,7 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
     assert all(r.summary is not None for r in moe_runs)
     # Each MoE was analyzed with its own seed's twin as the knockout control.
     for run in moe_runs:
-        assert run.summary["knockout"]["dense_selectivity_pooled"] is not None
+        assert run.summary["knockout"]["dense_base_loss"] is not None
 
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))

@@ -360,7 +360,7 @@ def test_moe_analyze_hf_end_to_end(tiny_paths, tmp_path):
     assert summary["tokens"]["per_domain"] == {"code": 96, "prose": 96}
     for layer in summary["layers"]:
         assert layer["nmi"]["plugin"] is not None and layer["mi_token_expert_bits"]["plugin"] is not None
-        assert layer["cmi_domain_expert_given_token_bits"]["null_mean"] is not None
+        assert layer["cmi"]["bits"] is not None
         assert len(layer["knockout"]["damage"]) == 2 and len(layer["knockout"]["damage"][0]) == 8
         assert layer["coactivation"]["matrix"] and layer["cka"]["matrix"]
     assert (out / "routing.npz").exists() and (out / "data" / "manifest.json").exists()

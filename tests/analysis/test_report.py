@@ -21,11 +21,11 @@ from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analyze_mode
 
 FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens=512)
 
-TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "comparison", "knockout", "verdict",
-            "layers", "files"}
+TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "data_splits", "comparison", "knockout",
+            "verdict", "layers", "files"}
 LAYER_KEYS = {"layer", "block", "tokens", "assignments", "assignments_per_token", "weighting",
               "domain_expert_counts", "domain_specialization", "uniform_share", "entropy_domain_bits",
-              "mi_domain_expert_bits", "nmi", "mi_token_expert_bits", "cmi_domain_expert_given_token_bits",
+              "mi_domain_expert_bits", "nmi", "mi_token_expert_bits", "cmi",
               "vocabulary_specialization", "coactivation", "consecutive_top1", "router_entropy_bits", "load",
               "knockout", "cka", "verdict"}
 
@@ -58,15 +58,20 @@ def test_analyze_model_writes_report_summary_records_and_figures(full_run, synth
     assert summary["format_version"] == SUMMARY_FORMAT_VERSION
     assert summary["domains"] == synthetic_data.domains
     assert summary["model"]["num_experts"] == 4 and summary["model"]["top_k"] == 2
-    assert summary["config"]["thresholds"]["nmi_min"] == 0.05
+    assert summary["config"]["thresholds"]["nmi_margin"] == 0.03
     assert set(summary["comparison"]) == {"moe", "dense_twin", "dense_total"}
     assert summary["verdict"]["verdict"] in ("specialist", "ensemble", "inconclusive")
+    docs = summary["tokens"]["documents_per_domain"]
+    assert set(docs) == set(synthetic_data.domains) and all(n >= 2 for n in docs.values())
+    assert summary["knockout"]["intervention"]["expert"].startswith("drop: every assignment")
     assert len(summary["layers"]) == 2
     for layer in summary["layers"]:
         assert set(layer) == LAYER_KEYS
         assert np.array(layer["domain_expert_counts"]).shape == (4, 4)
         assert np.array(layer["knockout"]["damage"]).shape == (4, 4)
-        assert np.array(layer["knockout"]["dense_damage"]).shape == (4, 4)
+        g = len(AnalysisConfig().dense_group_sizes) * AnalysisConfig().dense_group_replicates
+        assert np.array(layer["knockout"]["dense_damage"]).shape == (4, g)  # random unit groups of this layer
+        assert len(layer["knockout"]["percentile"]) == 4
         assert np.array(layer["cka"]["matrix"]).shape == (4, 4)
         assert set(layer["verdict"]["criteria"]) == {"nmi", "cmi", "knockout", "cka"}
         for c in layer["verdict"]["criteria"].values():
@@ -77,7 +82,7 @@ def test_analyze_model_writes_report_summary_records_and_figures(full_run, synth
 
     report = (out / "report.md").read_text()
     assert f"**Verdict: {summary['verdict']['verdict']}**" in report
-    assert "NMI_MM >= 0.05" in report and "![knockout](figures/knockout.png)" in report
+    assert "CI top >= 0.03" in report and "no (reported)" in report and "documents" in report and "![knockout](figures/knockout.png)" in report
 
     records = RoutingRecords.load(out / "routing.npz")
     assert records.token.size == summary["tokens"]["recorded"] == 4 * 1024
@@ -136,8 +141,8 @@ def test_config_is_a_structured_hydra_schema():
     from omegaconf.errors import ConfigKeyError
 
     schema = OmegaConf.structured(AnalysisConfig)
-    merged = OmegaConf.merge(schema, {"n_permutations": 50, "thresholds": {"nmi_min": 0.1}})
+    merged = OmegaConf.merge(schema, {"n_permutations": 50, "thresholds": {"nmi_margin": 0.1}})
     cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, AnalysisConfig) and cfg.thresholds.nmi_min == 0.1 and cfg.n_bootstrap == 200
+    assert isinstance(cfg, AnalysisConfig) and cfg.thresholds.nmi_margin == 0.1 and cfg.n_bootstrap == 200
     with pytest.raises(ConfigKeyError):
         OmegaConf.merge(schema, {"n_permutation": 50})
