@@ -11,6 +11,9 @@ domain-blind (truth: not specialist)
     hash          keyed on the token id (a fixed random expert ranking per token id)
     bigram        keyed on the previous token (context-using, domain-blind)
     position      keyed on the position in the sequence (16 buckets)
+    doc_position  keyed on the position inside the document as a causal router sees it (tokens since
+                  the document began in this sequence, log2 buckets); domains differ in document
+                  length, so late positions are rarer in short-document domains
     doc_length    keyed on the document's length (8 quantile buckets); domains differ in length,
                   so this rule carries domain information through a document property
     doc:a         with probability a the document's own experts (drawn per document, independent
@@ -39,7 +42,15 @@ import numpy as np
 
 from analysis.information import contingency, doc_expert_counts, normalized_mutual_information
 from analysis.measures import routing_evidence
-from analysis.verdict import ENSEMBLE, SPECIALIST, VerdictThresholds, combine_routing, judge_cmi, judge_nmi
+from analysis.verdict import (
+    ENSEMBLE,
+    SPECIALIST,
+    VerdictThresholds,
+    combine_routing,
+    judge_cmi,
+    judge_knockout,
+    judge_nmi,
+)
 
 __all__ = [
     "DEFAULT_ROUTERS",
@@ -51,6 +62,7 @@ __all__ = [
     "check_targets",
     "draw_routing",
     "judge_replicate",
+    "knockout_battery",
     "parse_router",
     "run_battery",
     "summarize_battery",
@@ -73,6 +85,16 @@ class ValidationTokens:
     position: np.ndarray
     domains: tuple[str, ...]
     seq_len: int
+
+    @property
+    def doc_position(self) -> np.ndarray:
+        """[N] tokens since the document began in this sequence (0 at a document's first token, or
+        at the sequence start for a document that began in an earlier sequence)."""
+        n = self.token.size
+        start = np.ones(n, dtype=bool)
+        start[1:] = (self.doc[1:] != self.doc[:-1]) | (self.position[1:] == 0)
+        idx = np.arange(n)
+        return idx - np.maximum.accumulate(np.where(start, idx, 0))
 
     @property
     def size(self) -> int:
@@ -129,7 +151,7 @@ class RouterSpec:
         return self.kind if self.strength is None else f"{self.kind}:{self.strength:g}"
 
 
-_FIXED = {"random", "hash", "bigram", "position", "doc_length", "mix", "demix"}
+_FIXED = {"random", "hash", "bigram", "position", "doc_position", "doc_length", "mix", "demix"}
 _GRADED = {"doc", "domain", "domain_hash"}
 
 
@@ -196,6 +218,8 @@ def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top
         return _keyed(tokens.prev_token, n_experts, top_k, gen)
     if kind == "position":
         return _keyed(tokens.position * 16 // max(tokens.seq_len, 1), n_experts, top_k, gen)
+    if kind == "doc_position":
+        return _keyed(np.floor(np.log2(tokens.doc_position + 1)).astype(np.int64), n_experts, top_k, gen)
     if kind == "doc_length":
         length = tokens.doc_length
         edges = np.quantile(length, np.linspace(0, 1, 9)[1:-1])
@@ -243,7 +267,7 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
 
 # ----------------------------------------------------------------------------- the battery
 DEFAULT_ROUTERS = (
-    "random", "hash", "bigram", "position", "doc_length", "doc:0.25", "doc:0.5", "doc:0.75", "doc:1", "mix",
+    "random", "hash", "bigram", "position", "doc_position", "doc_length", "doc:0.25", "doc:0.5", "doc:0.75", "doc:1", "mix",
     "domain:0.05", "domain:0.1", "domain:0.15", "domain:0.2", "domain:0.3", "domain:0.5", "domain:1",
     "domain_hash:0.1", "domain_hash:0.3", "domain_hash:1", "demix",
 )
@@ -266,6 +290,8 @@ class BatteryConfig:
     seed: int = 0
     # The true NMI at which power is read off (the detection limit the verdict is built for).
     detection_limit: float = 0.05
+    # Simulated layers per cell of the knockout battery (`knockout_battery`; 0 = skip it).
+    knockout_replicates: int = 50
     # Worker processes (1 = in this process).
     workers: int = 1
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
@@ -398,3 +424,47 @@ def check_targets(summary: Sequence[Mapping[str, Any]], thresholds: VerdictThres
     met_fe = worst is None or worst[f"verdict_{ENSEMBLE}"] == 0.0
     out["met"] = {"false_specialist": met_fs, "power": met_power, "false_ensemble": met_fe}
     return out
+
+
+# ----------------------------------------------------------------------------- knockouts
+def knockout_battery(replicates: int = 50, *, damages: Sequence[float] = (0.05, 0.01, 0.003),
+                     expert_sd: Sequence[float] = (0.3, 0.6), num_experts: int = 8, num_groups: int = 24,
+                     num_domains: int = 4, tokens_per_domain: int = 4096, dense_sd: float = 0.3,
+                     thresholds: VerdictThresholds | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The knockout criterion on simulated damage whose truth is known (`simulate_damage`): per
+    (mean damage m, experts' per-token sd, truth), `replicates` layers of `num_experts` experts that
+    hurt every domain alike ("equal", truth: not specialist) or one domain only ("single"), each
+    judged against `num_groups` dense unit groups hurting every domain alike at damages spread
+    log-uniformly over [m/2, 2m] (per-token sd `dense_sd`). Rows: the rates of the criterion's calls
+    and the medians of the old selectivity (max - mean)/mean/(D-1), which drifts with m, and of the
+    noise-corrected CV, which does not."""
+    from analysis.knockout_stats import corrected_cv, matched_comparison, selectivity, simulate_damage
+
+    t = thresholds or VerdictThresholds()
+    gen = np.random.default_rng(seed)
+    rows = []
+    for m in damages:
+        for sd in expert_sd:
+            for profile in ("equal", "single"):
+                calls, old, cv = [], [], []
+                for _ in range(replicates):
+                    ex = simulate_damage(num_experts, m, num_domains=num_domains, profile=profile,
+                                         target=int(gen.integers(num_domains)), tokens_per_domain=tokens_per_domain,
+                                         token_sd=sd, rng=gen)
+                    dense_m = m * np.exp(gen.uniform(np.log(0.5), np.log(2.0), num_groups))
+                    dense = [simulate_damage(1, float(dm), num_domains=num_domains, tokens_per_domain=tokens_per_domain,
+                                             token_sd=dense_sd, rng=gen) for dm in dense_m]
+                    dd = np.concatenate([d.damage for d in dense], axis=1)
+                    dse = np.concatenate([d.damage_se for d in dense], axis=1)
+                    cmp = matched_comparison(ex.damage[None], ex.damage_se[None], dd[None], dse[None])
+                    calls.append(judge_knockout(cmp.percentile[0], t).verdict)
+                    old.append(np.nanmedian(selectivity(ex.damage)))
+                    cv.append(np.nanmedian(corrected_cv(ex.damage, ex.damage_se)))
+                n = len(calls)
+                rows.append({"mean_damage": m, "expert_sd": sd, "profile": profile,
+                             "truth": DOMAIN_BLIND if profile == "equal" else DOMAIN_AWARE, "replicates": n,
+                             "specialist": sum(c == SPECIALIST for c in calls) / n,
+                             "specialist_ci": list(wilson_interval(sum(c == SPECIALIST for c in calls), n)),
+                             "ensemble": sum(c == ENSEMBLE for c in calls) / n,
+                             "old_selectivity_median": float(np.median(old)), "cv_median": float(np.median(cv))})
+    return rows

@@ -26,10 +26,10 @@ seed), averaged per domain, with a document-cluster-robust standard error
   `cv_lower_bound`, `heterogeneity`, `matched_comparison` (experts against dense groups of the same
   layer at matched damage), `simulate_damage`.
 
-Legacy, kept only until `analysis.report` moves to the functions above: `expert_masked` (masks the
-router logit: learned routers re-route the expert's tokens, fixed routers drop them: not one
-intervention), `dense_slice_knockouts` / `hidden_slices` (contiguous blocks of hidden units, whose
-order is arbitrary) and `selectivity` (drifts with the damage size).
+Also here: `expert_masked` (masks the router logit, so learned routers re-route the expert's tokens
+and fixed ones drop them; used to check the Hugging Face adapters' masks, not for knockouts) and,
+in `analysis.knockout_stats`, the old `selectivity` (max - mean) / mean, which drifts with the size
+of the damage and is kept to show that drift in docs/calibration.md.
 
 Every context manager restores the model on exit, also when the forward raises.
 """
@@ -80,14 +80,11 @@ __all__ = [
     "cv_lower_bound",
     "dense_group_knockouts",
     "dense_groups",
-    "dense_slice_knockouts",
     "domain_losses",
     "expert_dropped",
     "expert_knockouts",
     "expert_masked",
     "heterogeneity",
-    "hidden_slice_zeroed",
-    "hidden_slices",
     "hidden_units_zeroed",
     "matched_comparison",
     "selectivity",
@@ -105,8 +102,6 @@ INTERVENTIONS = {
                     "every token (w_out rows zeroed, as zeroing those hidden activations)"),
     "top1": ("drop: each token's own highest-gate kept assignment in the layer is marked not kept; the token "
              "keeps its other experts and the residual"),
-    "dense_slice": ("zero (legacy): a contiguous block of the dense FFN's hidden units is removed for every "
-                    "token; the unit order is arbitrary, use dense groups"),
 }
 
 CLUSTERS = ("doc", "row")
@@ -122,7 +117,7 @@ class KnockoutResult:
     damage_se: its cluster-robust standard error, same shape (nats; clusters: documents, or rows).
     tokens [D], clusters [D]: evaluated tokens and clusters per domain.
     blocks: the block index of each of the L layers.
-    kind: "expert", "dense_group", "top1" or "dense_slice" (legacy); intervention: the sentence of
+    kind: "expert", "dense_group" or "top1"; intervention: the sentence of
     `INTERVENTIONS` saying what was removed (for the report).
     groups: dense groups only, groups[l][g] the hidden-unit indices of group g of layer l (int64);
     group_size [L, G]: their sizes (units), None otherwise.
@@ -292,17 +287,6 @@ def hidden_units_zeroed(mlp: DenseMLP, units: slice | Sequence[int] | np.ndarray
             w_out[index] = saved
 
 
-hidden_slice_zeroed = hidden_units_zeroed  # legacy name
-
-
-def hidden_slices(hidden: int, num_slices: int) -> list[slice]:
-    """Legacy: cut F hidden units into `num_slices` contiguous, near-equal slices (sizes differ by <= 1)."""
-    if not 1 <= num_slices <= hidden:
-        raise ValueError(f"cannot cut {hidden} hidden units into {num_slices} non-empty slices")
-    edges = np.linspace(0, hidden, num_slices + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
 def dense_groups(hidden: int, num_experts: int, *, size_factors: Sequence[float] = (0.5, 1.0, 2.0),
                  replicates: int = 8, rng: np.random.Generator | int | None = 0) -> list[np.ndarray]:
     """Random groups of hidden units of a dense FFN of width F = `hidden`.
@@ -414,24 +398,6 @@ def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_
     sizes = np.array([[u.size for u in layer] for layer in groups], dtype=np.int64).reshape(len(mlps), -1)
     return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, list(blocks),
                           "dense_group", INTERVENTIONS["dense_group"], groups, sizes)
-
-
-def dense_slice_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
-                          blocks: Sequence[int], num_slices: int, cluster: str = "doc",
-                          seed: int = 0) -> KnockoutResult:
-    """Legacy control (use `dense_group_knockouts`): damage and se [L, D, num_slices] of zeroing
-    contiguous slice s of the hidden units of the dense FFN in block `blocks[l]` (`hidden_slices`)."""
-    mlps = _dense_mlps(dense_model, blocks)
-    with _eval_mode(dense_model):
-        paired = _Paired(dense_model, batches, num_domains, cluster, seed)
-        shape = (len(mlps), num_domains, num_slices)
-        damage, se = np.empty(shape), np.empty(shape)
-        for l, mlp in enumerate(mlps):
-            for s, units in enumerate(hidden_slices(mlp.w_out.shape[0], num_slices)):
-                with hidden_units_zeroed(mlp, units):
-                    damage[l, :, s], se[l, :, s] = paired.damage()
-    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, list(blocks),
-                          "dense_slice", INTERVENTIONS["dense_slice"])
 
 
 def top1_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int, *,

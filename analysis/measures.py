@@ -1,9 +1,22 @@
-"""Every specialization measure of one MoE layer, from its recorded counts (bits throughout).
+"""Every specialization measure of one MoE layer, registered as units (bits throughout).
 
-Glue between the recorder and the pure statistics: `measure_layer` takes a layer's `LayerCounts`
-(and, for the within-token null, the raw records) and returns a JSON-ready dict of plain floats.
-The formulas live in `analysis.information`, `analysis.statistics` and `analysis.metrics`; this
-module only decides which table feeds which measure and which reference value goes next to it.
+The measures (`analysis.registry`), in report order:
+
+    nmi            NMI = I(D;E)/H(D) minus its document-permutation null mean, with the bias-corrected
+                   domain-stratified document-bootstrap interval and the permutation p-value
+    cmi            held-out I(D;E|C) / H(D|C): domain information beyond the context (`analysis.heldout`)
+    mi_domain      I(D;E) in bits (plug-in; Miller-Madow in details)
+    mi_token       I(T;E) in bits: routing explained by the token id
+    vocabulary     OLMoE vocabulary specialization
+    consecutive    top-1 agreement of adjacent tokens of one document, against sum_e p_e^2
+    maxvio         load imbalance on the validation tokens
+    knockout       (model) median over experts of the percentile among damage-matched dense groups
+    cka            (model) mean off-diagonal linear CKA between experts
+
+`measure_layer` takes a layer's `LayerCounts` (and the raw records, for the held-out I(D;E|C)) and
+returns the layer's descriptive tables plus `measures: {name: result}`; the knockout and CKA
+results are added by `analysis.report`, which has the model. The formulas live in
+`analysis.information`, `analysis.statistics`, `analysis.heldout` and `analysis.metrics`.
 
 Legend as in `analysis.recorder`: N tokens, K slots, E experts, D domains, V vocabulary, M documents.
 """
@@ -12,7 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -31,14 +45,17 @@ from analysis.metrics import (
     max_violation,
     vocabulary_specialization,
 )
-from analysis.recorder import LayerCounts, RoutingRecords
 from analysis.heldout import HeldoutInformation, context_keys, heldout_conditional_information
+from analysis.registry import MEASURES, Measure, MeasureResult, register
 from analysis.statistics import SpecializationResult, summarize_specialization
+
+if TYPE_CHECKING:  # the recorder imports torch; this module stays pure numpy
+    from analysis.recorder import LayerCounts, RoutingRecords
 
 CONTEXTS = ("token", "bigram")
 
-__all__ = ["CONTEXTS", "RoutingEvidence", "coactivation_from_pairs", "domain_shares", "measure_layer",
-           "previous_tokens", "routing_evidence"]
+__all__ = ["CONTEXTS", "MEASURES", "LayerInputs", "RoutingEvidence", "cka_result", "coactivation_from_pairs", "domain_shares",
+           "knockout_result", "measure_layer", "previous_tokens", "routing_evidence"]
 
 
 def domain_shares(domain_expert: np.ndarray, tokens_per_domain: np.ndarray) -> np.ndarray:
@@ -120,6 +137,133 @@ def previous_tokens(token: np.ndarray, position: np.ndarray) -> np.ndarray:
     return prev
 
 
+@dataclass(frozen=True)
+class LayerInputs:
+    """What a routing measure reads: the layer's counts, the per-token arrays (None without records)
+    and the analysis settings. `evidence` (NMI null and held-out I(D;E|C)) is computed once, on
+    first use, and shared by the measures that read it."""
+
+    counts: LayerCounts
+    arrays: Mapping[str, Any] | None
+    n_permutations: int
+    n_bootstrap: int
+    confidence: float
+    context: str
+    seed: Any
+
+    @cached_property
+    def evidence(self) -> RoutingEvidence:
+        return routing_evidence(self.counts.docs, self.counts.num_domains, self.counts.num_experts,
+                                context=self.context, n_permutations=self.n_permutations,
+                                n_bootstrap=self.n_bootstrap, confidence=self.confidence, rng=self.seed,
+                                **(self.arrays or {}))
+
+    @property
+    def joint(self) -> np.ndarray:
+        return joint_from_docs(self.counts.docs.doc_domain, self.counts.docs.counts, self.counts.num_domains)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _nmi(inputs: LayerInputs) -> MeasureResult:
+    spec = inputs.evidence.nmi
+    return MeasureResult("nmi", spec.excess, spec.excess_ci_low, spec.excess_ci_high, spec.null_mean, spec.p_value, {
+        "plugin": spec.observed, "corrected": spec.corrected, "plugin_ci_low": spec.ci_low,
+        "plugin_ci_high": spec.ci_high, "confidence": spec.confidence, "null_q95": spec.null_q95,
+        "n_docs": spec.n_docs, "docs_per_domain": list(spec.docs_per_domain), "n_permutations": spec.n_permutations,
+        "n_bootstrap": spec.n_resamples})
+
+
+def _cmi(inputs: LayerInputs) -> MeasureResult:
+    held: HeldoutInformation | None = inputs.evidence.cmi
+    cube = inputs.counts.cube
+    details: dict[str, Any] = {"context": inputs.context,
+                               "plugin_token_bits": conditional_mutual_information(cube),
+                               "plugin_token_corrected_bits": conditional_mutual_information_mm(cube)}
+    if held is None:
+        return MeasureResult("cmi", None, details=details)
+    h = held.h_domain_given_context
+    scale = (lambda x: x / h) if h > 1e-12 else (lambda x: None)  # noqa: E731
+    details.update({"bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
+                    "h_domain_given_context_bits": h, "assignments_scored": held.n_assignments,
+                    "n_folds": held.n_folds, "n_bootstrap": held.n_resamples})
+    return MeasureResult("cmi", _finite(held.share), scale(held.ci_low), scale(held.ci_high), 0.0, held.p_value,
+                         details)
+
+
+def _mi_domain(inputs: LayerInputs) -> MeasureResult:
+    joint = inputs.joint
+    return MeasureResult("mi_domain", mutual_information(joint), details={
+        "corrected": mutual_information_mm(joint), "entropy_domain_bits": entropy(joint.sum(axis=1))})
+
+
+def _mi_token(inputs: LayerInputs) -> MeasureResult:
+    te = inputs.counts.token_expert(weighted=inputs.counts.weighting == "gate")
+    return MeasureResult("mi_token", mutual_information(te), details={"corrected": mutual_information_mm(te)})
+
+
+def _vocabulary(inputs: LayerInputs) -> MeasureResult:
+    c = inputs.counts
+    # Rare tokens score high by chance; 10E/k occurrences is the helper's suggested floor.
+    min_count = math.ceil(10 * c.num_experts / c.top_k)
+    value = vocabulary_specialization(c.token_expert(), c.top_k, min_count=min_count)
+    return MeasureResult("vocabulary", _finite(value), null_mean=c.top_k / c.num_experts,
+                         details={"min_count": min_count})
+
+
+def _consecutive(inputs: LayerInputs) -> MeasureResult:
+    c = inputs.counts
+    top1 = c.top1 / max(c.top1.sum(), 1.0)
+    rate = c.consecutive_same / c.consecutive_pairs if c.consecutive_pairs else None
+    # Null: sum_e p_e^2 of the top-1 load (`analysis.metrics.consecutive_expert_null`, "top1").
+    return MeasureResult("consecutive", rate, null_mean=float(np.dot(top1, top1)),
+                         details={"pairs": c.consecutive_pairs})
+
+
+def _maxvio(inputs: LayerInputs) -> MeasureResult:
+    c = inputs.counts
+    batch_vio = [max_violation(b) for b in c.batch_loads if b.sum() > 0]
+    return MeasureResult("maxvio", max_violation(c.load), details={
+        "counts": c.load.tolist(), "batch_mean": float(np.mean(batch_vio)) if batch_vio else None,
+        "entropy_bits": load_entropy(c.load), "entropy_max_bits": math.log2(c.num_experts)})
+
+
+def knockout_result(entry: Mapping[str, Any] | None) -> MeasureResult:
+    """The knockout measure from `analysis.report`'s per-layer knockout entry: the median over
+    experts of each expert's percentile among the dense twin's damage-matched unit groups."""
+    if entry is None:
+        return MeasureResult("knockout", None)
+    raw = entry.get("percentile")
+    pct = np.asarray([np.nan if x is None else x for x in ([] if raw is None else list(raw))], dtype=np.float64)
+    value = float(np.nanmedian(pct)) if np.isfinite(pct).any() else None
+    return MeasureResult("knockout", value, null_mean=0.5 if value is not None else None, details=dict(entry))
+
+
+def cka_result(matrix: Any, mean_offdiag: float) -> MeasureResult:
+    """The CKA measure: mean off-diagonal linear CKA between experts, with the matrix."""
+    return MeasureResult("cka", _finite(mean_offdiag), details={"matrix": matrix})
+
+
+for _m in (
+    Measure("nmi", "NMI − null", "NMI = I(D;E)/H(D) minus its document-permutation null mean", "share of H(D)",
+            _nmi, "specialist"),
+    Measure("cmi", "I(D;E|C) share", "held-out domain information beyond the context, I(D;E|C) / H(D|C)",
+            "share of H(D|C)", _cmi, "specialist"),
+    Measure("mi_domain", "I(D;E)", "I(D;E), plug-in", "bits", _mi_domain),
+    Measure("mi_token", "I(T;E)", "I(T;E): routing explained by the token id, plug-in", "bits", _mi_token),
+    Measure("vocabulary", "vocab. spec.", "OLMoE vocabulary specialization (null: k/E)", "share", _vocabulary),
+    Measure("consecutive", "consec. top-1", "adjacent tokens sharing their top-1 expert (null: sum p_e^2)", "share",
+            _consecutive),
+    Measure("maxvio", "MaxVio", "load imbalance on the validation tokens", "ratio", _maxvio),
+    Measure("knockout", "KO percentile", "median expert percentile among damage-matched dense unit groups",
+            "percentile", None, "specialist"),
+    Measure("cka", "expert CKA", "mean off-diagonal linear CKA between experts", "CKA", None, "ensemble"),
+):
+    register(_m)
+
+
 def measure_layer(
     counts: LayerCounts,
     records: RoutingRecords | None = None,
@@ -131,18 +275,15 @@ def measure_layer(
     context: str = "token",
     rng: np.random.Generator | int,
 ) -> dict[str, Any]:
-    """All measures of one layer as a dict of floats / nested lists (keys in `analysis.report`).
+    """One layer's descriptive tables and `measures: {name: MeasureResult.as_dict()}` for every
+    registered routing measure (keys in `analysis.report`).
 
     counts: the layer's `LayerCounts`; records, layer: the raw records and this layer's index in
-    them, for the held-out I(D;E|C) (skipped, fields None, when records is None).
-    n_permutations: document-permutation replicates of the NMI null; n_bootstrap: document-bootstrap
-    replicates of the NMI interval and of the held-out I(D;E|C) (at least 200); context: "token" or
-    "bigram", what C holds.
+    them, for the held-out I(D;E|C) (None then). n_permutations: document permutations of the NMI
+    null; n_bootstrap: document-bootstrap replicates (the held-out estimate uses at least 200);
+    context: "token" or "bigram", what C holds.
     """
-    e, d, k = counts.num_experts, counts.num_domains, counts.top_k
-    joint = joint_from_docs(counts.docs.doc_domain, counts.docs.counts, d)  # weighted [D, E]
-    token_expert = counts.token_expert(weighted=counts.weighting == "gate")
-    arrays: dict[str, Any] = {}
+    arrays = None
     if records is not None:
         rec = records.layers[layer]
         kept = rec.kept
@@ -150,35 +291,11 @@ def measure_layer(
             None if kept.all() else kept.astype(np.float64))  # a dropped slot weighs 0: no routing decision
         arrays = dict(token=records.token, prev_token=previous_tokens(records.token, records.position),
                       domain=records.domain, doc=records.doc, experts=rec.experts.astype(np.int64), weights=weights)
-    ev = routing_evidence(counts.docs, d, e, context=context, n_permutations=n_permutations,
-                          n_bootstrap=n_bootstrap, confidence=confidence, rng=rng, **arrays)
-    spec, held = ev.nmi, ev.cmi
-    cube = counts.cube
-    cmi_out: dict[str, Any] = {
-        "context": context,
-        "plugin_token_bits": conditional_mutual_information(cube),
-        "plugin_token_corrected_bits": conditional_mutual_information_mm(cube),
-        "bits": None, "bits_ci_low": None, "bits_ci_high": None, "share": None, "share_ci_low": None,
-        "share_ci_high": None, "p_value": None, "h_domain_given_context_bits": None, "assignments_scored": None,
-        "n_folds": None, "n_bootstrap": None,
-    }
-    if held is not None:
-        h = held.h_domain_given_context
-        cmi_out.update({
-            "bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
-            "share": held.share, "share_ci_low": held.ci_low / h if h > 1e-12 else None,
-            "share_ci_high": held.ci_high / h if h > 1e-12 else None, "p_value": held.p_value,
-            "h_domain_given_context_bits": h, "assignments_scored": held.n_assignments,
-            "n_folds": held.n_folds, "n_bootstrap": held.n_resamples,
-        })
-
+    inputs = LayerInputs(counts, arrays, n_permutations, n_bootstrap, confidence, context, rng)
+    measures = {name: m.compute(inputs).as_dict() for name, m in MEASURES.items() if m.compute is not None}
+    e, k = counts.num_experts, counts.top_k
     co = coactivation_from_pairs(counts.pairs)
     co_null = coactivation_null(min(k, e), e) if e > 1 else None
-    load = counts.load
-    top1 = counts.top1 / max(counts.top1.sum(), 1.0)
-    batch_vio = [max_violation(b) for b in counts.batch_loads if b.sum() > 0]
-    min_count = math.ceil(10 * e / k)
-    vocab_spec = vocabulary_specialization(counts.token_expert(), k, min_count=min_count)
     return {
         "tokens": counts.tokens,
         "assignments": counts.assignments,
@@ -187,21 +304,6 @@ def measure_layer(
         "domain_expert_counts": counts.domain_expert.tolist(),
         "domain_specialization": domain_shares(counts.domain_expert, counts.tokens_per_domain).tolist(),
         "uniform_share": k / e,
-        "entropy_domain_bits": entropy(joint.sum(axis=1)),
-        "mi_domain_expert_bits": {"plugin": mutual_information(joint), "corrected": mutual_information_mm(joint)},
-        "nmi": {
-            "excess": spec.excess, "excess_ci_low": spec.excess_ci_low, "excess_ci_high": spec.excess_ci_high,
-            "plugin": spec.observed, "corrected": spec.corrected, "ci_low": spec.ci_low, "ci_high": spec.ci_high,
-            "confidence": spec.confidence, "null_mean": spec.null_mean, "null_q95": spec.null_q95,
-            "p_value": spec.p_value, "n_docs": spec.n_docs, "docs_per_domain": list(spec.docs_per_domain),
-            "n_permutations": spec.n_permutations, "n_bootstrap": spec.n_resamples,
-        },
-        "mi_token_expert_bits": {"plugin": mutual_information(token_expert),
-                                 "corrected": mutual_information_mm(token_expert)},
-        "cmi": cmi_out,
-        # Rare tokens score high by chance; 10E/k occurrences is the helper's suggested floor.
-        "vocabulary_specialization": {"value": vocab_spec if math.isfinite(vocab_spec) else None,
-                                      "min_count": min_count, "uniform": k / e},
         # Each used row sums to the mean number of co-selected experts, so the mean off-diagonal is
         # fixed ((k-1)/(E-1) for top-k); the spread around the null is what redundancy changes.
         "coactivation": {
@@ -209,16 +311,6 @@ def measure_layer(
             "max_offdiag": _nanstat(np.max, _offdiag(co)),
             "mean_abs_deviation": None if co_null is None else _nanstat(np.mean, np.abs(_offdiag(co) - co_null)),
         },
-        # Top-1 agreement of adjacent tokens of one document; null = sum_e p_e^2 of the top-1 load
-        # (`analysis.metrics.consecutive_expert_null`, "top1").
-        "consecutive_top1": {
-            "rate": counts.consecutive_same / counts.consecutive_pairs if counts.consecutive_pairs else None,
-            "null": float(np.dot(top1, top1)), "pairs": counts.consecutive_pairs,
-        },
         "router_entropy_bits": {"mean": counts.entropy_bits_sum / max(counts.tokens, 1), "max": math.log2(e)},
-        "load": {
-            "counts": load.tolist(), "max_violation": max_violation(load),
-            "max_violation_batch_mean": float(np.mean(batch_vio)) if batch_vio else None,
-            "entropy_bits": load_entropy(load), "entropy_max_bits": math.log2(e),
-        },
+        "measures": measures,
     }

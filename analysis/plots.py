@@ -25,6 +25,8 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from analysis.measures import MEASURES  # the registry, with every measure registered
+
 __all__ = [
     "SWEEP_METRICS",
     "plot_arm_intervals",
@@ -188,12 +190,12 @@ def plot_nmi(summary: Summary) -> Figure:
     """NMI per layer above chance: NMI minus its document-permutation null mean, with the
     bias-corrected document-bootstrap interval, against the equivalence margin (below it with the
     whole interval: ensemble); the plug-in NMI and the null q95 for reference."""
-    nmi = [layer["nmi"] for layer in summary["layers"]]
+    nmi = [layer["measures"]["nmi"] for layer in summary["layers"]]
     x = np.arange(len(nmi))
     fig = Figure(figsize=(max(4.0, 0.8 * len(nmi) + 2.5), 3.5), layout="constrained")
     ax = fig.add_subplot()
-    _point_and_interval(ax, x, _arr([n["excess"] for n in nmi]), _arr([n["excess_ci_low"] for n in nmi]),
-                        _arr([n["excess_ci_high"] for n in nmi]), color="C0",
+    _point_and_interval(ax, x, _arr([n["value"] for n in nmi]), _arr([n["ci_low"] for n in nmi]),
+                        _arr([n["ci_high"] for n in nmi]), color="C0",
                         label=f"NMI − null mean, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI")
     ax.plot(x, [n["plugin"] for n in nmi], "s", mfc="none", color="grey", label="plug-in NMI")
     ax.plot(x, [n["null_q95"] for n in nmi], "_", ms=18, color="black", label="plug-in null q95")
@@ -206,6 +208,33 @@ def plot_nmi(summary: Summary) -> Figure:
     ax.set_ylabel("NMI = I(D;E) / H(D)")
     ax.legend(fontsize=7)
     ax.set_title("Domain information in routing, above chance")
+    return fig
+
+
+def plot_measures(summary: Summary) -> Figure:
+    """Every registered measure (`analysis.registry.MEASURES`) per layer: value with its interval
+    where it has one, and its null mean (grey tick) where it has one; one panel per measure that
+    was measured."""
+    layers = summary["layers"]
+    names = [n for n in MEASURES if any(layer["measures"].get(n, {}).get("value") is not None for layer in layers)]
+    if not names:
+        raise ValueError("the summary holds no measured values")
+    fig, axes = _grid(len(names), max(2.6, 0.5 * len(layers) + 1.8), 2.6, max_cols=4)
+    x = np.arange(len(layers))
+    for ax, name in zip(axes, names):
+        entries = [layer["measures"].get(name) or {} for layer in layers]
+        y = _arr([e.get("value") for e in entries])
+        lo, hi = _arr([e.get("ci_low") for e in entries]), _arr([e.get("ci_high") for e in entries])
+        if np.isfinite(lo).any():
+            _point_and_interval(ax, x, y, lo, hi, color="C0")
+        else:
+            ax.plot(x, y, "o", color="C0")
+        ax.plot(x, _arr([e.get("null_mean") for e in entries]), "_", ms=14, color="grey")
+        ax.set_xticks(x, labels=[str(layer["layer"]) for layer in layers])
+        ax.set_xlabel("MoE layer")
+        ax.set_title(f"{MEASURES[name].label} ({MEASURES[name].unit})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Every measure per layer (grey: its null mean)")
     return fig
 
 
@@ -223,11 +252,11 @@ def plot_information(summary: Summary) -> Figure:
     fig = Figure(figsize=(max(8.0, 1.6 * len(layers) + 5.0), 3.8), layout="constrained")
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
 
-    mi_d = _arr([layer["mi_domain_expert_bits"]["plugin"] for layer in layers])
-    mi_d_mm = _arr([layer["mi_domain_expert_bits"]["corrected"] for layer in layers])
-    mi_t = _arr([layer["mi_token_expert_bits"]["plugin"] for layer in layers])
-    mi_t_mm = _arr([layer["mi_token_expert_bits"]["corrected"] for layer in layers])
-    h_d = _arr([layer["entropy_domain_bits"] for layer in layers])
+    mi_d = _arr([layer["measures"]["mi_domain"]["value"] for layer in layers])
+    mi_d_mm = _arr([layer["measures"]["mi_domain"]["corrected"] for layer in layers])
+    mi_t = _arr([layer["measures"]["mi_token"]["value"] for layer in layers])
+    mi_t_mm = _arr([layer["measures"]["mi_token"]["corrected"] for layer in layers])
+    h_d = _arr([layer["measures"]["mi_domain"]["entropy_domain_bits"] for layer in layers])
     w = 0.36
     left.bar(x - w / 2, mi_d, w, label="I(D;E) domain")
     left.bar(x + w / 2, mi_t, w, label="I(T;E) token id")
@@ -240,17 +269,17 @@ def plot_information(summary: Summary) -> Figure:
     left.legend(fontsize=7)
     left.set_title("What the expert choice tells about the token", fontsize=9)
 
-    cmi = [layer["cmi"] for layer in layers]
-    share = _arr([c["share"] for c in cmi])
-    _point_and_interval(right, x, share, _arr([c["share_ci_low"] for c in cmi]),
-                        _arr([c["share_ci_high"] for c in cmi]), color="tab:green",
+    cmi = [layer["measures"]["cmi"] for layer in layers]
+    share = _arr([c["value"] for c in cmi])
+    _point_and_interval(right, x, share, _arr([c["ci_low"] for c in cmi]),
+                        _arr([c["ci_high"] for c in cmi]), color="tab:green",
                         label="held-out I(D;E|C) / H(D|C), doc. bootstrap CI")
     thr = summary.get("config", {}).get("thresholds", {}).get("cmi_margin")
     if thr is not None:
         right.axhline(thr, ls=":", color="tab:red", label=f"cmi_margin = {thr:g}")
     right.axhline(0.0, lw=0.6, color="black")
     for xi, c, y in zip(x, cmi, share):
-        if np.isfinite(y) and c.get("h_domain_given_context_bits") is not None:
+        if np.isfinite(y) and c.get("bits") is not None and c.get("h_domain_given_context_bits") is not None:
             right.annotate(f"{c['bits']:.3g} bits\nH(D|C) = {c['h_domain_given_context_bits']:.3g}", (xi, y),
                            textcoords="offset points", xytext=(8, 0), fontsize=7)
     right.margins(y=0.25)
@@ -268,16 +297,16 @@ def plot_knockout(summary: Summary) -> Figure:
     nats of loss increase. Right (with a dense twin): each unit's noise-corrected damage CV across
     domains against its mean damage, experts (filled) and the twin's random unit groups of the same
     layer (open), on a log damage axis: a specialist expert sits above dense groups of equal damage."""
-    layers = [layer for layer in summary["layers"] if layer.get("knockout")]
+    layers = [layer for layer in summary["layers"] if layer["measures"]["knockout"].get("damage") is not None]
     if not layers:
         raise ValueError("the summary holds no knockout results")
     domains = summary["domains"]
-    has_dense = layers[0]["knockout"].get("dense_damage") is not None
+    has_dense = layers[0]["measures"]["knockout"].get("dense_damage") is not None
     cols = 2 if has_dense else 1
-    e = len(layers[0]["knockout"]["damage"][0])
+    e = len(layers[0]["measures"]["knockout"]["damage"][0])
     fig = Figure(figsize=(cols * (0.5 * e + 3.2), len(layers) * (0.4 * len(domains) + 1.8)), layout="constrained")
     for r, layer in enumerate(layers):
-        ko = layer["knockout"]
+        ko = layer["measures"]["knockout"]
         m = _arr(ko["damage"])
         vmax = np.nanmax(np.abs(m)) or 1e-12
         ax = fig.add_subplot(len(layers), cols, r * cols + 1)
@@ -305,7 +334,8 @@ def plot_cka(summary_or_matrices: Summary | np.ndarray) -> Figure:
     """Linear CKA between experts on shared probe inputs, one [E, E] panel per layer."""
     summary = summary_or_matrices if isinstance(summary_or_matrices, Mapping) else None
     if summary is not None:
-        mats = [_arr(layer["cka"]["matrix"]) for layer in summary["layers"] if layer.get("cka")]
+        mats = [_arr(layer["measures"]["cka"]["matrix"]) for layer in summary["layers"]
+                if layer["measures"]["cka"].get("matrix") is not None]
         if not mats:
             raise ValueError("the summary holds no CKA results")
     else:
@@ -395,18 +425,14 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Se
     return fig
 
 
-SWEEP_METRICS = {
-    "nmi": "NMI − null mean (CI)",
-    "cmi_share": "held-out I(D;E|C) / H(D|C) (CI)",
-    "ko_selectivity": "knockout: median expert percentile\namong damage-matched dense groups",
-    "cka": "mean expert CKA",
-    "maxvio": "MaxVio (load imbalance)",
-    "loss_gap": "MoE − dense loss (nats, all domains)",
-}
+# Per-layer sweep metrics: every registered measure (rows carry name, name_low, name_high), plus
+# the per-run loss gap.
+SWEEP_METRICS = {**{name: m.description for name, m in MEASURES.items()},
+                 "loss_gap": "MoE − dense loss (nats, all domains)"}
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
-               metrics: Sequence[str] = ("nmi", "cmi_share", "ko_selectivity", "cka", "loss_gap")) -> Figure:
+               metrics: Sequence[str] = ("nmi", "cmi", "knockout", "cka", "loss_gap")) -> Figure:
     """Specialization measures across the runs of a sweep, one panel per metric.
 
     `rows` are `analysis.runs.sweep_rows(sweep)` (one per run and MoE layer). The x axis has one
@@ -448,10 +474,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
                 xs = [xpos(r, li, len(layers)) for r in sel]
                 ys = _arr([r.get(metric, np.nan) for r in sel])
                 color = f"C{li % 10}"
-                if metric in ("nmi", "cmi_share"):
-                    prefix = metric.split("_")[0]
-                    lo = _arr([r.get(f"{prefix}_low", np.nan) for r in sel])
-                    hi = _arr([r.get(f"{prefix}_high", np.nan) for r in sel])
+                lo = _arr([r.get(f"{metric}_low", np.nan) for r in sel])
+                hi = _arr([r.get(f"{metric}_high", np.nan) for r in sel])
+                if np.isfinite(lo).any():
                     _point_and_interval(ax, xs, ys, lo, hi, color=color, label=f"layer {layer}", capsize=3)
                 else:
                     ax.plot(xs, ys, "o", color=color, label=f"layer {layer}")
@@ -459,7 +484,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
                     vals = [y for r, y in zip(sel, ys) if str(r.get(key)) == g and np.isfinite(y)]
                     if vals:
                         ax.plot([gi - width / 2, gi + width / 2], [np.mean(vals)] * 2, color=color, lw=1, alpha=0.5)
-            if metric in ("nmi", "cmi_share"):
+            if metric in ("nmi", "cmi"):
                 ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xticks(range(len(groups)), labels=[g.replace(", ", "\n") for g in groups], fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)
@@ -509,7 +534,7 @@ def plot_arm_intervals(aggregate: Sequence[Mapping[str, Any]], measures: Sequenc
                             label=f"layer {layer}")
                 if measure == "nmi_plugin" and sel and "nmi_null_q95" in sel[0]:
                     ax.plot(xs, [point(a["nmi_null_q95"])[0] for a in sel], "_", ms=10, color="grey")
-            if measure in ("nmi", "cmi_share", "loss_gap"):
+            if measure in ("nmi", "cmi", "loss_gap"):
                 ax.axhline(0.0, color="grey", lw=0.8)
             ax.set_xticks(range(len(arms)), labels=arms, fontsize=7, rotation=30)
             ax.set_xlim(-0.6, len(arms) - 0.4)
@@ -538,10 +563,10 @@ def save_figures(summary: Summary, out_dir: str | Path, dpi: int = 110) -> dict[
     """Write every figure the summary supports as `out_dir/<name>.png`; returns name -> file name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"domain_expert": plot_domain_expert_heatmaps, "nmi": plot_nmi}
-    if any(layer.get("knockout") for layer in summary["layers"]):
+    makers = {"domain_expert": plot_domain_expert_heatmaps, "nmi": plot_nmi, "measures": plot_measures}
+    if any(layer["measures"]["knockout"].get("damage") is not None for layer in summary["layers"]):
         makers["knockout"] = plot_knockout
-    if any(layer.get("cka") for layer in summary["layers"]):
+    if any(layer["measures"]["cka"].get("matrix") is not None for layer in summary["layers"]):
         makers["cka"] = plot_cka
     if summary.get("comparison"):
         makers["loss"] = plot_loss_comparison

@@ -34,32 +34,29 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
       tokens, assignments, assignments_per_token, weighting ("count" | "gate")
       domain_expert_counts          [D][E] kept assignments (unweighted)
       domain_specialization         [D][E] share of domain d's tokens routed to e (OLMoE); uniform_share = k/E
-      entropy_domain_bits           H(D)
-      mi_domain_expert_bits         {plugin, corrected}: I(D;E), Miller-Madow corrected
-      nmi                           {excess, excess_ci_low, excess_ci_high, plugin, corrected, ci_low, ci_high,
-                                     confidence, null_mean, null_q95, p_value, n_docs, docs_per_domain [D],
-                                     n_permutations, n_bootstrap}: NMI = I(D;E)/H(D); excess = plugin - null_mean
-                                     (the headline); intervals: bias-corrected percentile, domain-stratified
-                                     document bootstrap; null: document permutation
-      mi_token_expert_bits          {plugin, corrected}: I(T;E)
-      cmi                           {context, bits, bits_ci_low, bits_ci_high, share, share_ci_low, share_ci_high,
-                                     p_value, h_domain_given_context_bits, assignments_scored, n_folds,
-                                     n_bootstrap, plugin_token_bits, plugin_token_corrected_bits}: the held-out
-                                     I(D;E|C) (`analysis.heldout`), share = bits / H(D|C); the plug-in I(D;E|T)
-                                     for reference only (biased: a random router scores > 0)
-      vocabulary_specialization     {value, min_count, uniform}: OLMoE, tokens seen >= min_count times
       coactivation                  {matrix [E][E] P(j|i), null = (k-1)/(E-1), max_offdiag,
                                      mean_abs_deviation = mean |P(j|i) - null| off the diagonal}
-      consecutive_top1              {rate, null = sum_e p_e^2, pairs}: adjacent tokens sharing the top-1
       router_entropy_bits           {mean, max = log2 E}
-      load                          {counts [E], max_violation, max_violation_batch_mean, entropy_bits,
-                                     entropy_max_bits}
-      knockout                      null, or {damage, damage_se [D][E], mean_damage [E], cv [E], cv_lower [E],
-                                     percentile [E] | null, p_value [E] | null, n_matched [E] | null,
-                                     selectivity_median (median percentile) | null, dense_damage [D][G] | null,
-                                     dense_mean_damage [G], dense_cv [G], dense_group_size [G],
-                                     dense_selectivity_median (median dense CV), top1_damage {domain: nats}}
-      cka                           null, or {matrix [E][E], mean_offdiag}
+      measures                      {name: {value, ci_low, ci_high, null_mean, p_value, **details}} for every
+                                    measure of `analysis.registry.MEASURES` (defined in `analysis.measures`):
+        nmi        value = NMI - null mean; interval: bias-corrected percentile, domain-stratified
+                   document bootstrap; p: document permutation; details plugin, corrected, plugin_ci_low/high,
+                   confidence, null_q95, n_docs, docs_per_domain [D], n_permutations, n_bootstrap
+        cmi        value = held-out I(D;E|C) / H(D|C) (`analysis.heldout`) with its document-bootstrap
+                   interval and p; details context, bits, bits_ci_low/high, h_domain_given_context_bits,
+                   assignments_scored, n_folds, n_bootstrap, plugin_token_bits (the biased plug-in I(D;E|T),
+                   for reference: a random router scores > 0), plugin_token_corrected_bits
+        mi_domain  I(D;E) bits; details corrected (Miller-Madow), entropy_domain_bits (H(D))
+        mi_token   I(T;E) bits; details corrected
+        vocabulary OLMoE vocabulary specialization, null k/E; details min_count
+        consecutive adjacent tokens of one document sharing the top-1 expert, null sum_e p_e^2; details pairs
+        maxvio     load imbalance; details counts [E], batch_mean, entropy_bits, entropy_max_bits
+        knockout   value = median over experts of the percentile among damage-matched dense groups
+                   (null 0.5); details damage, damage_se [D][E], mean_damage [E], cv [E], cv_lower [E],
+                   percentile [E], expert_p_value [E], n_matched [E] (null without a twin), dense_damage [D][G],
+                   dense_mean_damage [G], dense_cv [G], dense_group_size [G], dense_cv_median,
+                   top1_damage {domain: nats}; value null when knockouts did not run
+        cka        mean off-diagonal linear CKA; details matrix [E][E]; value null without probes
       verdict                       {verdict, rule, notes, criteria: {nmi|cmi|knockout|cka:
                                      {name, verdict, value, threshold, reason, votes}}}
     files                 {report, summary, records | null, figures: {name: "figures/<name>.png"}}
@@ -87,7 +84,8 @@ from analysis.knockout import (
     matched_comparison,
     top1_knockouts,
 )
-from analysis.measures import measure_layer
+from analysis.measures import cka_result, knockout_result, measure_layer
+from analysis.registry import MEASURES
 from analysis.plots import save_figures
 from analysis.probes import expert_cka, mean_offdiagonal
 from analysis.recorder import interleave_domains, record_routing, take_tokens
@@ -195,14 +193,13 @@ def _knockout_entries(moe: KnockoutResult, top1: KnockoutResult, dense: Knockout
         entry = {
             "damage": moe.damage[l], "damage_se": moe.damage_se[l], "mean_damage": het.mean_damage[l],
             "cv": het.cv[l], "cv_lower": het.cv_lower[l],
-            "percentile": pct, "p_value": None if matched is None else matched.p_value[l],
+            "percentile": pct, "expert_p_value": None if matched is None else matched.p_value[l],
             "n_matched": None if matched is None else matched.n_matched[l],
-            "selectivity_median": (float(np.nanmedian(pct)) if pct is not None and np.isfinite(pct).any() else None),
             "dense_damage": None if dense is None else dense.damage[l],
             "dense_mean_damage": None if dense_het is None else dense_het.mean_damage[l],
             "dense_cv": None if dense_het is None else dense_het.cv[l],
             "dense_group_size": None if dense is None else dense.group_size[l],
-            "dense_selectivity_median": (float(np.nanmedian(dense_het.cv[l]))
+            "dense_cv_median": (float(np.nanmedian(dense_het.cv[l]))
                                          if dense_het is not None and np.isfinite(dense_het.cv[l]).any() else None),
             "top1_damage": _by_domain(top1.damage[l], domains),
         }
@@ -211,17 +208,17 @@ def _knockout_entries(moe: KnockoutResult, top1: KnockoutResult, dense: Knockout
 
 
 def _evidence(index: int, layer: Mapping[str, Any]) -> LayerEvidence:
-    nmi, cmi = layer["nmi"], layer["cmi"]
-    ko, cka = layer.get("knockout"), layer.get("cka")
+    m = layer["measures"]
+    nmi, cmi, ko = m["nmi"], m["cmi"], m.get("knockout") or {}
+    pct = ko.get("percentile")
     return LayerEvidence(
         layer=index,
-        nmi_excess=nmi["excess"], nmi_excess_ci_low=nmi["excess_ci_low"], nmi_excess_ci_high=nmi["excess_ci_high"],
+        nmi_excess=nmi["value"], nmi_excess_ci_low=nmi["ci_low"], nmi_excess_ci_high=nmi["ci_high"],
         nmi_p_value=nmi["p_value"],
-        cmi_share=cmi["share"], cmi_share_ci_low=cmi["share_ci_low"], cmi_share_ci_high=cmi["share_ci_high"],
-        cmi_p_value=cmi["p_value"], h_domain_given_context=cmi["h_domain_given_context_bits"],
-        knockout_percentiles=None if ko is None or ko["percentile"] is None else
-        list(np.asarray(ko["percentile"], dtype=float)),
-        cka_mean_offdiag=None if cka is None else cka["mean_offdiag"],
+        cmi_share=cmi["value"], cmi_share_ci_low=cmi["ci_low"], cmi_share_ci_high=cmi["ci_high"],
+        cmi_p_value=cmi["p_value"], h_domain_given_context=cmi.get("h_domain_given_context_bits"),
+        knockout_percentiles=None if pct is None else [np.nan if x is None else float(x) for x in pct],
+        cka_mean_offdiag=(m.get("cka") or {}).get("value"),
     )
 
 
@@ -267,7 +264,8 @@ def analyze_model(
         measured = measure_layer(counts, recording.records, i, n_permutations=cfg.n_permutations,
                                  n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence, context=cfg.context,
                                  rng=rng)
-        layers.append({"layer": i, "block": recording.blocks[i], **measured, "knockout": None, "cka": None})
+        measured["measures"].update(knockout=knockout_result(None).as_dict(), cka=cka_result(None, math.nan).as_dict())
+        layers.append({"layer": i, "block": recording.blocks[i], **measured})
 
     summary_ko = None
     ko_tokens = None
@@ -287,7 +285,7 @@ def analyze_model(
                                                  replicates=cfg.dense_group_replicates, seed=cfg.seed)
             for layer, entry in zip(layers, _knockout_entries(moe_ko, top1_ko, dense_ko, domains,
                                                               cfg.damage_match_factor)):
-                layer["knockout"] = entry
+                layer["measures"]["knockout"] = knockout_result(entry).as_dict()
             summary_ko = {"base_loss": _by_domain(moe_ko.base_loss, domains),
                           "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
                           "intervention": {"expert": INTERVENTIONS["expert"],
@@ -302,7 +300,7 @@ def analyze_model(
         cka = expert_cka(model, probe_stream, max_tokens=cfg.probe_tokens)
         probe_tokens = min(cfg.probe_tokens, sum(b.num_tokens for b in probe_stream))
         for layer, m in zip(layers, cka):
-            layer["cka"] = {"matrix": m, "mean_offdiag": mean_offdiagonal(m)}
+            layer["measures"]["cka"] = cka_result(m, mean_offdiagonal(m)).as_dict()
 
     # Verdicts read the same numbers the report shows (after the JSON round of nan -> None).
     layers = to_jsonable(layers)
@@ -326,7 +324,7 @@ def analyze_model(
         "config": dataclasses.asdict(cfg),
         "tokens": {"recorded": int(recording.loss_tokens.sum()),
                    "per_domain": _by_domain(recording.loss_tokens, domains),
-                   "documents_per_domain": _by_domain(layers[0]["nmi"]["docs_per_domain"], domains),
+                   "documents_per_domain": _by_domain(layers[0]["measures"]["nmi"]["docs_per_domain"], domains),
                    "knockout_per_domain": ko_tokens, "probe": probe_tokens},
         "data_splits": None if data_splits is None else {k: dict(v) for k, v in data_splits.items()},
         "comparison": losses,
@@ -362,6 +360,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def _measure_cell(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    text = _f(entry["value"])
+    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
+        text += f" [{_f(entry['ci_low'])}, {_f(entry['ci_high'])}]"
+    if entry.get("p_value") is not None:
+        text += f" (p={_f(entry['p_value'])})"
+    elif entry.get("null_mean") is not None:
+        text += f" vs {_f(entry['null_mean'])}"
+    return text
 
 
 def render_report(summary: Mapping[str, Any]) -> str:
@@ -409,31 +420,20 @@ def render_report(summary: Mapping[str, Any]) -> str:
         lines += _table(["domain"] + names, [[d] + [comp[n].get(d) for n in names] for d in summary["domains"]])
 
     lines += ["", "## Specialization measures per layer", ""]
-    rows = []
-    for layer in layers:
-        nmi, cmi = layer["nmi"], layer["cmi"]
-        co, cons = layer["coactivation"], layer["consecutive_top1"]
-        rows.append([
-            str(layer["layer"]),
-            f"{_f(nmi['excess'])} [{_f(nmi['excess_ci_low'])}, {_f(nmi['excess_ci_high'])}] (p={_f(nmi['p_value'])})",
-            f"{_f(nmi['plugin'])} / {_f(nmi['null_mean'])}",
-            f"{_f(cmi['share'])} [{_f(cmi['share_ci_low'])}, {_f(cmi['share_ci_high'])}] (p={_f(cmi['p_value'])})",
-            f"{_f(cmi['bits'])} / {_f(cmi['h_domain_given_context_bits'])}",
-            _f(layer["mi_domain_expert_bits"]["plugin"]), _f(layer["mi_token_expert_bits"]["plugin"]),
-            f"{_f(co['max_offdiag'])} / {_f(co['null'])}", f"{_f(cons['rate'])} / {_f(cons['null'])}",
-            f"{_f(layer['router_entropy_bits']['mean'])} / {_f(layer['router_entropy_bits']['max'])}",
-            _f(layer["load"]["max_violation"]),
-        ])
-    context = layers[0]["cmi"].get("context", "token")
-    lines += _table(["layer", "NMI − null [CI]", "NMI plug-in / null mean", f"I(D;E|C) share [CI], C={context}",
-                     "I(D;E|C) / H(D|C) bits", "I(D;E)", "I(T;E)", "max co-act. / null", "consec. top-1 / null",
-                     "router H / max", "MaxVio"], rows)
+    shown = [name for name in MEASURES if any(layer["measures"].get(name, {}).get("value") is not None
+                                              for layer in layers)]
+    rows = [[str(layer["layer"])] + [_measure_cell(layer["measures"].get(name)) for name in shown] for layer in layers]
+    lines += _table(["layer"] + [f"{MEASURES[n].label} ({MEASURES[n].unit})" for n in shown], rows)
+    lines += ["", "Value [interval] (p-value); with a null, \"vs\" gives its mean."]
+    lines += [f"- {MEASURES[n].label}: {MEASURES[n].description}" for n in shown]
     lines += ["", "NMI − null: I(D;E)/H(D) minus the mean of its document-permutation null (0 for domain-blind "
               "routing, however documents cluster), with the bias-corrected percentile interval of a domain-stratified "
               "document bootstrap. I(D;E|C) share: the held-out (cross-fitted over documents) domain information in "
-              "routing beyond the context C, over the Miller-Madow H(D|C) (`analysis.heldout`)."]
+              f"routing beyond the context C = {layers[0]['measures']['cmi'].get('context', 'token')}, over the "
+              "Miller-Madow H(D|C) (`analysis.heldout`)."]
 
-    if any(layer.get("knockout") for layer in layers) or any(layer.get("cka") for layer in layers):
+    if any(layer["measures"]["knockout"]["value"] is not None or layer["measures"]["cka"]["value"] is not None
+           for layer in layers):
         lines += ["", "## Knockouts and redundancy", ""]
         intervention = (summary.get("knockout") or {}).get("intervention") or {}
         for who, text in intervention.items():
@@ -443,7 +443,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
             lines.append(f"- knockouts skipped: {summary['knockout']['skipped']}")
         rows = []
         for layer in layers:
-            ko, cka = layer.get("knockout") or {}, layer.get("cka") or {}
+            ko, cka = layer["measures"]["knockout"], layer["measures"]["cka"]
             top1 = ko.get("top1_damage") or {}
             damage = [x for x in (ko.get("mean_damage") or []) if x is not None]
             cv = [x for x in (ko.get("cv") or []) if x is not None]
@@ -452,8 +452,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
                          f"{_f(min(damage))}–{_f(max(damage))}" if damage else "–",
                          _f(float(np.median(cv))) if cv else "–",
                          f"{_f(min(dense_damage))}–{_f(max(dense_damage))}" if dense_damage else "–",
-                         ko.get("dense_selectivity_median"), ko.get("selectivity_median"),
-                         ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–", cka.get("mean_offdiag")])
+                         ko.get("dense_cv_median"), ko.get("value"),
+                         ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–", cka.get("value")])
         lines += _table(["layer", "expert damage (nats)", "expert CV (median)", "dense group damage (nats)",
                          "dense CV (median)", "expert percentile at matched damage (median)",
                          "top-1 knockout damage (nats)", "mean expert CKA"], rows)

@@ -29,6 +29,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from analysis.information import contingency
+from analysis.measures import MEASURES
+from analysis.registry import columns
 
 if TYPE_CHECKING:  # the recorder imports torch; only `Run.records` needs it
     from analysis.recorder import RoutingRecords
@@ -302,12 +304,11 @@ def _dense_name(comparison: Mapping[str, Any]) -> str | None:
 def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
     """One flat row per (run, MoE layer); a run without analysis gives one row with layer None.
 
-    Keys: run, label, the sweep axes, layer, verdict (the layer's), model_verdict, nmi (NMI minus its
-    document-permutation null mean), nmi_low / nmi_high (its bootstrap interval), nmi_plugin,
-    nmi_null_q95 (of the plug-in), docs_min (fewest validation documents of a domain),
-    mi_domain_bits (I(D;E)), mi_token_bits (I(T;E)), cmi_bits (held-out I(D;E|C)), cmi_share (its share
-    of H(D|C)), cmi_low / cmi_high (the share's interval), ko_selectivity and dense_ko_selectivity
-    (medians), cka (mean off-diagonal), maxvio,
+    Keys: run, label, the sweep axes, layer, verdict (the layer's), model_verdict; for every measure
+    of `analysis.registry.MEASURES` its columns name, name_low, name_high, name_p (nmi, cmi,
+    mi_domain, mi_token, vocabulary, consecutive, maxvio, knockout, cka); nmi_plugin, nmi_null_q95,
+    docs_min (fewest validation documents of a domain), cmi_bits, dense_cv (median damage CV of the
+    twin's unit groups);
     loss_moe, loss_dense (the active-matched twin, else the first dense model), loss_gap = moe - dense
     (nats/token, all domains; negative = the MoE is better). Missing numbers are nan.
     """
@@ -325,21 +326,14 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
             if layer is None:
                 rows.append({**base, "layer": None, "verdict": None})
                 continue
-            nmi, cmi = layer["nmi"], layer["cmi"]
-            rows.append({
-                **base, "layer": layer["layer"], "verdict": layer["verdict"]["verdict"],
-                "nmi": _nan(nmi["excess"]), "nmi_low": _nan(nmi["excess_ci_low"]),
-                "nmi_high": _nan(nmi["excess_ci_high"]), "nmi_plugin": _nan(nmi["plugin"]),
-                "nmi_null_q95": _nan(nmi["null_q95"]), "docs_min": min(nmi["docs_per_domain"] or [0]),
-                "mi_domain_bits": _nan(layer["mi_domain_expert_bits"]["plugin"]),
-                "mi_token_bits": _nan(layer["mi_token_expert_bits"]["plugin"]),
-                "cmi_bits": _nan(cmi["bits"]), "cmi_share": _nan(cmi["share"]),
-                "cmi_low": _nan(cmi["share_ci_low"]), "cmi_high": _nan(cmi["share_ci_high"]),
-                "ko_selectivity": _nan(_get(layer, "knockout", "selectivity_median")),
-                "dense_ko_selectivity": _nan(_get(layer, "knockout", "dense_selectivity_median")),
-                "cka": _nan(_get(layer, "cka", "mean_offdiag")),
-                "maxvio": _nan(_get(layer, "load", "max_violation")),
-            })
+            m = layer["measures"]
+            row = {**base, "layer": layer["layer"], "verdict": layer["verdict"]["verdict"]}
+            for name in MEASURES:
+                row.update(columns(name, m.get(name)))
+            row.update({"nmi_plugin": _nan(m["nmi"].get("plugin")), "nmi_null_q95": _nan(m["nmi"].get("null_q95")),
+                        "docs_min": min(m["nmi"].get("docs_per_domain") or [0]), "cmi_bits": _nan(m["cmi"].get("bits")),
+                        "dense_cv": _nan((m.get("knockout") or {}).get("dense_cv_median"))})
+            rows.append(row)
     return rows
 
 

@@ -38,6 +38,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from scipy import stats
 
+from analysis.measures import MEASURES as REGISTRY
 from analysis.plots import plot_arm_intervals, plot_sweep, save_figure
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run, training_identity
@@ -62,17 +63,12 @@ __all__ = [
 # Display order of the arms (conf/arm/): balance scopes from the most to the least local, then controls.
 ARMS = ("sequence", "micro_batch", "global_batch", "aux_free", "none", "hash", "random")
 # Per-layer measures aggregated over seeds (keys of `analysis.runs.sweep_rows`), with their meaning.
-MEASURES = {
-    "nmi": "NMI = I(D;E)/H(D) minus its document-permutation null mean",
-    "nmi_plugin": "NMI, plug-in",
-    "nmi_null_q95": "q95 of the plug-in NMI under the document-permutation null",
-    "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
-    "cmi_share": "held-out I(D;E|C) / H(D|C)",
-    "ko_selectivity": "median over experts of the percentile among damage-matched dense groups",
-    "dense_ko_selectivity": "median noise-corrected damage CV of the active twin's random unit groups",
-    "docs_min": "fewest validation documents of a domain",
-    "maxvio": "MaxVio on validation tokens",
-}
+MEASURES = {**{name: m.description for name, m in REGISTRY.items()},
+            "nmi_plugin": "NMI, plug-in",
+            "nmi_null_q95": "q95 of the plug-in NMI under the document-permutation null",
+            "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
+            "dense_cv": "median noise-corrected damage CV of the active twin's random unit groups",
+            "docs_min": "fewest validation documents of a domain"}
 TWINS = ("dense_active", "dense_total")
 
 
@@ -210,7 +206,7 @@ def aggregate_measures(records: Sequence[Mapping[str, Any]], confidence: float =
 
 
 def paired_contrasts(records: Sequence[Mapping[str, Any]], baseline: str = "micro_batch",
-                     measures: Sequence[str] = ("nmi", "cmi_share", "ko_selectivity"),
+                     measures: Sequence[str] = ("nmi", "cmi", "knockout"),
                      confidence: float = 0.95) -> list[dict[str, Any]]:
     """Per (corpus, arm, layer), each measure of the arm minus that of `baseline`, paired by seed
     (the two jobs of a seed share data order, tokenizer and initialization, so the pairing removes
@@ -286,8 +282,8 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
     header = ["corpus", "arm", "layer", "NMI − null", "NMI plug-in", "its null q95", "I(D;E\\|C) share",
               "KO percentile", "dense groups' CV", "MaxVio", "docs", "verdicts"]
     rows = [[m["corpus"], m["arm"], str(m["layer"]), _ci(m["nmi"]), _ci(m["nmi_plugin"]), _ci(m["nmi_null_q95"]),
-             _ci(m["cmi_share"]),
-             _ci(m["ko_selectivity"]), _ci(m["dense_ko_selectivity"]), _ci(m["maxvio"], 2), _ci(m["docs_min"], 0),
+             _ci(m["cmi"]),
+             _ci(m["knockout"]), _ci(m["dense_cv"]), _ci(m["maxvio"], 2), _ci(m["docs_min"], 0),
              ", ".join(f"{k} {v}" for k, v in sorted(m["verdicts"].items()))] for m in measures]
     lines += _md(header, rows)
     if contrasts:
@@ -296,8 +292,8 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
                   f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization); "
                   "an interval that excludes 0 is a difference the seeds agree on.", ""]
         lines += _md(["corpus", "arm", "layer", "Δ NMI − null", "Δ I(D;E\\|C) share", "Δ KO percentile"],
-                     [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _ci(c["cmi_share"]),
-                       _ci(c["ko_selectivity"])] for c in contrasts])
+                     [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _ci(c["cmi"]),
+                       _ci(c["knockout"])] for c in contrasts])
     lines += ["", "## Validation loss against the dense twins", "",
               "Loss in nats/token on all domains' validation tokens; gaps are MoE minus twin, paired by seed "
               "(negative: the MoE is better).", ""]
@@ -346,11 +342,11 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
     aggregate = {"confidence": confidence, "measures": measures, "contrasts": contrasts, "loss": gaps,
                  "descriptions": MEASURES}
     (out / "aggregate.json").write_text(json.dumps(_jsonable(aggregate), indent=2))
-    figures = {"measures_by_arm": plot_arm_intervals(measures, ("nmi", "cmi_share", "ko_selectivity", "maxvio"),
+    figures = {"measures_by_arm": plot_arm_intervals(measures, ("nmi", "cmi", "knockout", "maxvio"),
                                                      descriptions=MEASURES)}
     for corpus in dict.fromkeys(r["corpus"] for r in records):
         rows = sorted((r for r in records if r["corpus"] == corpus), key=lambda r: (_arm_key(r["arm"]), r["seed"]))
-        fig = plot_sweep(rows, by="arm", metrics=("nmi", "cmi_share", "ko_selectivity", "maxvio", "loss_gap"))
+        fig = plot_sweep(rows, by="arm", metrics=("nmi", "cmi", "knockout", "maxvio", "loss_gap"))
         fig.suptitle(f"{corpus}: every seed (x: arm; side by side: seeds)")
         figures["seeds_" + re.sub(r"[^A-Za-z0-9.]+", "_", corpus).strip("_")] = fig
     text = render_results(measures, gaps, confidence, contrasts)

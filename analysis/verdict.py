@@ -19,8 +19,9 @@ Every routing criterion reads an effect with a document-level test and interval 
   the held-out (cross-fitted) I(D;E|C) as a share of the Miller-Madow H(D|C), with its
   domain-stratified document bootstrap (`analysis.heldout`); margin `cmi_margin`. Abstains when
   H(D|C) < `min_h_domain_given_context`: the context (nearly) fixes the domain.
-- **knockout** (reported, does not vote): removing one expert (its assignments dropped) against
-  random hidden-unit groups of the dense twin's same layer at matched damage (`analysis.knockout`).
+- **knockout** (reported, does not vote, one-sided): removing one expert (its assignments dropped)
+  against random hidden-unit groups of the dense twin's same layer at matched damage
+  (`analysis.knockout`); more selective than them points to specialist, else inconclusive.
 - **cka** (reported, does not vote): mean off-diagonal linear CKA between experts; near copies
   point to an ensemble. Independently initialized experts already score ~0.25, so low CKA alone
   says nothing about specialization.
@@ -87,11 +88,8 @@ class VerdictThresholds:
     # Below this H(D|C) (bits) the context nearly fixes the domain: the share is ill-posed, abstain.
     min_h_domain_given_context: float = 0.05
     # Knockout (reported): the median over experts of each expert's percentile among the dense
-    # twin's damage-matched unit groups, against these levels.
+    # twin's damage-matched unit groups above which it points to specialist.
     knockout_specialist_percentile: float = 0.95
-    knockout_ensemble_percentile: float = 0.5
-    # Fewest damage-matched dense groups an expert needs for a percentile.
-    min_dense_groups: int = 4
     # Mean off-diagonal CKA at or above which experts are near copies (reported).
     cka_ensemble: float = 0.8
 
@@ -227,11 +225,14 @@ def _cmi_abstains(h: float, rule: str, t: VerdictThresholds) -> Criterion:
 
 def judge_knockout(percentiles: Sequence[float] | None, t: VerdictThresholds | None = None) -> Criterion:
     """Median over experts of each expert's knockout-selectivity percentile among the dense twin's
-    damage-matched unit groups of the same layer (reported; does not vote)."""
+    damage-matched unit groups of the same layer (reported; does not vote). One-sided: above the
+    specialist percentile it points to specialist; otherwise inconclusive, because a percentile of
+    a lower confidence bound cannot show that experts are *not* selective (at small damage experts
+    and dense groups both score 0 and tie at the 50th percentile, specialist or not)."""
     t = t or VerdictThresholds()
-    hi, lo = t.knockout_specialist_percentile, t.knockout_ensemble_percentile
-    rule = (f"median expert percentile among damage-matched dense groups: > {_g(hi)} points to specialist, "
-            f"<= {_g(lo)} to ensemble (reported, not voting)")
+    hi = t.knockout_specialist_percentile
+    rule = (f"median expert percentile among damage-matched dense groups > {_g(hi)} points to specialist; "
+            "never ensemble (reported, not voting)")
     pct = np.asarray([] if percentiles is None else percentiles, dtype=np.float64)
     pct = pct[np.isfinite(pct)]
     if pct.size == 0:
@@ -241,10 +242,8 @@ def judge_knockout(percentiles: Sequence[float] | None, t: VerdictThresholds | N
     numbers = f"median percentile {_g(median)} over {pct.size} experts"
     if median > hi:
         verdict, why = SPECIALIST, "expert knockouts are more domain-selective than dense units of equal damage"
-    elif median <= lo:
-        verdict, why = ENSEMBLE, "expert knockouts are no more domain-selective than dense units of equal damage"
     else:
-        verdict, why = INCONCLUSIVE, "more selective than typical dense units, within their range"
+        verdict, why = INCONCLUSIVE, "not more domain-selective than dense units of equal damage"
     return Criterion("knockout", verdict, median, rule, f"{why} ({numbers})", votes=False)
 
 

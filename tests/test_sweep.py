@@ -144,7 +144,8 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
         assert float(row["loss_gap"]) == pytest.approx(run.comparison["moe"]["val_loss"]["all"]
                                                        - twin["dense_active"]["val_loss"]["all"])
         layer = run.summary["layers"][int(row["layer"])]
-        assert float(row["nmi"]) == pytest.approx(layer["nmi"]["corrected"])
+        assert float(row["nmi"]) == pytest.approx(layer["measures"]["nmi"]["value"])
+        assert float(row["cmi_high"]) == pytest.approx(layer["measures"]["cmi"]["ci_high"])
 
     aggregate = json.loads((out / "aggregate.json").read_text())
     first = next(m for m in aggregate["measures"] if m["layer"] == 0)

@@ -359,10 +359,11 @@ def test_moe_analyze_hf_end_to_end(tiny_paths, tmp_path):
     assert summary["domains"] == ["code", "prose"]
     assert summary["tokens"]["per_domain"] == {"code": 96, "prose": 96}
     for layer in summary["layers"]:
-        assert layer["nmi"]["plugin"] is not None and layer["mi_token_expert_bits"]["plugin"] is not None
-        assert layer["cmi"]["bits"] is not None
-        assert len(layer["knockout"]["damage"]) == 2 and len(layer["knockout"]["damage"][0]) == 8
-        assert layer["coactivation"]["matrix"] and layer["cka"]["matrix"]
+        m = layer["measures"]
+        assert m["nmi"]["plugin"] is not None and m["mi_token"]["value"] is not None
+        assert m["cmi"]["bits"] is not None
+        assert len(m["knockout"]["damage"]) == 2 and len(m["knockout"]["damage"][0]) == 8
+        assert layer["coactivation"]["matrix"] and m["cka"]["matrix"]
     assert (out / "routing.npz").exists() and (out / "data" / "manifest.json").exists()
     assert all((out / path).exists() for path in summary["files"]["figures"].values())
     assert str(tiny_paths["deepseek_v3"]) in (out / "report.md").read_text()

@@ -20,13 +20,11 @@ from analysis.knockout import (
     cv_lower_bound,
     dense_group_knockouts,
     dense_groups,
-    dense_slice_knockouts,
     domain_losses,
     expert_dropped,
     expert_knockouts,
     expert_masked,
     heterogeneity,
-    hidden_slices,
     hidden_units_zeroed,
     matched_comparison,
     selectivity,
@@ -236,16 +234,6 @@ def test_dense_groups_of_a_layer_do_not_depend_on_the_other_layers(trained_dense
     np.testing.assert_allclose(both.damage[1], one.damage[0])
 
 
-def test_hidden_slices_partition_the_width():
-    slices = hidden_slices(70, 8)
-    covered = np.concatenate([np.arange(70)[s] for s in slices])
-    np.testing.assert_array_equal(covered, np.arange(70))
-    sizes = [s.stop - s.start for s in slices]
-    assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError):
-        hidden_slices(3, 4)
-
-
 # ----------------------------------------------------------------------------- restoring the model
 def _bad_batch(batch: Batch, vocab: int) -> Batch:
     tokens = batch.tokens.clone()
@@ -268,8 +256,6 @@ def test_interventions_are_undone_when_the_forward_raises(trained_moe, trained_d
     before = [b.ffn.w_out.detach().clone() for b in trained_dense.blocks]
     with pytest.raises(IndexError):
         dense_group_knockouts(trained_dense, bad, 4, blocks=[0, 1], num_experts=4, replicates=1)
-    with pytest.raises(IndexError):
-        dense_slice_knockouts(trained_dense, bad, 4, blocks=[0, 1], num_slices=4)
     mlp = trained_dense.blocks[0].ffn
     with pytest.raises(RuntimeError, match="boom"):
         with hidden_units_zeroed(mlp, np.array([0, 5, 9])):

@@ -218,13 +218,13 @@ def test_hash_router_on_disjoint_domains_has_domain_info_only_through_tokens(mak
                                   for d in disjoint_data.domains})
     rec = record_routing(model, batches, num_domains=4)
     m = measure_layer(rec.layers[0], rec.records, 0, n_permutations=99, n_bootstrap=99, rng=0)
-    nmi, cmi = m["nmi"], m["cmi"]
-    assert m["mi_domain_expert_bits"]["plugin"] > 0.1
-    assert nmi["excess_ci_low"] > 0 and nmi["p_value"] <= 0.01
+    nmi, cmi = m["measures"]["nmi"], m["measures"]["cmi"]
+    assert m["measures"]["mi_domain"]["value"] > 0.1
+    assert nmi["ci_low"] > 0 and nmi["p_value"] <= 0.01
     assert cmi["plugin_token_bits"] == pytest.approx(0.0, abs=1e-12)
-    assert abs(cmi["bits"]) < 1e-3 and cmi["share_ci_high"] < 0.02  # smoothing crumbs only: shown negligible
+    assert abs(cmi["bits"]) < 1e-3 and cmi["ci_high"] < 0.02  # smoothing crumbs only: shown negligible
     # Only EOS is shared by the domains, so H(D|T) is small but the token explains the routing.
-    assert m["mi_token_expert_bits"]["plugin"] > m["mi_domain_expert_bits"]["plugin"]
+    assert m["measures"]["mi_token"]["value"] > m["measures"]["mi_domain"]["value"]
 
 
 def test_routing_forced_to_the_domain_gives_nmi_one(make_model, synthetic_data, mixed_batches):
@@ -247,9 +247,10 @@ def test_routing_forced_to_the_domain_gives_nmi_one(make_model, synthetic_data, 
         handle.remove()
     result = rec.result()
     m = measure_layer(result.layers[0], result.records, 0, n_permutations=49, n_bootstrap=49, rng=0)
-    assert m["nmi"]["plugin"] == 1.0
-    assert m["mi_domain_expert_bits"]["plugin"] == pytest.approx(math.log2(4))
+    assert m["measures"]["nmi"]["plugin"] == 1.0
+    assert m["measures"]["mi_domain"]["value"] == pytest.approx(math.log2(4))
     assert np.allclose(np.diag(np.array(m["domain_specialization"])), 1.0)
     # Routing = domain: given the token, the expert still tells the domain apart.
-    assert m["cmi"]["plugin_token_bits"] == pytest.approx(conditional_mutual_information(result.layers[0].cube))
-    assert m["cmi"]["p_value"] < 0.05 and m["cmi"]["bits"] > 0
+    cmi = m["measures"]["cmi"]
+    assert cmi["plugin_token_bits"] == pytest.approx(conditional_mutual_information(result.layers[0].cube))
+    assert cmi["p_value"] < 0.05 and cmi["bits"] > 0

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from analysis.measures import MEASURES
 from analysis.plots import (
     plot_cka,
     plot_domain_expert_heatmaps,
+    plot_information,
     plot_knockout,
     plot_loss_comparison,
+    plot_measures,
     plot_nmi,
 )
 from analysis.recorder import RoutingRecords
@@ -24,10 +27,8 @@ FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens
 TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "data_splits", "comparison", "knockout",
             "verdict", "layers", "files"}
 LAYER_KEYS = {"layer", "block", "tokens", "assignments", "assignments_per_token", "weighting",
-              "domain_expert_counts", "domain_specialization", "uniform_share", "entropy_domain_bits",
-              "mi_domain_expert_bits", "nmi", "mi_token_expert_bits", "cmi",
-              "vocabulary_specialization", "coactivation", "consecutive_top1", "router_entropy_bits", "load",
-              "knockout", "cka", "verdict"}
+              "domain_expert_counts", "domain_specialization", "uniform_share", "coactivation",
+              "router_entropy_bits", "measures", "verdict"}
 
 
 def _strict_json(path):
@@ -68,21 +69,28 @@ def test_analyze_model_writes_report_summary_records_and_figures(full_run, synth
     for layer in summary["layers"]:
         assert set(layer) == LAYER_KEYS
         assert np.array(layer["domain_expert_counts"]).shape == (4, 4)
-        assert np.array(layer["knockout"]["damage"]).shape == (4, 4)
+        assert set(layer["measures"]) == set(MEASURES)  # every registered measure, in one place
+        ko = layer["measures"]["knockout"]
+        assert np.array(ko["damage"]).shape == (4, 4)
         g = len(AnalysisConfig().dense_group_sizes) * AnalysisConfig().dense_group_replicates
-        assert np.array(layer["knockout"]["dense_damage"]).shape == (4, g)  # random unit groups of this layer
-        assert len(layer["knockout"]["percentile"]) == 4
-        assert np.array(layer["cka"]["matrix"]).shape == (4, 4)
+        assert np.array(ko["dense_damage"]).shape == (4, g)  # random unit groups of this layer
+        assert len(ko["percentile"]) == 4
+        assert np.array(layer["measures"]["cka"]["matrix"]).shape == (4, 4)
         assert set(layer["verdict"]["criteria"]) == {"nmi", "cmi", "knockout", "cka"}
         for c in layer["verdict"]["criteria"].values():
             assert c["threshold"] and c["verdict"] in ("specialist", "ensemble", "inconclusive")
-        nmi = layer["nmi"]
-        assert nmi["ci_low"] <= nmi["plugin"] <= nmi["ci_high"]
+        nmi = layer["measures"]["nmi"]
+        assert nmi["plugin_ci_low"] <= nmi["plugin"] <= nmi["plugin_ci_high"]
+        assert nmi["ci_low"] <= nmi["value"] <= nmi["ci_high"]
+        assert nmi["value"] == pytest.approx(nmi["plugin"] - nmi["null_mean"])
         assert nmi["n_permutations"] == 49
 
     report = (out / "report.md").read_text()
     assert f"**Verdict: {summary['verdict']['verdict']}**" in report
-    assert "CI top >= 0.03" in report and "no (reported)" in report and "documents" in report and "![knockout](figures/knockout.png)" in report
+    assert "CI top >= 0.03" in report and "no (reported)" in report and "documents" in report
+    assert "![knockout](figures/knockout.png)" in report and "![measures](figures/measures.png)" in report
+    for m in MEASURES.values():  # the report's table loops over the registry
+        assert m.label in report
 
     records = RoutingRecords.load(out / "routing.npz")
     assert records.token.size == summary["tokens"]["recorded"] == 4 * 1024
@@ -92,7 +100,8 @@ def test_analyze_model_writes_report_summary_records_and_figures(full_run, synth
 def test_plots_draw_from_the_saved_summary_and_from_arrays(full_run):
     out, _ = full_run
     summary = _strict_json(out / "summary.json")  # what a notebook reads
-    for plot in (plot_domain_expert_heatmaps, plot_nmi, plot_knockout, plot_cka, plot_loss_comparison):
+    for plot in (plot_domain_expert_heatmaps, plot_nmi, plot_knockout, plot_cka, plot_loss_comparison, plot_measures,
+                 plot_information):
         assert isinstance(plot(summary), Figure)
     counts = [np.array(layer["domain_expert_counts"]) for layer in summary["layers"]]
     assert isinstance(plot_domain_expert_heatmaps(counts, summary["domains"], top_k=2), Figure)
@@ -101,13 +110,13 @@ def test_plots_draw_from_the_saved_summary_and_from_arrays(full_run):
 
 
 def test_nmi_plot_takes_an_interval_that_excludes_its_point(full_run):
-    """A percentile bootstrap of plug-in NMI near zero can lie wholly above the estimate (it is
-    biased upward); the figure must draw it, not fail (seen on a random-router run)."""
+    """An interval that does not contain its point (as the plain percentile bootstrap of a plug-in
+    NMI near zero did) must be drawn, not fail."""
     import copy
 
     summary = copy.deepcopy(_strict_json(full_run[0] / "summary.json"))
-    nmi = summary["layers"][0]["nmi"]
-    nmi["plugin"], nmi["ci_low"], nmi["ci_high"] = 0.001, 0.002, 0.004
+    nmi = summary["layers"][0]["measures"]["nmi"]
+    nmi["value"], nmi["ci_low"], nmi["ci_high"] = 0.001, 0.002, 0.004
     assert isinstance(plot_nmi(summary), Figure)
 
 
@@ -116,9 +125,9 @@ def test_analysis_without_twin_knockouts_or_probes(trained_moe, val_by_domain, s
     summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, cfg=cfg)
     assert summary["knockout"] is None and summary["files"]["records"] is None
     assert not (tmp_path / "routing.npz").exists()
-    assert set(summary["files"]["figures"]) == {"domain_expert", "nmi", "loss"}
+    assert set(summary["files"]["figures"]) == {"domain_expert", "nmi", "measures", "loss"}
     for layer in summary["layers"]:
-        assert layer["knockout"] is None and layer["cka"] is None
+        assert layer["measures"]["knockout"]["value"] is None and layer["measures"]["cka"]["value"] is None
         crit = layer["verdict"]["criteria"]
         assert crit["knockout"]["verdict"] == crit["cka"]["verdict"] == "inconclusive"
     assert set(summary["comparison"]) == {"moe"}

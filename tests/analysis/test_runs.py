@@ -46,17 +46,17 @@ def layer_entry(i: int, nmi: float) -> dict:
     return {
         "layer": i, "block": i, "domain_expert_counts": counts,
         "domain_specialization": (np.array(counts) / 4).tolist(), "uniform_share": 2 / 3,
-        "entropy_domain_bits": 1.0,
-        "mi_domain_expert_bits": {"plugin": 0.5, "corrected": 0.4},
-        "mi_token_expert_bits": {"plugin": 0.9, "corrected": 0.8},
-        "nmi": {"excess": nmi, "excess_ci_low": nmi - 0.1, "excess_ci_high": nmi + 0.1, "plugin": nmi + 0.01,
-                "corrected": nmi, "ci_low": nmi - 0.09, "ci_high": nmi + 0.11, "confidence": 0.95,
-                "null_mean": 0.01, "null_q95": 0.02, "docs_per_domain": [31, 40]},
-        "cmi": {"context": "token", "bits": 0.09, "share": 0.18, "share_ci_low": 0.1, "share_ci_high": 0.26,
-                "p_value": 0.01, "h_domain_given_context_bits": 0.5},
-        "load": {"max_violation": 0.1},
-        "knockout": {"selectivity_median": 0.6, "dense_selectivity_median": None},
-        "cka": {"mean_offdiag": 0.3},
+        "measures": {
+            "nmi": {"value": nmi, "ci_low": nmi - 0.1, "ci_high": nmi + 0.1, "null_mean": 0.01, "p_value": 0.01,
+                    "plugin": nmi + 0.01, "null_q95": 0.02, "docs_per_domain": [31, 40]},
+            "cmi": {"value": 0.18, "ci_low": 0.1, "ci_high": 0.26, "null_mean": 0.0, "p_value": 0.01,
+                    "bits": 0.09, "h_domain_given_context_bits": 0.5},
+            "mi_domain": {"value": 0.5, "corrected": 0.4, "entropy_domain_bits": 1.0},
+            "mi_token": {"value": 0.9, "corrected": 0.8},
+            "maxvio": {"value": 0.1},
+            "knockout": {"value": 0.6, "dense_cv_median": None},
+            "cka": {"value": 0.3},
+        },
         "verdict": {"verdict": "specialist", "criteria": {"nmi": crit}},
     }
 
@@ -156,11 +156,12 @@ def test_load_sweep_axes_labels_and_rows(sweep):
     first = rows[0]
     assert first["balance.scope"] == "global_batch" and first["seed"] == 0 and first["layer"] == 0
     assert first["nmi"] == 0.2 and first["nmi_plugin"] == pytest.approx(0.21)
-    assert first["loss_gap"] == pytest.approx(-0.5) and first["cmi_share"] == 0.18
-    assert np.isnan(first["dense_ko_selectivity"]) and first["verdict"] == "specialist"
+    assert first["loss_gap"] == pytest.approx(-0.5) and first["cmi"] == 0.18
+    assert first["cmi_low"] == 0.1 and first["docs_min"] == 31 and np.isnan(first["vocabulary"])
+    assert np.isnan(first["dense_cv"]) and first["verdict"] == "specialist"
     bare = rows[2]
     assert bare["layer"] is None and bare["seed"] == 1 and bare["loss_gap"] == pytest.approx(-0.5)
-    table = markdown_table(rows, ["label", "layer", "nmi", "dense_ko_selectivity"])
+    table = markdown_table(rows, ["label", "layer", "nmi", "dense_cv"])
     assert table.splitlines()[2] == "| scope=global_batch, seed=0 | 0 | 0.2 | – |"
     with pytest.raises(FileNotFoundError, match="no run directory"):
         load_sweep(sweep / "balance=micro_batch,seed=0" / "models")

@@ -74,7 +74,7 @@ def test_cmi_rule(share, low, high, p, h, expected):
 def test_reported_criteria_do_not_vote():
     ko = judge_knockout([0.99, 0.98, 0.97], T)
     assert ko.verdict == SPECIALIST and not ko.votes
-    assert judge_knockout([0.2, 0.4, float("nan")], T).verdict == ENSEMBLE
+    assert judge_knockout([0.2, 0.4, float("nan")], T).verdict == INCONCLUSIVE  # one-sided: never ensemble
     assert judge_knockout([0.7, 0.8], T).verdict == INCONCLUSIVE
     assert judge_knockout(None, T).verdict == INCONCLUSIVE
     assert judge_cka(0.95, T).verdict == ENSEMBLE and not judge_cka(0.95, T).votes
