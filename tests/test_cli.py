@@ -63,6 +63,12 @@ def test_train_and_analyze_cli_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["verdict"]["verdict"] in {"specialist", "ensemble", "inconclusive"}
+    # The report states the data it rests on: documents and tokens per domain and split.
+    splits = summary["data_splits"]
+    assert set(splits) == {"train", "val"} and set(splits["val"]) == set(summary["domains"])
+    assert all(c["documents"] >= 2 and c["tokens"] > 0 for c in splits["val"].values())
+    assert "validation documents" in (tmp_path / "analysis" / "report.md").read_text() or \
+        "val split" in (tmp_path / "analysis" / "report.md").read_text()
 
 
 @pytest.mark.slow

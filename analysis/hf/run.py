@@ -38,7 +38,7 @@ def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg
 
     Evaluates `data.val_tokens_per_domain` tokens per domain in batches of `batch_size` sequences of
     `data.seq_len`; knockouts use `cfg.knockout_tokens` of them per domain. No dense twin exists, so
-    knockout selectivity has no dense-slice control. Returns the summary dict.
+    the knockouts have no dense control. Returns the summary dict.
     """
     data_cfg = hf_data_config(data, name)
     prepared = prepare_data(data_cfg, seed=seed)
@@ -50,4 +50,5 @@ def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg
                          "embedding rows")
     out = Path(out_dir)
     prepared.save(out)
-    return analyze_model(model, val, prepared.domains, out, cfg=cfg, model_info=model.describe())
+    return analyze_model(model, val, prepared.domains, out, cfg=cfg, model_info=model.describe(),
+                         data_splits=prepared.split_counts())

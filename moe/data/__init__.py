@@ -6,6 +6,7 @@ token, the id of its domain and of its document.
     stream = data.train_stream(micro_batch_size=8, rank=rank, world_size=world)
     batch = next(stream)                   # Batch: tokens, targets, domain, doc, each int64 [8, 256]
     val = data.val_batches(batch_size=8, domain="math")
+    data.split_counts()                    # {"train"|"val": {domain: {"documents": n, "tokens": n}}}
     data.save(run_dir)                     # manifest, tokenizer, validation batches -> run_dir/data/
     data = load_prepared(run_dir)          # what analysis uses
 """
@@ -20,7 +21,7 @@ from moe.data.config import (
     SyntheticSourceConfig,
     as_data_config,
 )
-from moe.data.errors import DataError, DataFileNotFoundError
+from moe.data.errors import DataError, DataFileNotFoundError, ValidationDocumentsWarning
 from moe.data.prepare import prepare_data
 from moe.data.prepared import DocumentInfo, PreparedData, load_prepared
 from moe.data.stream import BatchStream
@@ -42,6 +43,7 @@ __all__ = [
     "PreparedData",
     "PretrainedTokenizer",
     "SyntheticSourceConfig",
+    "ValidationDocumentsWarning",
     "as_data_config",
     "load_prepared",
     "load_tokenizer",

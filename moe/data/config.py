@@ -36,8 +36,11 @@ class BuiltinSourceConfig:
     # directory, which some distributions ship only in a -dev package, hence not a default).
     domains: List[str] = field(default_factory=lambda: ["code", "legal", "math", "prose"])
     # A file longer than this is truncated at a line boundary, so one large file (the stdlib has
-    # 200 KB modules) cannot fill a whole domain and every domain has enough documents to split.
-    max_chars_per_doc: int = 16384
+    # 200 KB modules) cannot fill a whole domain, and every domain has enough documents for
+    # document-level statistics (see min_val_docs_per_domain): at 3 KB the default domain cap holds
+    # ~300 code files (the median stdlib module is ~8 KB), and 30 of them (<= ~1,000 tokens each)
+    # fit whole into val_tokens_per_domain.
+    max_chars_per_doc: int = 3072
     # Question/answer pairs per generated math document (a "problem set").
     math_problems_per_doc: int = 40
 
@@ -116,6 +119,11 @@ class HFSourceConfig:
     # With domain_field: stop reading after this many records (None: until every kept domain is
     # full, or the dataset ends).
     max_records: Optional[int] = None
+    # Records are drawn in a random order seeded by corpus_seed, so a capped domain is a random
+    # sample, not the dataset's first records: a downloaded dataset is permuted exactly, a streamed
+    # one is shuffled by shard order and through a buffer of this many records (read ahead).
+    # null or 0: the dataset's own order.
+    shuffle_buffer: Optional[int] = 10_000
 
 
 @dataclass
@@ -131,18 +139,31 @@ class DataConfig:
     # "bpe": byte-level BPE trained on the train split; "hf:<name>": a pretrained tokenizer
     # (needs `transformers` and network access). The synthetic source ignores it (ids are tokens).
     tokenizer: str = "bpe"
-    # Fraction of each domain's documents held out for validation (split by document).
-    val_fraction: float = 0.1
-    # Validation tokens kept per domain (input positions); caps the cost of an evaluation.
+    # Fraction of each domain's documents held out for validation (split by document). 0.2 rather
+    # than 0.1: the builtin legal domain has only ~170 distinct licences on a machine with the dev
+    # extras installed, and min_val_docs_per_domain of them must be held out.
+    val_fraction: float = 0.2
+    # Validation tokens kept per domain (input positions); caps the cost of an evaluation. The
+    # budget is spread over documents so that min_val_docs_per_domain of them fit (see val_windows).
     val_tokens_per_domain: int = 32768
+    # Validation documents each domain should have in its validation set: document-level statistics
+    # (permutation nulls and bootstrap intervals over documents) are weak with fewer. Fewer than
+    # this: a warning naming the settings to change (also listed in the manifest under "warnings");
+    # fewer than 2: refused, since resampling documents needs at least two. When the first this-many
+    # held-out documents overflow val_tokens_per_domain, each of them contributes only its first
+    # tokens (one cap for all, the smallest that fills the budget), so long documents cannot crowd
+    # the others out.
+    min_val_docs_per_domain: int = 30
     # Domain -> weight of that domain in the train token stream. Empty (or null): every domain
     # contributes equally whatever its size. Unlisted domains get weight 0 (still validated on).
     # An empty dict rather than None by default: Hydra cannot override a None-valued dict from the
     # command line at all, while an empty one takes `++data.mixture={code: 3, math: 1}`.
     mixture: Optional[Dict[str, float]] = field(default_factory=dict)
-    # Characters of text kept per domain (None: no cap). 400 KB per domain keeps the builtin
-    # corpus (~1.6 MB) quick to prepare on a laptop CPU.
-    max_chars_per_domain: Optional[int] = 400_000
+    # Characters of text kept per domain (None: no cap). 800 KB per domain keeps the builtin
+    # corpus (~2.2 MB: prose and legal hold less, all there is) quick to prepare on a laptop CPU
+    # (~4 s, then cached) with >= 150 documents per domain. conf/data/local.yaml and hf.yaml set
+    # larger caps: their documents are longer.
+    max_chars_per_domain: Optional[int] = 800_000
     # Bytes that are not UTF-8 inside otherwise good text: "replace" with U+FFFD or "skip" (drop)
     # them. Either way they are counted in the manifest. Files that are not text at all fail.
     non_utf8: str = "replace"
@@ -189,6 +210,11 @@ def validate(cfg: DataConfig) -> None:
         raise DataError(f"data.non_utf8={cfg.non_utf8!r} is unknown; choose 'replace' or 'skip'")
     if cfg.max_chars_per_domain is not None and cfg.max_chars_per_domain < 1:
         raise DataError("data.max_chars_per_domain must be positive, or null for no cap")
+    if cfg.min_val_docs_per_domain < 2:
+        raise DataError(
+            f"data.min_val_docs_per_domain={cfg.min_val_docs_per_domain} must be at least 2 (resampling "
+            f"documents needs two)"
+        )
     if cfg.tokenizer != "bpe" and not cfg.tokenizer.startswith("hf:"):
         raise DataError(f"data.tokenizer={cfg.tokenizer!r} is unknown; use 'bpe' or 'hf:<name>'")
     if cfg.tokenizer == "bpe" and cfg.source != "synthetic" and cfg.vocab_size < 257:
@@ -227,6 +253,8 @@ def validate(cfg: DataConfig) -> None:
             )
         if s.branching < 1:
             raise DataError("data.synthetic.branching must be at least 1")
+    if cfg.source == "hf" and cfg.hf.shuffle_buffer is not None and cfg.hf.shuffle_buffer < 0:
+        raise DataError(f"data.hf.shuffle_buffer={cfg.hf.shuffle_buffer} must be >= 0 (0 or null: no shuffle)")
     if cfg.source == "local" and cfg.local.format not in LOCAL_FORMATS:
         raise DataError(f"data.local.format={cfg.local.format!r} is unknown; choose one of {LOCAL_FORMATS}")
 

@@ -77,7 +77,7 @@ class DomainBudget:
         limit = self.max_chars_per_doc
         if self.max_chars is not None:
             left = self.max_chars - self.chars
-            if len(text) > left and left < min(512, self.max_chars // 8):
+            if len(text) > left and left < scrap_chars(self.max_chars):
                 # A scrap of a few characters is not a document worth having: the domain is full.
                 self.chars = self.max_chars
                 return False
@@ -96,6 +96,13 @@ class DomainBudget:
         self.domain.undecodable_bytes += undecodable_bytes
         self.chars += len(text)
         return not self.full
+
+
+def scrap_chars(max_chars: int) -> int:
+    """Room left under a domain cap below which the domain counts as full: a document would be cut
+    to a scrap of this few characters. So a domain of `chars` reached its cap iff
+    chars > max_chars - scrap_chars(max_chars)."""
+    return min(512, max_chars // 8)
 
 
 def normalized_hash(text: str) -> str:

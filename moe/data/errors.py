@@ -13,3 +13,8 @@ class DataError(ValueError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A configured file or directory that does not exist or cannot be read."""
+
+
+class ValidationDocumentsWarning(UserWarning):
+    """A domain has fewer validation documents than `data.min_val_docs_per_domain`: its
+    document-level statistics (nulls and intervals that resample documents) will be weak."""

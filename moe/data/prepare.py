@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 import platform
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,8 +22,8 @@ import numpy as np
 
 from moe.data.cache import atomic_dir, corpus_dir, locked, request_file, tokenizer_dir, tokens_dir, write_json
 from moe.data.config import DataConfig, as_data_config, resolve_cache_dir
-from moe.data.corpus import TextCorpus, TokenCorpus
-from moe.data.errors import DataError
+from moe.data.corpus import TextCorpus, TokenCorpus, scrap_chars
+from moe.data.errors import DataError, ValidationDocumentsWarning
 from moe.data.prepared import FORMAT_VERSION, DocumentInfo, PreparedData
 from moe.data.sources import load_corpus
 from moe.data.split import mixture_weights, split_documents
@@ -62,19 +64,84 @@ def prepare_data(cfg: DataConfig | Any, *, seed: int, cache_dir: str | Path | No
     plan = TrainPlan(store, train_docs, weights, seq_len=cfg.seq_len, seed=seed, fingerprint=fingerprint)
     val = {}
     for d, name in enumerate(domains):
-        val[name] = val_windows(store, val_order[d], seq_len=cfg.seq_len, max_tokens=cfg.val_tokens_per_domain)
+        val[name] = val_windows(store, val_order[d], seq_len=cfg.seq_len, max_tokens=cfg.val_tokens_per_domain,
+                                min_docs=cfg.min_val_docs_per_domain)
         if val[name][0].shape[0] == 0:
             raise DataError(
                 f"domain {name!r} has {int(store.doc_lengths[val_order[d]].sum())} validation tokens, fewer "
                 f"than seq_len+1={cfg.seq_len + 1}; raise data.val_fraction or lower data.seq_len"
             )
+    warnings_ = check_val_documents(cfg, corpus, val, val_order)
     sources = corpus.sources if isinstance(corpus, TokenCorpus) else [d.source for d in corpus.documents]
     documents = [DocumentInfo(i, domains[corpus.doc_domain[i]], sources[i], "val" if is_val[i] else "train")
                  for i in range(len(sources))]
     manifest = _manifest(cfg, seed, cache, corpus, directory, tokenizer, store, train_docs, val, weights, fingerprint)
+    manifest["warnings"] = warnings_
     texts = None if isinstance(corpus, TokenCorpus) else [d.text for d in corpus.documents]
     return PreparedData(domains=domains, tokenizer=tokenizer, manifest=manifest, seq_len=cfg.seq_len,
                         documents=documents, val=val, store=store, plan=plan, texts=texts, corpus_dir=directory)
+
+
+def check_val_documents(cfg: DataConfig, corpus: TextCorpus | TokenCorpus,
+                        val: dict[str, tuple[np.ndarray, np.ndarray]], val_order: list[np.ndarray]) -> list[str]:
+    """Refuse a domain with fewer than 2 documents in its validation set; warn (and return the
+    messages, for the manifest) for each domain with fewer than `cfg.min_val_docs_per_domain`."""
+    messages = []
+    for d, name in enumerate(corpus.domains):
+        used = int(np.unique(val[name][1]).size)
+        if used >= cfg.min_val_docs_per_domain:
+            continue
+        held = int(val_order[d].size)
+        n_docs = int(np.sum(corpus.doc_domain == d))
+        what = (f"domain {name!r} has {used} document(s) in its validation set ({held} of its {n_docs} "
+                f"documents held out)")
+        fixes = _val_fixes(cfg, corpus, d, used, held, n_docs)
+        if used < 2:
+            raise DataError(f"{what}; document resampling needs at least 2: {fixes}")
+        message = (f"{what}, fewer than data.min_val_docs_per_domain={cfg.min_val_docs_per_domain}: document-level "
+                   f"statistics (permutation nulls, bootstrap intervals) will be weak. To get more: {fixes}")
+        warnings.warn(message, ValidationDocumentsWarning, stacklevel=3)
+        messages.append(message)
+    return messages
+
+
+def _val_fixes(cfg: DataConfig, corpus: TextCorpus | TokenCorpus, d: int, used: int, held: int, n_docs: int) -> str:
+    """The settings that would give domain `d` more validation documents, as one sentence."""
+    want = cfg.min_val_docs_per_domain
+    fixes = []
+    if held > used:
+        fixes.append(f"raise data.val_tokens_per_domain (now {cfg.val_tokens_per_domain}: {held} documents are "
+                     f"held out but only {used} fit)")
+    if held < want:
+        docs_needed = math.ceil(want / cfg.val_fraction)
+        if cfg.source == "synthetic":
+            fixes.append(f"raise data.synthetic.tokens_per_domain (now {cfg.synthetic.tokens_per_domain}) or lower "
+                         f"data.synthetic.doc_len (now {cfg.synthetic.doc_len})")
+        else:
+            chars = sum(len(doc.text) for doc, k in zip(corpus.documents, corpus.doc_domain) if k == d)
+            cap = cfg.max_chars_per_domain
+            capped = cap is not None and chars > cap - scrap_chars(cap)
+            if capped:
+                suggest = math.ceil(docs_needed * chars / n_docs / 100_000) * 100_000
+                fixes.append(f"raise data.max_chars_per_domain (now {cfg.max_chars_per_domain}; about {suggest} "
+                             f"takes the {docs_needed} documents that hold out {want} at val_fraction "
+                             f"{cfg.val_fraction})")
+            if cfg.source == "builtin" and capped:
+                fixes.append(f"lower data.builtin.max_chars_per_doc (now {cfg.builtin.max_chars_per_doc})"
+                             + (" or data.builtin.math_problems_per_doc" if corpus.domains[d] == "math" else ""))
+            elif cfg.source == "builtin" and corpus.domains[d] == "legal":
+                fixes.append(f"the legal domain already holds every distinct licence text installed here ({n_docs}); "
+                             f"installing more packages (e.g. the dev extras) adds licences")
+            elif cfg.source == "builtin":
+                fixes.append(f"this domain already holds all its text on this machine ({n_docs} documents)")
+            elif cfg.source == "local" and not capped:
+                fixes.append(f"add documents of this domain under data.local.path={cfg.local.path} (about "
+                             f"{docs_needed} are needed)")
+            elif cfg.source == "hf" and not capped:
+                fixes.append("raise data.hf.max_docs_per_domain or data.hf.max_records if set, or add records of "
+                             "this domain")
+        fixes.append(f"raise data.val_fraction (now {cfg.val_fraction}: {held} of {n_docs} documents held out)")
+    return "; ".join(fixes) + "."
 
 
 def _corpus(cfg: DataConfig, cache: Path) -> tuple[TextCorpus | TokenCorpus, Path | None]:
@@ -153,9 +220,13 @@ def _manifest(cfg: DataConfig, seed: int, cache: Path, corpus: TextCorpus | Toke
         tr = train_docs[corpus.doc_domain[train_docs] == d]
         va = np.flatnonzero(corpus.doc_domain == d)
         va = va[~np.isin(va, tr)]
+        # val_documents / val_tokens: every held-out document (tokens with EOS); *_used: what the
+        # validation set holds (documents with a token in it, input positions), the numbers a
+        # document-level statistic on the validation batches rests on.
         split[name] = {
             "train_documents": int(tr.size), "val_documents": int(va.size),
             "train_tokens": int(lengths[tr].sum()), "val_tokens": int(lengths[va].sum()),
+            "val_documents_used": int(np.unique(val[name][1]).size),
             "val_tokens_used": int(val[name][1].size),
         }
     return {

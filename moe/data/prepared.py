@@ -42,7 +42,8 @@ class PreparedData:
 
     domains     sorted domain names; `Batch.domain` indexes this list
     tokenizer   encode(str) -> list[int], decode(ids) -> str, vocab_size, eos_id, save(dir)
-    manifest    plain dict: corpus facts per domain, hashes, split sizes, tokenizer, config, seed
+    manifest    plain dict: corpus facts per domain, hashes, split sizes (see `split_counts`),
+                tokenizer, config, seed, and the warnings raised while preparing
     documents   `DocumentInfo` per document id
     """
 
@@ -94,6 +95,26 @@ class PreparedData:
         dom = np.concatenate([np.full(self._val[n][1].shape, self.domains.index(n), np.int64) for n in names])
         return [Batch.from_numpy(windows[i:i + batch_size], dom[i:i + batch_size], docs[i:i + batch_size])
                 for i in range(0, windows.shape[0], batch_size)]
+
+    def split_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Documents and tokens per split and domain: {"train"|"val": {domain: {"documents": n,
+        "tokens": n}}}.
+
+        train: the train documents and their tokens (each with its EOS), what the stream draws
+        from. val: what the validation batches hold, i.e. the documents with at least one token in
+        them and their input positions (at most `val_tokens_per_domain`); held-out documents beyond
+        that budget are not counted (the manifest's `split` has them as val_documents/val_tokens).
+        """
+        split = self.manifest["split"]
+        out: dict[str, dict[str, dict[str, int]]] = {"train": {}, "val": {}}
+        for name in self.domains:
+            s = split[name]
+            docs = s.get("val_documents_used")
+            if docs is None:  # a manifest written before the count was recorded
+                docs = int(np.unique(self._val[name][1]).size)
+            out["train"][name] = {"documents": int(s["train_documents"]), "tokens": int(s["train_tokens"])}
+            out["val"][name] = {"documents": int(docs), "tokens": int(s["val_tokens_used"])}
+        return out
 
     def doc_tokens(self, doc: int) -> np.ndarray:
         """Token ids of document `doc` without its trailing EOS (int64 [n])."""

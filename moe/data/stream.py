@@ -210,18 +210,53 @@ def stream_fingerprint(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def val_windows(store: TokenStore, docs: np.ndarray, *, seq_len: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def val_windows(store: TokenStore, docs: np.ndarray, *, seq_len: int, max_tokens: int,
+                min_docs: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Validation sequences of one domain: its held-out documents `docs` (in that order) packed
     back to back, cut into n windows of S+1 tokens with stride S, n * S <= max_tokens.
 
-    Returns windows [n, S+1] (token dtype) and doc ids [n, S] (int64).
+    The budget is spread over documents: if the first m = min(min_docs, len(docs)) documents
+    together overflow it, each of them contributes only its first `cap` tokens (the last one
+    replaced by its EOS, as any truncated document ends), with `cap` the smallest that still fills
+    the budget; so long documents cannot crowd the others out of a document-level statistic. m is
+    lowered, not below 2, where a document would get less than one window (S+1 tokens). Otherwise
+    documents enter whole, as many as fit.
+
+    Returns windows [n, S+1] (token dtype) and doc ids [n, S] (int64). The documents in the
+    validation set are `np.unique(doc_ids)`.
     """
     S = seq_len
+    docs = np.asarray(docs, dtype=np.int64)
     lengths = store.doc_lengths[docs]
-    n = min(max_tokens // S, max(0, (int(lengths.sum()) - 1) // S))
+    need = (max_tokens // S) * S + 1  # stream tokens that fill the budget: n windows overlap by one
+    m = min(min_docs, docs.size, max(2, need // (S + 1)))
+    take = lengths
+    if m >= 1 and int(lengths[:m].sum()) > need:
+        docs, take = docs[:m], np.minimum(lengths[:m], _fill_cap(lengths[:m], need))
+    n = min(max_tokens // S, max(0, (int(take.sum()) - 1) // S))
     if n == 0:
         return np.empty((0, S + 1), store.tokens.dtype), np.empty((0, S), np.int64)
-    inst_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    k = int(np.searchsorted(np.cumsum(take), n * S + 1)) + 1  # documents reaching into the windows
+    parts = []
+    for doc, t, length in zip(docs[:k].tolist(), take[:k].tolist(), lengths[:k].tolist()):
+        o = int(store.offsets[doc])
+        body = store.tokens[o:o + t]
+        if t < length:  # a prefix: end it with the document's EOS
+            body = np.concatenate([store.tokens[o:o + t - 1], store.tokens[o + length - 1:o + length]])
+        parts.append(body)
+    stream = np.concatenate(parts)[: n * S + 1]
+    owner = np.repeat(docs[:k], take[:k])[: n * S + 1]
     pos = np.arange(n)[:, None] * S + np.arange(S + 1)
-    window, doc = store.gather(np.asarray(docs, dtype=np.int64), inst_start, pos)
-    return window, doc[:, :-1]
+    return np.ascontiguousarray(stream[pos]), np.ascontiguousarray(owner[pos[:, :-1]])
+
+
+def _fill_cap(lengths: np.ndarray, need: int) -> int:
+    """Smallest cap c >= 2 with sum(min(lengths, c)) >= need (lengths.sum() > need is given)."""
+    lo, hi = 2, int(lengths.max())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(np.minimum(lengths, mid).sum()) >= need:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

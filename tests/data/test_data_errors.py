@@ -142,6 +142,7 @@ def test_unknown_mixture_domain(tmp_path):
     ("vocab_size", 100, r"data\.vocab_size=100 is below 257"),
     ("tokenizer", "sentencepiece", r"data\.tokenizer='sentencepiece' is unknown"),
     ("seq_len", 0, r"data\.seq_len=0 must be a positive"),
+    ("min_val_docs_per_domain", 1, r"data\.min_val_docs_per_domain=1 must be at least 2"),
 ])
 def test_bad_settings(tmp_path, field, value, pattern):
     cfg = DataConfig()

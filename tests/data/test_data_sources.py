@@ -25,7 +25,9 @@ def _docs(domain: str, n: int, seed: int = 0) -> list[str]:
 
 
 def _cfg(**kw) -> DataConfig:
-    cfg = DataConfig(seq_len=16, vocab_size=300, val_fraction=0.25, val_tokens_per_domain=64, max_chars_per_domain=None)
+    # Half of a handful of documents held out: the 2 that document resampling needs at least.
+    cfg = DataConfig(seq_len=16, vocab_size=300, val_fraction=0.5, val_tokens_per_domain=64, max_chars_per_domain=None,
+                     min_val_docs_per_domain=2)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -133,6 +135,49 @@ def test_local_cap_keeps_a_seeded_subset(tmp_path):
         assert info["sources"] == b.manifest["domains"][name]["sources"]
 
 
+def _kept_indices(corpus, domain: str) -> list[int]:
+    """Indices (0..n-1, in sorted-path / file order) of the documents a capped domain kept; each
+    text starts with "<domain> <index>"."""
+    d = corpus.domain_texts[corpus.domains.index(domain)]
+    return [int(doc.text.split(" ", 2)[1]) for doc in d.documents]
+
+
+@pytest.mark.parametrize("form", ["dir", "jsonl"])
+def test_local_cap_draws_a_random_sample_seeded_by_corpus_seed(tmp_path, form):
+    """A capped domain is a random sample of its documents (not the first ones in sorted or file
+    order), the same one on every call with the same corpus_seed, another with another seed."""
+    from moe.data.sources.local import load_local
+
+    n, per_doc = 60, 800
+    texts = {d: [f"{d} {i:03d} " + " ".join(WORDS[d][(i + j) % 10] for j in range(150))[:per_doc - 10] + "\n"
+                 for i in range(n)] for d in ("animals", "numbers")}
+    if form == "dir":
+        for d, docs in texts.items():
+            (tmp_path / "corpus" / d).mkdir(parents=True)
+            for i, t in enumerate(docs):
+                (tmp_path / "corpus" / d / f"doc{i:03d}.txt").write_text(t)
+        path = tmp_path / "corpus"
+    else:
+        path = tmp_path / "data.jsonl"
+        _write_jsonl(path, [{"text": t, "domain": d} for d, docs in texts.items() for t in docs])
+    cap = 10 * per_doc
+    picks = {}
+    for corpus_seed in (0, 0, 1):
+        cfg = _cfg(source="local", max_chars_per_domain=cap, corpus_seed=corpus_seed)
+        cfg.local.path = str(path)
+        corpus = load_local(cfg)
+        kept = {d: _kept_indices(corpus, d) for d in corpus.domains}
+        for d, idx in kept.items():
+            assert 9 <= len(idx) <= 11 and len(set(idx)) == len(idx)
+            assert idx == sorted(idx)  # listed in path / record order once picked
+            assert idx != list(range(len(idx)))  # not the first files
+            assert max(idx) >= n // 2  # drawn from the whole domain
+        picks.setdefault(corpus_seed, []).append(kept)
+    assert picks[0][0] == picks[0][1]  # reproducible
+    assert picks[0][0] != picks[1][0]  # corpus_seed decides the sample
+    assert picks[0][0]["animals"] != picks[0][0]["numbers"]  # each domain draws on its own
+
+
 @pytest.fixture(scope="module")
 def datasets_offline():
     datasets = pytest.importorskip("datasets")
@@ -154,10 +199,38 @@ def test_hf_domain_field_through_datasets(tmp_path, datasets_offline):
     got = _texts_by_domain(data)
     for domain in data.domains:
         in_order = [r["body"] for r in rows if r["meta"]["set"] == domain]
-        assert got[domain] == in_order[:3]  # the dataset's order, up to the per-domain cap
+        assert len(got[domain]) == 3 and set(got[domain]) <= set(in_order)
     # A rerun finds the cached corpus by its request.
     again = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
     assert again.manifest["corpus_sha256"] == data.manifest["corpus_sha256"]
+
+
+def test_hf_cap_draws_a_random_sample_seeded_by_corpus_seed(tmp_path, datasets_offline):
+    from moe.data.sources.hf import load_hf, request_key
+
+    rows = _records(("animals", "numbers"), n=30)
+    _write_jsonl(tmp_path / "pile.jsonl", rows)
+
+    def picked(corpus_seed=0, streaming=True, shuffle_buffer=10_000):
+        cfg = _cfg(source="hf", corpus_seed=corpus_seed)
+        cfg.hf.path, cfg.hf.data_files = "json", [str(tmp_path / "pile.jsonl")]
+        cfg.hf.text_field, cfg.hf.domain_field = "body", "meta.set"
+        cfg.hf.cache_dir, cfg.hf.streaming, cfg.hf.shuffle_buffer = str(tmp_path / "hf"), streaming, shuffle_buffer
+        cfg.hf.max_docs_per_domain = 5
+        return cfg, {d.name: [doc.text for doc in d.documents] for d in load_hf(cfg).domain_texts}
+
+    first5 = {d: [r["body"] for r in rows if r["meta"]["set"] == d][:5] for d in ("animals", "numbers")}
+    cfg0, a = picked()
+    assert a == picked()[1]  # reproducible
+    cfg1, b = picked(corpus_seed=1)
+    assert a != b  # corpus_seed decides the sample, so it keys the cached request too
+    assert request_key(cfg0) != request_key(cfg1)
+    for d, docs in a.items():
+        assert len(docs) == 5 and docs != first5[d]
+        assert set(docs) <= {r["body"] for r in rows if r["meta"]["set"] == d}
+    downloaded = picked(streaming=False)[1]  # a downloaded dataset is permuted exactly
+    assert {d: len(v) for d, v in downloaded.items()} == {"animals": 5, "numbers": 5} and downloaded != first5
+    assert picked(shuffle_buffer=None)[1] == first5  # null: the dataset's own order
 
 
 def test_hf_one_dataset_per_domain(tmp_path, datasets_offline):
@@ -170,11 +243,12 @@ def test_hf_one_dataset_per_domain(tmp_path, datasets_offline):
     data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
     got = _texts_by_domain(data)
     assert data.domains == ["animals", "colours"]
-    assert got["colours"] == _docs("colours", 3)
+    assert sorted(got["colours"]) == sorted(_docs("colours", 3))  # all read, in a seeded order
 
 
 def _synthetic(overlap: float, tmp_path, **kw) -> DataConfig:
-    cfg = DataConfig(source="synthetic", seq_len=32, val_fraction=0.2, val_tokens_per_domain=256)
+    cfg = DataConfig(source="synthetic", seq_len=32, val_fraction=0.2, val_tokens_per_domain=256,
+                     min_val_docs_per_domain=2)
     cfg.synthetic.num_domains, cfg.synthetic.vocab_size, cfg.synthetic.overlap = 3, 60, overlap
     cfg.synthetic.tokens_per_domain, cfg.synthetic.doc_len = 12_000, 100
     for k, v in kw.items():

@@ -5,9 +5,12 @@ Two ways to get domains:
   `meta.pile_set_name`), optionally restricted to `hf.include_domains`;
 - one dataset per domain (`hf.domains`: name -> path/name/split/data_files/text_field).
 
-Documents are taken in the dataset's order until a domain reaches `max_chars_per_domain` or
-`hf.max_docs_per_domain` (streaming reads no further than that). Use a shuffled dataset if its
-order is not random.
+Documents are drawn in a random order seeded by `corpus_seed` (`hf.shuffle_buffer`: a downloaded
+dataset is permuted exactly, a streamed one is shuffled by shard order and through a buffer of
+records, as `datasets` shuffles an `IterableDataset`) until a domain reaches `max_chars_per_domain`
+or `hf.max_docs_per_domain`; streaming reads no further than that. So a capped domain is a random
+sample, not the dataset's first records (which may be sorted by date, source or length). A
+document's source id is `<domain>/<position in that read order>`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from moe.data.config import DataConfig, HFDomainSpec
-from moe.data.corpus import CORPUS_FORMAT, DomainBudget, DomainText, TextCorpus
+from moe.data.corpus import CORPUS_FORMAT, DomainBudget, DomainText, TextCorpus, name_salt
 from moe.data.errors import DataError, DataFileNotFoundError
 from moe.data.text import get_field
 
@@ -36,7 +39,8 @@ def _datasets():
     return datasets
 
 
-def _open(spec: HFDomainSpec, *, streaming: bool, cache_dir: str | None, what: str) -> Iterable[dict]:
+def _open(spec: HFDomainSpec, *, streaming: bool, cache_dir: str | None, what: str, seed: int,
+          shuffle_buffer: int | None) -> Iterable[dict]:
     if not spec.path:
         raise DataError(f"{what}.path is not set; name a dataset (e.g. 'monology/pile-uncopyrighted' or 'json')")
     datasets = _datasets()
@@ -46,14 +50,18 @@ def _open(spec: HFDomainSpec, *, streaming: bool, cache_dir: str | None, what: s
         if "://" not in f and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
             raise DataFileNotFoundError(f"{what}.data_files entry {f!r} does not exist; fix the path")
     try:
-        return datasets.load_dataset(spec.path, spec.name, split=spec.split, data_files=files,
-                                     revision=spec.revision, streaming=streaming,
-                                     cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None)
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, data_files=files,
+                                   revision=spec.revision, streaming=streaming,
+                                   cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None)
     except FileNotFoundError as e:
         raise DataFileNotFoundError(f"{what}: dataset {spec.path!r} not found ({e}); check the name/path "
                                     f"and network access") from e
     except (ValueError, KeyError) as e:
         raise DataError(f"{what}: cannot load {spec.path!r} (name={spec.name!r}, split={spec.split!r}): {e}") from e
+    if not shuffle_buffer:
+        return ds
+    # A random sample of the dataset rather than its first records, reproducible from corpus_seed.
+    return ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming else ds.shuffle(seed=seed)
 
 
 def _text(record: dict, field: str, where: str) -> str:
@@ -78,7 +86,9 @@ def load_hf(cfg: DataConfig) -> TextCorpus:
             what = f"data.hf.domains.{name}"
             domain = DomainText(name, origin=f"hf:{spec.path} name={spec.name} split={spec.split}")
             budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain, max_docs=h.max_docs_per_domain)
-            for i, record in enumerate(_open(spec, streaming=h.streaming, cache_dir=h.cache_dir, what=what)):
+            records = _open(spec, streaming=h.streaming, cache_dir=h.cache_dir, what=what,
+                            seed=_seed(cfg.corpus_seed, name), shuffle_buffer=h.shuffle_buffer)
+            for i, record in enumerate(records):
                 if not budget.add(f"{name}/{i}", _text(record, field, f"{what} record {i}")):
                     break
             domains.append(domain)
@@ -91,7 +101,9 @@ def load_hf(cfg: DataConfig) -> TextCorpus:
     spec = HFDomainSpec(path=h.path, name=h.name, split=h.split, data_files=h.data_files, revision=h.revision)
     keep = set(h.include_domains) if h.include_domains else None
     budgets: dict[str, DomainBudget] = {}
-    for i, record in enumerate(_open(spec, streaming=h.streaming, cache_dir=h.cache_dir, what="data.hf")):
+    records = _open(spec, streaming=h.streaming, cache_dir=h.cache_dir, what="data.hf",
+                    seed=_seed(cfg.corpus_seed, "hf"), shuffle_buffer=h.shuffle_buffer)
+    for i, record in enumerate(records):
         if h.max_records is not None and i >= h.max_records:
             break
         where = f"data.hf ({h.path}) record {i}"
@@ -129,11 +141,17 @@ def request_key(cfg: DataConfig) -> str:
                 files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
     hf = _plain(asdict(cfg.hf))
     hf.pop("cache_dir")  # where datasets caches does not change the text
+    # corpus_seed orders the records (hf.shuffle_buffer), so it picks the documents of a capped domain.
     payload = {
         "format": CORPUS_FORMAT, "hf": hf, "max_chars_per_domain": cfg.max_chars_per_domain,
-        "non_utf8": cfg.non_utf8, "files": files,
+        "non_utf8": cfg.non_utf8, "files": files, "corpus_seed": cfg.corpus_seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _seed(corpus_seed: int, salt: str) -> int:
+    """The shuffle seed of one dataset: corpus_seed, with each domain's dataset on its own stream."""
+    return (corpus_seed * 0x9E3779B1 + name_salt(salt)) % 2**32
 
 
 def _plain(obj: Any) -> Any:

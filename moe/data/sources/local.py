@@ -6,7 +6,10 @@
   directory); one record is one document, `text_field` / `domain_field` (dotted paths) name its
   text and domain.
 
-A capped domain keeps documents in a seeded order of its sorted sources (`corpus_seed`).
+A capped domain (`max_chars_per_domain`) is a random sample of its documents: they are offered in
+a random order seeded by `corpus_seed` (a permutation of the sorted paths / record positions, so
+the sample does not depend on how the file system lists a directory) until the cap is reached, the
+last one cut at a line to fit. The kept documents are then listed in path / record order.
 """
 
 from __future__ import annotations
