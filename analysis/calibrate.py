@@ -20,7 +20,6 @@ No training: the routers are rules over the validation tokens (`analysis.calibra
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import json
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,6 +42,7 @@ from analysis.calibration import (
     run_battery,
     summarize_battery,
 )
+from analysis.cli import register_app_configs
 from analysis.verdict import ENSEMBLE, SPECIALIST
 from moe.data import DataConfig
 
@@ -238,17 +237,7 @@ def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[st
     return "\n".join(lines) + "\n"
 
 
-def _register() -> None:
-    store = ConfigStore.instance()
-    store.store(name="calibrate_schema", node=CalibrateConfig)
-    conf = importlib.resources.files("moe.conf")
-    store.store(name="calibrate", node=OmegaConf.create(conf.joinpath("calibrate.yaml").read_text()))
-    for option in sorted(conf.joinpath("data").iterdir(), key=lambda p: p.name):
-        if option.name.endswith(".yaml"):
-            store.store(group="data", name=option.name[:-len(".yaml")], node=OmegaConf.create(option.read_text()))
-
-
-_register()
+register_app_configs("calibrate", CalibrateConfig)
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="calibrate")

@@ -66,24 +66,24 @@ def analyze_dir(model: str, run_dir: Optional[str], out_dir: Optional[str], fall
     return fallback
 
 
-def register_configs() -> None:
-    """Store the app's configs in Hydra's ConfigStore: the schema, and conf/analyze.yaml and the
-    conf/data/ group read from the installed package.
+def register_app_configs(name: str, schema: type) -> None:
+    """Store an app's configs in Hydra's ConfigStore: its schema (`<name>_schema`), conf/<name>.yaml
+    and the conf/data/ group, all read from the installed package.
 
     Not `config_path="pkg://moe.conf"`: there `model` is a config group (moe-train's), so Hydra takes
     `model=hf:...` for a choice of that group and refuses it. A search path without conf/ keeps
     `model` a plain value; the YAML files stay the only copy of their content.
     """
     store = ConfigStore.instance()
-    store.store(name="analyze_schema", node=AnalyzeConfig)
+    store.store(name=f"{name}_schema", node=schema)
     conf = importlib.resources.files("moe.conf")
-    store.store(name="analyze", node=OmegaConf.create(conf.joinpath("analyze.yaml").read_text()))
+    store.store(name=name, node=OmegaConf.create(conf.joinpath(f"{name}.yaml").read_text()))
     for option in sorted(conf.joinpath("data").iterdir(), key=lambda p: p.name):
         if option.name.endswith(".yaml"):
             store.store(group="data", name=option.name[:-len(".yaml")], node=OmegaConf.create(option.read_text()))
 
 
-register_configs()
+register_app_configs("analyze", AnalyzeConfig)
 OmegaConf.register_new_resolver("moe_analyze_dir", analyze_dir, replace=True)
 
 
