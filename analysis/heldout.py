@@ -178,8 +178,8 @@ def _fit_domain_offsets(log_q: np.ndarray, weight: np.ndarray, group_domain: np.
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(axis=1, keepdims=True)
-        pred = np.zeros_like(target)
-        np.add.at(pred, group_domain, p * weight[:, None])
+        pw = p * weight[:, None]
+        pred = np.stack([np.bincount(group_domain, weights=pw[:, e], minlength=n_dom) for e in range(n_exp)], axis=1)
         beta += np.log((target + tiny) / (pred + tiny))
         beta -= beta.mean(axis=1, keepdims=True)
     return beta
@@ -259,9 +259,10 @@ def heldout_conditional_information(
     # Per fold, per context level: expert counts [G, E] of the training folds (total - fold).
     per_fold = []
     for g, parent in zip(groups, parents):
-        c = np.zeros((n_folds, parent.size, e_n))
-        for j in range(ex.shape[1]):
-            np.add.at(c, (fold, g, ex[:, j]), w[:, j])
+        size = n_folds * parent.size * e_n
+        cell = (fold * parent.size + g) * e_n  # np.bincount: np.add.at is ~20x slower on 1e7 records
+        c = sum(np.bincount(cell + ex[:, j], weights=w[:, j], minlength=size) for j in range(ex.shape[1]))
+        c = c.reshape(n_folds, parent.size, e_n)
         per_fold.append(c.sum(axis=0, keepdims=True) - c)
 
     gain = np.zeros(n)  # per token, summed over its slots; 0 where not scored
@@ -287,9 +288,8 @@ def heldout_conditional_information(
         grp_dom = np.zeros(n_cd, dtype=np.int64)
         grp_dom[cd] = d[train]
         grp_w = np.bincount(cd, weights=w[train].sum(axis=1), minlength=n_cd)
-        target = np.zeros((n_domains, e_n))
-        for j in range(ex.shape[1]):
-            np.add.at(target, (d[train], ex[train, j]), w[train, j])
+        target = sum(np.bincount(d[train] * e_n + ex[train, j], weights=w[train, j], minlength=n_domains * e_n)
+                     for j in range(ex.shape[1])).reshape(n_domains, e_n)
         beta = _fit_domain_offsets(log_q[grp_ctx], grp_w, grp_dom, target, iterations)
         zt = log_q[fine[test]] + beta[d[test]]
         log_qd = zt - np.log(np.exp(zt - zt.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)) - zt.max(axis=1, keepdims=True)

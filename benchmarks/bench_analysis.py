@@ -3,7 +3,8 @@
 Default: 1e7 routed tokens of one layer (K=2, E=8, D=4, V=4096, ~10k documents). Prints seconds per
 part; the target is < 10 s for tables + measures on a 2-core CPU. The document null and bootstrap
 run on the per-document tables ([M, E]), so their cost does not grow with the number of records;
-the within-token null re-sorts the records per replicate and is timed per replicate.
+the held-out I(D;E|T) (`analysis.heldout`) fits and scores its folds once over the records and
+bootstraps the per-document gains.
 
     python benchmarks/bench_analysis.py [--records 10000000] [--replicates 200]
 """
@@ -30,7 +31,8 @@ from analysis.information import (
     token_domain_expert_counts,
 )
 from analysis.metrics import coactivation, consecutive_expert_rate, domain_specialization
-from analysis.statistics import bootstrap_ci, permutation_null, within_token_null
+from analysis.heldout import context_keys, heldout_conditional_information
+from analysis.statistics import bootstrap_ci, permutation_null
 
 
 def synthetic_records(
@@ -74,7 +76,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=10_000_000)
     ap.add_argument("--docs", type=int, default=10_000)
     ap.add_argument("--replicates", type=int, default=200)
-    ap.add_argument("--within-token-replicates", type=int, default=3)
+    ap.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the held-out I(D;E|T) (5 folds, --replicates bootstrap replicates)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     k, e, d, v = 2, 8, 4, 4096
@@ -118,17 +121,18 @@ def main() -> None:
         coact = coactivation(r["experts"], e)
     with timed("Mixtral consecutive top-1 rate", log):
         rep = consecutive_expert_rate(r["experts"], r["doc"])
-    nw = args.within_token_replicates
-    if nw > 0:
-        with timed(f"within-token null of I(D;E|T), {nw} replicates", log):
-            wt = within_token_null(r["token"], r["domain"], r["experts"], v, d, e, n_permutations=nw, rng=args.seed)
-        print(f"  {'  per replicate':<44s} {log[next(reversed(log))] / nw:7.2f} s")
+    held = None
+    if args.heldout:
+        with timed(f"held-out I(D;E|T), 5 folds, {args.replicates} bootstrap replicates", log):
+            held = heldout_conditional_information(context_keys(r["token"]), r["domain"], r["doc"], r["experts"], d, e,
+                                                   n_resamples=args.replicates, rng=args.seed)
 
     print("results:")
     print(f"  NMI {nmi:.4f} (MM {nmi_mm:.4f}), 95% CI [{ci.low:.4f}, {ci.high:.4f}], "
           f"null mean {null.mean:.2e} q95 {null.q95:.2e}, p = {null.p_value:.4f}")
     print(f"  I(T;E) {i_te:.4f} bits, I(D;E|T) {cmi:.4f} bits (MM {cmi_mm:.4f})"
-          + (f", within-token null mean {wt.mean:.2e}, p = {wt.p_value:.3f}" if nw > 0 else ""))
+          + ("" if held is None else f", held-out {held.estimate:.4f} bits [{held.ci_low:.4f}, {held.ci_high:.4f}], "
+             f"p = {held.p_value:.3f}"))
     print(f"  domain specialization max {np.nanmax(spec):.3f} (uniform {k / e:.3f}); "
           f"co-activation max {np.nanmax(coact):.3f} (uniform {(k - 1) / (e - 1):.3f}); "
           f"consecutive top-1 {rep:.3f}")
