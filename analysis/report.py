@@ -24,6 +24,8 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
                            knockout_per_domain: {domain: n} | null, probe: n | null}
     data_splits           null, or {split: {domain: {tokens, documents}}} of the data the model
                           trained and is evaluated on (`analyze_run` reads it from the run's manifest)
+    data_warnings         [str]: the data manifest's warnings (e.g. fewer validation documents than
+                          data.min_val_docs_per_domain), repeated at the top of the report
     comparison            {model name: {domain: loss}}: "moe" and (with a twin) "dense_twin" measured
                           on the full validation set here, plus any entries of the `comparison` argument
     knockout              null, {skipped: reason}, or {base_loss: {domain: loss}, dense_base_loss | null,
@@ -233,6 +235,7 @@ def analyze_model(
     cfg: AnalysisConfig | None = None,
     model_info: Mapping[str, Any] | None = None,
     data_splits: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
+    data_warnings: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure specialization of `model`'s MoE layers and write the report into `out_dir`.
 
@@ -246,6 +249,7 @@ def analyze_model(
         cfg: `AnalysisConfig` (defaults if None).
         model_info: extra entries of summary["model"], overriding the defaults (e.g. "router").
         data_splits: {split: {domain: {"tokens": n, "documents": m}}} of the data, for the report.
+        data_warnings: what preparing the data warned about (e.g. too few validation documents).
     Returns the summary dict (the content of summary.json; keys in the module docstring).
     """
     cfg = cfg or AnalysisConfig()
@@ -290,7 +294,7 @@ def analyze_model(
                           "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
                           "intervention": {"expert": INTERVENTIONS["expert"],
                                            "dense": None if dense_ko is None else INTERVENTIONS["dense_group"]},
-                          "documents_per_domain": _by_domain(moe_ko.clusters, domains)}
+                          "documents_per_domain": {d: int(n) for d, n in zip(domains, moe_ko.clusters)}}
             ko_tokens = _by_domain(moe_ko.tokens, domains)
 
     probe_tokens = None
@@ -324,9 +328,11 @@ def analyze_model(
         "config": dataclasses.asdict(cfg),
         "tokens": {"recorded": int(recording.loss_tokens.sum()),
                    "per_domain": _by_domain(recording.loss_tokens, domains),
-                   "documents_per_domain": _by_domain(layers[0]["measures"]["nmi"]["docs_per_domain"], domains),
+                   "documents_per_domain": {d: int(n) for d, n in
+                                            zip(domains, layers[0]["measures"]["nmi"]["docs_per_domain"])},
                    "knockout_per_domain": ko_tokens, "probe": probe_tokens},
         "data_splits": None if data_splits is None else {k: dict(v) for k, v in data_splits.items()},
+        "data_warnings": list(data_warnings or []),
         "comparison": losses,
         "knockout": summary_ko,
         "verdict": {"verdict": model_verdict.verdict, "rule": model_verdict.rule, "counts": model_verdict.counts},
@@ -401,10 +407,8 @@ def render_report(summary: Mapping[str, Any]) -> str:
     for split, per_domain in (summary.get("data_splits") or {}).items():
         lines.append(f"- {split} split: " + ", ".join(f"{d}: {c['tokens']} tokens, {c['documents']} documents"
                                                        for d, c in per_domain.items()))
-    few = [d for d, n in (tok.get("documents_per_domain") or {}).items() if n < 30]
-    if few:
-        lines.append(f"- **few documents**: {', '.join(few)} have fewer than 30 validation documents; the document-"
-                     "level intervals are wide and the verdict leans to inconclusive")
+    for warning in summary.get("data_warnings") or []:
+        lines.append(f"- **data warning**: {warning}")
     if m.get("shared_experts"):
         lines.append(f"- shared experts (outside the routing measured here): {m['shared_experts']}")
     if tok.get("knockout_per_domain"):

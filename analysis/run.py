@@ -91,4 +91,5 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
             comparison.update({name: row["val_loss"] for name, row in table.items() if name not in (model, twin)})
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     return analyze_model(moe_model, val, data.domains, out, dense_twin=twin_model,
-                         comparison=comparison or None, cfg=cfg, data_splits=data.split_counts())
+                         comparison=comparison or None, cfg=cfg, data_splits=data.split_counts(),
+                         data_warnings=data.manifest.get("warnings"))

@@ -51,4 +51,4 @@ def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg
     out = Path(out_dir)
     prepared.save(out)
     return analyze_model(model, val, prepared.domains, out, cfg=cfg, model_info=model.describe(),
-                         data_splits=prepared.split_counts())
+                         data_splits=prepared.split_counts(), data_warnings=prepared.manifest.get("warnings"))

@@ -24,8 +24,8 @@ from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analyze_mode
 
 FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens=512)
 
-TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "data_splits", "comparison", "knockout",
-            "verdict", "layers", "files"}
+TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "data_splits", "data_warnings", "comparison",
+            "knockout", "verdict", "layers", "files"}
 LAYER_KEYS = {"layer", "block", "tokens", "assignments", "assignments_per_token", "weighting",
               "domain_expert_counts", "domain_specialization", "uniform_share", "coactivation",
               "router_entropy_bits", "measures", "verdict"}
@@ -122,7 +122,9 @@ def test_nmi_plot_takes_an_interval_that_excludes_its_point(full_run):
 
 def test_analysis_without_twin_knockouts_or_probes(trained_moe, val_by_domain, synthetic_data, tmp_path):
     cfg = AnalysisConfig(n_permutations=19, n_bootstrap=19, knockouts=False, probes=False, save_records=False)
-    summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, cfg=cfg)
+    summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, cfg=cfg,
+                            data_warnings=["domain 'syn00' has 19 document(s)"])
+    assert "**data warning**: domain 'syn00' has 19 document(s)" in (tmp_path / "report.md").read_text()
     assert summary["knockout"] is None and summary["files"]["records"] is None
     assert not (tmp_path / "routing.npz").exists()
     assert set(summary["files"]["figures"]) == {"domain_expert", "nmi", "measures", "loss"}
