@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from analysis.report import AnalysisConfig, analyze_model
-from moe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from moe.checkpoint import CheckpointError, latest_checkpoint, latest_good_checkpoint
 from moe.data import load_prepared
 from moe.model import LanguageModel, ModelConfig
 from moe.routing import RouterConfig
@@ -18,11 +18,11 @@ from moe.routing import RouterConfig
 
 def load_trained_model(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> LanguageModel:
     """The newest checkpoint of model `name` (e.g. `moe`, `dense_active`) in eval mode."""
-    path = latest_checkpoint(run_dir, name)
-    if path is None:
+    found = latest_good_checkpoint(run_dir, name, map_location=device)
+    if found is None:
         raise CheckpointError(f"no checkpoint of model {name!r} under {Path(run_dir) / 'models' / name / 'checkpoints'}; "
                               "is this a moe-train run directory, and did the model train?")
-    state = load_checkpoint(path, map_location=device)
+    _, state = found
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["fingerprint"]["model"]))
     router_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RouterConfig), state["config"]["router"]))
     vocab_size = state["model"]["embed.weight"].shape[0]

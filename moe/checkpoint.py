@@ -1,21 +1,41 @@
-"""Checkpoints: atomic writes, keep-last-N, clear errors for corrupted or mismatched files.
+"""Checkpoints: atomic writes with a recorded digest, keep-last-N, loading that executes no code,
+and a fallback past a corrupted newest file.
 
 Layout of one trained model inside a run directory:
-    <run_dir>/models/<name>/checkpoints/step_00000100.pt
+    <run_dir>/models/<name>/checkpoints/step_00000100.pt          the state (torch.save)
+    <run_dir>/models/<name>/checkpoints/step_00000100.pt.sha256   its SHA-256 and size, written with it
 A checkpoint is a dict: model, optimizer, step, rng, data (iterator position), fingerprint
 (the config that decides the trajectory), config (the whole run config as a plain dict).
+
+Loading uses `torch.load(weights_only=True)`: tensors, plain containers and numbers only (plus the
+numpy array type of the saved RNG state), so analyzing a run directory someone sent you cannot
+execute code hidden in its pickles. A state with a non-finite tensor is never written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 _STEP_FILE = re.compile(r"step_(\d{8})\.pt$")
+_TEMP_FILE = re.compile(r"^\.(step_\d{8}\.pt(?:\.sha256)?)\.tmp-(\d+)$")
+_DIGEST_SUFFIX = ".sha256"
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """What `weights_only` loading must allow for numpy's RNG state (an ndarray of uint32)."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(RuntimeError):
@@ -35,36 +55,122 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
 
 
+def _non_finite(tree: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted names of the floating tensors in `tree` that hold a nan or an inf."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            yield prefix.rstrip(".") or "<tensor>"
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _non_finite(value, f"{prefix}{key}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _non_finite(value, f"{prefix}{i}.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same directory: fsync, then rename over `path`."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc} ({type(exc).__name__}); "
+                              "free disk space or fix the directory's permissions, then resume") from exc
+
+
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` to step_<step>.pt atomically (temporary file, fsync, rename), then delete all
-    but the newest `keep_last` checkpoints. A crash mid-write leaves the previous ones intact."""
+    """Write `state` to step_<step>.pt atomically (temporary file, fsync, rename) with its digest
+    beside it, then delete all but the newest `keep_last` checkpoints. A crash mid-write leaves the
+    previous ones intact. Refuses (CheckpointError) a state holding a non-finite tensor."""
+    bad = list(_non_finite({"model": state.get("model"), "optimizer": state.get("optimizer")}))
+    if bad:
+        raise CheckpointError(f"refusing to write checkpoint step {step}: {bad[0]} holds non-finite values"
+                              + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: torch.save(state, f))
+    digest = f"{_sha256(path)}  {path.stat().st_size}\n".encode()
+    _write_atomic(path.with_name(path.name + _DIGEST_SUFFIX), lambda f: f.write(digest))
     for old in list_checkpoints(directory)[:-max(1, keep_last)]:
         old.unlink(missing_ok=True)
+        old.with_name(old.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file, turning unreadable files into a `CheckpointError`."""
+def verify_checkpoint(path: str | Path) -> None:
+    """Check `path` against the digest recorded when it was written (CheckpointError on a mismatch).
+    A checkpoint written before digests were recorded passes unchecked."""
     path = Path(path)
+    record = path.with_name(path.name + _DIGEST_SUFFIX)
+    if not record.is_file():
+        return
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        want, size = record.read_text().split()
+    except ValueError as exc:
+        raise CheckpointError(f"the digest file {record} is malformed") from exc
+    have_size = path.stat().st_size
+    if have_size != int(size) or _sha256(path) != want:
+        raise CheckpointError(f"checkpoint {path} does not match the digest recorded when it was written "
+                              f"({record}): the file was modified or damaged after writing")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify a checkpoint's digest and load it without executing code (`weights_only=True`);
+    anything wrong becomes a `CheckpointError` naming the file."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
         raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}). It is corrupted or "
-            f"truncated: delete it to resume from the previous checkpoint in {path.parent}, or start a "
-            f"new run directory.") from exc
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}). It is corrupted, "
+            "truncated or holds objects that loading without code execution refuses: delete it to resume from "
+            f"the previous checkpoint in {path.parent}, or start a new run directory.") from exc
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path} is not a moe-specialization checkpoint (no model/step entries)")
     return state
+
+
+def remove_orphaned_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes whose process is gone (killed mid-write);
+    returns them. A temporary file of a live process is left alone."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = _TEMP_FILE.match(p.name)
+        if m and not _alive(int(m.group(2))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,3 +198,26 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
 def latest_checkpoint(run_dir: str | Path, name: str) -> Path | None:
     files = list_checkpoints(checkpoint_dir(run_dir, name))
     return files[-1] if files else None
+
+
+def latest_good_checkpoint(run_dir: str | Path, name: str,
+                           map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of model `name` that verifies and loads, with its state; newer ones
+    that do not are skipped with a warning naming them and the one used. None without checkpoints;
+    CheckpointError when every one is bad."""
+    files = list_checkpoints(checkpoint_dir(run_dir, name))
+    bad: list[str] = []
+    for path in reversed(files):
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            bad.append(str(exc))
+            continue
+        if bad:
+            warnings.warn(f"skipped {len(bad)} bad checkpoint(s), resuming from {path}:\n  " + "\n  ".join(bad),
+                          stacklevel=2)
+        return path, state
+    if bad:
+        raise CheckpointError(f"no usable checkpoint of {name!r} in {checkpoint_dir(run_dir, name)}:\n  "
+                              + "\n  ".join(bad) + "\nStart a new run directory (hydra.run.dir=...).")
+    return None

@@ -23,7 +23,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.balance import LoadBalancer, max_violation, update_expert_bias
-from moe.checkpoint import check_fingerprint, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from moe.checkpoint import (
+    check_fingerprint,
+    checkpoint_dir,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    remove_orphaned_temp_files,
+    save_checkpoint,
+)
 from moe.config import TrainConfig, TrainerConfig, as_plain_dict
 from moe.host_memory import retain_freed_memory
 from moe.data import Batch, PreparedData
@@ -165,11 +172,16 @@ class Trainer:
         return path
 
     def restore(self) -> bool:
-        """Load the newest checkpoint of this model, if any. Returns whether one was loaded."""
-        path = latest_checkpoint(self.run_dir, self.name)
-        if path is None:
+        """Load the newest good checkpoint of this model, if any (a corrupted newer one is skipped with
+        a warning). Returns whether one was loaded."""
+        if self.ctx.is_main:
+            for orphan in remove_orphaned_temp_files(self.ckpt_dir):
+                print(f"[{self.name}] removed {orphan}, left by a checkpoint write that was killed")
+        found = latest_good_checkpoint(self.run_dir, self.name, map_location=self.device)
+        if found is None:
+            self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        path, state = found
         check_fingerprint(state["fingerprint"], self.fingerprint, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -185,11 +197,27 @@ class Trainer:
         return True
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+        """Drop metric lines logged after the checkpoint we resume from (they will be redone), and at
+        the final step its evaluation (redone too); a torn line (a crash mid-write) is dropped with
+        a note naming the file."""
         path = self.out_dir / "metrics.jsonl"
-        if self.ctx.is_main and path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+        if not (self.ctx.is_main and path.exists()):
+            return
+        keep, torn = [], 0
+        for ln in path.read_text().splitlines():
+            if not ln.strip():
+                continue
+            try:
+                record = json.loads(ln)
+                s = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if s < step or (s == step and not (s >= self.t.max_steps and "val_loss" in record)):
+                keep.append(ln)
+        if torn:
+            print(f"[{self.name}] {path}: dropped {torn} unreadable line(s) (a crash while writing?)")
+        path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.ctx.is_main:
@@ -308,7 +336,12 @@ class Trainer:
                 sums[key] += float(value.detach()) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
+        if not bool(torch.isfinite(grad_norm)):
+            self._diverged("the gradient", "gradient norm", float(grad_norm))
         self.optimizer.step()
+        # One sum per tensor and one sync: nan/inf anywhere makes the total non-finite.
+        if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in self.model.parameters()]).sum())):
+            self._diverged("the parameters after the optimizer step", "a parameter", float("nan"))
         self.optimizer.zero_grad(set_to_none=True)
         # One collective for all scalars rather than one per metric.
         means = all_reduce_mean(torch.tensor(list(sums.values()), device=self.device), self.ctx).tolist()
@@ -327,11 +360,21 @@ class Trainer:
     def _check_finite(self, micro: int, **components: torch.Tensor) -> None:
         for name, value in components.items():
             if not bool(torch.isfinite(value.detach()).all()):
-                last = latest_checkpoint(self.run_dir, self.name)
-                raise TrainingDiverged(
-                    f"[{self.name}] {name} is {float(value.detach()):.4g} at step {self.step} (micro-step {micro}); "
-                    f"training stopped. The last good checkpoint is {last or 'none (no checkpoint written yet)'}. "
-                    "Lower trainer.lr, raise trainer.warmup_steps or enable trainer.grad_clip.")
+                self._diverged(f"micro-step {micro}", name, float(value.detach()))
+
+    def _diverged(self, where: str, what: str, value: float) -> None:
+        """Stop before a non-finite update is applied or saved; name the first bad parameter."""
+        bad = next((n for n, p in self.model.named_parameters()
+                    if (p.grad is not None and not bool(torch.isfinite(p.grad).all())) or not bool(torch.isfinite(p).all())),
+                   None)
+        last = latest_checkpoint(self.run_dir, self.name)
+        fix = "lower trainer.lr or raise trainer.warmup_steps" + (
+            "" if self.t.grad_clip > 0 else ", or enable trainer.grad_clip (e.g. 1.0)")
+        raise TrainingDiverged(
+            f"[{self.name}] {what} is {value:.4g} in {where} at step {self.step}"
+            + (f"; first non-finite parameter or gradient: {bad}" if bad else "")
+            + f". Training stopped before applying it. The last good checkpoint is "
+            f"{last or 'none (no checkpoint written yet)'}; {fix}.")
 
     def _eval_and_log(self) -> dict[str, float]:
         val = {}

@@ -74,7 +74,7 @@ def test_nan_loss_stops_naming_step_and_component_and_keeps_checkpoint(compose_t
         out = forward(tokens, targets)
         return dataclasses.replace(out, loss=out.loss * float("nan")) if trainer.step == 5 else out
     trainer._forward = poisoned
-    with pytest.raises(TrainingDiverged, match=r"lm_loss is nan at step 5.*step_00000004\.pt"):
+    with pytest.raises(TrainingDiverged, match=r"lm_loss is nan in micro-step 0 at step 5.*step_00000004\.pt"):
         trainer.fit()
     good = latest_checkpoint(tmp_path, "moe")
     state = torch.load(good, weights_only=False)
@@ -88,11 +88,16 @@ def test_checkpoint_from_another_config_is_refused(compose_train, tmp_path):
         make_trainer(other, tmp_path).fit()
 
 
-def test_corrupted_checkpoint_is_named(compose_train, tmp_path):
-    cfg = compose_train(*SMOKE)
+def test_corrupted_checkpoint_is_named_and_skipped(compose_train, tmp_path):
+    cfg = compose_train(*SMOKE, "trainer.checkpoint_every=2", "trainer.keep_last=2")
     make_trainer(cfg, tmp_path).fit()
-    latest_checkpoint(tmp_path, "moe").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="step_00000006.pt is unreadable.*delete it"):
+    older, newest = list_checkpoints(tmp_path / "models" / "moe" / "checkpoints")
+    newest.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match=rf"(?s)resuming from .*{older.name}.*{newest.name}"):
+        make_trainer(cfg, tmp_path).fit()  # resumes from the older one and finishes
+    for path in list_checkpoints(tmp_path / "models" / "moe" / "checkpoints"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="(?s)no usable checkpoint.*step_00000006.pt does not match the digest"):
         make_trainer(cfg, tmp_path).fit()
 
 
