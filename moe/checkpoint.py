@@ -183,11 +183,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Fingerprint fields added after checkpoints without them were written: absent from an older
+# checkpoint, they are not compared (the run they belong to did not record them).
+LATER_FINGERPRINT_FIELDS = frozenset({"precision"})
+
+
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume from a checkpoint whose trajectory-defining config differs; the message
     names every differing field (dotted)."""
     saved, current = _flatten(saved), _flatten(current)
-    keys = sorted(set(saved) | set(current))
+    keys = sorted((set(saved) | set(current)) - {k for k in LATER_FINGERPRINT_FIELDS if k not in saved})
     diffs = [f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(

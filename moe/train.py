@@ -20,11 +20,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from moe.checkpoint import check_fingerprint, latest_good_checkpoint
 from moe.config import TrainConfig, as_plain_dict, register_configs, to_train_config
 from moe.data import prepare_data
 from moe.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
 from moe.model import dense_twin
-from moe.trainer import Trainer, TrainResult
+from moe.trainer import Trainer, TrainResult, trajectory_fingerprint
 
 register_configs()
 
@@ -57,6 +58,17 @@ def comparison_markdown(table: dict) -> str:
     return "# MoE vs dense twins\n\nSame seed, data order and token budget.\n\n" + "\n".join(lines) + "\n"
 
 
+def check_resumable(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
+    """Refuse (CheckpointError) a resume whose config differs from a model's newest good checkpoint
+    in the run dir, before config.yaml and data/ are rewritten: a refused resume leaves the run's
+    own files as they were."""
+    for name, model_cfg in models_to_train(cfg):
+        found = latest_good_checkpoint(run_dir, name)
+        if found is not None:
+            path, state = found
+            check_fingerprint(state["fingerprint"], trajectory_fingerprint(cfg, model_cfg, world_size), path)
+
+
 def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | None = None) -> dict:
     """Prepare data, train every model of the experiment, write the comparison (and analysis).
     Returns the comparison table."""
@@ -65,6 +77,8 @@ def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | Non
         require_megablocks()  # no GPU or no MegaBlocks: fail before any data or model work
     ctx = ctx or init_distributed(cfg.trainer.device)
     run_dir = Path(run_dir)
+    if ctx.is_main:
+        check_resumable(cfg, run_dir, ctx.world_size)  # before anything is written into the run dir
     if ctx.is_main:  # rank 0 fills the cache; the others then read it
         data = prepare_data(cfg.data, seed=cfg.seed)
         data.save(run_dir)

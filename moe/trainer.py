@@ -74,7 +74,7 @@ def trajectory_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, world_size:
         "model": as_plain_dict(model_cfg), "router": plain["router"], "balance": plain["balance"],
         "data": plain["data"], "seed": cfg.seed, "world_size": world_size,
         **{k: t[k] for k in ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
-                             "max_steps", "weight_decay", "beta1", "beta2", "grad_clip")},
+                             "max_steps", "weight_decay", "beta1", "beta2", "grad_clip", "precision")},
     }
 
 

@@ -101,3 +101,16 @@ def test_metrics_survive_a_torn_line_a_killed_first_attempt_and_a_rerun(compose_
     finals = _metric_steps(tmp_path, "val_loss")
     make_trainer(cfg, tmp_path).fit()  # rerunning the finished run
     assert _metric_steps(tmp_path, "val_loss") == finals and _metric_steps(tmp_path, "loss") == steps
+
+
+def test_a_refused_resume_leaves_the_run_files_untouched(compose_train, tmp_path):
+    from moe.train import run_experiment
+
+    cfg = compose_train(*SMOKE, "twin.match=[]", "analyze=false")
+    run_experiment(cfg, tmp_path)
+    files = {p: p.read_bytes() for p in [tmp_path / "config.yaml", *sorted((tmp_path / "data").rglob("*"))]
+             if p.is_file()}
+    for override in ("trainer.lr=0.5", "trainer.precision=bf16"):
+        with pytest.raises(CheckpointError, match=override.split("=")[0].split(".")[-1]):
+            run_experiment(compose_train(*SMOKE, "twin.match=[]", "analyze=false", override), tmp_path)
+        assert {p: p.read_bytes() for p in files} == files  # config.yaml and data/ byte-identical
