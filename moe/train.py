@@ -10,6 +10,7 @@ models/<name>/ (checkpoints, metrics.jsonl, tensorboard/), comparison.json/.md, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from moe.config import TrainConfig, as_plain_dict, register_configs, to_train_co
 from moe.data import prepare_data
 from moe.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
 from moe.model import dense_twin
+from moe.run_lock import run_dir_lock
 from moe.trainer import Trainer, TrainResult, trajectory_fingerprint
 
 register_configs()
@@ -70,13 +72,18 @@ def check_resumable(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
 
 
 def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | None = None) -> dict:
-    """Prepare data, train every model of the experiment, write the comparison (and analysis).
-    Returns the comparison table."""
+    """Prepare data, train every model of the experiment, write the comparison (and analysis),
+    holding the run directory's lock on rank 0 (a second run into it stops at once). Returns the
+    comparison table."""
     if cfg.backend.name == "megablocks":
         from moe.megablocks_backend import require_megablocks
         require_megablocks()  # no GPU or no MegaBlocks: fail before any data or model work
     ctx = ctx or init_distributed(cfg.trainer.device)
-    run_dir = Path(run_dir)
+    with run_dir_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
+        return _run_experiment(cfg, Path(run_dir), ctx)
+
+
+def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
     if ctx.is_main:
         check_resumable(cfg, run_dir, ctx.world_size)  # before anything is written into the run dir
     if ctx.is_main:  # rank 0 fills the cache; the others then read it

@@ -114,3 +114,15 @@ def test_a_refused_resume_leaves_the_run_files_untouched(compose_train, tmp_path
         with pytest.raises(CheckpointError, match=override.split("=")[0].split(".")[-1]):
             run_experiment(compose_train(*SMOKE, "twin.match=[]", "analyze=false", override), tmp_path)
         assert {p: p.read_bytes() for p in files} == files  # config.yaml and data/ byte-identical
+
+
+def test_a_second_writer_stops_at_once_naming_the_holder(compose_train, tmp_path):
+    from moe.run_lock import RunDirLocked, run_dir_lock
+    from moe.train import run_experiment
+
+    with run_dir_lock(tmp_path):
+        with pytest.raises(RunDirLocked, match=rf"in use by pid {os.getpid()}"):
+            run_experiment(compose_train(*SMOKE, "twin.match=[]", "analyze=false"), tmp_path)
+        assert not (tmp_path / "config.yaml").exists()  # nothing written by the refused run
+    with run_dir_lock(tmp_path):  # released on exit, reusable
+        pass
