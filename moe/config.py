@@ -101,6 +101,20 @@ def validate(cfg: TrainConfig) -> None:
                  "checkpoint_every", "keep_last", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise ValueError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+    for name, value, ok, want in (
+        ("lr", t.lr, 0 < t.lr < float("inf"), "a finite number > 0"),
+        ("min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("weight_decay", t.weight_decay, 0 <= t.weight_decay < float("inf"), "a finite number >= 0"),
+        ("beta1", t.beta1, 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("beta2", t.beta2, 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("grad_clip", t.grad_clip, 0 <= t.grad_clip < float("inf"), ">= 0 (0 = off)"),
+    ):
+        if not ok:  # also catches nan: every comparison with it is False
+            raise ValueError(f"trainer.{name}={value} is out of range: it must be {want}")
+    if not 0 <= cfg.router.jitter < 1:
+        raise ValueError(f"router.jitter={cfg.router.jitter} is out of range: it must be in [0, 1) (logits are "
+                         "scaled by a factor drawn from [1 - jitter, 1 + jitter])")
     if t.precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={t.precision!r} is unknown; allowed values: {', '.join(PRECISIONS)}")
     if cfg.backend.name not in BACKENDS:

@@ -29,6 +29,14 @@ def test_every_group_option_composes(compose_train, group, option):
     ("balance=aux_free", ValueError, "router=sigmoid"),
     ("model.moe.capacity_factor=0", ValueError, "capacity_factor"),
     ("twin.match=[half]", ValueError, "twin.match contains 'half'"),
+    ("trainer.lr=-1e-3", ValueError, r"trainer.lr=-0.001 is out of range: it must be a finite number > 0"),
+    ("trainer.lr=nan", ValueError, r"trainer.lr=nan is out of range"),
+    ("trainer.beta1=1.5", ValueError, r"trainer.beta1=1.5 is out of range: it must be in \[0, 1\)"),
+    ("trainer.weight_decay=-1", ValueError, "trainer.weight_decay=-1"),
+    ("trainer.grad_clip=-1", ValueError, "trainer.grad_clip=-1"),
+    ("trainer.warmup_steps=-5", ValueError, "trainer.warmup_steps=-5"),
+    ("trainer.min_lr_ratio=5", ValueError, "trainer.min_lr_ratio=5"),
+    ("router.jitter=5", ValueError, r"router.jitter=5.0 is out of range"),
 ])
 def test_bad_config_fails_at_composition_with_a_clear_message(compose_train, override, error, match):
     with pytest.raises(error, match=match):
