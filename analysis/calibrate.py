@@ -43,6 +43,7 @@ from analysis.calibration import (
     summarize_battery,
 )
 from analysis.cli import register_app_configs
+from analysis.report import _table
 from analysis.verdict import ENSEMBLE, SPECIALIST
 from moe.data import DataConfig
 
@@ -83,12 +84,6 @@ def _commit() -> str:
 def _rate(entry: Mapping[str, Any], key: str) -> str:
     low, high = entry[f"{key}_ci"]
     return f"{entry[key]:.2f} [{low:.2f}, {high:.2f}]"
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
-    return (["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows])
 
 
 def _power_figure(summary: Sequence[Mapping[str, Any]], detection_limit: float, path: Path) -> None:
@@ -197,7 +192,7 @@ def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[st
         if not sel:
             continue
         lines += ["", f"## {title}", ""]
-        lines += _md_table(header, [[s["router"], s["top_k"], s["truth"], f"{s['expected_nmi']:.3f}",
+        lines += _table(header, [[s["router"], s["top_k"], s["truth"], f"{s['expected_nmi']:.3f}",
                                      f"{s['nmi_excess_mean']:+.3f}", f"{s['nmi_null_q95_mean']:.3f}",
                                      f"{s['cmi_share_mean']:+.3f}", _rate(s, f"nmi_{SPECIALIST}"),
                                      _rate(s, f"cmi_{SPECIALIST}"), _rate(s, f"verdict_{SPECIALIST}"),
@@ -210,7 +205,7 @@ def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[st
                   "selectivity (max − mean)/mean/(D − 1) of equal-damage experts climbs as the damage shrinks; the "
                   "noise-corrected CV does not. The criterion is one-sided (it never calls an ensemble) and does not "
                   "vote.", ""]
-        lines += _md_table(["mean damage (nats)", "experts' per-token sd", "experts hurt", "replicates",
+        lines += _table(["mean damage (nats)", "experts' per-token sd", "experts hurt", "replicates",
                             "knockout: specialist", "old selectivity (median)", "corrected CV (median)"],
                            [[r["mean_damage"], r["expert_sd"], "every domain" if r["profile"] == "equal" else "one domain",
                              r["replicates"], f"{r['specialist']:.2f} [{r['specialist_ci'][0]:.2f}, "

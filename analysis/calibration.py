@@ -41,16 +41,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from analysis.information import contingency, doc_expert_counts, normalized_mutual_information
-from analysis.measures import routing_evidence
-from analysis.verdict import (
-    ENSEMBLE,
-    SPECIALIST,
-    VerdictThresholds,
-    combine_routing,
-    judge_cmi,
-    judge_knockout,
-    judge_nmi,
-)
+from analysis.measures import previous_tokens, routing_evidence
+from analysis.verdict import ENSEMBLE, SPECIALIST, LayerEvidence, VerdictThresholds, judge_knockout, judge_layer
 
 __all__ = [
     "DEFAULT_ROUTERS",
@@ -121,10 +113,9 @@ class ValidationTokens:
         if t.ndim != 2 or np.shape(domain_BS) != t.shape or np.shape(doc_BS) != t.shape:
             raise ValueError(f"tokens, domain and doc must all be [B, S], got {t.shape}, "
                              f"{np.shape(domain_BS)}, {np.shape(doc_BS)}")
-        prev = np.concatenate([np.full((t.shape[0], 1), -1, dtype=np.int64), t[:, :-1]], axis=1)
-        pos = np.broadcast_to(np.arange(t.shape[1], dtype=np.int64), t.shape)
-        return cls(t.ravel(), prev.ravel(), np.asarray(domain_BS, dtype=np.int64).ravel(),
-                   np.asarray(doc_BS, dtype=np.int64).ravel(), pos.ravel().copy(), tuple(domains), int(t.shape[1]))
+        pos = np.broadcast_to(np.arange(t.shape[1], dtype=np.int64), t.shape).ravel()
+        return cls(t.ravel(), previous_tokens(t.ravel(), pos), np.asarray(domain_BS, dtype=np.int64).ravel(),
+                   np.asarray(doc_BS, dtype=np.int64).ravel(), pos.copy(), tuple(domains), int(t.shape[1]))
 
     @classmethod
     def from_batches(cls, batches: Iterable[Any], domains: Sequence[str]) -> "ValidationTokens":
@@ -210,6 +201,7 @@ def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top
     gen = np.random.default_rng(rng)
     n, kind, s = tokens.size, spec.kind, spec.strength
     hashed = lambda: _keyed(tokens.token, n_experts, top_k, gen)  # noqa: E731
+    position_bucket = tokens.position * 16 // max(tokens.seq_len, 1)
     if kind == "random":
         return _random(n, n_experts, top_k, gen)
     if kind == "hash":
@@ -217,7 +209,7 @@ def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top
     if kind == "bigram":
         return _keyed(tokens.prev_token, n_experts, top_k, gen)
     if kind == "position":
-        return _keyed(tokens.position * 16 // max(tokens.seq_len, 1), n_experts, top_k, gen)
+        return _keyed(position_bucket, n_experts, top_k, gen)
     if kind == "doc_position":
         return _keyed(np.floor(np.log2(tokens.doc_position + 1)).astype(np.int64), n_experts, top_k, gen)
     if kind == "doc_length":
@@ -228,7 +220,7 @@ def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top
         return _pick(gen.random(n) < s, _keyed(tokens.doc, n_experts, top_k, gen), hashed())
     if kind == "mix":
         rules = np.stack([hashed(), _keyed(tokens.doc, n_experts, top_k, gen),
-                          _keyed(tokens.position * 16 // max(tokens.seq_len, 1), n_experts, top_k, gen),
+                          _keyed(position_bucket, n_experts, top_k, gen),
                           _keyed(tokens.prev_token, n_experts, top_k, gen)])
         return rules[gen.integers(0, rules.shape[0], size=n), np.arange(n)]
     if kind == "demix":
@@ -237,12 +229,6 @@ def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top
         base = _random(n, n_experts, top_k, gen) if kind == "domain" else hashed()
         return _pick(gen.random(n) < s, _own_experts(tokens, n_experts, top_k, gen), base)
     raise ValueError(f"unknown router kind {kind!r}")
-
-
-def expected_nmi(joints: Sequence[np.ndarray]) -> float:
-    """NMI of the mean [D, E] table of several replicates: the expectation the draws scatter
-    around (its plug-in bias shrinks with the number of replicates)."""
-    return float(normalized_mutual_information(np.mean(np.stack(joints), axis=0)))
 
 
 def domain_expert_table(tokens: ValidationTokens, experts: np.ndarray, n_experts: int) -> np.ndarray:
@@ -307,17 +293,18 @@ def judge_replicate(tokens: ValidationTokens, experts: np.ndarray, cfg: BatteryC
                           domain=tokens.domain, doc=tokens.doc, experts=experts, context=cfg.context,
                           n_permutations=cfg.n_permutations, n_bootstrap=cfg.n_bootstrap,
                           confidence=cfg.confidence, rng=rng)
-    t = cfg.thresholds
     nmi, cmi = ev.nmi, ev.cmi
-    h = cmi.h_domain_given_context
-    share_hi = cmi.ci_high / h if h > 1e-12 else float("nan")
-    c_nmi = judge_nmi(nmi.excess, nmi.excess_ci_low, nmi.excess_ci_high, nmi.p_value, t)
-    c_cmi = judge_cmi(cmi.share, cmi.ci_low / h if h > 1e-12 else float("nan"), share_hi, cmi.p_value, h, t)
+    layer = judge_layer(LayerEvidence(
+        layer=0, nmi_excess=nmi.excess, nmi_excess_ci_low=nmi.excess_ci_low, nmi_excess_ci_high=nmi.excess_ci_high,
+        nmi_p_value=nmi.p_value, cmi_share=cmi.share, cmi_share_ci_low=cmi.share_ci_low,
+        cmi_share_ci_high=cmi.share_ci_high, cmi_p_value=cmi.p_value,
+        h_domain_given_context=cmi.h_domain_given_context), cfg.thresholds)
+    by_name = {c.name: c.verdict for c in layer.criteria}
     return {
         "nmi_excess": nmi.excess, "nmi_excess_ci_high": nmi.excess_ci_high, "nmi_p": nmi.p_value,
         "nmi_null_q95": nmi.null_q95, "nmi_plugin": nmi.observed,
-        "cmi_share": cmi.share, "cmi_share_ci_high": share_hi, "cmi_p": cmi.p_value, "cmi_bits": cmi.estimate,
-        "nmi": c_nmi.verdict, "cmi": c_cmi.verdict, "verdict": combine_routing(c_nmi.verdict, c_cmi.verdict),
+        "cmi_share": cmi.share, "cmi_share_ci_high": cmi.share_ci_high, "cmi_p": cmi.p_value, "cmi_bits": cmi.estimate,
+        "nmi": by_name["nmi"], "cmi": by_name["cmi"], "verdict": layer.verdict,
     }
 
 

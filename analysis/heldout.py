@@ -40,8 +40,8 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.information import _as_experts, _as_labels, _as_weights, _dense_index, entropy
-from analysis.statistics import stratified_doc_bootstrap
+from analysis.information import _as_experts, _as_labels, _as_weights, _dense_index, _doc_index, entropy
+from analysis.statistics import RngLike, _rng, stratified_doc_bootstrap
 
 __all__ = [
     "HeldoutInformation",
@@ -51,7 +51,6 @@ __all__ = [
     "heldout_conditional_information",
 ]
 
-RngLike = np.random.Generator | int
 # Gains below this (bits per assignment) count as none in the p-value: the smoothing of q(e | c)
 # leaves a little mass on experts a context never uses, and domain offsets recover ~1e-6 bits of it
 # even when the token determines the experts (hash routing). The margins are ~1e-2 bits.
@@ -85,14 +84,19 @@ class HeldoutInformation:
     def share(self) -> float:
         """The estimate as a share of H(D|C): the fraction of the domain uncertainty left by the
         context that routing removes (nan when H(D|C) is ~0)."""
+        return self._of_h(self.estimate)
+
+    @property
+    def share_ci_low(self) -> float:
+        return self._of_h(self.ci_low)
+
+    @property
+    def share_ci_high(self) -> float:
+        return self._of_h(self.ci_high)
+
+    def _of_h(self, bits: float) -> float:
         h = self.h_domain_given_context
-        return self.estimate / h if h > 1e-12 else float("nan")
-
-
-def _rng(rng: RngLike) -> np.random.Generator:
-    if rng is None or isinstance(rng, (bool, float)):
-        raise TypeError("rng must be a np.random.Generator or an int seed (explicit, for determinism)")
-    return np.random.default_rng(rng)
+        return bits / h if h > 1e-12 else float("nan")
 
 
 def context_keys(token: np.ndarray, prev_token: np.ndarray | None = None) -> list[np.ndarray]:
@@ -153,7 +157,8 @@ def _nested_groups(contexts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], li
     prev = np.zeros(contexts[0].size, dtype=np.int64)
     for key in contexts:
         # Refine the parent: a finer key is only meaningful inside its coarser context.
-        _, g = _dense_index(prev * (int(key.max()) + 1 - min(int(key.min()), 0)) + (key - min(int(key.min()), 0)))
+        shifted = key - min(int(key.min()), 0)  # keys may hold -1 (no previous token)
+        _, g = _dense_index(prev * (int(shifted.max()) + 1) + shifted)
         g = g.reshape(-1)
         parent = np.zeros(int(g.max()) + 1, dtype=np.int64)
         parent[g] = prev
@@ -238,13 +243,8 @@ def heldout_conditional_information(
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if not smoothing > 0:
         raise ValueError(f"smoothing must be > 0, got {smoothing}")
-    doc_ids, doc_of = _dense_index(np.asarray(doc, dtype=np.int64))
-    doc_of = doc_of.reshape(-1)
+    doc_ids, doc_of, doc_domain = _doc_index(doc, d)
     m = doc_ids.size
-    doc_domain = np.empty(m, dtype=np.int64)
-    doc_domain[doc_of] = d
-    if (doc_domain[doc_of] != d).any():
-        raise ValueError("a document carries more than one domain; one domain per document")
     per_domain = np.bincount(doc_domain, minlength=n_domains)
     if per_domain[per_domain > 0].min() < 2:
         raise ValueError("every domain needs at least 2 documents so that some can be held out; "
@@ -292,7 +292,8 @@ def heldout_conditional_information(
                      for j in range(ex.shape[1])).reshape(n_domains, e_n)
         beta = _fit_domain_offsets(log_q[grp_ctx], grp_w, grp_dom, target, iterations)
         zt = log_q[fine[test]] + beta[d[test]]
-        log_qd = zt - np.log(np.exp(zt - zt.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)) - zt.max(axis=1, keepdims=True)
+        top = zt.max(axis=1, keepdims=True)
+        log_qd = zt - top - np.log(np.exp(zt - top).sum(axis=1, keepdims=True))  # log softmax
         rows = np.flatnonzero(test)
         for j in range(ex.shape[1]):
             e_j = ex[rows, j]

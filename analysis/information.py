@@ -198,6 +198,21 @@ class DocCounts(NamedTuple):
     counts: np.ndarray
 
 
+def _doc_index(doc: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted distinct document ids [M], each record's document index [N], each document's domain
+    [M]) of integer doc ids [N] and domain ids [N]; ValueError naming a document that carries more
+    than one domain (a document is the unit of exchangeability in the nulls)."""
+    doc_ids, inv = _dense_index(np.asarray(doc).astype(np.int64, copy=False))
+    inv = inv.reshape(-1)
+    doc_domain = np.empty(doc_ids.size, dtype=np.int64)
+    doc_domain[inv] = domain  # any occurrence's domain; checked for agreement right below
+    bad = doc_domain[inv] != domain
+    if bad.any():
+        first = int(np.asarray(doc)[np.flatnonzero(bad)[0]])
+        raise ValueError(f"document {first} carries more than one domain; one domain per document")
+    return doc_ids, inv, doc_domain
+
+
 def doc_expert_counts(
     doc: np.ndarray,
     domain: np.ndarray,
@@ -224,15 +239,8 @@ def doc_expert_counts(
     ex = _as_experts(experts, n, n_experts)
     w = _as_weights(weights, ex.shape)
 
-    doc_ids, inv = _dense_index(doc_a.astype(np.int64, copy=False))
+    doc_ids, inv, doc_domain = _doc_index(doc_a, d)
     m = doc_ids.size
-    doc_domain = np.empty(m, dtype=np.int64)
-    doc_domain[inv] = d  # any occurrence's domain; checked for agreement right below
-    bad = doc_domain[inv] != d
-    if bad.any():
-        first = int(doc_a[np.flatnonzero(bad)[0]])
-        raise ValueError(f"document {first} carries more than one domain; one domain per document")
-
     counts = np.zeros(m * n_experts, dtype=np.float64)
     base = inv * n_experts
     for j in range(ex.shape[1]):

@@ -22,7 +22,7 @@ seed), averaged per domain, with a document-cluster-robust standard error
 - `expert_knockouts`: damage [L, D, E] of dropping each expert.
 - `dense_group_knockouts`: the control, damage [L, D, G] of zeroing each random group.
 - `top1_knockouts`: drop each token's own highest-gate expert in one layer: damage [L, D].
-- Statistics (pure numpy, in `analysis.knockout_stats`, re-exported here): `corrected_cv`,
+- Statistics (pure numpy, in `analysis.knockout_stats`; import them from there): `corrected_cv`,
   `cv_lower_bound`, `heterogeneity`, `matched_comparison` (experts against dense groups of the same
   layer at matched damage), `simulate_damage`.
 
@@ -45,21 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.knockout_stats import (
-    MATCH_STATISTICS,
-    DomainMeans,
-    Heterogeneity,
-    MatchedComparison,
-    SimulatedDamage,
-    cluster_mean_se,
-    cochran_q,
-    corrected_cv,
-    cv_lower_bound,
-    heterogeneity,
-    matched_comparison,
-    selectivity,
-    simulate_damage,
-)
+from analysis.knockout_stats import cluster_mean_se
 from moe.data.batch import Batch
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
@@ -68,27 +54,14 @@ from moe.routing import Routing
 __all__ = [
     "CLUSTERS",
     "INTERVENTIONS",
-    "MATCH_STATISTICS",
-    "DomainMeans",
-    "Heterogeneity",
     "KnockoutResult",
-    "MatchedComparison",
-    "SimulatedDamage",
-    "cluster_mean_se",
-    "cochran_q",
-    "corrected_cv",
-    "cv_lower_bound",
     "dense_group_knockouts",
     "dense_groups",
     "domain_losses",
     "expert_dropped",
     "expert_knockouts",
     "expert_masked",
-    "heterogeneity",
     "hidden_units_zeroed",
-    "matched_comparison",
-    "selectivity",
-    "simulate_damage",
     "token_losses",
     "top1_dropped",
     "top1_knockouts",

@@ -184,13 +184,11 @@ def _cmi(inputs: LayerInputs) -> MeasureResult:
                                "plugin_token_corrected_bits": conditional_mutual_information_mm(cube)}
     if held is None:
         return MeasureResult("cmi", None, details=details)
-    h = held.h_domain_given_context
-    scale = (lambda x: x / h) if h > 1e-12 else (lambda x: None)  # noqa: E731
     details.update({"bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
-                    "h_domain_given_context_bits": h, "assignments_scored": held.n_assignments,
-                    "n_folds": held.n_folds, "n_bootstrap": held.n_resamples})
-    return MeasureResult("cmi", _finite(held.share), scale(held.ci_low), scale(held.ci_high), 0.0, held.p_value,
-                         details)
+                    "h_domain_given_context_bits": held.h_domain_given_context,
+                    "assignments_scored": held.n_assignments, "n_folds": held.n_folds, "n_bootstrap": held.n_resamples})
+    return MeasureResult("cmi", _finite(held.share), _finite(held.share_ci_low), _finite(held.share_ci_high), 0.0,
+                         held.p_value, details)
 
 
 def _mi_domain(inputs: LayerInputs) -> MeasureResult:

@@ -82,10 +82,9 @@ from analysis.knockout import (
     dense_group_knockouts,
     domain_losses,
     expert_knockouts,
-    heterogeneity,
-    matched_comparison,
     top1_knockouts,
 )
+from analysis.knockout_stats import heterogeneity, matched_comparison
 from analysis.measures import cka_result, knockout_result, measure_layer
 from analysis.registry import MEASURES
 from analysis.plots import save_figures

@@ -211,9 +211,7 @@ def stratified_doc_bootstrap(doc_domain: np.ndarray, n_resamples: int, rng: RngL
     out = np.zeros((r, dd.size), dtype=np.float64)
     for d in np.unique(dd):
         idx = np.flatnonzero(dd == d)
-        draws = gen.integers(0, idx.size, size=(r, idx.size))
-        flat = (draws + (np.arange(r) * idx.size)[:, None]).ravel()
-        out[:, idx] = np.bincount(flat, minlength=r * idx.size).reshape(r, idx.size)
+        out[:, idx] = resample_docs(idx.size, r, gen)
     return out
 
 

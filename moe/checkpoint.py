@@ -128,14 +128,16 @@ def verify_checkpoint(path: str | Path) -> None:
                               f"({record}): the file was modified or damaged after writing")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    mmap: bool = False) -> dict[str, Any]:
     """Verify a checkpoint's digest and load it without executing code (`weights_only=True`);
-    anything wrong becomes a `CheckpointError` naming the file."""
+    anything wrong becomes a `CheckpointError` naming the file. mmap: map the tensors from the file
+    instead of reading them (for a look at the metadata, e.g. the fingerprint)."""
     path = Path(path)
     verify_checkpoint(path)
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for truncated / foreign files
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}). It is corrupted, "
@@ -205,8 +207,8 @@ def latest_checkpoint(run_dir: str | Path, name: str) -> Path | None:
     return files[-1] if files else None
 
 
-def latest_good_checkpoint(run_dir: str | Path, name: str,
-                           map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+def latest_good_checkpoint(run_dir: str | Path, name: str, map_location: str | torch.device = "cpu", *,
+                           mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of model `name` that verifies and loads, with its state; newer ones
     that do not are skipped with a warning naming them and the one used. None without checkpoints;
     CheckpointError when every one is bad."""
@@ -214,7 +216,7 @@ def latest_good_checkpoint(run_dir: str | Path, name: str,
     bad: list[str] = []
     for path in reversed(files):
         try:
-            state = load_checkpoint(path, map_location)
+            state = load_checkpoint(path, map_location, mmap=mmap)
         except CheckpointError as exc:
             bad.append(str(exc))
             continue

@@ -14,24 +14,26 @@ import torch
 
 from analysis.knockout import (
     INTERVENTIONS,
-    cluster_mean_se,
-    cochran_q,
-    corrected_cv,
-    cv_lower_bound,
     dense_group_knockouts,
     dense_groups,
     domain_losses,
     expert_dropped,
     expert_knockouts,
     expert_masked,
-    heterogeneity,
     hidden_units_zeroed,
-    matched_comparison,
-    selectivity,
-    simulate_damage,
     token_losses,
     top1_dropped,
     top1_knockouts,
+)
+from analysis.knockout_stats import (
+    cluster_mean_se,
+    cochran_q,
+    corrected_cv,
+    cv_lower_bound,
+    heterogeneity,
+    matched_comparison,
+    selectivity,
+    simulate_damage,
 )
 from analysis.recorder import interleave_domains, take_tokens
 from moe.data.batch import Batch

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 from analysis.information import (
-    conditional_mutual_information,
     contingency,
     doc_expert_counts,
     joint_from_docs,
     normalized_mutual_information,
-    token_domain_expert_counts,
 )
 from analysis.statistics import (
     SpecializationResult,
