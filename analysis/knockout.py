@@ -143,7 +143,7 @@ def domain_losses(model: nn.Module, batches: Sequence[Batch], num_domains: int) 
     with _eval_mode(model):
         for batch in batches:
             batch = batch.to(device)
-            loss = model(batch.tokens, batch.targets).token_loss.reshape(-1).double()
+            loss = model(batch.tokens, batch.targets, batch.domain).token_loss.reshape(-1).double()
             dom = batch.domain.reshape(-1)
             total.index_add_(0, dom, loss)
             count.index_add_(0, dom, torch.ones_like(loss))
@@ -161,7 +161,7 @@ def token_losses(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -
     with _eval_mode(model), _seeded(seed, device):
         for batch in batches:
             batch = batch.to(device)
-            out.append(model(batch.tokens, batch.targets).token_loss.reshape(-1).double())
+            out.append(model(batch.tokens, batch.targets, batch.domain).token_loss.reshape(-1).double())
     if not out:
         return np.zeros(0)
     return torch.cat(out).cpu().numpy()

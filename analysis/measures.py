@@ -5,6 +5,8 @@ The measures (`analysis.registry`), in report order:
     nmi            NMI = I(D;E)/H(D) minus its document-permutation null mean, with the bias-corrected
                    domain-stratified document-bootstrap interval and the permutation p-value
     cmi            held-out I(D;E|C) / H(D|C): domain information beyond the context (`analysis.heldout`)
+    nmi_top1       nmi counting each token's top-1 expert only (OLMoE publishes top-1 and top-k)
+    cmi_top1       cmi counting each token's top-1 expert only
     mi_domain      I(D;E) in bits (plug-in; Miller-Madow in details)
     mi_token       I(T;E) in bits: routing explained by the token id
     vocabulary     OLMoE vocabulary specialization
@@ -33,6 +35,7 @@ import numpy as np
 from analysis.information import (
     DocCounts,
     conditional_mutual_information,
+    doc_expert_counts,
     conditional_mutual_information_mm,
     entropy,
     joint_from_docs,
@@ -55,7 +58,7 @@ if TYPE_CHECKING:  # the recorder imports torch; this module stays pure numpy
 CONTEXTS = ("token", "bigram")
 
 __all__ = ["CONTEXTS", "MEASURES", "LayerInputs", "RoutingEvidence", "cka_result", "coactivation_from_pairs", "domain_shares",
-           "knockout_result", "measure_layer", "previous_tokens", "routing_evidence"]
+           "knockout_result", "layer_inputs", "measure_layer", "previous_tokens", "routing_evidence"]
 
 
 def domain_shares(domain_expert: np.ndarray, tokens_per_domain: np.ndarray) -> np.ndarray:
@@ -156,7 +159,28 @@ class LayerInputs:
         return routing_evidence(self.counts.docs, self.counts.num_domains, self.counts.num_experts,
                                 context=self.context, n_permutations=self.n_permutations,
                                 n_bootstrap=self.n_bootstrap, confidence=self.confidence, rng=self.seed,
-                                **(self.arrays or {}))
+                                **{k: v for k, v in (self.arrays or {}).items() if k not in ("gates", "kept")})
+
+    @cached_property
+    def evidence_top1(self) -> RoutingEvidence | None:
+        """The same evidence counting one expert per token, its highest-gate kept one (ties: the
+        first slot); tokens with no kept slot are left out. None without per-token records."""
+        if self.arrays is None:
+            return None
+        a = self.arrays
+        experts, weights = np.asarray(a["experts"]), a.get("weights")
+        gates = np.asarray(a["gates"], dtype=np.float64)
+        kept = np.ones(experts.shape, dtype=bool) if a.get("kept") is None else np.asarray(a["kept"])
+        scored = np.where(kept, gates, -np.inf)
+        slot = np.argmax(scored, axis=1)
+        routed = kept.any(axis=1)
+        top1 = experts[np.arange(len(slot)), slot][routed][:, None]
+        d, e = self.counts.num_domains, self.counts.num_experts
+        docs = doc_expert_counts(a["doc"][routed], a["domain"][routed], top1, d, e)
+        return routing_evidence(docs, d, e, token=a["token"][routed], prev_token=a["prev_token"][routed],
+                                domain=a["domain"][routed], doc=a["doc"][routed], experts=top1,
+                                context=self.context, n_permutations=self.n_permutations,
+                                n_bootstrap=self.n_bootstrap, confidence=self.confidence, rng=self.seed)
 
     @property
     def joint(self) -> np.ndarray:
@@ -167,27 +191,43 @@ def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _nmi(inputs: LayerInputs) -> MeasureResult:
-    spec = inputs.evidence.nmi
-    return MeasureResult("nmi", spec.excess, spec.excess_ci_low, spec.excess_ci_high, spec.null_mean, spec.p_value, {
+def _nmi_result(name: str, spec: SpecializationResult) -> MeasureResult:
+    return MeasureResult(name, spec.excess, spec.excess_ci_low, spec.excess_ci_high, spec.null_mean, spec.p_value, {
         "plugin": spec.observed, "corrected": spec.corrected, "plugin_ci_low": spec.ci_low,
         "plugin_ci_high": spec.ci_high, "confidence": spec.confidence, "null_q95": spec.null_q95,
         "n_docs": spec.n_docs, "docs_per_domain": list(spec.docs_per_domain), "n_permutations": spec.n_permutations,
         "n_bootstrap": spec.n_resamples})
 
 
+def _nmi(inputs: LayerInputs) -> MeasureResult:
+    return _nmi_result("nmi", inputs.evidence.nmi)
+
+
+def _nmi_top1(inputs: LayerInputs) -> MeasureResult:
+    evidence = inputs.evidence_top1
+    return MeasureResult("nmi_top1", None) if evidence is None else _nmi_result("nmi_top1", evidence.nmi)
+
+
 def _cmi(inputs: LayerInputs) -> MeasureResult:
-    held: HeldoutInformation | None = inputs.evidence.cmi
     cube = inputs.counts.cube
-    details: dict[str, Any] = {"context": inputs.context,
-                               "plugin_token_bits": conditional_mutual_information(cube),
-                               "plugin_token_corrected_bits": conditional_mutual_information_mm(cube)}
+    return _cmi_result("cmi", inputs.evidence.cmi, inputs.context, {
+        "plugin_token_bits": conditional_mutual_information(cube),
+        "plugin_token_corrected_bits": conditional_mutual_information_mm(cube)})
+
+
+def _cmi_top1(inputs: LayerInputs) -> MeasureResult:
+    evidence = inputs.evidence_top1
+    return _cmi_result("cmi_top1", None if evidence is None else evidence.cmi, inputs.context, {})
+
+
+def _cmi_result(name: str, held: HeldoutInformation | None, context: str, extra: Mapping[str, Any]) -> MeasureResult:
+    details: dict[str, Any] = {"context": context, **extra}
     if held is None:
-        return MeasureResult("cmi", None, details=details)
+        return MeasureResult(name, None, details=details)
     details.update({"bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
                     "h_domain_given_context_bits": held.h_domain_given_context,
                     "assignments_scored": held.n_assignments, "n_folds": held.n_folds, "n_bootstrap": held.n_resamples})
-    return MeasureResult("cmi", _finite(held.share), _finite(held.share_ci_low), _finite(held.share_ci_high), 0.0,
+    return MeasureResult(name, _finite(held.share), _finite(held.share_ci_low), _finite(held.share_ci_high), 0.0,
                          held.p_value, details)
 
 
@@ -249,6 +289,10 @@ for _m in (
             _nmi, "specialist"),
     Measure("cmi", "I(D;E|C) share", "held-out domain information beyond the context, I(D;E|C) / H(D|C)",
             "share of H(D|C)", _cmi, "specialist"),
+    Measure("nmi_top1", "NMI − null (top-1)", "nmi counting each token's top-1 expert only", "share of H(D)",
+            _nmi_top1),
+    Measure("cmi_top1", "I(D;E|C) share (top-1)", "cmi counting each token's top-1 expert only", "share of H(D|C)",
+            _cmi_top1),
     Measure("mi_domain", "I(D;E)", "I(D;E), plug-in", "bits", _mi_domain),
     Measure("mi_token", "I(T;E)", "I(T;E): routing explained by the token id, plug-in", "bits", _mi_token),
     Measure("vocabulary", "vocab. spec.", "OLMoE vocabulary specialization (null: k/E)", "share", _vocabulary),
@@ -260,6 +304,21 @@ for _m in (
     Measure("cka", "expert CKA", "mean off-diagonal linear CKA between experts", "CKA", None, "ensemble"),
 ):
     register(_m)
+
+
+def layer_inputs(counts: LayerCounts, records: RoutingRecords | None, layer: int, *, n_permutations: int,
+                 n_bootstrap: int, confidence: float, context: str, rng: Any) -> LayerInputs:
+    """A layer's `LayerInputs`: its counts and, given the raw records, its per-token arrays."""
+    arrays = None
+    if records is not None:
+        rec = records.layers[layer]
+        kept = rec.kept
+        weights = np.where(kept, rec.gates, 0.0) if counts.weighting == "gate" else (
+            None if kept.all() else kept.astype(np.float64))  # a dropped slot weighs 0: no routing decision
+        arrays = dict(token=records.token, prev_token=previous_tokens(records.token, records.position),
+                      domain=records.domain, doc=records.doc, experts=rec.experts.astype(np.int64), weights=weights,
+                      gates=rec.gates, kept=kept)
+    return LayerInputs(counts, arrays, n_permutations, n_bootstrap, confidence, context, rng)
 
 
 def measure_layer(
@@ -281,15 +340,8 @@ def measure_layer(
     null; n_bootstrap: document-bootstrap replicates (the held-out estimate uses at least 200);
     context: "token" or "bigram", what C holds.
     """
-    arrays = None
-    if records is not None:
-        rec = records.layers[layer]
-        kept = rec.kept
-        weights = np.where(kept, rec.gates, 0.0) if counts.weighting == "gate" else (
-            None if kept.all() else kept.astype(np.float64))  # a dropped slot weighs 0: no routing decision
-        arrays = dict(token=records.token, prev_token=previous_tokens(records.token, records.position),
-                      domain=records.domain, doc=records.doc, experts=rec.experts.astype(np.int64), weights=weights)
-    inputs = LayerInputs(counts, arrays, n_permutations, n_bootstrap, confidence, context, rng)
+    inputs = layer_inputs(counts, records, layer, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+                          confidence=confidence, context=context, rng=rng)
     measures = {name: m.compute(inputs).as_dict() for name, m in MEASURES.items() if m.compute is not None}
     e, k = counts.num_experts, counts.top_k
     co = coactivation_from_pairs(counts.pairs)

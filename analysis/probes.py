@@ -50,7 +50,7 @@ def capture_layer_inputs(model: nn.Module, batches: Sequence[Batch], max_tokens:
         for batch in batches:
             if seen >= max_tokens:
                 break
-            model(batch.tokens.to(device))
+            model(batch.tokens.to(device), None, batch.domain.to(device))
             seen += batch.num_tokens
     finally:
         for h in handles:

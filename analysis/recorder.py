@@ -548,7 +548,7 @@ def record_routing(
             for batch in batches:
                 rec.observe(batch)
                 on_device = batch.to(device, non_blocking=True)
-                out = model(on_device.tokens, on_device.targets)
+                out = model(on_device.tokens, on_device.targets, on_device.domain)
                 dom = on_device.domain.reshape(-1)
                 loss_sum.index_add_(0, dom, out.token_loss.reshape(-1).double())
                 loss_tokens.index_add_(0, dom, torch.ones_like(dom, dtype=torch.float64))

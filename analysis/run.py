@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -16,6 +16,14 @@ from moe.model import LanguageModel, ModelConfig
 from moe.routing import RouterConfig
 
 
+def require_domains(domains: Sequence[str], where: str) -> None:
+    """Refuse (ValueError) to analyze fewer than two domains: with one, every measure of domain
+    specialization is empty (there is nothing to tell apart) and a verdict would be meaningless."""
+    if len(domains) < 2:
+        raise ValueError(f"{where} has {len(domains)} domain(s) {list(domains)}; analyzing domain specialization "
+                         "needs at least two. Train (or evaluate) on a corpus with two or more domains.")
+
+
 def load_trained_model(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> LanguageModel:
     """The newest checkpoint of model `name` (e.g. `moe`, `dense_active`) in eval mode."""
     found = latest_good_checkpoint(run_dir, name, map_location=device)
@@ -23,6 +31,11 @@ def load_trained_model(run_dir: str | Path, name: str, device: str | torch.devic
         raise CheckpointError(f"no checkpoint of model {name!r} under {Path(run_dir) / 'models' / name / 'checkpoints'}; "
                               "is this a moe-train run directory, and did the model train?")
     _, state = found
+    return model_from_state(state, device)
+
+
+def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> LanguageModel:
+    """The model a loaded checkpoint (`moe.checkpoint.load_checkpoint`) holds, in eval mode."""
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["fingerprint"]["model"]))
     router_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RouterConfig), state["config"]["router"]))
     vocab_size = state["model"]["embed.weight"].shape[0]

@@ -306,7 +306,8 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
 
     Keys: run, label, the sweep axes, layer, verdict (the layer's), model_verdict; for every measure
     of `analysis.registry.MEASURES` its columns name, name_low, name_high, name_p (nmi, cmi,
-    mi_domain, mi_token, vocabulary, consecutive, maxvio, knockout, cka); nmi_plugin, nmi_null_q95,
+    nmi_top1, cmi_top1, mi_domain, mi_token, vocabulary, consecutive, maxvio, knockout, cka); nmi_plugin,
+    nmi_null_q95, nmi_top1_plugin (the plug-in NMI counting each token's top-1 expert),
     docs_min (fewest validation documents of a domain), cmi_bits, dense_cv (median damage CV of the
     twin's unit groups);
     loss_moe, loss_dense (the active-matched twin, else the first dense model), loss_gap = moe - dense
@@ -331,6 +332,7 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
             for name in MEASURES:
                 row.update(columns(name, m.get(name)))
             row.update({"nmi_plugin": _nan(m["nmi"].get("plugin")), "nmi_null_q95": _nan(m["nmi"].get("null_q95")),
+                        "nmi_top1_plugin": _nan((m.get("nmi_top1") or {}).get("plugin")),
                         "docs_min": min(m["nmi"].get("docs_per_domain") or [0]), "cmi_bits": _nan(m["cmi"].get("bits")),
                         "dense_cv": _nan((m.get("knockout") or {}).get("dense_cv_median"))})
             rows.append(row)

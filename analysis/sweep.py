@@ -43,6 +43,9 @@ from analysis.plots import plot_arm_intervals, plot_sweep, save_figure
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run, training_identity
 from analysis.runs import Run, Sweep, load_run, load_sweep, sweep_rows
+from analysis.anchors import anchor_rows, anchor_source
+from analysis.trajectory import plot_trajectory, specialization_over_training, write_trajectory
+from moe.checkpoint import checkpoint_dir, list_checkpoints
 
 __all__ = [
     "ARMS",
@@ -52,20 +55,25 @@ __all__ = [
     "analyze_sweep",
     "arm_of",
     "corpus_of",
+    "loss_contrasts",
     "loss_gaps",
     "pair_twins",
     "paired_contrasts",
     "seed_interval",
     "sweep_records",
+    "sweep_trajectories",
     "write_sweep_report",
 ]
 
 # Display order of the arms (conf/arm/): balance scopes from the most to the least local, then controls.
-ARMS = ("sequence", "micro_batch", "global_batch", "aux_free", "none", "hash", "random")
+ARMS = ("sequence", "micro_batch", "global_batch", "aux_free", "none", "hash", "random", "prev_hash", "domain")
+# Routers that do not learn: the domain-blind controls and the positive control (conf/arm/).
+CONTROLS = ("hash", "random", "prev_hash", "domain")
 # Per-layer measures aggregated over seeds (keys of `analysis.runs.sweep_rows`), with their meaning.
 MEASURES = {**{name: m.description for name, m in REGISTRY.items()},
             "nmi_plugin": "NMI, plug-in",
             "nmi_null_q95": "q95 of the plug-in NMI under the document-permutation null",
+            "nmi_top1_plugin": "NMI counting each token's top-1 expert, plug-in",
             "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
             "dense_cv": "median noise-corrected damage CV of the active twin's random unit groups",
             "docs_min": "fewest validation documents of a domain"}
@@ -75,13 +83,13 @@ TWINS = ("dense_active", "dense_total")
 # ----------------------------------------------------------------------------- what a job is
 def arm_of(config: Mapping[str, Any]) -> str:
     """The sweep arm a run config belongs to: `dense` (twins only), the control router (`hash`,
-    `random`), `aux_free`, or the balance scope of a top-k router; other routers as
+    `random`, `prev_hash`, `domain`), `aux_free`, or the balance scope of a top-k router; other routers as
     `<router>/<scope>`."""
     if config.get("twin", {}).get("only"):
         return "dense"
     kind = config.get("router", {}).get("kind")
     scope = config.get("balance", {}).get("scope")
-    if kind in ("hash", "random"):
+    if kind in CONTROLS:
         return kind
     if scope == "aux_free" and kind == "sigmoid":
         return "aux_free"
@@ -145,6 +153,30 @@ def analyze_sweep(sweep: Sweep, cfg: AnalysisConfig | None = None, *, reanalyze:
     return done
 
 
+def sweep_trajectories(sweep: Sweep, cfg: AnalysisConfig | None = None, *, arms: Sequence[str] = ("micro_batch",),
+                       seeds: Sequence[int] = (0,), min_checkpoints: int = 3, recompute: bool = False,
+                       batch_size: int = 16, device: str = "cpu") -> dict[Path, Path]:
+    """Specialization over training (`analysis.trajectory`) of the MoE jobs of `arms` x `seeds` that
+    kept at least `min_checkpoints` checkpoints, into each job's `analysis/trajectory.json` (kept and
+    reused unless `recompute`); returns {job path: its trajectory.json}."""
+    out = {}
+    for run in sweep.runs:
+        if not run.comparison or "moe" not in run.comparison:
+            continue
+        if arm_of(run.config) not in arms or run.config.get("seed") not in seeds:
+            continue
+        if len(list_checkpoints(checkpoint_dir(run.path, "moe"))) < min_checkpoints:
+            continue
+        target = run.path / "analysis" / "trajectory.json"
+        if recompute or not target.is_file():
+            print(f"specialization over training: {run.path}", flush=True)
+            points = specialization_over_training(run.path, "moe", cfg, batch_size=batch_size, device=device)
+            write_trajectory(points, target.parent, f"{corpus_of(run.config)}, {arm_of(run.config)}, "
+                                                    f"seed {run.config.get('seed')}")
+        out[run.path] = target
+    return out
+
+
 # ----------------------------------------------------------------------------- tables
 def sweep_records(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per (analyzed MoE job, MoE layer): `analysis.runs.sweep_rows` plus corpus, arm, seed,
@@ -162,25 +194,36 @@ def sweep_records(sweep: Sweep) -> list[dict[str, Any]]:
                   for domain, value in comparison[model]["val_loss"].items()}
         gap = losses.get("loss_moe_all", math.nan) - losses.get("loss_dense_active_all", math.nan)
         for row in sweep_rows(Sweep(sweep.root, [run], sweep.axes)):
+            moe_cfg = run.config.get("model", {}).get("moe", {})
             records.append({**row, "corpus": corpus_of(run.config), "arm": arm_of(run.config),
+                            "experts": f"top-{moe_cfg.get('top_k')} of {moe_cfg.get('num_experts')}",
                             "seed": run.config.get("seed"), "path": str(run.path), **losses,
                             "loss_dense": losses.get("loss_dense_active_all", math.nan), "loss_gap": gap})
     return records
 
 
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+def seed_interval(values: Sequence[float], confidence: float = 0.95, family: int = 1) -> dict[str, float]:
     """Mean of per-seed values and its Student-t interval: mean ± t_{(1+c)/2, n-1} s/sqrt(n), with s
     the sample standard deviation. Non-finite values are left out; fewer than two values give a nan
-    interval (one seed says nothing about the spread)."""
+    interval (one seed says nothing about the spread).
+
+    family > 1 adds `adj_low`/`adj_high`, the Bonferroni interval at confidence 1 - (1 - c)/family:
+    all `family` such intervals cover their means together with probability at least c, so a claim
+    about any one contrast of the family holds at level c."""
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
     n = len(x)
-    if n == 0:
-        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
-    mean = float(x.mean())
-    if n < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1}
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    out = {"mean": math.nan, "low": math.nan, "high": math.nan, "n": n}
+    if n:
+        out["mean"] = float(x.mean())
+    if n >= 2:
+        sem = x.std(ddof=1) / math.sqrt(n)
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sem)
+        out.update(low=out["mean"] - half, high=out["mean"] + half)
+    if family > 1:
+        adjusted = 1 - (1 - confidence) / family
+        half = float(stats.t.ppf((1 + adjusted) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
+        out.update(adj_low=out["mean"] - half, adj_high=out["mean"] + half, family=family)
+    return out
 
 
 def _arm_key(arm: str) -> tuple[int, str]:
@@ -210,22 +253,40 @@ def paired_contrasts(records: Sequence[Mapping[str, Any]], baseline: str = "micr
                      confidence: float = 0.95) -> list[dict[str, Any]]:
     """Per (corpus, arm, layer), each measure of the arm minus that of `baseline`, paired by seed
     (the two jobs of a seed share data order, tokenizer and initialization, so the pairing removes
-    the run-to-run spread they share), as {mean, low, high, n}. Arms without the baseline's seeds
-    and the baseline itself are left out."""
+    the run-to-run spread they share), as {mean, low, high, n} plus the Bonferroni interval
+    `adj_low`/`adj_high` over the family of all contrasts of that measure on that corpus. Arms
+    without the baseline's seeds and the baseline itself are left out."""
     index = {(r["corpus"], r["arm"], r["layer"], r["seed"]): r for r in records}
     groups = sorted({(c, a, layer) for c, a, layer, _ in index if a != baseline},
                     key=lambda g: (g[0], _arm_key(g[1]), g[2]))
-    out = []
+    paired = {}
     for corpus, arm, layer in groups:
         seeds = sorted(s for c, a, l_, s in index
                        if (c, a, l_) == (corpus, arm, layer) and (corpus, baseline, layer, s) in index)
-        if not seeds:
-            continue
-        pairs = [(index[(corpus, arm, layer, s)], index[(corpus, baseline, layer, s)]) for s in seeds]
-        out.append({"corpus": corpus, "arm": arm, "baseline": baseline, "layer": layer, "seeds": seeds,
-                    **{m: seed_interval([a.get(m, math.nan) - b.get(m, math.nan) for a, b in pairs], confidence)
-                       for m in measures}})
-    return out
+        if seeds:
+            paired[(corpus, arm, layer)] = (seeds, [(index[(corpus, arm, layer, s)], index[(corpus, baseline, layer, s)])
+                                                    for s in seeds])
+    family = {c: sum(1 for key in paired if key[0] == c) for c, _, _ in paired}
+    return [{"corpus": corpus, "arm": arm, "baseline": baseline, "layer": layer, "seeds": seeds,
+             **{m: seed_interval([a.get(m, math.nan) - b.get(m, math.nan) for a, b in pairs], confidence, family[corpus])
+                for m in measures}}
+            for (corpus, arm, layer), (seeds, pairs) in paired.items()]
+
+
+def loss_contrasts(records: Sequence[Mapping[str, Any]], baseline: str = "hash",
+                   confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per (corpus, arm): the MoE's validation loss (nats/token, all domains) minus that of the
+    `baseline` arm on the same seed, as {mean, low, high, n} with the Bonferroni interval over the
+    corpus' arms (`seed_interval`); negative = the arm beats the baseline."""
+    loss = {(r["corpus"], r["arm"], r["seed"]): r.get("loss_moe_all", math.nan) for r in records}
+    arms = sorted({(c, a) for c, a, _ in loss if a != baseline}, key=lambda g: (g[0], _arm_key(g[1])))
+    seeds = {(c, a): sorted(s for c_, a_, s in loss if (c_, a_) == (c, a) and (c, baseline, s) in loss) for c, a in arms}
+    arms = [g for g in arms if seeds[g]]
+    family = {c: sum(1 for c_, _ in arms if c_ == c) for c, _ in arms}
+    return [{"corpus": c, "arm": a, "baseline": baseline, "seeds": seeds[(c, a)],
+             "delta": seed_interval([loss[(c, a, s)] - loss[(c, baseline, s)] for s in seeds[(c, a)]], confidence,
+                                    family[c])}
+            for c, a in arms]
 
 
 def loss_gaps(records: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
@@ -267,8 +328,15 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _adj(iv: Mapping[str, float], digits: int = 3) -> str:
+    if "adj_low" not in iv or not np.isfinite(iv["adj_low"]):
+        return "–"
+    return f"[{iv['adj_low']:.{digits}f}, {iv['adj_high']:.{digits}f}]"
+
+
 def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping[str, Any]],
-                   confidence: float, contrasts: Sequence[Mapping[str, Any]] = ()) -> str:
+                   confidence: float, contrasts: Sequence[Mapping[str, Any]] = (),
+                   loss_deltas: Sequence[Mapping[str, Any]] = ()) -> str:
     """The markdown tables of `results.md`."""
     pct = f"{confidence:.0%}"
     lines = ["# Specialization sweep", "",
@@ -291,9 +359,22 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
         lines += ["", f"## Paired against `{base}`", "",
                   f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization); "
                   "an interval that excludes 0 is a difference the seeds agree on.", ""]
-        lines += _md(["corpus", "arm", "layer", "Δ NMI − null", "Δ I(D;E\\|C) share", "Δ KO percentile"],
-                     [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _ci(c["cmi"]),
-                       _ci(c["knockout"])] for c in contrasts])
+        family = contrasts[0]["nmi"].get("family", 1)
+        lines[-1:] = [f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization). "
+                      f"`[low, high]`: the {pct} interval of one contrast; `adj`: the Bonferroni interval over the "
+                      f"{family} contrasts of the corpus, the one to read before claiming that any single contrast "
+                      "differs from 0.", ""]
+        lines += _md(["corpus", "arm", "layer", "Δ NMI − null", "adj", "Δ I(D;E\\|C) share", "adj", "Δ KO percentile"],
+                     [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _adj(c["nmi"]), _ci(c["cmi"]),
+                       _adj(c["cmi"]), _ci(c["knockout"])] for c in contrasts])
+    if loss_deltas:
+        base = loss_deltas[0]["baseline"]
+        lines += ["", f"## Validation loss against `{base}`", "",
+                  f"Each arm's MoE loss minus the `{base}` MoE's on the same seed (nats/token, all domains; negative: "
+                  f"the arm beats `{base}`), with the Bonferroni interval over the corpus' arms (`adj`).", ""]
+        lines += _md(["corpus", "arm", "seeds", "Δ loss", "adj"],
+                     [[d["corpus"], d["arm"], str(len(d["seeds"])), _ci(d["delta"]), _adj(d["delta"])]
+                      for d in loss_deltas])
     lines += ["", "## Validation loss against the dense twins", "",
               "Loss in nats/token on all domains' validation tokens; gaps are MoE minus twin, paired by seed "
               "(negative: the MoE is better).", ""]
@@ -323,9 +404,35 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.95) -> dict[str, Any]:
+def anchor_comparison(measures: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OLMoE's and Mixtral's published routing counts (`analysis.anchors`) scored by the package,
+    then the sweep's arms on the same scale: NMI = I(D;E)/H(D) plug-in counting the top-1 expert
+    and counting all k slots (the package's default, the counterpart of OLMoE's top-8 table), and
+    I(D;E) in bits (all slots). One row per (source, layer)."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for a in anchor_rows():
+        row = rows.setdefault((a["model"], a["layer"]), {"source": a["model"], "layer": a["layer"]})
+        if a["counting"] == "top1":
+            row["nmi_top1"] = a["nmi"]
+        else:
+            row.update(nmi_topk=a["nmi"], mi_topk_bits=a["mi_bits"], experts=f"top-{a['K']} of {a['E']}",
+                       tokens=a["assignments"] // a["K"])
+    out = list(rows.values())
+    experts = {(r["corpus"], r["arm"]): r.get("experts") for r in records}
+    for m in measures:
+        out.append({"source": f"{m['corpus']} / {m['arm']}", "layer": m["layer"],
+                    "experts": experts.get((m["corpus"], m["arm"])),
+                    "nmi_top1": m["nmi_top1_plugin"]["mean"], "nmi_topk": m["nmi_plugin"]["mean"],
+                    "mi_topk_bits": m["mi_domain"]["mean"], "nmi_minus_null": m["nmi"]["mean"],
+                    "tokens": None})
+    return out
+
+
+def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.95,
+                       trajectories: Mapping[Path, Path] | None = None) -> dict[str, Any]:
     """runs.csv, aggregate.json, results.md and figures/ of an analyzed sweep into `out_dir`;
-    returns the aggregate (the content of aggregate.json)."""
+    returns the aggregate (the content of aggregate.json). trajectories: {job path: its
+    trajectory.json} (`sweep_trajectories`), plotted and tabulated per job."""
     records = sweep_records(sweep)
     if not records:
         raise ValueError(f"no analyzed MoE job under {sweep.root}; run `moe-sweep sweep_dir={sweep.root}` "
@@ -339,8 +446,12 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
         writer.writerows([{k: r.get(k) for k in columns} for r in records])
     measures, gaps = aggregate_measures(records, confidence), loss_gaps(records, confidence)
     contrasts = paired_contrasts(records, confidence=confidence)
+    loss_deltas = loss_contrasts(records, confidence=confidence)
+    anchors = anchor_comparison(measures, records)
+    curves = _trajectory_entries(sweep, trajectories or {})
     aggregate = {"confidence": confidence, "measures": measures, "contrasts": contrasts, "loss": gaps,
-                 "descriptions": MEASURES}
+                 "loss_contrasts": loss_deltas, "anchors": anchors, "anchor_source": anchor_source(),
+                 "trajectories": curves, "descriptions": MEASURES}
     (out / "aggregate.json").write_text(json.dumps(_jsonable(aggregate), indent=2))
     figures = {"measures_by_arm": plot_arm_intervals(measures, ("nmi", "cmi", "knockout", "maxvio"),
                                                      descriptions=MEASURES)}
@@ -349,7 +460,10 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
         fig = plot_sweep(rows, by="arm", metrics=("nmi", "cmi", "knockout", "maxvio", "loss_gap"))
         fig.suptitle(f"{corpus}: every seed (x: arm; side by side: seeds)")
         figures["seeds_" + re.sub(r"[^A-Za-z0-9.]+", "_", corpus).strip("_")] = fig
-    text = render_results(measures, gaps, confidence, contrasts)
+    for curve in curves:
+        figures[curve["figure"]] = plot_trajectory(curve["points"], curve["title"])
+    text = render_results(measures, gaps, confidence, contrasts, loss_deltas)
+    text += render_anchors(anchors) + render_trajectories(curves)
     text += "\n## Figures\n\n" + "\n".join(f"![{name}](figures/{name}.png)" for name in figures) + "\n"
     for name, fig in figures.items():
         save_figure(fig, name, out / "figures")
@@ -357,11 +471,67 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
     return aggregate
 
 
+def _trajectory_entries(sweep: Sweep, trajectories: Mapping[Path, Path]) -> list[dict[str, Any]]:
+    by_path = {run.path: run for run in sweep.runs}
+    out = []
+    for path, file in trajectories.items():
+        config = by_path[path].config
+        corpus, arm, seed = corpus_of(config), arm_of(config), config.get("seed")
+        out.append({"corpus": corpus, "arm": arm, "seed": seed, "path": str(path),
+                    "title": f"{corpus}, {arm}, seed {seed}",
+                    "figure": "trajectory_" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{corpus}_{arm}_seed{seed}").strip("_"),
+                    "points": json.loads(Path(file).read_text())})
+    return sorted(out, key=lambda c: (c["corpus"], _arm_key(c["arm"]), c["seed"]))
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def render_anchors(anchors: Sequence[Mapping[str, Any]]) -> str:
+    """The table that sets the published models' routing beside the sweep's, on one scale."""
+    lines = ["", "## Against the published record", "",
+             "OLMoE-1B-7B and Mixtral-8x7B: the routing counts released with the OLMoE paper (allenai/OLMoE, "
+             "`scripts/routing_output/`), shipped in `analysis/data/` and scored here by the package's own "
+             "functions. NMI = I(D;E)/H(D), plug-in, counting each token's top-1 expert or all its k slots; "
+             "all k slots is what the package counts, so OLMoE's top-8 column is the like-for-like one. "
+             "The sweep's plug-in NMIs carry the small-sample bias that `NMI − null` removes (their counts "
+             "hold about 10^5 tokens, the published ones 10^6).", ""]
+    header = ["source", "layer", "experts", "NMI top-1", "NMI all k", "I(D;E) all k (bits)", "NMI − null"]
+    rows = [[a["source"], str(a["layer"]), str(a.get("experts") or "–"), _num(a.get("nmi_top1")), _num(a.get("nmi_topk")),
+             _num(a.get("mi_topk_bits")), _num(a.get("nmi_minus_null"))] for a in anchors]
+    return "\n".join(lines + _md(header, rows)) + "\n"
+
+
+def render_trajectories(curves: Sequence[Mapping[str, Any]]) -> str:
+    """Per followed job and layer: the measures at its first, middle and last kept checkpoint."""
+    if not curves:
+        return ""
+    lines = ["", "## Specialization over training", "",
+             "Routing of the same validation tokens at each kept checkpoint; saturation = the share of each "
+             "token's final experts it is already routed to (OLMoE sec. 5).", ""]
+    rows = []
+    for c in curves:
+        points = c["points"]
+        picks = list(dict.fromkeys([0, len(points) // 4, len(points) // 2, len(points) - 1]))
+        for layer in range(len(points[0]["layers"])):
+            for i in picks:
+                p, entry = points[i], points[i]["layers"][layer]
+                rows.append([c["title"], str(layer), f"{p['tokens_seen'] / 1e6:.2f}M",
+                             _num(entry["nmi"]["value"]), _num(entry["cmi"]["value"]), _num(entry["saturation"])])
+    lines += _md(["job", "layer", "tokens seen", "NMI − null", "I(D;E\\|C) share", "saturation"], rows)
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- CLI
 @dataclass
 class SweepReportConfig:
     sweep_dir: str = MISSING  # a `moe-train -m` directory, e.g. multirun/2026-11-28/10-00-00; report: <sweep_dir>/summary
-    reanalyze: bool = False  # analyze MoE jobs that already have analysis/summary.json again
+    reanalyze: bool = False  # analyze MoE jobs that already have analysis/summary.json (and trajectory.json) again
+    # Specialization over training (`analysis.trajectory`) for the MoE jobs of these arms and seeds
+    # that kept at least 3 checkpoints (e.g. experiment=loss_budget).
+    trajectory_arms: list[str] = field(default_factory=lambda: ["micro_batch"])
+    trajectory_seeds: list[int] = field(default_factory=lambda: [0])
     confidence: float = 0.95  # of the intervals over seeds
     batch_size: int = 16
     device: str = "cpu"
@@ -383,9 +553,11 @@ def main(dict_cfg: DictConfig) -> None:
     cfg: SweepReportConfig = OmegaConf.to_object(dict_cfg)
     sweep = load_sweep(cfg.sweep_dir)
     analyze_sweep(sweep, cfg.analysis, reanalyze=cfg.reanalyze, batch_size=cfg.batch_size, device=cfg.device)
+    trajectories = sweep_trajectories(sweep, cfg.analysis, arms=cfg.trajectory_arms, seeds=cfg.trajectory_seeds,
+                                      recompute=cfg.reanalyze, batch_size=cfg.batch_size, device=cfg.device)
     sweep = Sweep(sweep.root, [load_run(r.path, need_summary=False) for r in sweep.runs], sweep.axes)
     out = Path(cfg.sweep_dir) / "summary"
-    write_sweep_report(sweep, out, cfg.confidence)
+    write_sweep_report(sweep, out, cfg.confidence, trajectories)
     print(f"sweep report: {out}/results.md")
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from moe.dispatch import CPU_MAX_PADDING, combine, gather_rows, permute
 from moe.experts import ACTIVATIONS, DenseMLP, GroupedExperts
-from moe.routing import Router, RouterConfig, Routing, build_router
+from moe.routing import RouteKeys, Router, RouterConfig, Routing, build_router
 
 
 @dataclass
@@ -72,7 +72,7 @@ class MoEConfig:
 
 
 class MoELayer(nn.Module):
-    """x [..., D] (+ token ids [...]) -> (y [..., D], Routing over the T flattened tokens)."""
+    """x [..., D] (+ `RouteKeys` or token ids [...]) -> (y [..., D], Routing over the T flattened tokens)."""
 
     def __init__(self, d_model: int, cfg: MoEConfig, router_cfg: RouterConfig, init_std: float = 0.02,
                  out_std: float | None = None):
@@ -86,9 +86,9 @@ class MoELayer(nn.Module):
         self.shared = (DenseMLP(d_model, cfg.num_shared_experts * cfg.routed_width, cfg.activation, init_std, out_std)
                        if cfg.num_shared_experts else None)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, Routing]:
+    def forward(self, x: Tensor, keys: RouteKeys | Tensor | None = None) -> tuple[Tensor, Routing]:
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        routing = self.router(x_TD, keys)
         # Grouped matmul kernels on CUDA want the ragged layout; on the CPU padding is cheaper while small.
         dispatch = permute(routing, max_padding=None if x_TD.is_cuda else CPU_MAX_PADDING)
         y_PD = self.experts(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity)

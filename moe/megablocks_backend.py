@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from moe.experts import DenseMLP, compute_dtype
-from moe.routing import Router, RouterConfig, Routing, build_router
+from moe.routing import RouteKeys, Router, RouterConfig, Routing, build_router
 
 INSTALL_HINT = ("pip install 'moe-specialization[megablocks]' on a Linux machine with CUDA (MegaBlocks pins "
                 "torch 2.7.0 and numpy<2.1), or use backend=native")
@@ -165,9 +165,9 @@ class MegablocksMoELayer(nn.Module):
         else:
             self._register_load_state_dict_pre_hook(_from_native_state, with_module=True)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, Routing]:
+    def forward(self, x: Tensor, keys: RouteKeys | Tensor | None = None) -> tuple[Tensor, Routing]:
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        routing = self.router(x_TD, keys)
         dtype = compute_dtype(x_TD)
         # Dropped slots (capacity, knockouts) keep their rows in the dropless kernels but weigh 0,
         # so they add nothing: the token passes through the residual for that slot, as natively.

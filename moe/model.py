@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from moe.experts import DenseMLP
 from moe.layer import MoEConfig, MoELayer, build_moe_layer
-from moe.routing import RouterConfig, Routing
+from moe.routing import RouterConfig, RouteKeys, Routing
 from moe.sizing import dense_twin_width, layer_size
 
 FFN_KINDS = ("moe", "dense")
@@ -109,10 +109,10 @@ class Block(nn.Module):
         self.ffn = (build_moe_layer(backend, cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std) if self.is_moe
                     else DenseMLP(cfg.d_model, cfg.resolved_dense_width, cfg.moe.activation, cfg.init_std, out_std))
 
-    def forward(self, x_BSD: Tensor, token_ids_BS: Tensor) -> tuple[Tensor, Routing | None]:
+    def forward(self, x_BSD: Tensor, keys: RouteKeys) -> tuple[Tensor, Routing | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
         if self.is_moe:
-            h, routing = self.ffn(self.ffn_norm(x_BSD), token_ids_BS)
+            h, routing = self.ffn(self.ffn_norm(x_BSD), keys)
         else:
             h, routing = self.ffn(self.ffn_norm(x_BSD)), None
         return x_BSD + h, routing
@@ -151,11 +151,15 @@ class LanguageModel(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None) -> LMOutput:
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
+                domain_BS: Tensor | None = None) -> LMOutput:
+        """tokens_BS, targets_BS [B, S] int64; domain_BS [B, S] the tokens' domain labels, read only
+        by router=domain (the positive control; learned routers never see it)."""
         x = self.embed(tokens_BS)
+        keys = RouteKeys.from_tokens(tokens_BS, domain_BS)
         routings = []
         for block in self.blocks:
-            x, routing = block(x, tokens_BS)
+            x, routing = block(x, keys)
             if routing is not None:
                 routings.append(routing)
         logits = self.head(self.norm(x))

@@ -6,7 +6,8 @@ Shape legend (shared by every module in `moe/`):
     L MoE layers (recorder)
 
 Every router returns a `Routing`. Experts, losses and the analysis recorder consume that record;
-nothing downstream re-derives routing decisions from logits.
+nothing downstream re-derives routing decisions from logits. Fixed routers key on `RouteKeys` (the
+token id, the previous token, the domain label) instead of the hidden state.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROUTER_KINDS = ("topk", "switch", "expert_choice", "sigmoid", "hash", "random")
+ROUTER_KINDS = ("topk", "switch", "expert_choice", "sigmoid", "hash", "random", "prev_hash", "domain")
 
 
 @dataclass
@@ -33,8 +34,40 @@ class RouterConfig:
     jitter: float = 0.0
     # Aux-loss-free balancing (DeepSeek-V3): step size u of `b += u * sign(mean_load - load)`.
     bias_update_rate: float = 1e-3
-    # Seed of the fixed `hash` routing table (a pure function of the token id for a given seed).
+    # Seed of the fixed `hash` / `prev_hash` routing tables (a pure function of the key for a given seed).
     hash_seed: int = 0
+
+
+@dataclass(frozen=True)
+class RouteKeys:
+    """What a fixed router may key on, aligned element for element (shape [B, S], or [T] flattened).
+
+    token_ids:    the input token ids.
+    previous_ids: the previous token of each in its sequence, -1 at a sequence start.
+    domain:       the domain label of each token (index into the corpus' domains), or None when the
+                  caller has none; only `router=domain` (the positive control) reads it.
+    """
+
+    token_ids: Tensor
+    previous_ids: Tensor
+    domain: Tensor | None = None
+
+    @classmethod
+    def from_tokens(cls, token_ids: Tensor, domain: Tensor | None = None) -> "RouteKeys":
+        """Keys of token ids [B, S] (or one sequence [S]); previous tokens shift along the last dim."""
+        previous = torch.full_like(token_ids, -1)
+        previous[..., 1:] = token_ids[..., :-1]
+        return cls(token_ids, previous, domain)
+
+    def flat(self) -> "RouteKeys":
+        """The keys flattened to [T], the layout of the router's input x_TD."""
+        return RouteKeys(self.token_ids.reshape(-1), self.previous_ids.reshape(-1),
+                         None if self.domain is None else self.domain.reshape(-1))
+
+
+def as_route_keys(keys: "RouteKeys | Tensor | None") -> "RouteKeys | None":
+    """`RouteKeys`, or token ids [B, S] / [T] taken as such (previous tokens along the last dim)."""
+    return RouteKeys.from_tokens(keys) if isinstance(keys, Tensor) else keys
 
 
 @dataclass(frozen=True)
@@ -99,7 +132,7 @@ def capacity_mask(indices: Tensor, weights: Tensor, num_experts: int, capacity: 
 
 
 class Router(nn.Module):
-    """Base class: subclasses implement `route(x_TD, token_ids_T) -> Routing`.
+    """Base class: subclasses implement `route(x_TD, keys_T) -> Routing` (keys flattened to [T]).
 
     Holds what every router shares: the expert mask used by knockouts (a masked expert is never
     selected; learned routers re-route its tokens) and the optional capacity.
@@ -112,15 +145,17 @@ class Router(nn.Module):
         # Knockout mask: True = expert available. Not saved in checkpoints.
         self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        routing = self.route(x_TD, token_ids_T)
+    def forward(self, x_TD: Tensor, keys: RouteKeys | Tensor | None = None) -> Routing:
+        """x_TD [T, D]; keys: `RouteKeys` or token ids, any shape with T elements (fixed routers)."""
+        keys = as_route_keys(keys)
+        routing = self.route(x_TD, None if keys is None else keys.flat())
         if self.capacity_factor is not None and routing.top_k < self.num_experts:
             capacity = expert_capacity(x_TD.shape[0], routing.top_k, self.num_experts, self.capacity_factor)
             kept = routing.kept & capacity_mask(routing.indices, routing.weights, self.num_experts, capacity)
             routing = Routing(routing.indices, routing.weights, routing.logits, routing.probs, kept)
         return routing
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:  # pragma: no cover
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:  # pragma: no cover
         raise NotImplementedError
 
     def _masked(self, scores_TE: Tensor) -> Tensor:
@@ -156,7 +191,7 @@ class TopKRouter(LearnedRouter):
         super().__init__(*args, **kwargs)
         self.renormalize = renormalize
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
         logits = self.compute_logits(x_TD)
         probs = torch.softmax(self._masked(logits), dim=-1)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)
@@ -179,7 +214,7 @@ class SigmoidBiasRouter(LearnedRouter):
         self.renormalize = renormalize
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
         logits = self.compute_logits(x_TD)
         scores = torch.sigmoid(logits)
         indices = torch.topk(self._masked(scores + self.expert_bias), self.top_k, dim=-1).indices
@@ -208,7 +243,7 @@ class ExpertChoiceRouter(LearnedRouter):
             stacklevel=2,
         )
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
         logits = self.compute_logits(x_TD)
         probs = torch.softmax(self._masked(logits), dim=-1)
         num_tokens = x_TD.shape[0]
@@ -241,19 +276,40 @@ class FixedRouter(Router):
 
 class HashRouter(FixedRouter):
     """Hash layers (Roller et al. 2021): expert j of token v is (h(v) + j) mod E, h a fixed
-    integer hash; a pure function of the token id, so I(D;E|token) = 0 by construction."""
+    integer hash; a pure function of the token id, so I(D;E|token) = 0 by construction.
+
+    With `key="previous"` (router=prev_hash) the hash is of the previous token instead (a fixed
+    value at a sequence start): a domain-blind router that uses the context, the sweep's control
+    that the held-out I(D;E|token) must not mistake for domain specialization."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                 seed: int = 0):
+                 seed: int = 0, key: str = "token"):
         super().__init__(d_model, num_experts, top_k, capacity_factor)
-        self.seed = seed
+        if key not in ("token", "previous"):
+            raise ValueError(f"HashRouter key must be 'token' or 'previous', got {key!r}")
+        self.seed, self.key = seed, key
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        if token_ids_T is None:
-            raise ValueError("router=hash needs the token ids; call the MoE layer with token_ids")
-        h = hash_token_ids(token_ids_T.reshape(-1), self.seed)
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
+        if keys_T is None:
+            raise ValueError("a hash router needs the token ids; call the MoE layer with token ids or RouteKeys")
+        ids = keys_T.token_ids if self.key == "token" else keys_T.previous_ids
+        h = hash_token_ids(ids, self.seed)
         offsets = torch.arange(self.top_k, device=h.device)
         return self._record((h[:, None] + offsets) % self.num_experts)
+
+
+class DomainRouter(FixedRouter):
+    """The positive control (DEMix layers, Gururangan et al. 2022): domain d's tokens go to its own
+    fixed experts, expert j of a domain-d token being (d * k + j) mod E, so with D * k <= E every
+    domain owns k experts no other domain uses. Reads the domain label at training and evaluation
+    time; a router that cannot be anything but a domain specialist."""
+
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
+        if keys_T is None or keys_T.domain is None:
+            raise ValueError("router=domain routes by the domain label: call the model with the batch's "
+                             "domain labels (model(tokens, targets, domain))")
+        offsets = torch.arange(self.top_k, device=keys_T.domain.device)
+        return self._record((keys_T.domain.long()[:, None] * self.top_k + offsets) % self.num_experts)
 
 
 def hash_token_ids(token_ids: Tensor, seed: int = 0) -> Tensor:
@@ -269,7 +325,7 @@ class RandomRouter(FixedRouter):
     """Uniform random routing: each token gets k distinct experts drawn uniformly, every forward.
     Balanced in expectation (each expert receives T*k/E assignments on average)."""
 
-    def route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
         noise = torch.rand(x_TD.shape[0], self.num_experts, device=x_TD.device)
         return self._record(torch.topk(noise, self.top_k, dim=-1).indices)
 
@@ -291,6 +347,10 @@ def build_router(cfg: RouterConfig, d_model: int, num_experts: int, top_k: int,
         return SigmoidBiasRouter(*common, jitter=cfg.jitter, renormalize=cfg.renormalize)
     if cfg.kind == "hash":
         return HashRouter(*common, seed=cfg.hash_seed)
+    if cfg.kind == "prev_hash":
+        return HashRouter(*common, seed=cfg.hash_seed, key="previous")
+    if cfg.kind == "domain":
+        return DomainRouter(*common)
     if cfg.kind == "random":
         return RandomRouter(*common)
     raise ValueError(f"router.kind={cfg.kind!r} is unknown; allowed values: {', '.join(ROUTER_KINDS)}")

@@ -90,7 +90,7 @@ def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: 
             for batch in batches:
                 batch = batch.to(device)
                 with autocast():
-                    out = model(batch.tokens, batch.targets)
+                    out = model(batch.tokens, batch.targets, batch.domain)
                 total += float(out.token_loss.sum())
                 count += out.token_loss.numel()
             losses[domain] = total / max(count, 1)
@@ -321,7 +321,7 @@ class Trainer:
             sync = micro == accum - 1 or not self.ctx.enabled
             with contextlib.nullcontext() if sync else self._forward.no_sync():
                 with self.autocast():
-                    out = self._forward(batch.tokens, batch.targets)
+                    out = self._forward(batch.tokens, batch.targets, batch.domain)
                 lm_loss = out.loss
                 if self.balancer is not None:
                     aux = self.balancer.aux_losses(out.routings, batch.tokens.shape[1])

@@ -14,7 +14,15 @@ from omegaconf import OmegaConf
 
 from analysis.run import analyze_run, twin_mismatches
 from analysis.runs import load_sweep
-from analysis.sweep import arm_of, corpus_of, loss_gaps, pair_twins, paired_contrasts, seed_interval
+from analysis.sweep import (
+    arm_of,
+    corpus_of,
+    loss_contrasts,
+    loss_gaps,
+    pair_twins,
+    paired_contrasts,
+    seed_interval,
+)
 from moe.config import as_plain_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -33,7 +41,12 @@ def test_the_sweep_covers_scopes_controls_and_twins_on_two_corpora():
     params = OmegaConf.load(CONF / "experiment" / "specialization.yaml").hydra.sweeper.params
     assert sorted(params.arm.split(",")) == ARMS
     assert sorted(params.data.split(",")) == ["builtin", "planted"]
-    assert len(params.seed.split(",")) == 3
+    assert len(params.seed.split(",")) == 5
+
+
+def test_the_positive_and_context_controls_route_as_they_say(compose_train):
+    assert compose_train("experiment=specialization", "arm=domain").router.kind == "domain"
+    assert compose_train("experiment=specialization", "arm=prev_hash").router.kind == "prev_hash"
 
 
 def test_twins_alone_need_twins(compose_train):
@@ -54,6 +67,26 @@ def test_seed_interval_is_the_student_t_interval():
     one = seed_interval([0.5, float("nan")])
     assert one["n"] == 1 and one["mean"] == 0.5 and math.isnan(one["low"]) and math.isnan(one["high"])
     assert seed_interval([])["n"] == 0
+
+
+def test_bonferroni_interval_widens_to_the_family_level():
+    values = [1.0, 2.0, 3.0, 2.5]
+    iv = seed_interval(values, confidence=0.95, family=5)
+    ref = seed_interval(values, confidence=1 - 0.05 / 5)  # the family-wise level, computed directly
+    assert (iv["adj_low"], iv["adj_high"], iv["family"]) == pytest.approx((ref["low"], ref["high"], 5))
+    assert iv["adj_low"] < iv["low"] and iv["adj_high"] > iv["high"]
+    assert "adj_low" not in seed_interval(values)
+
+
+def test_loss_contrasts_pair_each_arm_with_the_baseline_of_its_seed():
+    rows = [{"corpus": "c", "arm": arm, "seed": s, "layer": layer, "loss_moe_all": base + delta}
+            for s, base in ((0, 3.0), (1, 4.0), (2, 5.0)) for layer in (0, 1)
+            for arm, delta in (("hash", 0.0), ("micro_batch", 0.1), ("global_batch", -0.2))]
+    deltas = {d["arm"]: d for d in loss_contrasts(rows, baseline="hash")}
+    assert set(deltas) == {"micro_batch", "global_batch"}
+    assert deltas["micro_batch"]["delta"]["mean"] == pytest.approx(0.1)
+    assert deltas["global_batch"]["delta"]["mean"] == pytest.approx(-0.2)
+    assert deltas["global_batch"]["delta"]["n"] == 3 and deltas["global_batch"]["delta"]["family"] == 2
 
 
 def test_loss_gaps_are_paired_by_seed():
@@ -122,7 +155,8 @@ def test_two_dense_jobs_for_the_same_twins_are_an_error(smoke_sweep, tmp_path):
 
 def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
     result = _run(["analysis.sweep", f"sweep_dir={smoke_sweep}", "analysis.n_permutations=20",
-                   "analysis.n_bootstrap=20", "analysis.knockout_tokens=512", "analysis.probe_tokens=256"], smoke_sweep)
+                   "analysis.n_bootstrap=20", "analysis.knockout_tokens=512", "analysis.probe_tokens=256",
+                   "trajectory_arms=[global_batch]"], smoke_sweep)
     assert result.returncode == 0, result.stderr[-3000:]
     out = smoke_sweep / "summary"
     sweep = load_sweep(smoke_sweep)
@@ -153,12 +187,21 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
     assert first["nmi"]["n"] == 2 and first["nmi"]["mean"] == pytest.approx(sum(values) / 2)
     text = (out / "results.md").read_text()
     assert "| synthetic(overlap=0.5) | global_batch | 0 |" in text
-    for name in ("measures_by_arm", "seeds_synthetic_overlap_0.5"):
+    for name in ("measures_by_arm", "seeds_synthetic_overlap_0.5", "trajectory_synthetic_overlap_0.5_global_batch_seed0"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
+    # Specialization over training: seed 0's kept checkpoints (steps 2, 4, 6), saturation 1 at the last.
+    (curve,) = aggregate["trajectories"]
+    assert [p["step"] for p in curve["points"]] == [2, 4, 6]
+    assert all(layer["saturation"] == pytest.approx(1.0) for layer in curve["points"][-1]["layers"])
+    tokens_per_step = 4 * 2 * run.config["data"]["seq_len"]  # micro-batch 4 x 2 accumulation steps
+    assert [p["tokens_seen"] for p in curve["points"]] == [2 * tokens_per_step, 4 * tokens_per_step,
+                                                           6 * tokens_per_step]
+    # The published anchors sit in the same table as the sweep's arms.
+    assert "| OLMoE-1B-7B | 15 | top-8 of 64 | 0.443 | 0.216 |" in text
 
     # A second call reuses the analyses (no re-analysis) and rewrites the same table.
-    again = _run(["analysis.sweep", f"sweep_dir={smoke_sweep}"], smoke_sweep)
-    assert again.returncode == 0 and "analyzing" not in again.stdout
+    again = _run(["analysis.sweep", f"sweep_dir={smoke_sweep}", "trajectory_arms=[global_batch]"], smoke_sweep)
+    assert again.returncode == 0 and "analyzing" not in again.stdout and "over training" not in again.stdout
     assert (out / "results.md").read_text() == text
 
 

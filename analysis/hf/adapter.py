@@ -279,8 +279,10 @@ class HFMoEModel(nn.Module):
         if self._routings is not None:
             self._routings.append(routing)
 
-    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None) -> LMOutput:
-        """logits [B, S, V] in the model's dtype; token_loss [B, S] next-token loss (nats, float32,
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
+                domain_BS: Tensor | None = None) -> LMOutput:
+        """domain_BS is accepted for the `LanguageModel` signature and unused (HF routers never see it).
+        logits [B, S, V] in the model's dtype; token_loss [B, S] next-token loss (nats, float32,
         computed one row at a time to bound the float32 copy of the logits, on the tokens' device);
         routings: the `Routing` of each MoE layer in depth order, as dispatched."""
         self._routings = []

@@ -63,3 +63,24 @@ def test_a_new_measure_flows_everywhere(planted_measure, trained_moe, val_by_dom
     assert isinstance(plot_measures(summary), Figure)
     assert columns("share0", entry)["share0"] == pytest.approx(entry["value"])
     assert np.isfinite(columns("share0", entry)["share0"])
+
+
+def test_top1_measures_count_each_tokens_highest_gate_expert(trained_moe, val_by_domain, synthetic_data):
+    from sklearn.metrics import mutual_info_score
+
+    from analysis.recorder import interleave_domains, record_routing
+
+    rec = record_routing(trained_moe, interleave_domains(val_by_domain), num_domains=len(synthetic_data.domains),
+                         keep_records=True)
+    layer = measure_layer(rec.layers[0], rec.records, 0, n_permutations=19, n_bootstrap=19, rng=0)
+    raw = rec.records.layers[0]
+    # Reference: a naive loop picking each token's highest-gate kept expert; NMI = I(D;E1) / H(D).
+    top1 = np.array([max((g, -j, e) for j, (e, g, k) in enumerate(zip(es, gs, ks)) if k)[2]
+                     for es, gs, ks in zip(raw.experts, raw.gates, raw.kept)])
+    domain = rec.records.domain
+    h_domain = mutual_info_score(domain, domain)
+    expected = mutual_info_score(domain, top1) / h_domain
+    nmi_top1, nmi = layer["measures"]["nmi_top1"], layer["measures"]["nmi"]
+    assert nmi_top1["plugin"] == pytest.approx(expected, rel=1e-9)
+    assert nmi_top1["plugin"] != pytest.approx(nmi["plugin"])  # top-k counting is a different table
+    assert layer["measures"]["cmi_top1"]["value"] is not None

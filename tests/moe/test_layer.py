@@ -7,7 +7,7 @@ import torch
 
 from moe.experts import DenseMLP, activate
 from moe.layer import MoEConfig, MoELayer
-from moe.routing import ROUTER_KINDS, RouterConfig
+from moe.routing import ROUTER_KINDS, RouteKeys, RouterConfig
 from moe.sizing import dense_twin_width, layer_size
 
 D = 16
@@ -47,9 +47,9 @@ CASES = [(kind, None) for kind in ROUTER_KINDS] + [("topk", 0.75), ("sigmoid", 0
 def test_grouped_compute_matches_naive_loop_forward_and_backward(kind, capacity_factor):
     layer = make_layer(kind, capacity_factor=capacity_factor, num_shared_experts=1)
     x = torch.randn(2, 10, D, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randint(0, 50, (2, 10))
+    keys = RouteKeys.from_tokens(torch.randint(0, 50, (2, 10)), torch.randint(0, 3, (2, 10)))
     torch.manual_seed(5)
-    y, routing = layer(x, tokens)
+    y, routing = layer(x, keys)
     if capacity_factor is not None:
         assert routing.num_dropped() > 0  # the case really exercises dropping
     x_ref = x.detach().clone().requires_grad_(True)
@@ -61,7 +61,7 @@ def test_grouped_compute_matches_naive_loop_forward_and_backward(kind, capacity_
     g_layer = torch.autograd.grad(y, [x] + params, grad, allow_unused=True)
     # Reference gradient: recompute routing through the same router so the gates carry gradient.
     torch.manual_seed(5)
-    routing_ref = layer.router(x_ref.view(-1, D), tokens.view(-1))
+    routing_ref = layer.router(x_ref.view(-1, D), keys)
     ref = naive_moe(layer, x_ref.view(-1, D), routing_ref).view_as(y)
     g_ref = torch.autograd.grad(ref, [x_ref] + params, grad, allow_unused=True)
     for a, b in zip(g_layer, g_ref):
@@ -121,8 +121,8 @@ def test_same_seed_same_output_bit_for_bit(kind):
         layer = make_layer(kind, seed=3).float()
         torch.manual_seed(7)
         x = torch.randn(64, D)
-        tokens = torch.randint(0, 50, (64,))
-        outs.append(layer(x, tokens)[0])
+        keys = RouteKeys.from_tokens(torch.randint(0, 50, (64,)), torch.randint(0, 4, (64,)))
+        outs.append(layer(x, keys)[0])
     assert torch.equal(outs[0], outs[1])
 
 

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from moe.routing import ROUTER_KINDS, RouterConfig, Routing, build_router, capacity_mask, hash_token_ids
+from moe.routing import ROUTER_KINDS, RouteKeys, RouterConfig, Routing, build_router, capacity_mask, hash_token_ids
 
 E, K, D, T = 8, 2, 16, 64
 
@@ -21,7 +21,8 @@ def route(kind, capacity_factor=None, seed=1, **cfg):
     torch.manual_seed(seed)
     x = torch.randn(T, D)
     tokens = torch.randint(0, 100, (T,))
-    return router, router(x, tokens)
+    domain = torch.randint(0, 4, (T,))
+    return router, router(x, RouteKeys.from_tokens(tokens, domain))
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
@@ -49,7 +50,7 @@ def test_record_is_valid(kind, capacity_factor):
         assert int(counts.max()) <= capacity
 
 
-@pytest.mark.parametrize("kind", ["topk", "sigmoid", "hash", "random"])
+@pytest.mark.parametrize("kind", ["topk", "sigmoid", "hash", "random", "prev_hash", "domain"])
 def test_renormalized_weights_sum_to_one(kind):
     _, r = route(kind, renormalize=True)
     torch.testing.assert_close(r.weights.sum(-1), torch.ones(T))
@@ -108,6 +109,32 @@ def test_hash_router_is_a_pure_function_of_token_id():
     assert torch.equal(hash_token_ids(tokens), hash_token_ids(tokens.clone()))
     with pytest.raises(ValueError, match="token ids"):
         router(torch.randn(T, D), None)
+
+
+def test_prev_hash_router_is_a_pure_function_of_the_previous_token():
+    router = make_router("prev_hash")
+    tokens = torch.randint(0, 50, (4, 32))
+    keys = RouteKeys.from_tokens(tokens)
+    r = router(torch.randn(tokens.numel(), D), keys)
+    # Reference: a naive loop over positions; the previous token of position 0 is -1 in every row.
+    prev = [-1 if s == 0 else int(tokens[b, s - 1]) for b in range(4) for s in range(32)]
+    h = hash_token_ids(torch.tensor(prev))
+    expected = torch.stack([(h + j) % E for j in range(K)], dim=-1)
+    assert torch.equal(r.indices, expected)
+    # Same token, different previous token: the routing follows the context, not the token.
+    assert not torch.equal(r.indices, make_router("hash")(torch.randn(tokens.numel(), D), keys).indices)
+
+
+def test_domain_router_gives_each_domain_its_own_experts():
+    router = make_router("domain")
+    domain = torch.arange(4).repeat_interleave(16)
+    keys = RouteKeys.from_tokens(torch.randint(0, 100, (64,)), domain)
+    r = router(torch.randn(64, D), keys)
+    experts = [set(r.indices[domain == d].flatten().tolist()) for d in range(4)]
+    assert all(len(e) == K for e in experts)  # k fixed experts per domain, whatever the token
+    assert all(experts[a].isdisjoint(experts[b]) for a in range(4) for b in range(a + 1, 4))  # D * k <= E
+    with pytest.raises(ValueError, match="domain label"):
+        router(torch.randn(64, D), RouteKeys.from_tokens(torch.zeros(64, dtype=torch.long)))
 
 
 def test_random_router_is_balanced_in_expectation():
