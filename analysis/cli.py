@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import hydra
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run
+from moe.config import reject_unknown_keys
 from moe.data import DataConfig
 
 HF_PREFIX = "hf:"
@@ -54,15 +56,33 @@ class AnalyzeConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
+def check_run_dir(run_dir: str) -> None:
+    """ValueError unless `run_dir` is a moe-train run directory (it has the data/ the analysis reads)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"run_dir={run_dir} does not exist (or is not a directory); pass the directory moe-train "
+                         "wrote (hydra.run.dir of the training run)")
+    if not (path / "data" / "manifest.json").is_file():
+        raise ValueError(f"run_dir={run_dir} is not a moe-train run directory (it has no data/manifest.json); pass the "
+                         "directory moe-train wrote (it holds config.yaml, data/ and models/)")
+
+
 def analyze_dir(model: str, run_dir: Optional[str], out_dir: Optional[str], fallback: str) -> str:
     """The Hydra run directory of moe-analyze: out_dir, else <run_dir>/analysis, else (model=hf:...)
-    `fallback`. Without run_dir, a run's model fails here, before Hydra creates any directory."""
+    `fallback`. A missing or wrong run_dir, or a local model=hf: directory that is not a model, fails
+    here, before Hydra creates any directory."""
+    if str(model).startswith(HF_PREFIX):
+        from analysis.hf.run import check_local_model_dir
+
+        check_local_model_dir(str(model)[len(HF_PREFIX):])
+    elif not run_dir:
+        raise ValueError(_NEEDS_RUN_DIR)
+    else:
+        check_run_dir(run_dir)
     if out_dir:
         return str(out_dir)
     if run_dir:
         return f"{run_dir}/analysis"
-    if not str(model).startswith(HF_PREFIX):
-        raise ValueError(_NEEDS_RUN_DIR)
     return fallback
 
 
@@ -87,8 +107,30 @@ register_app_configs("analyze", AnalyzeConfig)
 OmegaConf.register_new_resolver("moe_analyze_dir", analyze_dir, replace=True)
 
 
+def _created_by_hydra(directory: Path) -> bool:
+    """Whether `directory` holds nothing but the empty log file Hydra opens: created for this job."""
+    return directory.is_dir() and all(p.is_file() and p.suffix == ".log" and p.stat().st_size == 0
+                                      for p in directory.iterdir())
+
+
 @hydra.main(version_base="1.3", config_path=None, config_name="analyze")
 def main(dict_cfg: DictConfig) -> float:
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    fresh = _created_by_hydra(hydra_dir)
+    try:
+        return _analyze(dict_cfg)
+    except BaseException:
+        # A failing moe-analyze leaves nothing behind: remove the directory Hydra made for it (and
+        # the empty log in it) unless the analysis wrote something there.
+        if fresh and _created_by_hydra(hydra_dir):
+            for p in hydra_dir.iterdir():
+                p.unlink()
+            hydra_dir.rmdir()
+        raise
+
+
+def _analyze(dict_cfg: DictConfig) -> float:
+    reject_unknown_keys(dict_cfg, AnalyzeConfig)
     cfg: AnalyzeConfig = OmegaConf.to_object(dict_cfg)
     if cfg.model.startswith(HF_PREFIX):
         from analysis.hf.run import analyze_hf_model

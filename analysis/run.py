@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,10 +11,21 @@ import torch
 from omegaconf import OmegaConf
 
 from analysis.report import AnalysisConfig, analyze_model
-from moe.checkpoint import CheckpointError, latest_checkpoint, latest_good_checkpoint
+from moe.checkpoint import (
+    OPTIMIZATION_FIELDS,
+    CheckpointError,
+    check_fingerprint,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    trajectory_fingerprint,
+)
+from moe.config import models_to_train, to_train_config
 from moe.data import load_prepared
 from moe.model import LanguageModel, ModelConfig
 from moe.routing import RouterConfig
+
+__all__ = ["OPTIMIZATION_FIELDS", "analyze_run", "check_checkpoint_matches_run", "load_trained_model",
+           "model_from_state", "require_domains", "training_identity", "twin_mismatches"]
 
 
 def require_domains(domains: Sequence[str], where: str) -> None:
@@ -24,13 +36,33 @@ def require_domains(domains: Sequence[str], where: str) -> None:
                          "needs at least two. Train (or evaluate) on a corpus with two or more domains.")
 
 
+def check_checkpoint_matches_run(run_dir: Path, name: str, path: Path, state: dict[str, Any]) -> None:
+    """Refuse (CheckpointError) a checkpoint that the config of its run directory (config.yaml, which
+    data/ was prepared with) did not write: the same fingerprint and comparison as a resume. A run
+    directory without config.yaml, or with one this version cannot read, is not checked (a warning)."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return
+    try:
+        cfg = to_train_config(OmegaConf.load(config_file))
+    except Exception as exc:  # an older or hand-edited config.yaml: analyze what is there, unchecked
+        warnings.warn(f"cannot check {path} against {config_file} ({exc}); analyzing it unchecked", stacklevel=3)
+        return
+    model_cfg = dict(models_to_train(cfg)).get(name)
+    if model_cfg is not None:
+        saved = state["fingerprint"]
+        check_fingerprint(saved, trajectory_fingerprint(cfg, model_cfg, saved.get("world_size", 1)), path)
+
+
 def load_trained_model(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> LanguageModel:
-    """The newest checkpoint of model `name` (e.g. `moe`, `dense_active`) in eval mode."""
+    """The newest checkpoint of model `name` (e.g. `moe`, `dense_active`) in eval mode, checked
+    against its run's config.yaml."""
     found = latest_good_checkpoint(run_dir, name, map_location=device)
     if found is None:
         raise CheckpointError(f"no checkpoint of model {name!r} under {Path(run_dir) / 'models' / name / 'checkpoints'}; "
                               "is this a moe-train run directory, and did the model train?")
-    _, state = found
+    path, state = found
+    check_checkpoint_matches_run(Path(run_dir), name, path, state)
     return model_from_state(state, device)
 
 
@@ -44,14 +76,11 @@ def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") 
     return model.eval()
 
 
-# Trainer fields that decide what a model learns (the rest is bookkeeping: logging, checkpoints).
-OPTIMIZATION_FIELDS = ("max_steps", "micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
-                       "weight_decay", "beta1", "beta2", "grad_clip", "precision")
-
-
 def training_identity(run_dir: Path) -> dict[str, Any]:
     """What decides the models a run trains, bookkeeping aside: data stream, model config and
-    optimization; two runs with equal identities train identical dense twins."""
+    optimization (the trainer fields of the resume fingerprint, `moe.checkpoint.OPTIMIZATION_FIELDS`);
+    two runs with equal identities train identical dense twins. Router and balance are left out: they
+    vary between the MoE arms of a sweep and do not touch the dense twins."""
     config_file, manifest_file = run_dir / "config.yaml", run_dir / "data" / "manifest.json"
     for f in (config_file, manifest_file):
         if not f.is_file():
@@ -90,6 +119,7 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
             raise ValueError(f"the models of {twin_dir} are not the twins of the MoE of {run_dir}; they differ in\n  "
                              + "\n  ".join(problems) + "\nTrain the twins with the same data, seed, model and trainer.")
     data = load_prepared(run_dir)
+    require_domains(data.domains, f"the run {run_dir}")
     val = {d: data.val_batches(batch_size=batch_size, domain=d) for d in data.domains}
     moe_model = load_trained_model(run_dir, model, device)
     if twin_run is not None and twin and latest_checkpoint(twin_dir, twin) is None:

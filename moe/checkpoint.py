@@ -14,15 +14,23 @@ execute code hidden in its pickles. A state with a non-finite tensor is never wr
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
+
+from moe.config import as_plain_dict
+
+if TYPE_CHECKING:
+    from moe.config import TrainConfig
+    from moe.model import ModelConfig
 
 _STEP_FILE = re.compile(r"step_(\d{8})\.pt$")
 _TEMP_FILE = re.compile(r"^\.(step_\d{8}\.pt(?:\.sha256)?)\.tmp-(\d+)$")
@@ -76,8 +84,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, or one in its cause/context chain. torch.save reports a
+    full disk as `RuntimeError: ... unexpected pos 218816 vs 218704`, with the ENOSPC behind it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same directory: fsync, then rename over `path`."""
+    """Write through a temporary file in the same directory: fsync, then rename over `path`. A
+    failure removes the temporary file and raises CheckpointError naming `path` and the system's
+    reason (no space left, permission denied, ...)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -85,10 +107,15 @@ def _write_atomic(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {exc.strerror or exc} ({type(exc).__name__}); "
-                              "free disk space or fix the directory's permissions, then resume") from exc
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = _os_error(exc)
+        if cause is None:
+            raise CheckpointError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
+        code = errno.errorcode.get(cause.errno, str(cause.errno))
+        raise CheckpointError(f"could not write {path}: {cause.strerror or cause} [{code}]; free disk space or fix "
+                              "the directory's permissions, then run the same command again to resume") from exc
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
@@ -185,16 +212,44 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Trainer fields that decide what a model learns (the rest is bookkeeping: logging, checkpoints,
+# timeouts).
+OPTIMIZATION_FIELDS = ("max_steps", "micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
+                       "weight_decay", "beta1", "beta2", "grad_clip", "precision")
+# Fields of the fingerprinted groups that do not change the computation (where caches live, when to
+# warn): left out, and not compared where an older checkpoint recorded them, so that moving the
+# data cache does not refuse a resume.
+NOT_IN_FINGERPRINT = frozenset({"data.cache_dir", "data.hf.cache_dir", "data.max_upsample"})
 # Fingerprint fields added after checkpoints without them were written: absent from an older
 # checkpoint, they are not compared (the run they belong to did not record them).
 LATER_FINGERPRINT_FIELDS = frozenset({"precision"})
+
+
+def trajectory_fingerprint(cfg: "TrainConfig", model_cfg: "ModelConfig", world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it: model, router, balance,
+    data, seed, world size and optimization. The one definition both the trainer (at resume) and the
+    analysis (a checkpoint against its run's config.yaml) compare with `check_fingerprint`."""
+    plain = as_plain_dict(cfg)
+    fingerprint = {
+        "model": as_plain_dict(model_cfg), "router": plain["router"], "balance": plain["balance"],
+        "data": plain["data"], "seed": cfg.seed, "world_size": world_size,
+        **{k: plain["trainer"][k] for k in OPTIMIZATION_FIELDS},
+    }
+    for dotted in NOT_IN_FINGERPRINT:
+        *parents, leaf = dotted.split(".")
+        node = fingerprint
+        for key in parents:
+            node = node.get(key) or {}
+        node.pop(leaf, None)
+    return fingerprint
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume from a checkpoint whose trajectory-defining config differs; the message
     names every differing field (dotted)."""
     saved, current = _flatten(saved), _flatten(current)
-    keys = sorted((set(saved) | set(current)) - {k for k in LATER_FINGERPRINT_FIELDS if k not in saved})
+    keys = sorted((set(saved) | set(current)) - NOT_IN_FINGERPRINT
+                  - {k for k in LATER_FINGERPRINT_FIELDS if k not in saved})
     diffs = [f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(

@@ -4,17 +4,23 @@ dataclass defaults here are the fallbacks the YAML files override."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe.balance import BalanceConfig
+from moe.balance import BALANCE_SCOPES, BalanceConfig
 from moe.data import DataConfig
+from moe.data.config import validate as validate_data
 from moe.layer import BACKENDS
-from moe.model import ModelConfig
-from moe.routing import RouterConfig
+from moe.model import ModelConfig, dense_twin
+from moe.routing import ROUTER_KINDS, RouterConfig
 from moe.sizing import TWIN_MATCHES
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,6 +54,10 @@ class TrainerConfig:
     eval_batch_size: int = 16
     checkpoint_every: int = 400
     keep_last: int = 2
+    # Seconds a rank waits for the others in one collective (gradient all-reduce, barrier) before the
+    # job stops naming the rank that stopped answering. Far above any step time, far below gloo's
+    # and NCCL's 30-minute defaults, which leave a job with a stalled rank hanging that long.
+    dist_timeout_s: float = 600.0
     tensorboard: bool = True
     progress: bool = True  # tqdm bar
 
@@ -86,17 +96,84 @@ def register_configs() -> None:
 
 
 def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """A validated TrainConfig object from a composed Hydra config."""
+    """A validated TrainConfig object from a composed Hydra config (or a run's config.yaml)."""
     if isinstance(cfg, DictConfig):
+        reject_unknown_keys(cfg, TrainConfig)
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
     validate(cfg)
     return cfg
 
 
+def _schema_of(hint: Any) -> Any:
+    """`hint` without Optional[...]: a dataclass, a Dict[...] or anything else."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
+
+def unknown_keys(node: Any, schema: Any, prefix: str = "") -> Iterator[tuple[str, list[str]]]:
+    """(dotted key, the valid names at its level) for every key of the plain dict `node` that the
+    dataclass `schema` does not have, at any depth (into dict-valued fields too)."""
+    schema = _schema_of(schema)
+    if not isinstance(node, dict):
+        return
+    if dataclasses.is_dataclass(schema):
+        hints = typing.get_type_hints(schema)
+        for key, value in node.items():
+            if key in hints:
+                yield from unknown_keys(value, hints[key], f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", list(hints)
+    elif typing.get_origin(schema) is dict:
+        value_schema = typing.get_args(schema)[1]
+        for key, value in node.items():
+            yield from unknown_keys(value, value_schema, f"{prefix}{key}.")
+
+
+def reject_unknown_keys(cfg: DictConfig, schema: type) -> None:
+    """ValueError for a key the schema lacks, naming it and the closest valid key. Hydra accepts
+    any key added with `+` (`+trainer.max_stepz=5`), and the merge onto the schema then keeps it
+    as a stray attribute: the setting would be silently ignored."""
+    plain = OmegaConf.to_container(cfg, resolve=False)  # keys only: interpolations stay unresolved
+    for key, names in unknown_keys(plain, schema):
+        parent, _, leaf = key.rpartition(".")
+        close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+        hint = (f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close
+                else f"valid keys there: {', '.join(sorted(names))}")
+        raise ValueError(f"unknown config key {key!r} ({hint}). Fix the name; a key added with '+' must still be "
+                         "one the schema defines (see conf/ and moe/config.py).")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Check cross-field rules that a schema cannot express; messages name field and fix."""
+    """Check ranges and cross-field rules that a schema cannot express, at composition (before any
+    data or run-directory work); messages name the field and the fix."""
     cfg.model.validate()
-    t = cfg.trainer
+    validate_data(cfg.data)
+    if cfg.router.kind not in ROUTER_KINDS:
+        raise ValueError(f"router.kind={cfg.router.kind!r} is unknown; allowed values: {', '.join(ROUTER_KINDS)}")
+    if cfg.balance.scope not in BALANCE_SCOPES:
+        raise ValueError(f"balance.scope={cfg.balance.scope!r} is unknown; allowed values: {', '.join(BALANCE_SCOPES)}")
+    finite = math.isfinite
+    m, t = cfg.model, cfg.trainer
+    for name, value, ok, want in (
+        ("seed", cfg.seed, cfg.seed >= 0, "an integer >= 0"),
+        ("model.rope_theta", m.rope_theta, finite(m.rope_theta) and m.rope_theta > 0, "a finite number > 0"),
+        ("model.init_std", m.init_std, finite(m.init_std) and m.init_std > 0, "a finite number > 0"),
+        ("model.dense_width", m.dense_width, m.dense_width is None or m.dense_width >= 1, ">= 1, or null"),
+        ("router.bias_update_rate", cfg.router.bias_update_rate,
+         finite(cfg.router.bias_update_rate) and cfg.router.bias_update_rate >= 0, "a finite number >= 0"),
+        ("router.hash_seed", cfg.router.hash_seed, cfg.router.hash_seed >= 0, "an integer >= 0"),
+        ("balance.lbl_coef", cfg.balance.lbl_coef, finite(cfg.balance.lbl_coef) and cfg.balance.lbl_coef >= 0,
+         "a finite number >= 0"),
+        ("balance.z_coef", cfg.balance.z_coef, finite(cfg.balance.z_coef) and cfg.balance.z_coef >= 0,
+         "a finite number >= 0"),
+        ("trainer.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1, or null for torch's default"),
+        ("trainer.dist_timeout_s", t.dist_timeout_s, finite(t.dist_timeout_s) and t.dist_timeout_s > 0,
+         "a finite number of seconds > 0"),
+    ):
+        if not ok:  # also catches nan: every comparison with it is False
+            raise ValueError(f"{name}={value} is out of range: it must be {want}")
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
                  "checkpoint_every", "keep_last", "eval_batch_size"):
         if getattr(t, name) < 1:
@@ -132,6 +209,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.balance.scope == "aux_free" and cfg.model.ffn == "moe" and cfg.router.kind != "sigmoid":
         raise ValueError("balance=aux_free nudges a selection bias that only router=sigmoid has; "
                          f"got router.kind={cfg.router.kind!r}. Use router=sigmoid or another balance scope.")
+
+
+def models_to_train(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
+    """(name, ModelConfig) of every model of the experiment, the MoE first; the names are the
+    directories under <run_dir>/models/."""
+    if cfg.model.ffn == "dense":
+        return [("dense", cfg.model)]
+    twins = [(f"dense_{match}", dense_twin(cfg.model, match)) for match in cfg.twin.match]
+    return twins if cfg.twin.only else [("moe", cfg.model)] + twins
 
 
 def as_plain_dict(cfg: Any) -> dict[str, Any]:

@@ -5,7 +5,14 @@
     torchrun --nproc_per_node=2 -m moe.train trainer.device=cpu
 
 Everything lands in the Hydra run directory: config.yaml, data/ (manifest, tokenizer),
-models/<name>/ (checkpoints, metrics.jsonl, tensorboard/), comparison.json/.md, analysis/.
+models/<name>/ (checkpoints, metrics.jsonl, tensorboard/), comparison.json/.md, analysis/, and
+Hydra's .hydra/ (config, hydra, overrides).
+
+Nothing is written into the run directory before the run is known to be good: config, writability
+of the run directory, the lock, and the compatibility of a resumed run's checkpoints are checked
+first, so a refused run leaves the directory byte-identical. That is also why conf/train.yaml tells
+Hydra not to write .hydra/ (this module writes it after the checks) and to open its log file only
+when something is logged.
 """
 
 from __future__ import annotations
@@ -17,27 +24,23 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Mapping
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from moe.checkpoint import check_fingerprint, latest_good_checkpoint
-from moe.config import TrainConfig, as_plain_dict, register_configs, to_train_config
+from moe.checkpoint import check_fingerprint, latest_good_checkpoint, trajectory_fingerprint
+from moe.config import TrainConfig, as_plain_dict, models_to_train, register_configs, to_train_config
 from moe.data import prepare_data
-from moe.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
-from moe.model import dense_twin
-from moe.run_lock import run_dir_lock
-from moe.trainer import Trainer, TrainResult, trajectory_fingerprint
+from moe.distributed import DistContext, barrier, broadcast_object, collectives_watched, init_distributed, shutdown
+from moe.run_lock import check_writable, run_dir_lock, write_error
+from moe.trainer import Trainer, TrainResult
 
 register_configs()
 
-
-def models_to_train(cfg: TrainConfig) -> list[tuple[str, object]]:
-    """(name, ModelConfig) of every model of the experiment, the MoE first."""
-    if cfg.model.ffn == "dense":
-        return [("dense", cfg.model)]
-    twins = [(f"dense_{match}", dense_twin(cfg.model, match)) for match in cfg.twin.match]
-    return twins if cfg.twin.only else [("moe", cfg.model)] + twins
+# Where Hydra would write its own files (its default `hydra.output_subdir`); see hydra_files.
+HYDRA_SUBDIR = ".hydra"
 
 
 def comparison_table(results: dict[str, TrainResult]) -> dict:
@@ -71,25 +74,48 @@ def check_resumable(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
             check_fingerprint(state["fingerprint"], trajectory_fingerprint(cfg, model_cfg, world_size), path)
 
 
-def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | None = None) -> dict:
+def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | None = None,
+                   extra_files: Mapping[str, str] | None = None) -> dict:
     """Prepare data, train every model of the experiment, write the comparison (and analysis),
     holding the run directory's lock on rank 0 (a second run into it stops at once). Returns the
-    comparison table."""
+    comparison table.
+
+    Nothing is written into `run_dir` until the checks pass (writability, lock, resume
+    compatibility); `extra_files` ({relative path: text}, e.g. Hydra's .hydra/ files) are written
+    then, with config.yaml. A write that fails for lack of space or permission stops the run with
+    one line naming the path; a rank that stops answering stops it naming the rank."""
     if cfg.backend.name == "megablocks":
         from moe.megablocks_backend import require_megablocks
         require_megablocks()  # no GPU or no MegaBlocks: fail before any data or model work
-    ctx = ctx or init_distributed(cfg.trainer.device)
-    with run_dir_lock(run_dir) if ctx.is_main else contextlib.nullcontext():
-        return _run_experiment(cfg, Path(run_dir), ctx)
+    ctx = ctx or init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    run_dir = Path(run_dir)
+    try:
+        if ctx.is_main:  # before the lock file is created, so a read-only run dir fails here, clearly
+            check_writable(run_dir, [name for name, _ in models_to_train(cfg)])
+        with run_dir_lock(run_dir) if ctx.is_main else contextlib.nullcontext(), collectives_watched(ctx):
+            return _run_experiment(cfg, run_dir, ctx, extra_files or {})
+    except OSError as exc:
+        clear = write_error(exc, run_dir)
+        if clear is None:
+            raise
+        raise clear from exc
 
 
-def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
+def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext, extra_files: Mapping[str, str]) -> dict:
     if ctx.is_main:
         check_resumable(cfg, run_dir, ctx.world_size)  # before anything is written into the run dir
     if ctx.is_main:  # rank 0 fills the cache; the others then read it
         data = prepare_data(cfg.data, seed=cfg.seed)
+        if cfg.analyze and cfg.model.ffn == "moe" and not cfg.twin.only and len(data.domains) < 2:
+            # The analysis at the end would refuse it: say so before the training, not after.
+            raise ValueError(f"analyze=true, but the corpus has only the domain(s) {data.domains}: domain "
+                             "specialization needs at least two. Add domains, or set analyze=false to train "
+                             "without the analysis.")
         data.save(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(as_plain_dict(cfg)))
+        for relative, text in extra_files.items():
+            (run_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / relative).write_text(text)
     barrier(ctx)
     if not ctx.is_main:
         data = prepare_data(cfg.data, seed=cfg.seed)
@@ -107,13 +133,24 @@ def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
     return table
 
 
+def hydra_files(task_cfg: DictConfig) -> dict[str, str]:
+    """Hydra's own record of the job (.hydra/config.yaml, hydra.yaml, overrides.yaml), as Hydra
+    writes it. conf/train.yaml sets `hydra.output_subdir: null` so that Hydra does not write these
+    before the run is validated (a refused resume would otherwise overwrite them); run_experiment
+    writes them once the checks pass."""
+    hydra_cfg = HydraConfig.instance().cfg  # {hydra: ...}, as Hydra saves it
+    return {f"{HYDRA_SUBDIR}/config.yaml": OmegaConf.to_yaml(task_cfg),
+            f"{HYDRA_SUBDIR}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            f"{HYDRA_SUBDIR}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+
+
 @hydra.main(version_base="1.3", config_path="pkg://moe.conf", config_name="train")
 def hydra_main(dict_cfg: DictConfig) -> float:
     cfg = to_train_config(dict_cfg)
-    ctx = init_distributed(cfg.trainer.device)
+    ctx = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     try:
-        run_dir = broadcast_object(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir, ctx)
-        table = run_experiment(cfg, run_dir, ctx)
+        run_dir = broadcast_object(HydraConfig.get().runtime.output_dir, ctx)
+        table = run_experiment(cfg, run_dir, ctx, extra_files=hydra_files(dict_cfg) if ctx.is_main else None)
     finally:
         shutdown(ctx)
     first = next(iter(table.values()))

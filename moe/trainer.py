@@ -30,6 +30,7 @@ from moe.checkpoint import (
     latest_good_checkpoint,
     remove_orphaned_temp_files,
     save_checkpoint,
+    trajectory_fingerprint,
 )
 from moe.config import TrainConfig, TrainerConfig, as_plain_dict
 from moe.host_memory import retain_freed_memory
@@ -64,18 +65,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool = Fa
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
-
-
-def trajectory_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
-    """The settings a checkpoint must share with the run that resumes it."""
-    plain = as_plain_dict(cfg)
-    t = plain["trainer"]
-    return {
-        "model": as_plain_dict(model_cfg), "router": plain["router"], "balance": plain["balance"],
-        "data": plain["data"], "seed": cfg.seed, "world_size": world_size,
-        **{k: t[k] for k in ("micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
-                             "max_steps", "weight_decay", "beta1", "beta2", "grad_clip", "precision")},
-    }
 
 
 def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: torch.device,

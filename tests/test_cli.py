@@ -37,6 +37,26 @@ def test_every_group_option_composes(compose_train, group, option):
     ("trainer.warmup_steps=-5", ValueError, "trainer.warmup_steps=-5"),
     ("trainer.min_lr_ratio=5", ValueError, "trainer.min_lr_ratio=5"),
     ("router.jitter=5", ValueError, r"router.jitter=5.0 is out of range"),
+    # A key added with `+` is still checked against the schema, at any depth.
+    ("+trainer.max_stepz=5", ValueError,
+     r"unknown config key 'trainer.max_stepz' \(did you mean trainer.max_steps\?\)"),
+    ("+model.moe.nmu=3", ValueError, r"unknown config key 'model.moe.nmu' \(valid keys there: activation, "),
+    ("+seeed=1", ValueError, r"unknown config key 'seeed' \(did you mean seed\?\)"),
+    # Choices and ranges of every group, checked at composition: before any data preparation.
+    ("router.kind=topkk", ValueError, r"router.kind='topkk' is unknown; allowed values: topk, "),
+    ("balance.scope=global", ValueError, r"balance.scope='global' is unknown; allowed values: micro_batch, "),
+    ("balance.lbl_coef=-1", ValueError, r"balance.lbl_coef=-1.0 is out of range: it must be a finite number >= 0"),
+    ("balance.z_coef=nan", ValueError, r"balance.z_coef=nan is out of range"),
+    ("router.bias_update_rate=inf", ValueError, r"router.bias_update_rate=inf is out of range"),
+    ("model.init_std=0", ValueError, r"model.init_std=0.0 is out of range: it must be a finite number > 0"),
+    ("model.rope_theta=-1", ValueError, r"model.rope_theta=-1.0 is out of range"),
+    ("seed=-1", ValueError, r"seed=-1 is out of range: it must be an integer >= 0"),
+    ("trainer.threads=0", ValueError, r"trainer.threads=0 is out of range"),
+    ("trainer.dist_timeout_s=0", ValueError, r"trainer.dist_timeout_s=0.0 is out of range: it must be a finite number "
+                                             r"of seconds > 0"),
+    ("data.val_fraction=nan", ValueError, r"data.val_fraction=nan must lie strictly between 0 and 1"),
+    ("data.max_upsample=0.5", ValueError, r"data.max_upsample=0.5 is out of range: it must be a number >= 1"),
+    ("data.corpus_seed=-2", ValueError, r"data.corpus_seed=-2 is out of range"),
 ])
 def test_bad_config_fails_at_composition_with_a_clear_message(compose_train, override, error, match):
     with pytest.raises(error, match=match):
@@ -55,6 +75,26 @@ def test_analyze_app_takes_a_model_name_and_a_data_group():
         assert compose("analyze", overrides=["run_dir=/r", "model=dense_active"]).model == "dense_active"
         with pytest.raises(ConfigCompositionException):
             compose("analyze", overrides=["run_dir=/r", "data=nope"])
+
+
+def test_analyze_refuses_a_wrong_run_dir_or_hf_dir_before_hydra_creates_anything(tmp_path):
+    """Hydra resolves its run dir (<run_dir>/analysis) through `analyze_dir` before creating it."""
+    from analysis.cli import analyze_dir
+
+    with pytest.raises(ValueError, match=r"run_dir=.*/nonexistent does not exist"):
+        analyze_dir("moe", str(tmp_path / "nonexistent"), None, "unused")
+    with pytest.raises(ValueError, match=r"is not a moe-train run directory \(it has no data/manifest.json\)"):
+        analyze_dir("moe", str(tmp_path), str(tmp_path / "out"), "unused")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ValueError, match=r"weights is not a Hugging Face model directory \(it has no config.json\)"):
+        analyze_dir(f"hf:{tmp_path / 'weights'}", None, None, "unused")
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"has a model but no tokenizer"):
+        analyze_dir(f"hf:{tmp_path / 'weights'}", None, None, "unused")
+    with pytest.raises(ValueError, match=r"nowhere does not exist"):
+        analyze_dir("hf:./nowhere", None, None, "unused")
+    assert analyze_dir("hf:allenai/OLMoE-1B-7B-0924", None, None, "fallback") == "fallback"  # a Hub name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
 
 
 def run(args, cwd):

@@ -8,9 +8,32 @@ from typing import Any
 
 from analysis.hf.adapter import load_hf_model
 from analysis.report import AnalysisConfig, analyze_model
+from analysis.run import require_domains
 from moe.data import DataConfig, as_data_config, prepare_data
 
-__all__ = ["analyze_hf_model", "hf_data_config"]
+__all__ = ["analyze_hf_model", "check_local_model_dir", "hf_data_config"]
+
+# What `save_pretrained` writes beside config.json for a tokenizer (one of these suffices).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_local_model_dir(name: str) -> None:
+    """If `name` is a local path (it exists, or starts like one: /, ./, ../, ~), refuse (ValueError)
+    one that is not a Hugging Face model directory, before transformers fails on it obscurely ("need
+    sentencepiece or tiktoken"). A Hub name (org/model) passes unchecked."""
+    path = Path(name).expanduser()
+    if not (path.exists() or name.startswith(("/", "./", "../", "~")) or name in (".", "..")):
+        return
+    fix = ("point model=hf: at a directory written by save_pretrained (config.json, the weights and the "
+           "tokenizer files), or at a Hub name such as allenai/OLMoE-1B-7B-0924")
+    where = f"model=hf:{name}: {path}"
+    if not path.is_dir():
+        raise ValueError(f"{where} {'is not a directory' if path.exists() else 'does not exist'}; {fix}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{where} is not a Hugging Face model directory (it has no config.json); {fix}")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{where} has a model but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the "
+                         "model's tokenizer into it (tokenizer.save_pretrained(directory))")
 
 
 def hf_data_config(data: DataConfig | Any, name: str) -> DataConfig:
@@ -40,8 +63,10 @@ def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg
     `data.seq_len`; knockouts use `cfg.knockout_tokens` of them per domain. No dense twin exists, so
     the knockouts have no dense control. Returns the summary dict.
     """
+    check_local_model_dir(name)
     data_cfg = hf_data_config(data, name)
     prepared = prepare_data(data_cfg, seed=seed)
+    require_domains(prepared.domains, f"the data (data.source={data_cfg.source})")
     val = {d: prepared.val_batches(batch_size=batch_size, domain=d) for d in prepared.domains}
     model = load_hf_model(name, device=device, dtype=dtype, revision=revision)
     top = max(int(b.tokens.max()) for batches in val.values() for b in batches)

@@ -21,7 +21,7 @@ from moe.data.config import (
     SyntheticSourceConfig,
     as_data_config,
 )
-from moe.data.errors import DataError, DataFileNotFoundError, ValidationDocumentsWarning
+from moe.data.errors import DataError, DataFileNotFoundError, UpsamplingWarning, ValidationDocumentsWarning
 from moe.data.prepare import prepare_data
 from moe.data.prepared import DocumentInfo, PreparedData, load_prepared
 from moe.data.stream import BatchStream
@@ -43,6 +43,7 @@ __all__ = [
     "PreparedData",
     "PretrainedTokenizer",
     "SyntheticSourceConfig",
+    "UpsamplingWarning",
     "ValidationDocumentsWarning",
     "as_data_config",
     "load_prepared",

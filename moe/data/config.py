@@ -159,6 +159,11 @@ class DataConfig:
     # An empty dict rather than None by default: Hydra cannot override a None-valued dict from the
     # command line at all, while an empty one takes `++data.mixture={code: 3, math: 1}`.
     mixture: Optional[Dict[str, float]] = field(default_factory=dict)
+    # Warn (and note in the manifest) when the mixture repeats a domain's train text more than this
+    # many times per pass over the corpus: a tiny domain given an equal share is seen hundreds of
+    # times, and the model memorizes it rather than learning it. A warning only; it does not change
+    # the stream.
+    max_upsample: float = 10.0
     # Characters of text kept per domain (None: no cap). 800 KB per domain keeps the builtin
     # corpus (~2.2 MB: prose and legal hold less, all there is) quick to prepare on a laptop CPU
     # (~4 s, then cached) with >= 150 documents per domain. conf/data/local.yaml and hf.yaml set
@@ -220,10 +225,21 @@ def validate(cfg: DataConfig) -> None:
     if cfg.tokenizer == "bpe" and cfg.source != "synthetic" and cfg.vocab_size < 257:
         # Byte-level BPE starts from 256 byte tokens plus EOS.
         raise DataError(f"data.vocab_size={cfg.vocab_size} is below 257 (256 bytes + EOS); raise it")
+    for name, value, ok, want in (
+        ("vocab_size", cfg.vocab_size, cfg.vocab_size >= 1, ">= 1"),
+        ("corpus_seed", cfg.corpus_seed, cfg.corpus_seed >= 0, "an integer >= 0"),
+        ("max_upsample", cfg.max_upsample, cfg.max_upsample >= 1, "a number >= 1 (inf: never warn)"),
+        ("hf.max_docs_per_domain", cfg.hf.max_docs_per_domain,
+         cfg.hf.max_docs_per_domain is None or cfg.hf.max_docs_per_domain >= 1, ">= 1, or null for no cap"),
+        ("hf.max_records", cfg.hf.max_records, cfg.hf.max_records is None or cfg.hf.max_records >= 1,
+         ">= 1, or null for no cap"),
+    ):
+        if not ok:  # also catches nan: every comparison with it is False
+            raise DataError(f"data.{name}={value} is out of range: it must be {want}")
     if cfg.mixture:
         for name, w in cfg.mixture.items():
-            if not (w >= 0.0):  # also rejects NaN
-                raise DataError(f"data.mixture[{name!r}]={w} must be a non-negative weight")
+            if not (0.0 <= w < float("inf")):  # also rejects NaN
+                raise DataError(f"data.mixture[{name!r}]={w} must be a finite, non-negative weight")
         if sum(cfg.mixture.values()) <= 0:
             raise DataError("data.mixture gives every domain weight 0; give at least one a positive weight")
     if cfg.source == "builtin":

@@ -18,3 +18,8 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 class ValidationDocumentsWarning(UserWarning):
     """A domain has fewer validation documents than `data.min_val_docs_per_domain`: its
     document-level statistics (nulls and intervals that resample documents) will be weak."""
+
+
+class UpsamplingWarning(UserWarning):
+    """The mixture repeats a domain's train text more than `data.max_upsample` times per pass over
+    the corpus: the model sees the same few documents over and over and memorizes them."""

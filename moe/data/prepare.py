@@ -23,7 +23,7 @@ import numpy as np
 from moe.data.cache import atomic_dir, corpus_dir, locked, request_file, tokenizer_dir, tokens_dir, write_json
 from moe.data.config import DataConfig, as_data_config, resolve_cache_dir
 from moe.data.corpus import TextCorpus, TokenCorpus, scrap_chars
-from moe.data.errors import DataError, ValidationDocumentsWarning
+from moe.data.errors import DataError, UpsamplingWarning, ValidationDocumentsWarning
 from moe.data.prepared import FORMAT_VERSION, DocumentInfo, PreparedData
 from moe.data.sources import load_corpus
 from moe.data.split import mixture_weights, split_documents
@@ -71,7 +71,7 @@ def prepare_data(cfg: DataConfig | Any, *, seed: int, cache_dir: str | Path | No
                 f"domain {name!r} has {int(store.doc_lengths[val_order[d]].sum())} validation tokens, fewer "
                 f"than seq_len+1={cfg.seq_len + 1}; raise data.val_fraction or lower data.seq_len"
             )
-    warnings_ = check_val_documents(cfg, corpus, val, val_order)
+    warnings_ = check_val_documents(cfg, corpus, val, val_order) + check_upsampling(cfg, domains, plan)
     sources = corpus.sources if isinstance(corpus, TokenCorpus) else [d.source for d in corpus.documents]
     documents = [DocumentInfo(i, domains[corpus.doc_domain[i]], sources[i], "val" if is_val[i] else "train")
                  for i in range(len(sources))]
@@ -101,6 +101,22 @@ def check_val_documents(cfg: DataConfig, corpus: TextCorpus | TokenCorpus,
         message = (f"{what}, fewer than data.min_val_docs_per_domain={cfg.min_val_docs_per_domain}: document-level "
                    f"statistics (permutation nulls, bootstrap intervals) will be weak. To get more: {fixes}")
         warnings.warn(message, ValidationDocumentsWarning, stacklevel=3)
+        messages.append(message)
+    return messages
+
+
+def check_upsampling(cfg: DataConfig, domains: list[str], plan: TrainPlan) -> list[str]:
+    """Warn (and return the messages, for the manifest) for each domain whose train text the mixture
+    repeats more than `cfg.max_upsample` times per pass over the corpus."""
+    messages = []
+    for name, factor, tokens, weight in zip(domains, plan.upsampling(), plan.train_tokens_by_domain(), plan.weights):
+        if factor <= cfg.max_upsample:
+            continue
+        message = (f"domain {name!r} has {tokens} train tokens; its mixture weight {weight:.3g} repeats them "
+                   f"{factor:.3g}x per pass over the corpus, more than data.max_upsample={cfg.max_upsample:g}: the "
+                   "model will see the same documents over and over and memorize them. Add text to this domain, "
+                   "lower its weight (data.mixture), or drop it; raise data.max_upsample to accept it.")
+        warnings.warn(message, UpsamplingWarning, stacklevel=3)
         messages.append(message)
     return messages
 

@@ -94,6 +94,15 @@ class TrainPlan:
         self._epoch_tokens = float(lengths[train_docs].sum())
         self._layouts: dict[int, EpochLayout] = {}  # the last two epochs asked for (all ranks share them)
 
+    def train_tokens_by_domain(self) -> list[int]:
+        """Train tokens (with EOS) of each domain."""
+        return [int(t) for t in self._tokens_by_domain]
+
+    def upsampling(self) -> list[float]:
+        """Per domain: how many times an epoch repeats its train tokens (w_d * epoch tokens / its
+        tokens; 1 = each document once, < 1 = down-sampled, 0 for a weight-0 domain)."""
+        return [float(w * self._epoch_tokens / n) if n else 0.0 for w, n in zip(self.weights, self._tokens_by_domain)]
+
     def layout(self, epoch: int) -> EpochLayout:
         """The layout of `epoch` (cached: each costs O(documents) to build)."""
         if epoch not in self._layouts:

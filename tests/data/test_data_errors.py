@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
@@ -52,8 +53,19 @@ def test_unset_path(tmp_path):
         prepare_data(cfg, seed=0, cache_dir=tmp_path)
 
 
-def test_unreadable_file(tmp_path, monkeypatch):
-    root = _tree(tmp_path / "c", {"x": _good_domain(), "y": _good_domain()})
+def _docs(n: int) -> dict[str, str]:
+    """n distinct documents: enough that half of them held out leaves 2 for validation."""
+    return {f"d{i}.txt": f"{i} {GOOD}" for i in range(n)}
+
+
+def _readable(path) -> DataConfig:
+    cfg = _local(path)
+    cfg.val_fraction, cfg.min_val_docs_per_domain = 0.5, 2
+    return cfg
+
+
+def test_unreadable_file_is_skipped_and_listed_with_the_reason(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "c", {"x": _docs(4), "y": {**_docs(4), "b.txt": GOOD}})
     real = pathlib.Path.read_bytes
 
     def read_bytes(self):
@@ -63,7 +75,44 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
     # Patched rather than chmod-ed: the tests may run as root, who reads anything.
     monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
-    with pytest.raises(DataFileNotFoundError, match=r"cannot read .*y/b\.txt \(Permission denied\); fix its permissions"):
+    data = prepare_data(_readable(root), seed=0, cache_dir=tmp_path / "cache")
+    info = data.manifest["domains"]["y"]
+    assert info["documents"] == 4 and "y/b.txt: unreadable (Permission denied)" in info["skipped"]
+
+
+def _deny_scandir(monkeypatch, denied: pathlib.Path) -> None:
+    """os.scandir fails with EACCES on `denied`, as on a directory without read permission."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if pathlib.Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_entries_inside_a_domain_are_listed_in_the_manifest(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "c", {"x": _docs(4), "y": _docs(4)})
+    (root / "y" / "locked").mkdir()
+    (root / "y" / "locked" / "c.txt").write_text(GOOD)
+    (root / "y" / "loop.txt").symlink_to(root / "y" / "loop.txt")  # unreadable even for root
+    (root / "y" / "gone.txt").symlink_to(root / "y" / "nowhere.txt")
+    (root / "y" / "elsewhere").symlink_to(root / "x", target_is_directory=True)
+    _deny_scandir(monkeypatch, root / "y" / "locked")
+    data = prepare_data(_readable(root), seed=0, cache_dir=tmp_path / "cache")
+    skipped = data.manifest["domains"]["y"]["skipped"]
+    assert "y/locked/: unreadable directory (Permission denied)" in skipped
+    assert any(s.startswith("y/loop.txt: ") for s in skipped)
+    assert "y/gone.txt: not a regular file (a broken link, socket or device?)" in skipped
+    assert "y/elsewhere: symbolic link to a directory (not followed)" in skipped
+    assert data.manifest["domains"]["y"]["documents"] == 4
+
+
+def test_unreadable_domain_directory_is_named_as_unreadable(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "c", {"x": _good_domain(), "y": _good_domain()})
+    _deny_scandir(monkeypatch, root / "y")
+    with pytest.raises(DataFileNotFoundError,
+                       match=r"domain directory .*/y is unreadable \(Permission denied\); fix its permissions"):
         prepare_data(_local(root), seed=0, cache_dir=tmp_path / "cache")
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from moe.data import Batch, DataError, load_prepared, prepare_data
+from moe.data import Batch, DataError, UpsamplingWarning, load_prepared, prepare_data
 
 
 def take(stream, n):
@@ -194,6 +195,20 @@ def test_mixture_weights_are_respected(builtin_cache, small_cfg):
     assert shares["math"] == pytest.approx(0.25, abs=0.04)
     # ...but every domain is still validated on
     assert len(data.val_batches(batch_size=4, domain="legal")) > 0
+
+
+def test_a_domain_upsampled_beyond_the_limit_is_warned_about(builtin_cache, small_cfg):
+    """code gets 3/4 of the stream but holds ~1/4 of the text: ~3 copies per pass, over a limit of 1.5
+    (the default, 10, stays silent); the warning reaches the manifest."""
+    cfg = small_cfg(mixture={"code": 3.0, "math": 1.0}, max_upsample=1.5)
+    with pytest.warns(UpsamplingWarning, match=r"domain 'code' has \d+ train tokens; .* repeats them [23]\.\d+x .* "
+                                               r"data.max_upsample=1.5"):
+        data = prepare_data(cfg, seed=0, cache_dir=builtin_cache)
+    assert [w for w in data.manifest["warnings"] if "max_upsample" in w] == [
+        w for w in data.manifest["warnings"] if w.startswith("domain 'code'")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UpsamplingWarning)
+        prepare_data(small_cfg(mixture={"code": 3.0, "math": 1.0}), seed=0, cache_dir=builtin_cache)
 
 
 def test_val_batches_are_fixed_per_domain_and_capped(builtin_data):

@@ -70,8 +70,8 @@ def test_nan_loss_stops_naming_step_and_component_and_keeps_checkpoint(compose_t
     trainer = make_trainer(cfg, tmp_path)
     forward = trainer._forward
 
-    def poisoned(tokens, targets):  # the LM loss blows up at step 5
-        out = forward(tokens, targets)
+    def poisoned(tokens, targets, domain=None):  # the LM loss blows up at step 5
+        out = forward(tokens, targets, domain)
         return dataclasses.replace(out, loss=out.loss * float("nan")) if trainer.step == 5 else out
     trainer._forward = poisoned
     with pytest.raises(TrainingDiverged, match=r"lm_loss is nan in micro-step 0 at step 5.*step_00000004\.pt"):

@@ -15,6 +15,7 @@ last one cut at a line to fit. The kept documents are then listed in path / reco
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,25 +82,22 @@ def _load_dir(cfg: DataConfig, root: Path) -> TextCorpus:
     domains = []
     for d in dirs:
         domain = DomainText(d.name, origin=str(d))
-        files = []
-        for p in sorted(d.rglob("*")):
-            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(d).parts):
-                continue
-            if p.suffix.lower() in exts:
-                files.append(p)
-            else:
-                domain.skipped.append(f"{d.name}/{p.relative_to(d).as_posix()}: extension not in data.local.extensions")
+        files = _domain_files(d, exts, domain.skipped)
         if not files:
+            unreadable = [s for s in domain.skipped if "unreadable" in s]
             raise DataError(
-                f"domain directory {d} has no files with extensions {sorted(exts)}; add documents to it, "
-                f"remove it, or extend data.local.extensions"
+                f"domain directory {d} has no files with extensions {sorted(exts)}; add documents to it, remove it, "
+                f"or extend data.local.extensions"
+                + (f" (and fix the permissions of what could not be read: {'; '.join(unreadable[:3])})"
+                   if unreadable else "")
             )
         budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain)
         for p in seeded_order(files, cfg.corpus_seed, f"local/{d.name}"):
             try:
                 raw = p.read_bytes()
-            except OSError as e:
-                raise DataFileNotFoundError(f"cannot read {p} ({e.strerror}); fix its permissions or remove it") from e
+            except OSError as e:  # listed in the manifest; the domain goes on with its other files
+                domain.skipped.append(f"{d.name}/{p.relative_to(d).as_posix()}: unreadable ({e.strerror})")
+                continue
             text, bad = decode_text(raw, policy=cfg.non_utf8, name=str(p))
             if not budget.add(f"{d.name}/{p.relative_to(d).as_posix()}", text, bad):
                 break
@@ -108,6 +106,47 @@ def _load_dir(cfg: DataConfig, root: Path) -> TextCorpus:
         domain.documents.sort(key=lambda doc: doc.source)
         domains.append(domain)
     return TextCorpus(domains, source="local")
+
+
+def _domain_files(d: Path, exts: set[str], skipped: list[str]) -> list[Path]:
+    """The files of domain directory `d` (any depth, sorted, hidden entries left out) with an
+    extension in `exts`. Everything else is listed in `skipped` with the reason: other extensions,
+    unreadable sub-directories, entries that are not regular files (broken links, sockets...) and
+    symbolic links to directories (not followed, as they may loop). An unreadable `d` itself is a
+    DataError naming it."""
+    files: list[Path] = []
+
+    def visit(directory: Path) -> None:
+        rel = f"{d.name}/{directory.relative_to(d).as_posix()}/".replace("/./", "/")
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            if directory == d:
+                raise DataFileNotFoundError(f"domain directory {d} is unreadable ({e.strerror}); fix its permissions "
+                                            "or remove it") from e
+            skipped.append(f"{rel}: unreadable directory ({e.strerror})")
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            name = f"{rel}{entry.name}"
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    visit(path)
+                elif entry.is_symlink() and path.is_dir():
+                    skipped.append(f"{name}: symbolic link to a directory (not followed)")
+                elif not entry.is_file():  # follows links: a broken one is no file
+                    skipped.append(f"{name}: not a regular file (a broken link, socket or device?)")
+                elif path.suffix.lower() in exts:
+                    files.append(path)
+                else:
+                    skipped.append(f"{name}: extension not in data.local.extensions")
+            except OSError as e:  # a link loop, or a directory entry that vanished
+                skipped.append(f"{name}: unreadable ({e.strerror})")
+
+    visit(d)
+    return sorted(files)
 
 
 # ---- record form ------------------------------------------------------------------------------
