@@ -34,6 +34,7 @@ from moe.checkpoint import (
 )
 from moe.config import TrainConfig, TrainerConfig, as_plain_dict
 from moe.host_memory import retain_freed_memory
+from moe.run_lock import write_error
 from moe.data import Batch, PreparedData
 from moe.distributed import DistContext, all_reduce_mean, barrier
 from moe.model import LanguageModel, ModelConfig, model_size
@@ -212,8 +213,15 @@ class Trainer:
         if not self.ctx.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a write to an open file does not know its name: say which it was
+            clear = write_error(exc, path)
+            if clear is None:
+                raise
+            raise clear from exc
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":

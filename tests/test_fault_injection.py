@@ -295,6 +295,16 @@ def test_a_stopped_gloo_rank_ends_the_job_within_the_timeout_naming_it():
 
 
 # --------------------------------------------------------------------------- full disk, read-only dirs
+def test_a_full_disk_while_logging_metrics_names_the_metrics_file(compose_train, tmp_path):
+    trainer = make_trainer(compose_train("experiment=smoke"), tmp_path)
+    metrics = tmp_path / "models" / "moe" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.symlink_to("/dev/full")
+    with pytest.raises(RunDirNotWritable) as err:
+        trainer.log({"step": 1, "loss": 1.0})
+    assert str(metrics) in str(err.value) and "[ENOSPC]" in str(err.value)
+
+
 def test_a_full_disk_during_a_checkpoint_write_is_one_clear_line(tmp_path):
     """The temporary file of the write is made a link to /dev/full: the kernel's own ENOSPC."""
     state = {"model": {"w": torch.randn(50_000)}, "step": 1}
