@@ -55,6 +55,7 @@ __all__ = [
     "analyze_sweep",
     "arm_of",
     "corpus_of",
+    "data_mismatches",
     "loss_contrasts",
     "loss_gaps",
     "pair_twins",
@@ -107,6 +108,20 @@ def corpus_of(config: Mapping[str, Any]) -> str:
     if source == "hf":
         return f"hf:{data.get('hf', {}).get('path')}"
     return str(source)
+
+
+def data_mismatches(runs: Iterable[Run]) -> list[str]:
+    """One line per (corpus, seed) whose jobs did not train on the same data stream (their
+    data/manifest.json `stream_fingerprint`s differ): their arms are not comparable. [] = all agree."""
+    streams: dict[tuple[str, Any], dict[str, list[str]]] = {}
+    for run in runs:
+        manifest = run.path / "data" / "manifest.json"
+        if manifest.is_file():
+            fingerprint = json.loads(manifest.read_text())["stream_fingerprint"]
+            streams.setdefault((corpus_of(run.config), run.config.get("seed")), {}).setdefault(fingerprint, []).append(
+                run.name)
+    return [f"{corpus}, seed {seed}: " + "; ".join(f"{fp}: {', '.join(sorted(names))}" for fp, names in by_fp.items())
+            for (corpus, seed), by_fp in streams.items() if len(by_fp) > 1]
 
 
 def pair_twins(runs: Iterable[Run]) -> dict[Path, Run]:
@@ -433,6 +448,12 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
     """runs.csv, aggregate.json, results.md and figures/ of an analyzed sweep into `out_dir`;
     returns the aggregate (the content of aggregate.json). trajectories: {job path: its
     trajectory.json} (`sweep_trajectories`), plotted and tabulated per job."""
+    mismatched = data_mismatches(sweep.runs)
+    if mismatched:
+        raise ValueError("jobs of one corpus and seed trained on different data, so their arms cannot be compared:\n  "
+                         + "\n  ".join(mismatched) + "\nThe built-in corpus reads the licence files of the installed "
+                         "packages: installing or upgrading a package during a sweep changes it. Rerun the odd jobs "
+                         "in the environment of the others (or all of them in one environment).")
     records = sweep_records(sweep)
     if not records:
         raise ValueError(f"no analyzed MoE job under {sweep.root}; run `moe-sweep sweep_dir={sweep.root}` "

@@ -17,6 +17,7 @@ from analysis.runs import load_sweep
 from analysis.sweep import (
     arm_of,
     corpus_of,
+    data_mismatches,
     loss_contrasts,
     loss_gaps,
     pair_twins,
@@ -203,6 +204,17 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
     again = _run(["analysis.sweep", f"sweep_dir={smoke_sweep}", "trajectory_arms=[global_batch]"], smoke_sweep)
     assert again.returncode == 0 and "analyzing" not in again.stdout and "over training" not in again.stdout
     assert (out / "results.md").read_text() == text
+
+
+def test_jobs_of_one_corpus_and_seed_on_different_data_are_refused(smoke_sweep, tmp_path):
+    for run in load_sweep(smoke_sweep).runs:
+        shutil.copytree(run.path, tmp_path / run.name, ignore=shutil.ignore_patterns("models", "analysis"))
+    assert data_mismatches(load_sweep(tmp_path).runs) == []
+    odd = next(p for p in tmp_path.iterdir() if "global_batch" in p.name and "seed=0" in p.name)
+    manifest = json.loads((odd / "data" / "manifest.json").read_text())
+    (odd / "data" / "manifest.json").write_text(json.dumps({**manifest, "stream_fingerprint": "changed"}))
+    (problem,) = data_mismatches(load_sweep(tmp_path).runs)
+    assert problem.startswith("synthetic(overlap=0.5), seed 0:") and odd.name in problem
 
 
 def test_moe_sweep_without_a_sweep_dir_names_it(tmp_path):
