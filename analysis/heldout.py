@@ -45,6 +45,7 @@ from analysis.statistics import RngLike, _rng, stratified_doc_bootstrap
 
 __all__ = [
     "HeldoutInformation",
+    "TooFewRecords",
     "conditional_entropy_mm",
     "context_keys",
     "document_folds",
@@ -56,6 +57,10 @@ __all__ = [
 # even when the token determines the experts (hash routing). The margins are ~1e-2 bits.
 _TIE_BITS = 1e-4
 
+
+
+class TooFewRecords(ValueError):
+    """The records are too few for the held-out estimate (no context reaches the minimum support)."""
 
 @dataclass(frozen=True)
 class HeldoutInformation:
@@ -303,8 +308,8 @@ def heldout_conditional_information(
     doc_weight = np.bincount(doc_of, weights=scored, minlength=m)
     total = float(doc_weight.sum())
     if not total > 0:
-        raise ValueError(f"no context is seen {min_support} times in the training folds: too few records "
-                         "for the held-out estimate (lower min_support or record more tokens)")
+        raise TooFewRecords(f"no context is seen {min_support} times in the training folds: too few records "
+                            "for the held-out estimate (lower min_support or record more tokens)")
     estimate = float(doc_gain.sum() / total)
     mult = stratified_doc_bootstrap(doc_domain, n_resamples, boot_rng)
     samples = (mult @ doc_gain) / np.maximum(mult @ doc_weight, 1e-300)

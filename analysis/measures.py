@@ -48,7 +48,7 @@ from analysis.metrics import (
     max_violation,
     vocabulary_specialization,
 )
-from analysis.heldout import HeldoutInformation, context_keys, heldout_conditional_information
+from analysis.heldout import HeldoutInformation, TooFewRecords, context_keys, heldout_conditional_information
 from analysis.registry import MEASURES, Measure, MeasureResult, register
 from analysis.statistics import SpecializationResult, summarize_specialization
 
@@ -105,6 +105,7 @@ class RoutingEvidence:
     nmi: SpecializationResult
     cmi: HeldoutInformation | None
     context: str
+    cmi_note: str | None = None  # why cmi is None although per-token records were given
 
 
 def routing_evidence(docs: DocCounts, n_domains: int, n_experts: int, *, token: np.ndarray | None = None,
@@ -123,12 +124,16 @@ def routing_evidence(docs: DocCounts, n_domains: int, n_experts: int, *, token: 
     nmi_rng, cmi_rng = np.random.default_rng(rng).spawn(2)
     nmi = summarize_specialization(docs, n_domains, n_permutations=n_permutations, n_resamples=n_bootstrap,
                                    confidence=confidence, rng=nmi_rng)
-    cmi = None
+    cmi, note = None, None
     if token is not None:
         keys = context_keys(token, prev_token if context == "bigram" else None)
-        cmi = heldout_conditional_information(keys, domain, doc, experts, n_domains, n_experts, weights,
-                                              n_resamples=max(n_bootstrap, 200), confidence=confidence, rng=cmi_rng)
-    return RoutingEvidence(nmi, cmi, context)
+        try:
+            cmi = heldout_conditional_information(keys, domain, doc, experts, n_domains, n_experts, weights,
+                                                  n_resamples=max(n_bootstrap, 200), confidence=confidence,
+                                                  rng=cmi_rng)
+        except TooFewRecords as exc:  # not measurable here: the verdict abstains instead of the run failing
+            note = str(exc)
+    return RoutingEvidence(nmi, cmi, context, note)
 
 
 def previous_tokens(token: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -210,19 +215,21 @@ def _nmi_top1(inputs: LayerInputs) -> MeasureResult:
 
 def _cmi(inputs: LayerInputs) -> MeasureResult:
     cube = inputs.counts.cube
-    return _cmi_result("cmi", inputs.evidence.cmi, inputs.context, {
+    return _cmi_result("cmi", inputs.evidence, inputs.context, {
         "plugin_token_bits": conditional_mutual_information(cube),
         "plugin_token_corrected_bits": conditional_mutual_information_mm(cube)})
 
 
 def _cmi_top1(inputs: LayerInputs) -> MeasureResult:
-    evidence = inputs.evidence_top1
-    return _cmi_result("cmi_top1", None if evidence is None else evidence.cmi, inputs.context, {})
+    return _cmi_result("cmi_top1", inputs.evidence_top1, inputs.context, {})
 
 
-def _cmi_result(name: str, held: HeldoutInformation | None, context: str, extra: Mapping[str, Any]) -> MeasureResult:
+def _cmi_result(name: str, evidence: RoutingEvidence | None, context: str, extra: Mapping[str, Any]) -> MeasureResult:
     details: dict[str, Any] = {"context": context, **extra}
+    held = None if evidence is None else evidence.cmi
     if held is None:
+        if evidence is not None and evidence.cmi_note:
+            details["note"] = evidence.cmi_note
         return MeasureResult(name, None, details=details)
     details.update({"bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
                     "h_domain_given_context_bits": held.h_domain_given_context,

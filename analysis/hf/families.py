@@ -3,8 +3,8 @@ they run besides the routed experts.
 
 Keyed by `config.model_type`. Every family keeps its decoder layers in `model.model.layers`; a layer
 is an MoE layer when its MLP (`mlp`, or `block_sparse_moe` in transformers 4.x Mixtral) has both a
-`gate` and `experts` (dense layers: DeepSeek's first `first_k_dense_replace` layers, Qwen-MoE's
-`mlp_only_layers` and `decoder_sparse_step`).
+`gate` and `experts` (dense layers: DeepSeek's and GLM-4-MoE's first `first_k_dense_replace` layers,
+Qwen-MoE's `mlp_only_layers` and `decoder_sparse_step`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def _deepseek_shared(config: Any) -> str | None:
             "not routed, not knocked out")
 
 
+def _sigmoid_group_topk(c: Any) -> RoutingRule:
+    return SigmoidGroupTopK(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+                            normalize=bool(c.norm_topk_prob), scale=float(c.routed_scaling_factor))
+
+
 def _softmax(normalize: Callable[[Any], bool]) -> Callable[[Any], RoutingRule]:
     return lambda c: SoftmaxTopK(top_k=c.num_experts_per_tok, normalize=bool(normalize(c)))
 
@@ -63,11 +68,9 @@ FAMILIES: dict[str, Family] = {
                                       n_group=c.n_group, topk_group=c.topk_group,
                                       scale=float(c.routed_scaling_factor)),
         _deepseek_shared),
-    "deepseek_v3": Family(
-        "DeepSeek-V3",
-        lambda c: SigmoidGroupTopK(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
-                                   normalize=bool(c.norm_topk_prob), scale=float(c.routed_scaling_factor)),
-        _deepseek_shared),
+    "deepseek_v3": Family("DeepSeek-V3", _sigmoid_group_topk, _deepseek_shared),
+    # GLM-4.5: DeepSeek-V3's gate with ordinary attention; what a router=sigmoid model exports to.
+    "glm4_moe": Family("GLM-4-MoE", _sigmoid_group_topk, _deepseek_shared),
 }
 
 

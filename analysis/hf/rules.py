@@ -135,7 +135,7 @@ class GroupLimitedSoftmax:
 
 @dataclass(frozen=True)
 class SigmoidGroupTopK:
-    """DeepSeek-V3 (aux-loss-free balancing, `noaux_tc`).
+    """DeepSeek-V3 (aux-loss-free balancing, `noaux_tc`); GLM-4-MoE's gate is the same.
 
     logits = x W^T in float32; s = sigmoid(logits); selection uses s + b (b = the gate's
     `e_score_correction_bias`, read at each call): the E experts form G groups, a group scores the

@@ -143,3 +143,19 @@ def test_miller_madow_conditional_entropy():
     mm = conditional_entropy_mm(context, domain)
     assert mm == pytest.approx(plugin + ((cd > 0).sum() - (c > 0).sum()) / (2 * 20000 * np.log(2)))
     assert conditional_entropy_mm(np.zeros(10, dtype=int), np.zeros(10, dtype=int)) == 0.0
+
+
+def test_too_few_records_leave_cmi_unmeasured_instead_of_failing():
+    from analysis.information import doc_expert_counts
+    from analysis.measures import routing_evidence
+
+    rng = np.random.default_rng(0)
+    n = 60  # 4 domains x 3 documents x 5 tokens, every token id distinct: no context reaches min_support
+    domain = np.repeat(np.arange(4), 15)
+    doc = np.repeat(np.arange(12), 5)
+    token = np.arange(n)
+    experts = rng.integers(0, 8, (n, 1))
+    docs = doc_expert_counts(doc, domain, experts, 4, 8)
+    ev = routing_evidence(docs, 4, 8, token=token, prev_token=np.full(n, -1), domain=domain, doc=doc,
+                          experts=experts, n_permutations=9, n_bootstrap=9, rng=0)
+    assert ev.cmi is None and "too few records" in ev.cmi_note

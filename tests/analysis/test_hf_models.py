@@ -3,9 +3,10 @@
 One tiny randomly initialized model per family (hidden 32, 2-3 layers, 4-8 experts, vocabulary
 320) is saved with `save_pretrained` and loaded back the way a Hub name is
 (`AutoModelForCausalLM.from_pretrained(path)`). The recorded routing is compared with the model's
-own: its router logits (`output_router_logits=True`), its gates called on the captured block inputs,
-and the family's rule written out again here in float64. Knockouts are checked at the output of the
-knocked-out layer's MoE block, before attention mixes tokens.
+own: its router logits (`output_router_logits=True`, where the release returns them), its gates
+called on the captured block inputs, and the family's rule written out again here in float64.
+Knockouts are checked at the output of the knocked-out layer's MoE block, before attention mixes
+tokens.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ FAMILIES = {
                         first_k_dense_replace=1, num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=16,
                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
                         norm_topk_prob=True, routed_scaling_factor=2.5),
+    # DeepSeek-V3's gate with ordinary attention (what moe-export writes a router=sigmoid model as).
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                     first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, norm_topk_prob=False,
+                     routed_scaling_factor=1.5, num_mtp_layers=0),
 }
 # (device, dtype): float32 checks the rules against float64 references; bf16 is what runs on GPUs.
 PRECISIONS = [
@@ -132,7 +137,7 @@ def reference_routing(model_type: str, config, logits, gate, mask=None):
     logits = logits.double()
     k = config.num_experts_per_tok
     neg = float("-inf")
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "glm4_moe"):
         s = logits.sigmoid()
         choice = s + gate.e_score_correction_bias.double()
         t, e = choice.shape
@@ -144,7 +149,9 @@ def reference_routing(model_type: str, config, logits, gate, mask=None):
             choice = choice.masked_fill(~mask, neg)
         idx = choice.topk(k, dim=-1).indices
         w = s.gather(1, idx)
-        w = w / w.sum(-1, keepdim=True) * config.routed_scaling_factor
+        if config.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        w = w * config.routed_scaling_factor
     else:
         p = logits.softmax(-1)
         sel = p
@@ -191,7 +198,9 @@ def test_recorded_routing_is_the_models_own(tiny_paths, model_type, precision):
     model.remove_hooks()  # the gates below run as the model runs them, with no adapter
     expected_blocks = [i for i, layer in enumerate(model.hf.model.layers) if hasattr(layer.mlp, "experts")]
     assert [layer.block_index for layer in model.moe_layers] == expected_blocks
-    assert len(out.router_logits) == len(model.moe_layers) == len(records.layers)
+    # Some releases return no router logits for a family (DeepSeek-V2/V3 and GLM-4-MoE in 5.15).
+    router_logits = getattr(out, "router_logits", None)
+    assert len(model.moe_layers) == len(records.layers) == len(router_logits or records.layers)
     for l, layer in enumerate(model.moe_layers):
         rec_idx, rec_w = _sorted(torch.from_numpy(records.layers[l].experts), torch.from_numpy(records.layers[l].gates))
         # 1. the gate's own decision on the same inputs, exactly
@@ -200,14 +209,78 @@ def test_recorded_routing_is_the_models_own(tiny_paths, model_type, precision):
         idx, w = _sorted(own_idx.cpu(), own_w.float().cpu())
         assert torch.equal(rec_idx, idx)
         assert torch.equal(rec_w, w)
-        assert torch.equal(out.router_logits[l], own_logits)
+        if router_logits is not None:
+            assert torch.equal(router_logits[l], own_logits)
         assert records.layers[l].kept.all()
         if dtype != "float32":
             continue  # bf16 logits tie often enough that a float64 reference may break ties otherwise
-        # 2. the family's rule from the model's own router logits, rewritten here in float64
-        ref_idx, ref_w = reference_routing(model_type, config, out.router_logits[l], layer.gate)
+        # 2. the family's rule from the raw router logits, rewritten here in float64 (not from
+        # `out.router_logits`: some 5.x releases, 5.0 among them, return softmaxed values there, #45120)
+        raw = F.linear(inputs[l].float(), layer.gate.weight.float())
+        ref_idx, ref_w = reference_routing(model_type, config, raw, layer.gate)
         assert torch.equal(rec_idx, ref_idx)
         torch.testing.assert_close(rec_w.double(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+def _gate_outputs(model):
+    """Per MoE layer, the list its gate's own outputs are appended to (a hook after the adapter's,
+    which leaves an unmasked gate's output untouched), and the hook handles."""
+    outputs = [[] for _ in model.moe_layers]
+    handles = [layer.gate.register_forward_hook(lambda m, a, o, out=out: out.append(o))
+               for layer, out in zip(model.moe_layers, outputs)]
+    return outputs, handles
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_captured_router_scores_are_raw_logits_and_the_rule_picks_the_gates_experts(tiny_paths, model_type):
+    """transformers issue #45120: some 5.x releases returned softmaxed values as `router_logits`
+    (Mixtral, Qwen2-MoE, OLMoE). Whatever the release, the record holds raw logits, x W^T of the
+    gate's input (rows do not sum to 1), and the family's rule on them picks the gate's own experts."""
+    model = load_hf_model(str(tiny_paths[model_type]), dtype="float32")
+    inputs = {}
+    pre = [layer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+           for i, layer in enumerate(model.moe_layers)]
+    gate_out, handles = _gate_outputs(model)
+    with torch.no_grad():
+        routings = model(_batch(3).tokens).routings
+    for h in pre + handles:
+        h.remove()
+    assert len(routings) == len(model.moe_layers)
+    for l, (layer, routing) in enumerate(zip(model.moe_layers, routings)):
+        raw = F.linear(inputs[l].double(), layer.gate.weight.double())
+        torch.testing.assert_close(routing.logits.double(), raw, rtol=1e-5, atol=1e-5)
+        sums = routing.logits.sum(-1)
+        assert (routing.logits < 0).any() and ((sums - 1).abs() > 1e-2).float().mean() > 0.9
+        assert routing.probs.sum(-1).sub(1).abs().max() < 1e-5  # the distribution is `probs`, not `logits`
+        chosen = layer.rule.select(routing.logits, None, layer.gate)
+        own_indices = next(t for t in gate_out[l][0] if isinstance(t, torch.Tensor) and not t.is_floating_point())
+        assert torch.equal(chosen.indices.sort(-1).values, own_indices.long().sort(-1).values)
+        assert torch.equal(routing.indices.sort(-1).values, own_indices.long().sort(-1).values)
+
+
+def test_a_release_that_returns_softmaxed_router_logits_is_still_recorded_raw(tiny_paths):
+    """The #45120 behaviour itself, simulated: the Mixtral gate returns softmax(logits) in the
+    router-logits slot. The record still holds the raw logits and the same experts."""
+    model = load_hf_model(str(tiny_paths["mixtral"]), dtype="float32")
+    tokens = _batch(4).tokens
+    with torch.no_grad():
+        before = model(tokens).routings
+    gates = [layer.gate for layer in model.moe_layers]
+    originals = [g.forward for g in gates]
+
+    def softmaxed(self, hidden_states, original):
+        logits, weights, indices = original(hidden_states)
+        return logits.softmax(-1), weights, indices
+
+    for gate, original in zip(gates, originals):
+        gate.forward = types.MethodType(lambda self, h, o=original: softmaxed(self, h, o), gate)
+    with torch.no_grad():
+        after = model(tokens).routings
+        hf_out = model.hf(input_ids=tokens, output_router_logits=True)
+    assert torch.allclose(hf_out.router_logits[0].sum(-1), torch.ones(1))  # the simulated release
+    for a, b in zip(before, after):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.indices, b.indices)
+        assert not torch.allclose(b.logits.sum(-1), torch.ones(1))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -341,12 +414,14 @@ def test_moe_analyze_hf_end_to_end(tiny_paths, tmp_path):
     data = tmp_path / "domains"
     for domain, texts in DOMAINS.items():
         (data / domain).mkdir(parents=True)
-        for i, text in enumerate(texts * 3):
+        for i, text in enumerate(texts * 4):
             (data / domain / f"{i}.txt").write_text(f"{text} ({i})")
     out = tmp_path / "report"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_CACHE_DIR": str(tmp_path / "cache")}
+    # 128 tokens per domain: enough for the held-out I(D;E|C) to be measured (a context seen 16 times
+    # in the training folds) also when counting one expert per token.
     args = [f"model=hf:{tiny_paths['deepseek_v3']}", "data=local", f"data.local.path={data}", f"out_dir={out}",
-            "data.seq_len=16", "data.val_fraction=0.5", "data.val_tokens_per_domain=96", "batch_size=4",
+            "data.seq_len=16", "data.val_fraction=0.5", "data.val_tokens_per_domain=128", "batch_size=4",
             "analysis.n_permutations=10", "analysis.n_bootstrap=10", "analysis.knockout_tokens=32",
             "analysis.probe_tokens=64"]
     result = subprocess.run([sys.executable, "-m", "analysis.cli", *args], cwd=tmp_path, env=env,
@@ -357,7 +432,7 @@ def test_moe_analyze_hf_end_to_end(tiny_paths, tmp_path):
     assert m["family"] == "DeepSeek-V3" and m["blocks"] == [1, 2] and m["num_experts"] == 8 and m["top_k"] == 2
     assert "shared expert" in m["shared_experts"] and "sigmoid" in m["router"]
     assert summary["domains"] == ["code", "prose"]
-    assert summary["tokens"]["per_domain"] == {"code": 96, "prose": 96}
+    assert summary["tokens"]["per_domain"] == {"code": 128, "prose": 128}
     for layer in summary["layers"]:
         m = layer["measures"]
         assert m["nmi"]["plugin"] is not None and m["mi_token"]["value"] is not None
