@@ -369,6 +369,12 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
              _ci(m["knockout"]), _ci(m["dense_cv"]), _ci(m["maxvio"], 2), _ci(m["docs_min"], 0),
              ", ".join(f"{k} {v}" for k, v in sorted(m["verdicts"].items()))] for m in measures]
     lines += _md(header, rows)
+    lines += ["", "### Counting each token's top-1 expert only", "",
+              "The same inference on the table of each token's highest-gate expert (OLMoE publishes its "
+              "routing counted both ways); the verdicts above count all k slots.", ""]
+    lines += _md(["corpus", "arm", "layer", "NMI − null (top-1)", "NMI plug-in (top-1)", "I(D;E\\|C) share (top-1)"],
+                 [[m["corpus"], m["arm"], str(m["layer"]), _ci(m["nmi_top1"]), _ci(m["nmi_top1_plugin"]),
+                   _ci(m["cmi_top1"])] for m in measures])
     if contrasts:
         base = contrasts[0]["baseline"]
         lines += ["", f"## Paired against `{base}`", "",
