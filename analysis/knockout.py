@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from analysis.knockout_stats import cluster_mean_se
+from analysis.progress import progress
 from moe.data.batch import Batch
 from moe.experts import DenseMLP
 from moe.layer import MoELayer
@@ -334,10 +335,10 @@ def expert_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: in
         layers = model.moe_layers
         shape = (len(layers), num_domains, layers[0].router.num_experts)
         damage, se = np.empty(shape), np.empty(shape)
-        for l, layer in enumerate(layers):
-            for e in range(layer.router.num_experts):
-                with expert_dropped(layer, e):
-                    damage[l, :, e], se[l, :, e] = paired.damage()
+        pairs = [(l, e) for l, layer in enumerate(layers) for e in range(layer.router.num_experts)]
+        for l, e in progress(pairs, desc="expert knockouts"):
+            with expert_dropped(layers[l], e):
+                damage[l, :, e], se[l, :, e] = paired.damage()
     return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "expert",
                           INTERVENTIONS["expert"])
 
@@ -364,10 +365,10 @@ def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_
         paired = _Paired(dense_model, batches, num_domains, cluster, seed)
         shape = (len(mlps), num_domains, len(groups[0]) if groups else 0)
         damage, se = np.empty(shape), np.empty(shape)
-        for l, mlp in enumerate(mlps):
-            for g, units in enumerate(groups[l]):
-                with hidden_units_zeroed(mlp, units):
-                    damage[l, :, g], se[l, :, g] = paired.damage()
+        pairs = [(l, g) for l in range(len(mlps)) for g in range(len(groups[l]))]
+        for l, g in progress(pairs, desc="dense group knockouts"):
+            with hidden_units_zeroed(mlps[l], groups[l][g]):
+                damage[l, :, g], se[l, :, g] = paired.damage()
     sizes = np.array([[u.size for u in layer] for layer in groups], dtype=np.int64).reshape(len(mlps), -1)
     return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, list(blocks),
                           "dense_group", INTERVENTIONS["dense_group"], groups, sizes)
@@ -381,7 +382,7 @@ def top1_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int,
     with _eval_mode(model):
         paired = _Paired(model, batches, num_domains, cluster, seed)
         damage, se = np.empty((len(blocks), num_domains)), np.empty((len(blocks), num_domains))
-        for l, layer in enumerate(model.moe_layers):
+        for l, layer in enumerate(progress(model.moe_layers, desc="top-1 knockouts")):
             with top1_dropped(layer):
                 damage[l], se[l] = paired.damage()
     return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "top1",

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.information import DocCounts, TokenDomainExpertCounts
+from analysis.progress import progress
 from moe.data.batch import Batch
 from moe.routing import Routing
 
@@ -545,7 +546,8 @@ def record_routing(
     try:
         with torch.no_grad(), RoutingRecorder(model, num_domains, gate_weighted=gate_weighted,
                                               keep_records=keep_records, domains=domains) as rec:
-            for batch in batches:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in progress(batches, desc="recording routing", total=total):
                 rec.observe(batch)
                 on_device = batch.to(device, non_blocking=True)
                 out = model(on_device.tokens, on_device.targets, on_device.domain)

@@ -71,7 +71,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from torch import nn
@@ -89,11 +89,13 @@ from analysis.measures import cka_result, knockout_result, measure_layer
 from analysis.registry import MEASURES
 from analysis.plots import save_figures
 from analysis.probes import expert_cka, mean_offdiagonal
+from analysis.progress import progress_bars
 from analysis.recorder import interleave_domains, record_routing, take_tokens
 from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
 from moe.data.batch import Batch
 
-__all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analyze_model", "render_report", "to_jsonable"]
+__all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analysis_cost", "analyze_model", "describe_cost", "render_report",
+           "to_jsonable"]
 
 SUMMARY_FORMAT_VERSION = 2
 
@@ -133,6 +135,8 @@ class AnalysisConfig:
     mix_domains: bool = True
     seed: int = 0
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
+    # Progress bars of recording and knockouts: None = when stderr is a terminal (or MOE_PROGRESS=1/0).
+    progress: Optional[bool] = None
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -223,6 +227,46 @@ def _evidence(index: int, layer: Mapping[str, Any]) -> LayerEvidence:
     )
 
 
+def analysis_cost(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], cfg: AnalysisConfig,
+                  has_twin: bool) -> dict[str, dict[str, int]]:
+    """What `analyze_model` will run, before it runs: per stage {"passes": forward passes of one
+    batch, "tokens": tokens they process}. Stages: recording (each validation batch once), twin_loss,
+    knockouts ((L*E + 1) + (L + 1) evaluations of the knockout stream: experts and top-1, each with an
+    intact pass), dense_knockouts ((L*G + 1) of the twin, G groups per layer) and probes."""
+    stream = _stream(val_batches, None, cfg.mix_domains)
+    tokens = sum(b.num_tokens for b in stream)
+    cost = {"recording": {"passes": len(stream), "tokens": tokens}}
+    if has_twin:
+        cost["twin_loss"] = {"passes": len(stream), "tokens": tokens}
+    n_layers = len(model.moe_layers)
+    n_experts = model.moe_layers[0].router.num_experts if n_layers else 0
+    if cfg.knockouts:
+        ko = _stream(val_batches, cfg.knockout_tokens, cfg.mix_domains)
+        ko_tokens = sum(b.num_tokens for b in ko)
+        evals = n_layers * n_experts + 1 + n_layers + 1
+        cost["knockouts"] = {"passes": evals * len(ko), "tokens": evals * ko_tokens}
+        if has_twin:
+            evals = n_layers * len(cfg.dense_group_sizes) * cfg.dense_group_replicates + 1
+            cost["dense_knockouts"] = {"passes": evals * len(ko), "tokens": evals * ko_tokens}
+    if cfg.probes:
+        per_domain = max(1, math.ceil(cfg.probe_tokens / max(len(val_batches), 1)))
+        passes, seen = 0, 0
+        for batch in _stream(val_batches, per_domain, cfg.mix_domains):
+            if seen >= cfg.probe_tokens:
+                break
+            passes, seen = passes + 1, seen + batch.num_tokens
+        cost["probes"] = {"passes": passes, "tokens": seen}
+    return cost
+
+
+def describe_cost(cost: Mapping[str, Mapping[str, int]]) -> str:
+    """One line: the total forward passes and tokens, then each stage."""
+    passes = sum(c["passes"] for c in cost.values())
+    tokens = sum(c["tokens"] for c in cost.values())
+    parts = ", ".join(f"{name.replace('_', ' ')} {c['passes']:,}" for name, c in cost.items())
+    return f"analysis cost: {passes:,} forward passes of a batch over {tokens:,} tokens ({parts})"
+
+
 def analyze_model(
     model: nn.Module,
     val_batches: Mapping[str, Sequence[Batch]],
@@ -254,6 +298,18 @@ def analyze_model(
     cfg = cfg or AnalysisConfig()
     domains = list(domains)
     _check_inputs(model, val_batches, domains)
+    print(describe_cost(analysis_cost(model, val_batches, cfg, dense_twin is not None)), flush=True)
+    with progress_bars(cfg.progress):
+        return _analyze_model(model, val_batches, domains, out_dir, dense_twin=dense_twin, comparison=comparison,
+                              cfg=cfg, model_info=model_info, data_splits=data_splits, data_warnings=data_warnings)
+
+
+def _analyze_model(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], domains: list[str],
+                   out_dir: str | Path, *, dense_twin: nn.Module | None,
+                   comparison: Mapping[str, Mapping[str, float]] | None, cfg: AnalysisConfig,
+                   model_info: Mapping[str, Any] | None,
+                   data_splits: Mapping[str, Mapping[str, Mapping[str, int]]] | None,
+                   data_warnings: Sequence[str] | None) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_dom = len(domains)

@@ -40,6 +40,7 @@ from scipy import stats
 
 from analysis.measures import MEASURES as REGISTRY
 from analysis.plots import plot_arm_intervals, plot_sweep, save_figure
+from analysis.progress import progress
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run, training_identity
 from analysis.runs import Run, Sweep, load_run, load_sweep, sweep_rows
@@ -154,7 +155,7 @@ def analyze_sweep(sweep: Sweep, cfg: AnalysisConfig | None = None, *, reanalyze:
     pairs = pair_twins(sweep.runs)
     done = []
     moe_runs = [r for r in sweep.runs if r.comparison and "moe" in r.comparison]
-    for i, run in enumerate(moe_runs):
+    for i, run in enumerate(progress(moe_runs, desc="sweep jobs")):
         if run.summary is not None and not reanalyze:
             continue
         twin_run = pairs.get(run.path)

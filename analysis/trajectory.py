@@ -26,6 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from analysis.measures import MEASURES, layer_inputs
+from analysis.progress import progress
 from analysis.recorder import RoutingRecords, interleave_domains, record_routing
 from analysis.report import AnalysisConfig, to_jsonable
 from analysis.run import model_from_state, require_domains
@@ -81,7 +82,7 @@ def specialization_over_training(run_dir: str | Path, name: str = "moe", cfg: An
     require_domains(data.domains, f"the run {run_dir}")
     stream = interleave_domains({d: data.val_batches(batch_size=batch_size, domain=d) for d in data.domains})
     recorded = []
-    for path in paths:
+    for path in progress(paths, desc="checkpoints"):
         state = load_checkpoint(path, map_location=device)
         model = model_from_state(state, device)
         recording = record_routing(model, stream, num_domains=len(data.domains), domains=data.domains,

@@ -20,7 +20,8 @@ from analysis.plots import (
     plot_nmi,
 )
 from analysis.recorder import RoutingRecords
-from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analyze_model
+from analysis.progress import progress, progress_bars
+from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analysis_cost, analyze_model
 
 FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens=512)
 
@@ -118,6 +119,42 @@ def test_nmi_plot_takes_an_interval_that_excludes_its_point(full_run):
     nmi = summary["layers"][0]["measures"]["nmi"]
     nmi["value"], nmi["ci_low"], nmi["ci_high"] = 0.001, 0.002, 0.004
     assert isinstance(plot_nmi(summary), Figure)
+
+
+def test_the_announced_cost_is_the_forward_passes_run(trained_moe, trained_dense, val_by_domain, synthetic_data,
+                                                     tmp_path, capsys):
+    cfg = AnalysisConfig(**FAST)
+    counted = {"moe": 0, "twin": 0}
+
+    def counter(name):
+        def hook(module, args):
+            counted[name] += 1
+        return hook
+
+    handles = [trained_moe.embed.register_forward_pre_hook(counter("moe")),
+               trained_dense.embed.register_forward_pre_hook(counter("twin"))]
+    try:
+        analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, dense_twin=trained_dense, cfg=cfg)
+    finally:
+        for h in handles:
+            h.remove()
+    cost = analysis_cost(trained_moe, val_by_domain, cfg, has_twin=True)
+    assert counted["moe"] == sum(cost[k]["passes"] for k in ("recording", "knockouts", "probes"))
+    assert counted["twin"] == cost["twin_loss"]["passes"] + cost["dense_knockouts"]["passes"]
+    assert f"{sum(c['passes'] for c in cost.values()):,} forward passes" in capsys.readouterr().out
+
+
+def test_progress_bars_only_when_asked_or_on_a_terminal(monkeypatch):
+    items = [1, 2, 3]
+    monkeypatch.delenv("MOE_PROGRESS", raising=False)
+    assert progress(items, desc="x") is items  # pytest's stderr is not a terminal
+    with progress_bars(True):
+        bar = progress(items, desc="x")
+        assert bar is not items and list(bar) == items
+    monkeypatch.setenv("MOE_PROGRESS", "1")
+    assert progress(items, desc="x") is not items
+    with progress_bars(False):
+        assert progress(items, desc="x") is items
 
 
 def test_analysis_without_twin_knockouts_or_probes(trained_moe, val_by_domain, synthetic_data, tmp_path):
