@@ -31,6 +31,17 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _hub_offline():
+    """Nothing may download: the Hugging Face Hub is off for the analysis tests (and the CLI
+    subprocesses they start inherit it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     """Module scope, so the module-scoped fixtures (set up before any function-scoped one) run on

@@ -41,14 +41,6 @@ VOCAB = 97
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _offline():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    yield
-    mp.undo()
-
 
 def native(vocab: int = VOCAB, *, kind: str = "topk", renormalize: bool = True, seed: int = 0, n_layers: int = 3,
            moe_every: int = 1, tie: bool = True, **moe) -> LanguageModel:

@@ -78,15 +78,6 @@ DOMAINS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _offline():
-    """Nothing may download: the Hub is off for this module (and the CLI subprocess inherits it)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    yield
-    mp.undo()
-
 
 def _tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
