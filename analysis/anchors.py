@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.resources
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Mapping, TypedDict
 
 import numpy as np
@@ -62,7 +62,9 @@ class ModelRoutingCounts:
 
 @functools.cache
 def _document() -> dict[str, Any]:
-    text = importlib.resources.files("analysis").joinpath(_DATA_FILE).read_text(encoding="utf-8")
+    # Beside this module in every install (package data); resolving the `analysis` package by name
+    # can land on a tests/analysis/ namespace directory when tests put tests/ first on sys.path.
+    text = (Path(__file__).parent / _DATA_FILE).read_text(encoding="utf-8")
     return json.loads(text)
 
 
