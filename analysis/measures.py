@@ -35,8 +35,8 @@ import numpy as np
 from analysis.information import (
     DocCounts,
     conditional_mutual_information,
-    doc_expert_counts,
     conditional_mutual_information_mm,
+    doc_expert_counts,
     entropy,
     joint_from_docs,
     mutual_information,
@@ -173,7 +173,7 @@ class LayerInputs:
         if self.arrays is None:
             return None
         a = self.arrays
-        experts, weights = np.asarray(a["experts"]), a.get("weights")
+        experts = np.asarray(a["experts"])
         gates = np.asarray(a["gates"], dtype=np.float64)
         kept = np.ones(experts.shape, dtype=bool) if a.get("kept") is None else np.asarray(a["kept"])
         scored = np.where(kept, gates, -np.inf)

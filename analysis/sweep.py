@@ -187,8 +187,7 @@ def sweep_trajectories(sweep: Sweep, cfg: AnalysisConfig | None = None, *, arms:
         if recompute or not target.is_file():
             print(f"specialization over training: {run.path}", flush=True)
             points = specialization_over_training(run.path, "moe", cfg, batch_size=batch_size, device=device)
-            write_trajectory(points, target.parent, f"{corpus_of(run.config)}, {arm_of(run.config)}, "
-                                                    f"seed {run.config.get('seed')}")
+            write_trajectory(points, target.parent, _job_title(run.config))
         out[run.path] = target
     return out
 
@@ -228,18 +227,26 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95, family: int
     about any one contrast of the family holds at level c."""
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
     n = len(x)
-    out = {"mean": math.nan, "low": math.nan, "high": math.nan, "n": n}
-    if n:
-        out["mean"] = float(x.mean())
-    if n >= 2:
-        sem = x.std(ddof=1) / math.sqrt(n)
-        half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sem)
-        out.update(low=out["mean"] - half, high=out["mean"] + half)
+    mean = float(x.mean()) if n else math.nan
+    sem = x.std(ddof=1) / math.sqrt(n) if n >= 2 else math.nan
+
+    def half(level: float) -> float:
+        return float(stats.t.ppf((1 + level) / 2, n - 1) * sem) if n >= 2 else math.nan
+
+    out = {"mean": mean, "low": mean - half(confidence), "high": mean + half(confidence), "n": n}
     if family > 1:
-        adjusted = 1 - (1 - confidence) / family
-        half = float(stats.t.ppf((1 + adjusted) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan
-        out.update(adj_low=out["mean"] - half, adj_high=out["mean"] + half, family=family)
+        adjusted = half(1 - (1 - confidence) / family)
+        out.update(adj_low=mean - adjusted, adj_high=mean + adjusted, family=family)
     return out
+
+
+def _slug(text: str) -> str:
+    """`text` as a file-name stem: runs of other characters than letters, digits and '.' become '_'."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+
+
+def _job_title(config: Mapping[str, Any]) -> str:
+    return f"{corpus_of(config)}, {arm_of(config)}, seed {config.get('seed')}"
 
 
 def _arm_key(arm: str) -> tuple[int, str]:
@@ -378,14 +385,12 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
                    _ci(m["cmi_top1"])] for m in measures])
     if contrasts:
         base = contrasts[0]["baseline"]
-        lines += ["", f"## Paired against `{base}`", "",
-                  f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization); "
-                  "an interval that excludes 0 is a difference the seeds agree on.", ""]
         family = contrasts[0]["nmi"].get("family", 1)
-        lines[-1:] = [f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization). "
-                      f"`[low, high]`: the {pct} interval of one contrast; `adj`: the Bonferroni interval over the "
-                      f"{family} contrasts of the corpus, the one to read before claiming that any single contrast "
-                      "differs from 0.", ""]
+        lines += ["", f"## Paired against `{base}`", "",
+                  f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization). "
+                  f"`[low, high]`: the {pct} interval of one contrast; `adj`: the Bonferroni interval over the "
+                  f"{family} contrasts of the corpus, the one to read before claiming that any single contrast "
+                  "differs from 0.", ""]
         lines += _md(["corpus", "arm", "layer", "Δ NMI − null", "adj", "Δ I(D;E\\|C) share", "adj", "Δ KO percentile"],
                      [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _adj(c["nmi"]), _ci(c["cmi"]),
                        _adj(c["cmi"]), _ci(c["knockout"])] for c in contrasts])
@@ -487,7 +492,7 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
         rows = sorted((r for r in records if r["corpus"] == corpus), key=lambda r: (_arm_key(r["arm"]), r["seed"]))
         fig = plot_sweep(rows, by="arm", metrics=("nmi", "cmi", "knockout", "maxvio", "loss_gap"))
         fig.suptitle(f"{corpus}: every seed (x: arm; side by side: seeds)")
-        figures["seeds_" + re.sub(r"[^A-Za-z0-9.]+", "_", corpus).strip("_")] = fig
+        figures["seeds_" + _slug(corpus)] = fig
     for curve in curves:
         figures[curve["figure"]] = plot_trajectory(curve["points"], curve["title"])
     text = render_results(measures, gaps, confidence, contrasts, loss_deltas)
@@ -505,9 +510,8 @@ def _trajectory_entries(sweep: Sweep, trajectories: Mapping[Path, Path]) -> list
     for path, file in trajectories.items():
         config = by_path[path].config
         corpus, arm, seed = corpus_of(config), arm_of(config), config.get("seed")
-        out.append({"corpus": corpus, "arm": arm, "seed": seed, "path": str(path),
-                    "title": f"{corpus}, {arm}, seed {seed}",
-                    "figure": "trajectory_" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{corpus}_{arm}_seed{seed}").strip("_"),
+        out.append({"corpus": corpus, "arm": arm, "seed": seed, "path": str(path), "title": _job_title(config),
+                    "figure": "trajectory_" + _slug(f"{corpus}_{arm}_seed{seed}"),
                     "points": json.loads(Path(file).read_text())})
     return sorted(out, key=lambda c: (c["corpus"], _arm_key(c["arm"]), c["seed"]))
 

@@ -15,7 +15,6 @@ execute code hidden in its pickles. A state with a non-finite tensor is never wr
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from moe.config import as_plain_dict
+from moe.run_lock import os_error_reason
 
 if TYPE_CHECKING:
     from moe.config import TrainConfig
@@ -113,8 +113,7 @@ def _write_atomic(path: Path, write) -> None:
         cause = _os_error(exc)
         if cause is None:
             raise CheckpointError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
-        code = errno.errorcode.get(cause.errno, str(cause.errno))
-        raise CheckpointError(f"could not write {path}: {cause.strerror or cause} [{code}]; free disk space or fix "
+        raise CheckpointError(f"could not write {path}: {os_error_reason(cause)}; free disk space or fix "
                               "the directory's permissions, then run the same command again to resume") from exc
 
 

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Iterable, Iterator
 
-__all__ = ["RunDirLocked", "RunDirNotWritable", "check_writable", "run_dir_lock", "write_error"]
+__all__ = ["RunDirLocked", "RunDirNotWritable", "check_writable", "os_error_reason", "run_dir_lock", "write_error"]
 
 # Errors of a write that more retries will not fix: full disk or quota, permissions, read-only mount.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
@@ -113,6 +113,11 @@ def _reason(path: Path) -> str:
     return f"permission denied (mode {oct(path.stat().st_mode & 0o777)}, owner uid {path.stat().st_uid})"
 
 
+def os_error_reason(exc: OSError) -> str:
+    """The system's reason with its errno name, e.g. "No space left on device [ENOSPC]"."""
+    return f"{exc.strerror or os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+
+
 def write_error(exc: OSError, where: str | Path) -> RunDirNotWritable | None:
     """A one-line RunDirNotWritable for a failed write (full disk, quota, permissions, read-only
     mount), naming the file when the error knows it and `where` otherwise (a write to an open file
@@ -120,7 +125,7 @@ def write_error(exc: OSError, where: str | Path) -> RunDirNotWritable | None:
     if exc.errno not in WRITE_ERRNOS:
         return None
     path = exc.filename or where
-    reason = f"{exc.strerror or os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+    reason = os_error_reason(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         what, fix = f"cannot write {path}: {reason}", "free disk space (or quota)"
     else:
