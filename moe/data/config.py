@@ -19,11 +19,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from moe.data.errors import DataError
+from moe.validation import check_choice
 
-SOURCES = ("builtin", "synthetic", "local", "hf")
 NON_UTF8_POLICIES = ("replace", "skip")
 LOCAL_FORMATS = ("auto", "dir", "jsonl", "parquet")
 BUILTIN_DOMAINS = ("c", "code", "legal", "math", "prose")
+
+
+def __getattr__(name: str) -> Any:
+    # SOURCES, the names `data.source` may take, comes from the registry in moe.data.sources (which
+    # imports this module, hence looked up on use), so that it lists sources registered at run time.
+    if name == "SOURCES":
+        from moe.data.sources import source_names
+
+        return source_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -199,9 +209,11 @@ def as_data_config(cfg: Any) -> DataConfig:
 
 
 def validate(cfg: DataConfig) -> None:
-    """Check ranges and choices early, naming the field and the allowed values."""
-    if cfg.source not in SOURCES:
-        raise DataError(f"data.source={cfg.source!r} is unknown; choose one of {', '.join(SOURCES)}")
+    """Check ranges and choices early, naming the field and the allowed values. The checks of the
+    selected source's own section (`data.<source>.*`) are the source's (`moe.data.sources`)."""
+    from moe.data.sources import get_source  # here: the sources import this module
+
+    source = get_source(cfg.source)  # DataError naming the known sources
     if cfg.seq_len < 1:
         raise DataError(f"data.seq_len={cfg.seq_len} must be a positive number of tokens")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -211,8 +223,7 @@ def validate(cfg: DataConfig) -> None:
             f"data.val_tokens_per_domain={cfg.val_tokens_per_domain} is below data.seq_len="
             f"{cfg.seq_len}; raise it so each domain has at least one validation sequence"
         )
-    if cfg.non_utf8 not in NON_UTF8_POLICIES:
-        raise DataError(f"data.non_utf8={cfg.non_utf8!r} is unknown; choose 'replace' or 'skip'")
+    check_choice("data.non_utf8", cfg.non_utf8, NON_UTF8_POLICIES, error=DataError)
     if cfg.max_chars_per_domain is not None and cfg.max_chars_per_domain < 1:
         raise DataError("data.max_chars_per_domain must be positive, or null for no cap")
     if cfg.min_val_docs_per_domain < 2:
@@ -222,17 +233,13 @@ def validate(cfg: DataConfig) -> None:
         )
     if cfg.tokenizer != "bpe" and not cfg.tokenizer.startswith("hf:"):
         raise DataError(f"data.tokenizer={cfg.tokenizer!r} is unknown; use 'bpe' or 'hf:<name>'")
-    if cfg.tokenizer == "bpe" and cfg.source != "synthetic" and cfg.vocab_size < 257:
+    if cfg.tokenizer == "bpe" and source.text and cfg.vocab_size < 257:
         # Byte-level BPE starts from 256 byte tokens plus EOS.
         raise DataError(f"data.vocab_size={cfg.vocab_size} is below 257 (256 bytes + EOS); raise it")
     for name, value, ok, want in (
         ("vocab_size", cfg.vocab_size, cfg.vocab_size >= 1, ">= 1"),
         ("corpus_seed", cfg.corpus_seed, cfg.corpus_seed >= 0, "an integer >= 0"),
         ("max_upsample", cfg.max_upsample, cfg.max_upsample >= 1, "a number >= 1 (inf: never warn)"),
-        ("hf.max_docs_per_domain", cfg.hf.max_docs_per_domain,
-         cfg.hf.max_docs_per_domain is None or cfg.hf.max_docs_per_domain >= 1, ">= 1, or null for no cap"),
-        ("hf.max_records", cfg.hf.max_records, cfg.hf.max_records is None or cfg.hf.max_records >= 1,
-         ">= 1, or null for no cap"),
     ):
         if not ok:  # also catches nan: every comparison with it is False
             raise DataError(f"data.{name}={value} is out of range: it must be {want}")
@@ -242,37 +249,8 @@ def validate(cfg: DataConfig) -> None:
                 raise DataError(f"data.mixture[{name!r}]={w} must be a finite, non-negative weight")
         if sum(cfg.mixture.values()) <= 0:
             raise DataError("data.mixture gives every domain weight 0; give at least one a positive weight")
-    if cfg.source == "builtin":
-        unknown = sorted(set(cfg.builtin.domains) - set(BUILTIN_DOMAINS))
-        if unknown or not cfg.builtin.domains:
-            raise DataError(
-                f"data.builtin.domains={list(cfg.builtin.domains)} must be a non-empty subset of "
-                f"{list(BUILTIN_DOMAINS)}"
-            )
-        if cfg.builtin.max_chars_per_doc < 1 or cfg.builtin.math_problems_per_doc < 1:
-            raise DataError("data.builtin.max_chars_per_doc and math_problems_per_doc must be positive")
-    if cfg.source == "synthetic":
-        s = cfg.synthetic
-        if not 0.0 <= s.overlap <= 1.0:
-            raise DataError(f"data.synthetic.overlap={s.overlap} must lie in [0, 1]")
-        if s.num_domains < 1 or s.vocab_size < s.num_domains:
-            raise DataError(
-                f"data.synthetic needs num_domains >= 1 and vocab_size >= num_domains "
-                f"(got {s.num_domains}, {s.vocab_size})"
-            )
-        if s.vocab_size > 65535:
-            raise DataError("data.synthetic.vocab_size must be at most 65535")
-        if s.doc_len < 2 or s.tokens_per_domain < 2 * s.doc_len:
-            raise DataError(
-                f"data.synthetic.tokens_per_domain={s.tokens_per_domain} must be at least "
-                f"2 * doc_len={2 * s.doc_len} (a domain needs two documents to split) and doc_len >= 2"
-            )
-        if s.branching < 1:
-            raise DataError("data.synthetic.branching must be at least 1")
-    if cfg.source == "hf" and cfg.hf.shuffle_buffer is not None and cfg.hf.shuffle_buffer < 0:
-        raise DataError(f"data.hf.shuffle_buffer={cfg.hf.shuffle_buffer} must be >= 0 (0 or null: no shuffle)")
-    if cfg.source == "local" and cfg.local.format not in LOCAL_FORMATS:
-        raise DataError(f"data.local.format={cfg.local.format!r} is unknown; choose one of {LOCAL_FORMATS}")
+    if source.validate is not None:
+        source.validate(cfg)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:

@@ -1,16 +1,23 @@
 """Each source end to end on small local data: local directory / JSONL / Parquet, hf (through
-`datasets` on local JSON files, nothing downloaded), synthetic."""
+`datasets` on local JSON files, nothing downloaded), synthetic; and the registry of sources."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from moe.data import DataConfig, HFDomainSpec, prepare_data
+from moe.data import DataConfig, DataError, HFDomainSpec, as_data_config, prepare_data, sources
+from moe.data.corpus import Document, DomainText, TextCorpus
+from moe.data.sources import Source, get_source, load_corpus, register_source, source_names
 from moe.data.sources.synthetic import build_process, domain_names
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 WORDS = {
     "animals": "cat dog horse zebra lion tiger otter whale eagle falcon".split(),
@@ -303,3 +310,114 @@ def test_synthetic_overlap_interpolates(tmp_path):
     data = prepare_data(cfg, seed=0, cache_dir=tmp_path)
     sets = _domain_token_sets(data)
     assert sets[0] & sets[1]  # shared steps visit other blocks
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry for the test, so sources registered in it do not leak."""
+    monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))
+
+
+def test_registry_lists_every_source_with_its_module_and_preset():
+    from moe.data.config import SOURCES
+
+    assert SOURCES == source_names()
+    assert source_names()[:4] == ("builtin", "synthetic", "local", "hf")
+    shipped = sorted(p.stem for p in (Path(sources.__file__).parent).glob("*.py")
+                     if p.stem not in ("__init__", "math_gen"))
+    assert sorted(source_names()) == shipped
+    for name in source_names():
+        source = get_source(name)
+        assert isinstance(source, Source) and source.name == name and source.validate is not None
+        assert source.load.__module__ == f"moe.data.sources.{name}"
+        assert (CONF / "data" / f"{name}.yaml").is_file()
+    assert [n for n in source_names() if not get_source(n).text] == ["synthetic"]
+
+
+@pytest.mark.parametrize("call", [as_data_config, load_corpus, get_source])
+def test_unknown_source_names_the_known_ones(call):
+    cfg = DataConfig(source="web")
+    message = r"^data\.source='web' is unknown; choose one of builtin, synthetic, local, hf$"
+    with pytest.raises(DataError, match=message):
+        call(cfg.source if call is get_source else cfg)
+
+
+def test_a_source_is_checked_by_its_own_validate():
+    cfg = DataConfig(source="local")
+    cfg.local.format = "csv"
+    with pytest.raises(DataError, match=r"data\.local\.format='csv' is unknown"):
+        as_data_config(cfg)
+    cfg.source = "builtin"  # another source's section is that source's business
+    as_data_config(cfg)
+    cfg = DataConfig(source="hf")
+    cfg.hf.max_records = 0
+    with pytest.raises(DataError, match=r"data\.hf\.max_records=0 is out of range"):
+        as_data_config(cfg)
+
+
+def test_a_registered_source_is_used_by_load_corpus_and_prepare_data(registry, tmp_path):
+    calls = []
+
+    def _validate(cfg: DataConfig) -> None:
+        calls.append("validate")
+        if cfg.corpus_seed > 5:
+            raise DataError(f"data.corpus_seed={cfg.corpus_seed}: the toy source knows seeds 0-5")
+
+    @register_source("toy", validate=_validate)
+    def load_toy(cfg: DataConfig) -> TextCorpus:
+        calls.append("load")
+        return TextCorpus([DomainText(name, [Document(f"{name}/{i}", text)
+                                             for i, text in enumerate(_docs(name, 4, seed=cfg.corpus_seed))])
+                           for name in ("animals", "numbers")], source="toy")
+
+    from moe.data.config import SOURCES
+
+    assert "toy" in SOURCES and source_names()[-1] == "toy"
+    corpus = load_corpus(_cfg(source="toy"))
+    assert calls == ["load"] and isinstance(corpus, TextCorpus) and corpus.source == "toy"
+    data = prepare_data(_cfg(source="toy"), seed=0, cache_dir=tmp_path)
+    assert data.domains == ["animals", "numbers"] and "validate" in calls
+    assert data.manifest["source"] == "toy"
+    assert sorted(_texts_by_domain(data)["numbers"]) == sorted(_docs("numbers", 4))
+    with pytest.raises(DataError, match="toy source knows seeds"):
+        as_data_config(_cfg(source="toy", corpus_seed=6))
+    with pytest.raises(DataError, match="choose one of builtin, synthetic, local, hf, toy"):
+        get_source("web")
+
+
+def test_a_taken_name_is_refused(registry):
+    def load_other(cfg):
+        raise AssertionError("never called")
+
+    local = get_source("local")
+    with pytest.raises(ValueError, match=r"'local' is already registered by moe\.data\.sources\.local\.load_local"):
+        register_source("local")(load_other)
+    del sources._REGISTRY["local"]  # as before moe.data.sources.local is first imported: still its name
+    with pytest.raises(ValueError, match=r"'local' is already registered by moe\.data\.sources\.local;"):
+        register_source("local")(load_other)
+    sources._REGISTRY["local"] = local
+    register_source("local")(local.load)  # the same loader again (a reloaded module) is fine
+    register_source("toy")(load_other)
+    with pytest.raises(ValueError, match=r"'toy' is already registered by .*load_other; .*load_toy cannot"):
+        register_source("toy")(_load_toy)
+
+
+def _load_toy(cfg):
+    raise AssertionError("never called")
+
+
+def test_sources_are_imported_only_when_used():
+    """Listing and validating sources imports none of their heavy optional dependencies, and only the
+    selected source's module."""
+    code = (
+        "import sys\n"
+        "from moe.data import DataConfig, as_data_config\n"
+        "from moe.data.sources import source_names\n"
+        "source_names(); as_data_config(DataConfig(source='hf'))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('moe.data.sources.')), 'datasets' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['moe.data.sources.hf']", "False"]

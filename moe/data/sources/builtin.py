@@ -32,10 +32,10 @@ import tokenize
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from moe.data.config import DataConfig
+from moe.data.config import BUILTIN_DOMAINS, DataConfig
 from moe.data.corpus import DomainBudget, DomainText, TextCorpus, normalized_hash, seeded_order
 from moe.data.errors import DataError
-from moe.data.sources import math_gen
+from moe.data.sources import math_gen, register_source
 from moe.data.text import decode_text
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "test", "tests",
@@ -218,6 +218,19 @@ _DOMAINS: dict[str, Callable[[DataConfig], DomainText]] = {
 }
 
 
+def validate(cfg: DataConfig) -> None:
+    """Checks of `data.builtin` (run by `moe.data.config.validate` when this source is selected)."""
+    unknown = sorted(set(cfg.builtin.domains) - set(BUILTIN_DOMAINS))
+    if unknown or not cfg.builtin.domains:
+        raise DataError(
+            f"data.builtin.domains={list(cfg.builtin.domains)} must be a non-empty subset of "
+            f"{list(BUILTIN_DOMAINS)}"
+        )
+    if cfg.builtin.max_chars_per_doc < 1 or cfg.builtin.math_problems_per_doc < 1:
+        raise DataError("data.builtin.max_chars_per_doc and math_problems_per_doc must be positive")
+
+
+@register_source("builtin", validate=validate)
 def load_builtin(cfg: DataConfig) -> TextCorpus:
     """Assemble the builtin corpus for `cfg.builtin.domains` (deterministic given `cfg`)."""
     return TextCorpus((_DOMAINS[name](cfg) for name in sorted(set(cfg.builtin.domains))), source="builtin")

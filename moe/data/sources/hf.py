@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from moe.data.config import DataConfig, HFDomainSpec
 from moe.data.corpus import CORPUS_FORMAT, DomainBudget, DomainText, TextCorpus, name_salt
 from moe.data.errors import DataError, DataFileNotFoundError
+from moe.data.sources import register_source
 from moe.data.text import get_field
 
 
@@ -71,6 +72,17 @@ def _text(record: dict, field: str, where: str) -> str:
     return text
 
 
+def validate(cfg: DataConfig) -> None:
+    """Checks of `data.hf` (run by `moe.data.config.validate` when this source is selected)."""
+    h = cfg.hf
+    for name, value in (("max_docs_per_domain", h.max_docs_per_domain), ("max_records", h.max_records)):
+        if value is not None and not value >= 1:
+            raise DataError(f"data.hf.{name}={value} is out of range: it must be >= 1, or null for no cap")
+    if h.shuffle_buffer is not None and h.shuffle_buffer < 0:
+        raise DataError(f"data.hf.shuffle_buffer={h.shuffle_buffer} must be >= 0 (0 or null: no shuffle)")
+
+
+@register_source("hf", validate=validate)
 def load_hf(cfg: DataConfig) -> TextCorpus:
     """Read the configured dataset(s) into a corpus."""
     h = cfg.hf

@@ -20,14 +20,22 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from moe.data.config import DataConfig
+from moe.data.config import LOCAL_FORMATS, DataConfig
 from moe.data.corpus import DomainBudget, DomainText, TextCorpus, seeded_order
 from moe.data.errors import DataError, DataFileNotFoundError
+from moe.data.sources import register_source
 from moe.data.text import decode_text, get_field
 
 _RECORD_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
+def validate(cfg: DataConfig) -> None:
+    """Checks of `data.local` (run by `moe.data.config.validate` when this source is selected)."""
+    if cfg.local.format not in LOCAL_FORMATS:
+        raise DataError(f"data.local.format={cfg.local.format!r} is unknown; choose one of {LOCAL_FORMATS}")
+
+
+@register_source("local", validate=validate)
 def load_local(cfg: DataConfig) -> TextCorpus:
     """Read the corpus at `cfg.local.path` (layout from `cfg.local.format`)."""
     lc = cfg.local

@@ -19,6 +19,8 @@ import numpy as np
 
 from moe.data.config import DataConfig, SyntheticSourceConfig
 from moe.data.corpus import TokenCorpus
+from moe.data.errors import DataError
+from moe.data.sources import register_source
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,29 @@ def domain_names(num_domains: int) -> list[str]:
     return [f"syn{d:0{width}d}" for d in range(num_domains)]
 
 
+def validate(cfg: DataConfig) -> None:
+    """Checks of `data.synthetic` (run by `moe.data.config.validate` when this source is selected)."""
+    s = cfg.synthetic
+    if not 0.0 <= s.overlap <= 1.0:
+        raise DataError(f"data.synthetic.overlap={s.overlap} must lie in [0, 1]")
+    if s.num_domains < 1 or s.vocab_size < s.num_domains:
+        raise DataError(
+            f"data.synthetic needs num_domains >= 1 and vocab_size >= num_domains "
+            f"(got {s.num_domains}, {s.vocab_size})"
+        )
+    if s.vocab_size > 65535:
+        raise DataError("data.synthetic.vocab_size must be at most 65535")
+    if s.doc_len < 2 or s.tokens_per_domain < 2 * s.doc_len:
+        raise DataError(
+            f"data.synthetic.tokens_per_domain={s.tokens_per_domain} must be at least "
+            f"2 * doc_len={2 * s.doc_len} (a domain needs two documents to split) and doc_len >= 2"
+        )
+    if s.branching < 1:
+        raise DataError("data.synthetic.branching must be at least 1")
+
+
+# Token ids, not text: data.tokenizer and data.vocab_size do not apply.
+@register_source("synthetic", validate=validate, text=False)
 def load_synthetic(cfg: DataConfig) -> TokenCorpus:
     """Token documents of every synthetic domain (deterministic given `cfg`, incl. corpus_seed)."""
     s = cfg.synthetic

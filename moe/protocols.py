@@ -1,0 +1,85 @@
+"""The interface the analysis reads: a routed language model and its routed layers.
+
+Three implementations: `moe.model.LanguageModel` (its `moe.layer.MoELayer`s, either experts backend)
+and `analysis.hf.adapter.HFMoEModel` (its `HFMoELayer`s, a Hugging Face MoE behind hooks). The
+analysis (recorder, knockouts, probes, sizing) annotates these protocols, never a concrete class,
+so a fourth implementation needs no change there. Shapes follow the legend of `moe/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from moe.model import LMOutput
+    from moe.routing import Routing
+
+
+@runtime_checkable
+class RouterLike(Protocol):
+    """What a layer's router exposes: it returns one `Routing` per forward (forward hooks on it see,
+    and may replace, that record) and holds the knockout mask (True = expert available)."""
+
+    expert_mask: Tensor  # [E] bool
+    num_experts: int
+    top_k: int
+
+    def register_forward_hook(self, hook: Callable[..., Any]) -> "RemovableHandle": ...
+
+
+@runtime_checkable
+class ExpertBank(Protocol):
+    """The routed experts of one layer, each callable on its own."""
+
+    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
+        """Expert `expert` applied to N rows x_ND [N, D] -> [N, D] (no gate weight)."""
+        ...
+
+
+@runtime_checkable
+class RoutedLayer(Protocol):
+    """One MoE layer: its router, its experts, and a pre-hook on the layer input (the hidden
+    state both the router and the experts receive)."""
+
+    router: RouterLike
+    experts: ExpertBank
+
+    def register_forward_pre_hook(self, hook: Callable[..., Any]) -> "RemovableHandle": ...
+
+
+class Block(Protocol):
+    is_moe: bool  # the block's feed-forward is a routed layer
+
+
+@runtime_checkable
+class RoutedModel(Protocol):
+    """A causal LM whose MoE layers the analysis can record, knock out and probe."""
+
+    vocab_size: int
+
+    @property
+    def moe_layers(self) -> Sequence[RoutedLayer]:
+        """The routed layers in depth order (one per MoE block)."""
+        ...
+
+    @property
+    def blocks(self) -> Sequence[Block]: ...
+
+    def __call__(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
+                 domain_BS: Tensor | None = None) -> "LMOutput": ...
+
+
+def moe_block_indices(model: RoutedModel) -> list[int]:
+    """Depth indices of the blocks whose feed-forward is routed, in order; ValueError when there is
+    none (a dense model has nothing to record or knock out)."""
+    blocks = [i for i, block in enumerate(model.blocks) if block.is_moe]
+    if not blocks:
+        raise ValueError("the model has no MoE layer: nothing to record or knock out (is it a dense twin?)")
+    return blocks
+
+
+__all__ = ["Block", "ExpertBank", "RoutedLayer", "RoutedModel", "RouterLike", "moe_block_indices"]
