@@ -6,8 +6,8 @@ Its repository published the counts; `analysis/data/olmoe_routing_counts.json` h
 domains, top-1 and top-k counting, provenance in its `source` block). Scoring them with
 `analysis.information` gives reference numbers measured exactly like ours, not read off a figure.
 
-Legend as in `analysis.information`: D domains, E experts, K slots per token (top_k for top-k
-counting, 1 for top-1). Information in bits.
+Legend as in `moe/__init__.py`: G domains, E experts, K slots per token (top_k for top-k
+counting, 1 for top-1). Information in bits; in I(D;E) and H(D), D is the domain variable.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from analysis.information import (
 )
 
 __all__ = ["COUNTINGS", "AnchorRow", "Counting", "ModelRoutingCounts", "anchor_rows", "anchor_source",
-           "anchor_table_markdown", "load_anchor_counts"]
+           "load_anchor_counts"]
 
 Counting = Literal["top1", "topk"]
 COUNTINGS: tuple[Counting, ...] = ("top1", "topk")
@@ -41,7 +41,7 @@ _DATA_FILE = "data/olmoe_routing_counts.json"
 class ModelRoutingCounts:
     """One model's published counts.
 
-    tables[(counting, layer)] is a read-only [D, E] int64 table: for "topk", how often expert e was
+    tables[(counting, layer)] is a read-only [G, E] int64 table: for "topk", how often expert e was
     among the top_k experts of a token of domain d (rows sum to top_k * tokens_per_domain); for
     "top1", how often it was the highest-logit expert (rows sum to tokens_per_domain).
     """
@@ -76,7 +76,7 @@ def anchor_source() -> dict[str, Any]:
 
 @functools.cache
 def load_anchor_counts() -> dict[str, ModelRoutingCounts]:
-    """The shipped counts by model name ("OLMoE-1B-7B", "Mixtral-8x7B"), tables [D, E] int64.
+    """The shipped counts by model name ("OLMoE-1B-7B", "Mixtral-8x7B"), tables [G, E] int64.
 
     Cached; the arrays are read-only so that no caller can alter what the next one reads.
     """
@@ -91,7 +91,7 @@ def load_anchor_counts() -> dict[str, ModelRoutingCounts]:
                 table = np.asarray(m["counts"][counting][str(layer)], dtype=np.int64)
                 if table.shape != (len(domains), m["n_experts"]):
                     raise ValueError(f"{name} {counting} layer {layer}: table has shape {table.shape}, "
-                                     f"expected [D={len(domains)}, E={m['n_experts']}]")
+                                     f"expected [G={len(domains)}, E={m['n_experts']}]")
                 table.flags.writeable = False
                 tables[(counting, layer)] = table
         out[name] = ModelRoutingCounts(name, m["hf_id"], int(m["n_experts"]), int(m["top_k"]), domains, layers,
@@ -107,7 +107,7 @@ class AnchorRow(TypedDict):
     counting: Counting
     K: int                      # slots per token counted
     E: int                      # experts
-    D: int                      # domains
+    G: int                      # domains
     assignments: int            # table total = tokens * K
     entropy_domain_bits: float  # H(D)
     mi_bits: float              # plug-in I(D;E)
@@ -129,21 +129,9 @@ def anchor_rows(counts: Mapping[str, ModelRoutingCounts] | None = None) -> list[
                 joint = m.tables[(counting, layer)]
                 rows.append(AnchorRow(
                     model=m.model, layer=layer, counting=counting, K=m.slots(counting),
-                    E=m.n_experts, D=len(m.domains), assignments=int(joint.sum()),
+                    E=m.n_experts, G=len(m.domains), assignments=int(joint.sum()),
                     entropy_domain_bits=entropy(joint.sum(axis=1)),
                     mi_bits=mutual_information(joint), mi_mm_bits=mutual_information_mm(joint),
                     nmi=normalized_mutual_information(joint), nmi_mm=normalized_mutual_information_mm(joint),
                 ))
     return rows
-
-
-def anchor_table_markdown(rows: list[AnchorRow]) -> str:
-    """A Markdown table of `anchor_rows` output, one line per row."""
-    header = ("| model | layer | counting | K | E | D | assignments | H(D) bits | I(D;E) bits | NMI | NMI (MM) |\n"
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [
-        f"| {r['model']} | {r['layer']} | {r['counting']} | {r['K']} | {r['E']} | {r['D']} | {r['assignments']:,} | "
-        f"{r['entropy_domain_bits']:.4f} | {r['mi_bits']:.4f} | {r['nmi']:.4f} | {r['nmi_mm']:.4f} |"
-        for r in rows
-    ]
-    return "\n".join([header, *lines])

@@ -20,7 +20,6 @@ No training: the routers are rules over the validation tokens (`analysis.calibra
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 import time
@@ -43,9 +42,9 @@ from analysis.calibration import (
     summarize_battery,
 )
 from analysis.cli import register_app_configs
-from analysis.report import _table
 from analysis.verdict import ENSEMBLE, SPECIALIST
 from moe.data import DataConfig
+from moe.tables import format_number, markdown_table, write_json
 
 __all__ = ["CalibrateConfig", "validation_tokens", "write_calibration"]
 
@@ -132,8 +131,8 @@ def write_calibration(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], su
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (data_dir / "summary.json").write_text(json.dumps({"setup": setup, "targets": targets, "routers": summary,
-                                                       "knockout": list(knockout)}, indent=1, default=float))
+    write_json(data_dir / "summary.json", {"setup": setup, "targets": targets, "routers": summary,
+                                           "knockout": list(knockout)}, indent=1)
     _power_figure(summary, setup["battery"]["detection_limit"], out / "figures" / "calibration_power.png")
     (out / "calibration.md").write_text(render_calibration(summary, targets, setup, knockout))
     return out / "calibration.md"
@@ -192,11 +191,11 @@ def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[st
         if not sel:
             continue
         lines += ["", f"## {title}", ""]
-        lines += _table(header, [[s["router"], s["top_k"], s["truth"], f"{s['expected_nmi']:.3f}",
+        lines.append(markdown_table(header, [[s["router"], s["top_k"], s["truth"], f"{s['expected_nmi']:.3f}",
                                      f"{s['nmi_excess_mean']:+.3f}", f"{s['nmi_null_q95_mean']:.3f}",
                                      f"{s['cmi_share_mean']:+.3f}", _rate(s, f"nmi_{SPECIALIST}"),
                                      _rate(s, f"cmi_{SPECIALIST}"), _rate(s, f"verdict_{SPECIALIST}"),
-                                     _rate(s, f"verdict_{ENSEMBLE}")] for s in sel])
+                                     _rate(s, f"verdict_{ENSEMBLE}")] for s in sel], fmt=format_number))
     if knockout:
         lines += ["", "## The knockout criterion on simulated damage", "",
                   f"Each layer: {setup['battery']['num_experts']} experts whose knockouts hurt every domain alike "
@@ -205,12 +204,12 @@ def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[st
                   "selectivity (max − mean)/mean/(D − 1) of equal-damage experts climbs as the damage shrinks; the "
                   "noise-corrected CV does not. The criterion is one-sided (it never calls an ensemble) and does not "
                   "vote.", ""]
-        lines += _table(["mean damage (nats)", "experts' per-token sd", "experts hurt", "replicates",
+        lines.append(markdown_table(["mean damage (nats)", "experts' per-token sd", "experts hurt", "replicates",
                             "knockout: specialist", "old selectivity (median)", "corrected CV (median)"],
                            [[r["mean_damage"], r["expert_sd"], "every domain" if r["profile"] == "equal" else "one domain",
                              r["replicates"], f"{r['specialist']:.2f} [{r['specialist_ci'][0]:.2f}, "
                              f"{r['specialist_ci'][1]:.2f}]", f"{r['old_selectivity_median']:.3f}",
-                             f"{r['cv_median']:.3f}"] for r in knockout])
+                             f"{r['cv_median']:.3f}"] for r in knockout], fmt=format_number))
     lines += ["", "## Power", "", "![power](figures/calibration_power.png)", "",
               "Left: P(specialist) against the share s of tokens sent to their domain's own experts (the rest "
               "random, or hashed by token). Right: the same against the true NMI (of the mean routing table over "

@@ -13,7 +13,7 @@ So the routing model is fitted on some documents and scored on others:
 
     q(e | c)     experts given the context c (token id, or token and previous token), smoothed
                  towards the coarser context and finally the global load;
-    q(e | c, d)  softmax_e(log q(e | c) + beta[d, e]): the same with D x E domain offsets fitted on
+    q(e | c, d)  softmax_e(log q(e | c) + beta[d, e]): the same with G x E domain offsets fitted on
                  the training documents, so the domain can only move routing the same way in
                  every context (few parameters, hence power; context-specific domain effects are
                  caught only in part, so the estimate runs low for them);
@@ -29,8 +29,9 @@ itself misfit on held-out documents (a test statistic, not a plug-in entropy). I
 documents within each domain (stratified bootstrap of the per-document gains): a one-sided p-value
 for gain <= 0 and a percentile interval. Documents are the unit throughout.
 
-Legend as in `analysis.information`: N tokens, K slots, E experts, D domains, M documents, C contexts,
-F folds, R bootstrap replicates.
+Legend as in `moe/__init__.py`: N tokens, K slots, E experts, G domains, M documents, R bootstrap
+resamples; folds and context groups are spelled out. In I(D;E|C) and H(D|C), D, E and C name the
+domain, expert and context variables, not shapes.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.information import _as_experts, _as_labels, _as_weights, _dense_index, _doc_index, entropy
-from analysis.statistics import RngLike, _rng, stratified_doc_bootstrap
+from analysis.information import dense_index, doc_index, entropy
+from analysis.statistics import stratified_doc_bootstrap
+from analysis.validation import RngLike, as_experts, as_labels, as_rng, as_weights
 
 __all__ = [
     "HeldoutInformation",
@@ -119,13 +121,13 @@ def context_keys(token: np.ndarray, prev_token: np.ndarray | None = None) -> lis
 
 
 def document_folds(doc_domain: np.ndarray, n_folds: int, rng: RngLike) -> np.ndarray:
-    """Fold of each document [M] in [0, F): within every domain the documents are shuffled and
-    dealt round-robin, so each fold holds ~1/F of every domain's documents (the domain offsets
+    """Fold of each document [M] in [0, n_folds): within every domain the documents are shuffled and
+    dealt round-robin, so each fold holds ~1/n_folds of every domain's documents (the domain offsets
     rotate so small domains do not all start at fold 0)."""
     dd = np.asarray(doc_domain)
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
-    gen = _rng(rng)
+    gen = as_rng(rng)
     fold = np.empty(dd.size, dtype=np.int64)
     for i, d in enumerate(np.unique(dd)):
         idx = gen.permutation(np.flatnonzero(dd == d))
@@ -157,13 +159,13 @@ def conditional_entropy_mm(context: np.ndarray, domain: np.ndarray, weights: np.
 
 def _nested_groups(contexts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Group index [N] of every context level (coarse to fine) and, for each level, the parent
-    group of each of its groups ([G_l]; the global level's single group 0 for the coarsest)."""
+    group of each of its groups ([groups of the level]; the global level's single group 0 for the coarsest)."""
     groups, parents = [], []
     prev = np.zeros(contexts[0].size, dtype=np.int64)
     for key in contexts:
         # Refine the parent: a finer key is only meaningful inside its coarser context.
         shifted = key - min(int(key.min()), 0)  # keys may hold -1 (no previous token)
-        _, g = _dense_index(prev * (int(shifted.max()) + 1) + shifted)
+        _, g = dense_index(prev * (int(shifted.max()) + 1) + shifted)
         g = g.reshape(-1)
         parent = np.zeros(int(g.max()) + 1, dtype=np.int64)
         parent[g] = prev
@@ -175,11 +177,11 @@ def _nested_groups(contexts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], li
 
 def _fit_domain_offsets(log_q: np.ndarray, weight: np.ndarray, group_domain: np.ndarray, target: np.ndarray,
                         iterations: int) -> np.ndarray:
-    """Offsets beta [D, E] maximizing sum n_{g,e} log softmax_e(log_q[g] + beta[d(g)]) by iterative
-    proportional fitting: each step matches the predicted domain x expert margin to target [D, E].
+    """Offsets beta [G, E] maximizing sum n_{g,e} log softmax_e(log_q[g] + beta[d(g)]) by iterative
+    proportional fitting: each step matches the predicted domain x expert margin to target [G, E].
 
-    log_q [G, E] the context model of each (context, domain) group, weight [G] its assignments,
-    group_domain [G]; target [D, E] observed assignments per domain and expert."""
+    log_q [groups, E] the context model of each (context, domain) group, weight [groups] its
+    assignments, group_domain [groups]; target [G, E] observed assignments per domain and expert."""
     n_dom, n_exp = target.shape
     beta = np.zeros((n_dom, n_exp))
     tiny = 1e-12
@@ -217,8 +219,8 @@ def heldout_conditional_information(
 
     Fitted on the training folds: the context model q(e | c), additive smoothing along the nested
     `contexts` (coarse to fine, see `context_keys`) from the global load, `smoothing` pseudo-counts
-    per step; and domain offsets beta [D, E] with q(e | c, d) = softmax_e(log q(e | c) + beta[d, e])
-    (`_fit_domain_offsets`), D*E numbers, so the test has power for a domain's pull on routing that
+    per step; and domain offsets beta [G, E] with q(e | c, d) = softmax_e(log q(e | c) + beta[d, e])
+    (`_fit_domain_offsets`), G*E numbers, so the test has power for a domain's pull on routing that
     shows in every context. Scored on the held-out fold: log2 q(e | c, d) / q(e | c) per assignment.
 
     Only contexts seen at least `min_support` times in the training folds are scored (also when
@@ -226,12 +228,12 @@ def heldout_conditional_information(
     "help" only because it hints at which tokens occur, not because it moves routing. The share of
     assignments scored is `n_assignments` against the total.
 
-    domain [N] in [0, D); doc [N] document ids (one domain each); experts [N, K] (every slot is one
+    domain [N] in [0, G); doc [N] document ids (one domain each); experts [N, K] (every slot is one
     assignment, as the package's tables count them); weights [N, K] or None (1 each; 0 for a dropped
     slot). Deterministic given `rng`. Domain-blind routing (including per-document preferences that
     do not depend on the domain) gives an estimate <= 0 in expectation.
     """
-    d = _as_labels("domain", domain, n_domains)
+    d = as_labels("domain", domain, n_domains)
     n = d.size
     if n == 0:
         raise ValueError("no routing records")
@@ -241,31 +243,31 @@ def heldout_conditional_information(
     for c in ctx:
         if c.shape != (n,):
             raise ValueError(f"every context key must be [N={n}], got {c.shape}")
-    ex = _as_experts(experts, n, n_experts)
-    w_in = _as_weights(weights, ex.shape)
+    ex = as_experts(experts, n, n_experts)
+    w_in = as_weights(weights, ex.shape)
     w = np.ones(ex.shape, dtype=np.float64) if w_in is None else w_in
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if not smoothing > 0:
         raise ValueError(f"smoothing must be > 0, got {smoothing}")
-    doc_ids, doc_of, doc_domain = _doc_index(doc, d)
+    doc_ids, doc_of, doc_domain = doc_index(doc, d)
     m = doc_ids.size
     per_domain = np.bincount(doc_domain, minlength=n_domains)
     if per_domain[per_domain > 0].min() < 2:
         raise ValueError("every domain needs at least 2 documents so that some can be held out; "
                          "add validation documents")
-    gen = _rng(rng)
+    gen = as_rng(rng)
     fold_rng, boot_rng = gen.spawn(2)
     n_folds = int(min(n_folds, per_domain[per_domain > 0].min()))
     fold = document_folds(doc_domain, n_folds, fold_rng)[doc_of]  # [N]
     e_n = int(n_experts)
     groups, parents = _nested_groups(ctx)
     fine = groups[-1]
-    # Per fold, per context level: expert counts [G, E] of the training folds (total - fold).
+    # Per fold, per context level: expert counts [groups, E] of the training folds (total - fold).
     per_fold = []
     for g, parent in zip(groups, parents):
         size = n_folds * parent.size * e_n
-        cell = (fold * parent.size + g) * e_n  # np.bincount: np.add.at is ~20x slower on 1e7 records
+        cell = (fold * parent.size + g) * e_n  # np.bincount: np.add.at is far slower on 1e7 records
         c = sum(np.bincount(cell + ex[:, j], weights=w[:, j], minlength=size) for j in range(ex.shape[1]))
         c = c.reshape(n_folds, parent.size, e_n)
         per_fold.append(c.sum(axis=0, keepdims=True) - c)
@@ -278,7 +280,7 @@ def heldout_conditional_information(
         for c_all, parent in zip(per_fold, parents):
             c = c_all[f]
             q = (c + smoothing * q[parent]) / (c.sum(axis=1, keepdims=True) + smoothing)
-        support = per_fold[-1][f].sum(axis=1) >= min_support  # [G_fine]
+        support = per_fold[-1][f].sum(axis=1) >= min_support  # [fine groups]
         log_q = np.log(q)
         train = (fold != f) & support[fine]
         test = (fold == f) & support[fine]

@@ -1,16 +1,18 @@
 """Count tables and information measures of routing (pure numpy; bits throughout).
 
-Legend (shared by analysis/): N routed tokens, K top-k, E experts, D domains, V vocabulary (token
-ids), M documents, R replicates of a null or bootstrap, C observed cells of a sparse table.
+Legend as in `moe/__init__.py`: N routed tokens (rows of the records), K top-k, E experts,
+G domains, V vocabulary (token ids), M documents, R resamples of a null or bootstrap; observed
+cells of a sparse table are spelled out. In I(D;E), H(D) and I(D;E|T), D, E and T name the random
+variables domain, expert and token (DESIGN.md's notation), not shapes.
 
 A *sample* is one (token, expert) assignment: a token routed to K experts counts K times, each
 optionally weighted by its gate (`assignment_weights`). The tables are built once from the routing
 records and every measure takes a table, as sklearn's `metrics.cluster._supervised` does:
 
-    joint  = contingency(domain_N, experts_NK, D, E)               # [D, E]
-    docs   = doc_expert_counts(doc_N, domain_N, experts_NK, D, E)   # ([M], [M], [M, E])
+    joint  = contingency(domain_N, experts_NK, G, E)               # [G, E]
+    docs   = doc_expert_counts(doc_N, domain_N, experts_NK, G, E)   # ([M], [M], [M, E])
     tok_e  = contingency(token_N, experts_NK, V, E)                 # [V, E]
-    cube   = token_domain_expert_counts(token_N, domain_N, experts_NK, V, D, E)  # sparse [V, D, E]
+    cube   = token_domain_expert_counts(token_N, domain_N, experts_NK, V, G, E)  # sparse [V, G, E]
 
     normalized_mutual_information(joint)          # NMI = I(D;E)/H(D)
     mutual_information(tok_e)                     # I(T;E)
@@ -26,6 +28,9 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from analysis.validation import as_experts, as_labels, as_table, as_weights
+from moe.validation import check_choice
+
 __all__ = [
     "DocCounts",
     "TokenDomainExpertCounts",
@@ -33,7 +38,9 @@ __all__ = [
     "conditional_mutual_information",
     "conditional_mutual_information_mm",
     "contingency",
+    "dense_index",
     "doc_expert_counts",
+    "doc_index",
     "entropy",
     "entropy_mm",
     "joint_from_docs",
@@ -46,71 +53,10 @@ __all__ = [
 
 _LN2 = np.log(2.0)
 # Above this many cells a dense bincount would allocate > 128 MiB of float64; tables that large are
-# built from the observed keys only (np.unique), which costs a sort but no V*D*E array.
+# built from the observed keys only (np.unique), which costs a sort but no V*G*E array.
 _DENSE_CELLS = 1 << 24
 
 WeightScheme = Literal["count", "gate", "normalized_gate"]
-
-
-# ----------------------------------------------------------------------------- input checks
-def _as_labels(name: str, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Integer labels [N] in [0, n_labels) as int64."""
-    a = np.asarray(labels)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [N], got shape {a.shape}")
-    return _checked_ids(name, a, n_labels)
-
-
-def _checked_ids(name: str, a: np.ndarray, n_classes: int) -> np.ndarray:
-    """Integer ids in [0, n_classes) as int64 (any shape)."""
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
-    if int(n_classes) < 1:
-        raise ValueError(f"number of {name} classes must be >= 1, got {n_classes}")
-    a = a.astype(np.int64, copy=False)
-    if a.size and (a.min() < 0 or a.max() >= n_classes):
-        raise ValueError(f"{name} must lie in [0, {n_classes}), got range [{a.min()}, {a.max()}]")
-    return a
-
-
-def _as_experts(experts: np.ndarray, n_tokens: int, n_experts: int) -> np.ndarray:
-    """Expert ids [N, K] (a 1-D [N] array means K = 1) in [0, n_experts) as int64."""
-    a = np.asarray(experts)
-    if a.ndim == 1:
-        a = a[:, None]
-    if a.ndim != 2 or a.shape[0] != n_tokens:
-        raise ValueError(f"experts must be [N={n_tokens}, K] (or [N]), got shape {np.shape(experts)}")
-    return _checked_ids("experts", a, n_experts)
-
-
-def _as_weights(weights: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Per-assignment weights with the experts' shape, finite and non-negative, as float64."""
-    if weights is None:
-        return None
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim == 1 and len(shape) == 2 and shape[1] == 1:
-        w = w[:, None]
-    if w.shape != shape:
-        raise ValueError(f"weights must have the experts' shape {shape}, got {w.shape}")
-    if not np.all(np.isfinite(w)) or (w.size and w.min() < 0):
-        raise ValueError("weights must be finite and non-negative")
-    return w
-
-
-def _as_table(table: np.ndarray, ndim: int | None = None, name: str = "table") -> np.ndarray:
-    """A count table as float64, checked: finite, non-negative, positive total."""
-    t = np.asarray(table, dtype=np.float64)
-    if ndim is not None and t.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {t.shape}")
-    if t.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.all(np.isfinite(t)):
-        raise ValueError(f"{name} must be finite")
-    if t.min() < 0:
-        raise ValueError(f"{name} must be non-negative (counts), min is {t.min()}")
-    if not t.sum() > 0:
-        raise ValueError(f"{name} has total 0: no samples")
-    return t
 
 
 def _n_samples(total: float, n_samples: float | None) -> float:
@@ -129,6 +75,7 @@ def assignment_weights(gates: np.ndarray, scheme: WeightScheme = "count") -> np.
     - ``"normalized_gate"``: gates divided by their sum over K, so every token counts exactly once
       (a token whose gates are all 0 gets 1/K per assignment).
     """
+    check_choice("scheme", scheme, ("count", "gate", "normalized_gate"))
     g = np.asarray(gates, dtype=np.float64)
     if g.ndim == 1:
         g = g[:, None]
@@ -140,12 +87,10 @@ def assignment_weights(gates: np.ndarray, scheme: WeightScheme = "count") -> np.
         return np.ones_like(g)
     if scheme == "gate":
         return g.copy()
-    if scheme == "normalized_gate":
-        s = g.sum(axis=1, keepdims=True)
-        out = g / np.where(s > 0, s, 1.0)
-        out[s[:, 0] == 0] = 1.0 / g.shape[1]
-        return out
-    raise ValueError(f"scheme must be 'count', 'gate' or 'normalized_gate', got {scheme!r}")
+    s = g.sum(axis=1, keepdims=True)  # normalized_gate
+    out = g / np.where(s > 0, s, 1.0)
+    out[s[:, 0] == 0] = 1.0 / g.shape[1]
+    return out
 
 
 def contingency(
@@ -155,15 +100,16 @@ def contingency(
     n_experts: int,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Label x expert table of (weighted) assignment counts, [L, E] float64.
+    """Label x expert table of (weighted) assignment counts, [labels, E] float64 ([G, E] for
+    domains, [V, E] for token ids).
 
-    labels [N] int in [0, L) (domain or token id); experts [N, K] int in [0, E); weights [N, K] or
+    labels [N] int in [0, n_labels); experts [N, K] int in [0, E); weights [N, K] or
     None (= 1 per assignment). Cell (l, e) = sum of the weights of assignments of tokens with label l
     to expert e; the total is N*K for unweighted counts. Dense: fine for [V, E] with V = 50k, E = 64.
     """
-    lab = _as_labels("labels", labels, n_labels)
-    ex = _as_experts(experts, lab.shape[0], n_experts)
-    w = _as_weights(weights, ex.shape)
+    lab = as_labels("labels", labels, n_labels)
+    ex = as_experts(experts, lab.shape[0], n_experts)
+    w = as_weights(weights, ex.shape)
     size = int(n_labels) * int(n_experts)
     out = np.zeros(size, dtype=np.float64)
     base = lab * n_experts
@@ -173,9 +119,10 @@ def contingency(
     return out.reshape(n_labels, n_experts)
 
 
-def _dense_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct ids [M], inverse [N]) like np.unique(return_inverse=True), O(N) when the ids
-    span a range comparable to N (document ids usually do) and a sort otherwise."""
+def dense_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct ids, inverse [N]) of non-empty integer ids [N], like
+    np.unique(return_inverse=True) but O(N) when the ids span a range comparable to N (document
+    ids usually do) and a sort otherwise."""
     lo, hi = int(ids.min()), int(ids.max())
     if hi - lo <= 4 * ids.size + 1024:
         shifted = ids - lo
@@ -198,11 +145,11 @@ class DocCounts(NamedTuple):
     counts: np.ndarray
 
 
-def _doc_index(doc: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def doc_index(doc: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted distinct document ids [M], each record's document index [N], each document's domain
     [M]) of integer doc ids [N] and domain ids [N]; ValueError naming a document that carries more
     than one domain (a document is the unit of exchangeability in the nulls)."""
-    doc_ids, inv = _dense_index(np.asarray(doc).astype(np.int64, copy=False))
+    doc_ids, inv = dense_index(np.asarray(doc).astype(np.int64, copy=False))
     inv = inv.reshape(-1)
     doc_domain = np.empty(doc_ids.size, dtype=np.int64)
     doc_domain[inv] = domain  # any occurrence's domain; checked for agreement right below
@@ -221,13 +168,13 @@ def doc_expert_counts(
     n_experts: int,
     weights: np.ndarray | None = None,
 ) -> DocCounts:
-    """Per-document expert counts, so that joint [D, E] = one_hot(doc_domain).T @ counts.
+    """Per-document expert counts, so that joint [G, E] = one_hot(doc_domain).T @ counts.
 
-    doc [N] int (arbitrary ids), domain [N] int in [0, D), experts [N, K], weights [N, K] or None.
+    doc [N] int (arbitrary ids), domain [N] int in [0, G), experts [N, K], weights [N, K] or None.
     Every document must carry a single domain (a document is the unit of exchangeability in the
     nulls); a document with several domains raises ValueError.
     """
-    d = _as_labels("domain", domain, n_domains)
+    d = as_labels("domain", domain, n_domains)
     n = d.shape[0]
     if n == 0:
         raise ValueError("no routing records")
@@ -236,10 +183,10 @@ def doc_expert_counts(
         raise ValueError(f"doc must be [N={n}], got shape {doc_a.shape}")
     if not np.issubdtype(doc_a.dtype, np.integer):
         raise TypeError(f"doc must hold integer ids, got dtype {doc_a.dtype}")
-    ex = _as_experts(experts, n, n_experts)
-    w = _as_weights(weights, ex.shape)
+    ex = as_experts(experts, n, n_experts)
+    w = as_weights(weights, ex.shape)
 
-    doc_ids, inv, doc_domain = _doc_index(doc_a, d)
+    doc_ids, inv, doc_domain = doc_index(doc_a, d)
     m = doc_ids.size
     counts = np.zeros(m * n_experts, dtype=np.float64)
     base = inv * n_experts
@@ -249,11 +196,11 @@ def doc_expert_counts(
 
 
 def joint_from_docs(doc_domain: np.ndarray, counts: np.ndarray, n_domains: int) -> np.ndarray:
-    """Domain x expert table [D, E] = one_hot(doc_domain [M]).T @ counts [M, E] (float64)."""
+    """Domain x expert table [G, E] = one_hot(doc_domain [M]).T @ counts [M, E] (float64)."""
     c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 2:
         raise ValueError(f"counts must be [M, E], got shape {c.shape}")
-    dd = _as_labels("doc_domain", doc_domain, n_domains)
+    dd = as_labels("doc_domain", doc_domain, n_domains)
     if dd.shape[0] != c.shape[0]:
         raise ValueError(f"doc_domain has {dd.shape[0]} documents, counts has {c.shape[0]}")
     one_hot = np.zeros((dd.shape[0], n_domains), dtype=np.float64)
@@ -262,10 +209,10 @@ def joint_from_docs(doc_domain: np.ndarray, counts: np.ndarray, n_domains: int) 
 
 
 class TokenDomainExpertCounts(NamedTuple):
-    """Sparse token x domain x expert table: only observed cells (C of them) are stored.
+    """Sparse token x domain x expert table: only the observed cells are stored.
 
-    token, domain, expert [C] int64 (cell coordinates, sorted by (token, domain, expert));
-    count [C] float64 > 0; shape (V, D, E).
+    token, domain, expert [cells] int64 (cell coordinates, sorted by (token, domain, expert));
+    count [cells] float64 > 0; shape (V, G, E).
     """
 
     token: np.ndarray
@@ -302,21 +249,21 @@ def token_domain_expert_counts(
     n_experts: int,
     weights: np.ndarray | None = None,
 ) -> TokenDomainExpertCounts:
-    """Sparse [V, D, E] table of (weighted) assignment counts over observed (token, domain, expert).
+    """Sparse [V, G, E] table of (weighted) assignment counts over observed (token, domain, expert).
 
-    token [N] int in [0, V), domain [N] int in [0, D), experts [N, K], weights [N, K] or None. Cells
-    are keyed by the flat index (t*D + d)*E + e; a dense bincount is used when V*D*E is small and
-    np.unique over the observed keys otherwise, so V = 50k, E = 64 never allocates V*D*E.
+    token [N] int in [0, V), domain [N] int in [0, G), experts [N, K], weights [N, K] or None. Cells
+    are keyed by the flat index (t*G + g)*E + e; a dense bincount is used when V*G*E is small and
+    np.unique over the observed keys otherwise, so V = 50k, E = 64 never allocates V*G*E.
     """
-    t = _as_labels("token", token, n_tokens)
-    d = _as_labels("domain", domain, n_domains)
+    t = as_labels("token", token, n_tokens)
+    d = as_labels("domain", domain, n_domains)
     if d.shape != t.shape:
         raise ValueError(f"token and domain must have the same length, got {t.shape} and {d.shape}")
-    ex = _as_experts(experts, t.shape[0], n_experts)
-    w = _as_weights(weights, ex.shape)
+    ex = as_experts(experts, t.shape[0], n_experts)
+    w = as_weights(weights, ex.shape)
     size = int(n_tokens) * int(n_domains) * int(n_experts)
     if size >= 2**62:
-        raise ValueError(f"V*D*E = {size} does not fit an int64 key")
+        raise ValueError(f"V*G*E = {size} does not fit an int64 key")
     base = (t * n_domains + d) * n_experts
     keys, cnt = _key_counts(
         [base + ex[:, j] for j in range(ex.shape[1])],
@@ -335,7 +282,7 @@ def entropy(counts: np.ndarray) -> float:
     H = -sum_i p_i log2 p_i with p = counts / counts.sum(); 0 <= H <= log2(#cells); uniform routing
     over E experts gives log2 E, a single occupied cell gives 0.
     """
-    c = _as_table(counts, name="counts").ravel()
+    c = as_table(counts, name="counts").ravel()
     total = c.sum()
     p = c[c > 0] / total
     return float(max(-np.dot(p, np.log2(p)), 0.0))
@@ -348,7 +295,7 @@ def entropy_mm(counts: np.ndarray, n_samples: float | None = None) -> float:
     assumes N independent samples; with K-counting (N = tokens*K) or gate weights pass the
     effective sample size you believe in as `n_samples`.
     """
-    c = _as_table(counts, name="counts")
+    c = as_table(counts, name="counts")
     n = _n_samples(c.sum(), n_samples)
     return float(entropy(c) + (np.count_nonzero(c) - 1) / (2.0 * n * _LN2))
 
@@ -360,7 +307,7 @@ def mutual_information(joint: np.ndarray) -> float:
     routing is independent of the label (e.g. uniform routing), and 0.0 on purpose when the table
     has a single nonzero row or column (one domain, one expert). Tiny negative rounding is clipped.
     """
-    j = _as_table(joint, ndim=2, name="joint")
+    j = as_table(joint, ndim=2, name="joint")
     rows, cols = j.sum(axis=1), j.sum(axis=0)
     if np.count_nonzero(rows) <= 1 or np.count_nonzero(cols) <= 1:
         return 0.0
@@ -388,7 +335,7 @@ def mutual_information_mm(joint: np.ndarray, n_samples: float | None = None) -> 
     `analysis.statistics` as the honest reference. Not clipped: a negative value means "no
     detectable information" and clipping would bias averages upward. Symmetric.
     """
-    j = _as_table(joint, ndim=2, name="joint")
+    j = as_table(joint, ndim=2, name="joint")
     n = _n_samples(j.sum(), n_samples)
     return float(mutual_information(j) - _mm_cells(j) / (2.0 * n * _LN2))
 
@@ -403,14 +350,14 @@ def _conditional_entropy_rows(j: np.ndarray) -> float:
 
 
 def normalized_mutual_information(joint: np.ndarray) -> float:
-    """NMI = I(D;E) / H(D) for joint [D, E]: the fraction of domain uncertainty the expert removes.
+    """NMI = I(D;E) / H(D) for joint [G, E]: the fraction of domain uncertainty the expert removes.
 
     Computed as 1 - H(D|E)/H(D) (equal to I/H(D)), so it is exactly 1.0 when every expert sees a
     single domain and exactly 0.0 for one domain (H(D) = 0). Bounds [0, 1]; not symmetric (the
     normalizer is the row entropy). Uniform or domain-independent routing gives 0 plus a positive
     plug-in bias; see `normalized_mutual_information_mm`.
     """
-    j = _as_table(joint, ndim=2, name="joint")
+    j = as_table(joint, ndim=2, name="joint")
     h_d = entropy(j.sum(axis=1))
     if h_d == 0.0:
         return 0.0
@@ -418,11 +365,11 @@ def normalized_mutual_information(joint: np.ndarray) -> float:
 
 
 def normalized_mutual_information_mm(joint: np.ndarray, n_samples: float | None = None) -> float:
-    """Miller-Madow NMI = I_MM(D;E) / H_MM(D) for joint [D, E] (see `mutual_information_mm`).
+    """Miller-Madow NMI = I_MM(D;E) / H_MM(D) for joint [G, E] (see `mutual_information_mm`).
 
     ~0 (either sign) for domain-independent routing; not clipped. 0.0 for one domain.
     """
-    j = _as_table(joint, ndim=2, name="joint")
+    j = as_table(joint, ndim=2, name="joint")
     rows = j.sum(axis=1)
     if np.count_nonzero(rows) <= 1:
         return 0.0
@@ -451,7 +398,7 @@ def _cell_totals(keys: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray
 
 
 def _cube_margins(table: TokenDomainExpertCounts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-cell n(x,d,e), n(x,d), n(x,e), n(x), each [C] float64."""
+    """Per-cell n(x,d,e), n(x,d), n(x,e), n(x), each [cells] float64."""
     v, nd, ne = table.shape
     x = np.asarray(table.token, dtype=np.int64)
     d = np.asarray(table.domain, dtype=np.int64)

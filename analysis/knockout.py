@@ -1,8 +1,8 @@
 """Knockouts: remove one expert (or a group of the dense twin's hidden units) at evaluation and
 measure how much each domain's next-token loss rises, with a standard error.
 
-Legend: L MoE layers, D domains, E experts, F hidden units of a dense FFN, U units (experts or
-dense groups), N evaluated tokens.
+Legend as in `moe/__init__.py`: L MoE layers, G domains, E experts, U units (experts or dense
+groups), N evaluated tokens; the dense FFN's width (`hidden`) is spelled out.
 
 One intervention for every router, and its match in the dense control (`INTERVENTIONS`):
 - expert (`expert_dropped`): every assignment of a token to expert e in layer l is dropped (marked
@@ -11,17 +11,17 @@ One intervention for every router, and its match in the dense control (`INTERVEN
   re-routed to another expert. The same for learned, hash, random and expert-choice routers.
 - dense group (`hidden_units_zeroed`): a random group of the dense FFN's hidden units is removed
   for every token (its `w_out` rows zeroed, exactly as zeroing those hidden activations). Groups
-  are drawn per layer with a seeded rng, in a few sizes around F/E units with replicates
+  are drawn per layer with a seeded rng, in a few sizes around hidden/E units with replicates
   (`dense_groups`), so their damages span the experts'; nothing is pooled across layers.
 
 Damage is paired: the per-token loss with the unit removed minus the intact loss on the same
 tokens (random routers draw the same routing in both passes: each pass starts from the same torch
 seed), averaged per domain, with a document-cluster-robust standard error
-(`analysis.knockout_stats.cluster_mean_se`): damage, damage_se [L, D, U] nats.
+(`analysis.knockout_stats.cluster_mean_se`): damage, damage_se [L, G, U] nats.
 
-- `expert_knockouts`: damage [L, D, E] of dropping each expert.
-- `dense_group_knockouts`: the control, damage [L, D, G] of zeroing each random group.
-- `top1_knockouts`: drop each token's own highest-gate expert in one layer: damage [L, D].
+- `expert_knockouts`: damage [L, G, E] of dropping each expert.
+- `dense_group_knockouts`: the control, damage [L, G, U] of zeroing each of U random groups.
+- `top1_knockouts`: drop each token's own highest-gate expert in one layer: damage [L, G].
 - Statistics (pure numpy, in `analysis.knockout_stats`; import them from there): `corrected_cv`,
   `cv_lower_bound`, `heterogeneity`, `matched_comparison` (experts against dense groups of the same
   layer at matched damage), `simulate_damage`.
@@ -49,8 +49,10 @@ from analysis.knockout_stats import cluster_mean_se
 from analysis.progress import progress
 from moe.data.batch import Batch
 from moe.experts import DenseMLP
-from moe.layer import MoELayer
+from moe.modes import eval_mode
+from moe.protocols import RoutedLayer, RoutedModel, moe_block_indices
 from moe.routing import Routing
+from moe.validation import check_choice
 
 __all__ = [
     "CLUSTERS",
@@ -85,16 +87,16 @@ CLUSTERS = ("doc", "row")
 class KnockoutResult:
     """Loss increases from knocking out units, paired on the same tokens.
 
-    base_loss [D]: mean next-token loss per domain (nats) of the intact model on the evaluated tokens.
-    damage [L, D, U] (experts, dense groups) or [L, D] (top-1): per-domain mean of the per-token
+    base_loss [G]: mean next-token loss per domain (nats) of the intact model on the evaluated tokens.
+    damage [L, G, U] (experts, dense groups) or [L, G] (top-1): per-domain mean of the per-token
     loss with the unit removed minus the intact loss (nats; negative when removal helps).
     damage_se: its cluster-robust standard error, same shape (nats; clusters: documents, or rows).
-    tokens [D], clusters [D]: evaluated tokens and clusters per domain.
+    tokens [G], clusters [G]: evaluated tokens and clusters per domain.
     blocks: the block index of each of the L layers.
     kind: "expert", "dense_group" or "top1"; intervention: the sentence of
     `INTERVENTIONS` saying what was removed (for the report).
     groups: dense groups only, groups[l][g] the hidden-unit indices of group g of layer l (int64);
-    group_size [L, G]: their sizes (units), None otherwise.
+    group_size [L, U]: their sizes (hidden units), None otherwise.
     """
 
     base_loss: np.ndarray
@@ -110,16 +112,6 @@ class KnockoutResult:
 
 
 # ----------------------------------------------------------------------------- evaluation
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -135,13 +127,13 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @torch.no_grad()
-def domain_losses(model: nn.Module, batches: Sequence[Batch], num_domains: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean next-token loss per domain (nats) [D] and tokens per domain [D] of `model` over
+def domain_losses(model: RoutedModel, batches: Sequence[Batch], num_domains: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean next-token loss per domain (nats) [G] and tokens per domain [G] of `model` over
     `batches` in eval mode (restored after); a batch may mix domains; nan for domains without tokens."""
     device = _device(model)
     total = torch.zeros(num_domains, dtype=torch.float64, device=device)
     count = torch.zeros(num_domains, dtype=torch.float64, device=device)
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in batches:
             batch = batch.to(device)
             loss = model(batch.tokens, batch.targets, batch.domain).token_loss.reshape(-1).double()
@@ -154,12 +146,12 @@ def domain_losses(model: nn.Module, batches: Sequence[Batch], num_domains: int) 
 
 
 @torch.no_grad()
-def token_losses(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -> np.ndarray:
+def token_losses(model: RoutedModel, batches: Sequence[Batch], *, seed: int = 0) -> np.ndarray:
     """Per-token next-token loss (nats) [N] of `model` over `batches`, in batch then row-major
     order, float64; eval mode (restored after), torch RNG seeded with `seed` (restored after)."""
     device = _device(model)
     out = []
-    with _eval_mode(model), _seeded(seed, device):
+    with eval_mode(model), _seeded(seed, device):
         for batch in batches:
             batch = batch.to(device)
             out.append(model(batch.tokens, batch.targets, batch.domain).token_loss.reshape(-1).double())
@@ -170,8 +162,7 @@ def token_losses(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -
 
 def _labels(batches: Sequence[Batch], cluster: str) -> tuple[np.ndarray, np.ndarray]:
     """Domain [N] and cluster id [N] of the evaluated tokens (order of `token_losses`)."""
-    if cluster not in CLUSTERS:
-        raise ValueError(f"cluster={cluster!r}: allowed values {', '.join(CLUSTERS)}")
+    check_choice("cluster", cluster, CLUSTERS)
     if not batches:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     domain = np.concatenate([b.domain.reshape(-1).cpu().numpy() for b in batches]).astype(np.int64)
@@ -190,7 +181,7 @@ def _labels(batches: Sequence[Batch], cluster: str) -> tuple[np.ndarray, np.ndar
 class _Paired:
     """Intact per-token losses of one evaluation stream, and the damage of interventions on it."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], num_domains: int, cluster: str, seed: int):
+    def __init__(self, model: RoutedModel, batches: Sequence[Batch], num_domains: int, cluster: str, seed: int):
         self.model, self.batches, self.num_domains, self.seed = model, batches, num_domains, seed
         self.domain, self.cluster = _labels(batches, cluster)
         self.base = token_losses(model, batches, seed=seed)
@@ -198,7 +189,7 @@ class _Paired:
         self.base_loss, self.tokens, self.clusters = intact.mean, intact.tokens, intact.clusters
 
     def damage(self) -> tuple[np.ndarray, np.ndarray]:
-        """(damage [D], se [D]) of the model as it is now against the intact pass."""
+        """(damage [G], se [G]) of the model as it is now against the intact pass."""
         diff = token_losses(self.model, self.batches, seed=self.seed) - self.base
         res = cluster_mean_se(diff, self.domain, self.cluster, self.num_domains)
         return res.mean, res.se
@@ -212,7 +203,7 @@ def _without_experts(routing: Routing, experts: torch.Tensor) -> Routing:
 
 
 @contextmanager
-def expert_dropped(layer: MoELayer, experts: int | Sequence[int]) -> Iterator[None]:
+def expert_dropped(layer: RoutedLayer, experts: int | Sequence[int]) -> Iterator[None]:
     """Drop every assignment to `experts` in `layer` (a router forward hook marks those slots not
     kept in the `Routing` record): each token keeps its other experts, with unchanged gates, and the
     residual; nothing is re-routed, for every router kind. Removed on exit."""
@@ -225,7 +216,7 @@ def expert_dropped(layer: MoELayer, experts: int | Sequence[int]) -> Iterator[No
 
 
 @contextmanager
-def expert_masked(layer: MoELayer, experts: int | Sequence[int]) -> Iterator[None]:
+def expert_masked(layer: RoutedLayer, experts: int | Sequence[int]) -> Iterator[None]:
     """Legacy: mask `experts` in `layer`'s router (`expert_mask[e] = False`; learned routers
     re-route their tokens, fixed routers drop them) and restore the mask on exit. The knockout
     functions use `expert_dropped`."""
@@ -263,13 +254,13 @@ def hidden_units_zeroed(mlp: DenseMLP, units: slice | Sequence[int] | np.ndarray
 
 def dense_groups(hidden: int, num_experts: int, *, size_factors: Sequence[float] = (0.5, 1.0, 2.0),
                  replicates: int = 8, rng: np.random.Generator | int | None = 0) -> list[np.ndarray]:
-    """Random groups of hidden units of a dense FFN of width F = `hidden`.
+    """Random groups of hidden units of a dense FFN of width `hidden`.
 
-    For each factor a (in order) `replicates` groups of round(a * F / E) units (at least 1, at most
-    F), each drawn without replacement, independently of the others; returns the sorted int64
-    unit indices of len(size_factors) * replicates groups (a size capped at F has one possible
-    group, so its replicates are identical: keep factors below E). F / E units removed from every token
-    match the average FFN width one expert knockout removes per token (k experts of width F/k
+    For each factor a (in order) `replicates` groups of round(a * hidden / E) units (at least 1, at
+    most hidden), each drawn without replacement, independently of the others; returns the sorted
+    int64 unit indices of len(size_factors) * replicates groups (a size capped at hidden has one
+    possible group, so its replicates are identical: keep factors below E). hidden / E units removed
+    from every token match the average FFN width one expert knockout removes per token (k experts of width hidden/k
     serve each token of an active-matched twin, and a token uses a given expert with probability k/E).
     """
     if hidden < 1 or num_experts < 1 or replicates < 1 or not size_factors:
@@ -293,7 +284,7 @@ def _drop_top1(routing: Routing) -> Routing:
 
 
 @contextmanager
-def top1_dropped(layer: MoELayer) -> Iterator[None]:
+def top1_dropped(layer: RoutedLayer) -> Iterator[None]:
     """Drop each token's own top-1 expert in `layer` (a router forward hook rewrites the `Routing`
     so that slot is not kept: the token keeps its other experts and the residual); removed on exit."""
     handle = layer.router.register_forward_hook(lambda module, args, routing: _drop_top1(routing))
@@ -304,13 +295,6 @@ def top1_dropped(layer: MoELayer) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- damage matrices
-def _moe_blocks(model: nn.Module) -> list[int]:
-    blocks = [i for i, b in enumerate(model.blocks) if getattr(b, "is_moe", False)]
-    if not blocks:
-        raise ValueError("the model has no MoE layer")
-    return blocks
-
-
 def _dense_mlps(dense_model: nn.Module, blocks: Sequence[int]) -> list[DenseMLP]:
     mlps = [dense_model.blocks[b].ffn for b in blocks]
     for b, mlp in zip(blocks, mlps):
@@ -319,9 +303,9 @@ def _dense_mlps(dense_model: nn.Module, blocks: Sequence[int]) -> list[DenseMLP]
     return mlps
 
 
-def expert_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
+def expert_knockouts(model: RoutedModel, batches: Sequence[Batch], num_domains: int, *,
                      cluster: str = "doc", seed: int = 0) -> KnockoutResult:
-    """Damage and its se [L, D, E] (nats) of dropping expert e of MoE layer l (`expert_dropped`:
+    """Damage and its se [L, G, E] (nats) of dropping expert e of MoE layer l (`expert_dropped`:
     its assignments are removed, the tokens keep their other experts and the residual, nothing is
     re-routed, for every router kind).
 
@@ -329,8 +313,8 @@ def expert_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: in
     from torch seed `seed`. cluster: "doc" (document ids of `Batch.doc`) or "row" (sequence rows)
     as the clusters of the standard error.
     """
-    blocks = _moe_blocks(model)
-    with _eval_mode(model):
+    blocks = moe_block_indices(model)
+    with eval_mode(model):
         paired = _Paired(model, batches, num_domains, cluster, seed)
         layers = model.moe_layers
         shape = (len(layers), num_domains, layers[0].router.num_experts)
@@ -347,21 +331,21 @@ def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_
                           blocks: Sequence[int], num_experts: int,
                           size_factors: Sequence[float] = (0.5, 1.0, 2.0), replicates: int = 8,
                           seed: int = 0, cluster: str = "doc") -> KnockoutResult:
-    """The control: damage and its se [L, D, G] (nats) of zeroing random group g of the hidden
+    """The control: damage and its se [L, G, U] (nats) of zeroing random group u of the hidden
     units of the dense FFN in block `blocks[l]` of the twin, for every token (`hidden_units_zeroed`).
 
-    Groups per layer from `dense_groups(F, num_experts, size_factors=..., replicates=...)`, with
-    the rng seeded by (seed, block), so G = len(size_factors) * replicates and a layer's groups do
+    Groups per layer from `dense_groups(hidden, num_experts, size_factors=..., replicates=...)`, with
+    the rng seeded by (seed, block), so U = len(size_factors) * replicates and a layer's groups do
     not depend on which other layers are evaluated. `KnockoutResult.groups` holds the unit indices,
-    `group_size` [L, G] their sizes. Compare each layer with the same MoE layer only
-    (`matched_comparison`); sizes around F/E (`num_experts`: the MoE's routed experts) make the
+    `group_size` [L, U] their sizes. Compare each layer with the same MoE layer only
+    (`matched_comparison`); sizes around hidden/E (`num_experts`: the MoE's routed experts) make the
     damages span the experts'. One evaluation per group plus one intact; cluster, seed as in
     `expert_knockouts`.
     """
     mlps = _dense_mlps(dense_model, blocks)
     groups = [dense_groups(mlp.w_out.shape[0], num_experts, size_factors=size_factors, replicates=replicates,
                            rng=np.random.default_rng([seed, b])) for b, mlp in zip(blocks, mlps)]
-    with _eval_mode(dense_model):
+    with eval_mode(dense_model):
         paired = _Paired(dense_model, batches, num_domains, cluster, seed)
         shape = (len(mlps), num_domains, len(groups[0]) if groups else 0)
         damage, se = np.empty(shape), np.empty(shape)
@@ -374,12 +358,12 @@ def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_
                           "dense_group", INTERVENTIONS["dense_group"], groups, sizes)
 
 
-def top1_knockouts(model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
+def top1_knockouts(model: RoutedModel, batches: Sequence[Batch], num_domains: int, *,
                    cluster: str = "doc", seed: int = 0) -> KnockoutResult:
-    """Damage and se [L, D] (nats) when every token loses its own top-1 expert in layer l
+    """Damage and se [L, G] (nats) when every token loses its own top-1 expert in layer l
     (`top1_dropped`); cluster, seed as in `expert_knockouts`."""
-    blocks = _moe_blocks(model)
-    with _eval_mode(model):
+    blocks = moe_block_indices(model)
+    with eval_mode(model):
         paired = _Paired(model, batches, num_domains, cluster, seed)
         damage, se = np.empty((len(blocks), num_domains)), np.empty((len(blocks), num_domains))
         for l, layer in enumerate(progress(model.moe_layers, desc="top-1 knockouts")):

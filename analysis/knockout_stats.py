@@ -2,21 +2,23 @@
 selectivity that does not drift with the size of the damage, the matched-damage comparison of
 experts with the dense control, and a simulator of units whose truth is known.
 
-Pure numpy/scipy: imports neither torch nor the model (the interventions live in
-`analysis.knockout`), so calibration code can run the knockout criterion on simulated tables.
+Pure numpy/scipy (and the torch-free `moe.validation`): imports neither torch nor the model (the
+interventions live in `analysis.knockout`), so calibration code can run the knockout criterion on
+simulated tables.
 
-Legend: L layers, D domains, U units (experts or dense groups), N evaluated tokens, G clusters
-(documents). Damage is a loss increase in nats: knocked-out minus intact next-token loss, paired on
-the same tokens. Tables put the domain axis second to last: damage [..., D, U].
+Legend as in `moe/__init__.py`: L layers, G domains, U units (experts or dense groups), N evaluated
+tokens; clusters (documents) and the dense groups beside experts are spelled out. Damage is a loss
+increase in nats: knocked-out minus intact next-token loss, paired on the same tokens. Tables put
+the domain axis second to last: damage [..., G, U].
 
 - `cluster_mean_se`: per-domain mean of per-token values and its cluster-robust (CR1) standard
   error, clusters = documents (tokens of one document are correlated).
 - `corrected_cv`: the noise-corrected coefficient of variation of a unit's damage across domains,
-  divided by sqrt(D): sqrt(max(var_d(damage) - mean_d(se^2), 0)) / mean_d(damage) / sqrt(D).
+  divided by sqrt(G): sqrt(max(var_d(damage) - mean_d(se^2), 0)) / mean_d(damage) / sqrt(G).
   var_d uses ddof=1, so E[var_d(damage)] = tau^2 + mean_d(se^2) with tau^2 the between-domain
   variance of the true damages; the numerator estimates tau, whatever the damage size. 0 for a unit
   that hurts every domain equally, 1 for one that hurts a single domain (non-negative damages).
-- `cochran_q`: Cochran's Q heterogeneity test of the D damages (chi^2 with D-1 degrees of freedom
+- `cochran_q`: Cochran's Q heterogeneity test of the G damages (chi^2 with G-1 degrees of freedom
   when the true damage is equal across domains, whatever its size) and its p-value.
 - `heterogeneity`: all of the above for a table at once (`Heterogeneity`).
 - `cv_lower_bound`: a 95% lower confidence bound of the corrected CV (noncentral chi^2 inversion
@@ -26,7 +28,7 @@ the same tokens. Tables put the domain axis second to last: damage [..., D, U].
   one-sided p-value, plus the damages compared.
 - `simulate_damage`: per-token differences of units with known truth (equal damage, one domain,
   or any profile) at a given mean damage and noise, reduced by `cluster_mean_se` as real tables are.
-- `selectivity`: the old (max - mean) / mean / (D - 1) of the clipped damage. It drifts with the
+- `selectivity`: the old (max - mean) / mean / (G - 1) of the clipped damage. It drifts with the
   size of the damage (noise inflates it when the damage is small); kept only for callers that
   have not moved to `corrected_cv`.
 """
@@ -38,6 +40,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import stats
+
+from moe.validation import check_choice
 
 __all__ = [
     "MATCH_STATISTICS",
@@ -61,8 +65,8 @@ __all__ = [
 class DomainMeans:
     """Per-domain mean of per-token values and its standard error.
 
-    mean [..., D] and se [..., D] (units of the values, nats for loss differences; nan for a domain
-    without tokens, se nan for a domain with one cluster); tokens [D] and clusters [D]: evaluated
+    mean [..., G] and se [..., G] (units of the values, nats for loss differences; nan for a domain
+    without tokens, se nan for a domain with one cluster); tokens [G] and clusters [G]: evaluated
     tokens and distinct clusters (documents) per domain.
     """
 
@@ -101,13 +105,13 @@ def cluster_mean_se(values: np.ndarray, domain: np.ndarray, cluster: np.ndarray,
     new = np.ones(n, dtype=bool)
     new[1:] = (d_sorted[1:] != d_sorted[:-1]) | (c_sorted[1:] != c_sorted[:-1])
     starts = np.flatnonzero(new)
-    sums = np.add.reduceat(values[..., order], starts, axis=-1)  # [..., G]
-    sizes = np.diff(np.append(starts, n)).astype(np.float64)  # [G]
-    g_domain = d_sorted[starts]  # [G]
+    sums = np.add.reduceat(values[..., order], starts, axis=-1)  # [..., clusters]
+    sizes = np.diff(np.append(starts, n)).astype(np.float64)  # [clusters]
+    g_domain = d_sorted[starts]  # [clusters]
     tokens = np.bincount(domain, minlength=num_domains)
     clusters = np.bincount(g_domain, minlength=num_domains)
 
-    def per_domain(x):  # [..., G] -> [..., D]
+    def per_domain(x):  # [..., clusters] -> [..., G]
         out = np.zeros(x.shape[:-1] + (num_domains,))
         for d in range(num_domains):
             out[..., d] = x[..., g_domain == d].sum(axis=-1)
@@ -127,22 +131,22 @@ def _check_table(damage: np.ndarray, damage_se: np.ndarray) -> tuple[np.ndarray,
     damage = np.asarray(damage, dtype=np.float64)
     damage_se = np.asarray(damage_se, dtype=np.float64)
     if damage.ndim < 2 or damage.shape != damage_se.shape:
-        raise ValueError(f"damage {damage.shape} and damage_se {damage_se.shape} must be equal shapes [..., D, U]")
+        raise ValueError(f"damage {damage.shape} and damage_se {damage_se.shape} must be equal shapes [..., G, U]")
     return damage, damage_se
 
 
 def corrected_cv(damage: np.ndarray, damage_se: np.ndarray, *, clip: bool = True) -> np.ndarray:
-    """Noise-corrected coefficient of variation of each unit's damage across domains, over sqrt(D).
+    """Noise-corrected coefficient of variation of each unit's damage across domains, over sqrt(G).
 
-    damage, damage_se [..., D, U] (nats) -> [..., U] (dimensionless):
+    damage, damage_se [..., G, U] (nats) -> [..., U] (dimensionless):
         v = var_d(damage, ddof=1) - mean_d(damage_se^2)    (estimates the between-domain variance)
-        cv = sqrt(max(v, 0)) / mean_d(damage) / sqrt(D)
+        cv = sqrt(max(v, 0)) / mean_d(damage) / sqrt(G)
     0 when the unit hurts every domain equally; 1 when it hurts one domain only (damage x, 0, .., 0);
     above 1 only when some domains gain from the knockout. Its expectation does not move with the
     damage size (sampling noise is subtracted, not divided by the damage): for an equal-damage unit
-    the median is 0 at any damage (P(v <= 0) = P(chi^2_{D-1} <= D-1) > 1/2), though its upper tail
-    widens as the damage shrinks towards the noise. nan when mean_d(damage) <= 0, D < 2, or a se is nan.
-    `clip=False` returns sign(v) sqrt(|v|) / mean / sqrt(D) instead (same order where v > 0, and
+    the median is 0 at any damage (P(v <= 0) = P(chi^2_{G-1} <= G-1) > 1/2), though its upper tail
+    widens as the damage shrinks towards the noise. nan when mean_d(damage) <= 0, G < 2, or a se is nan.
+    `clip=False` returns sign(v) sqrt(|v|) / mean / sqrt(G) instead (same order where v > 0, and
     units below the noise keep their order instead of tying at 0; used to rank).
     """
     damage, damage_se = _check_table(damage, damage_se)
@@ -159,8 +163,8 @@ def corrected_cv(damage: np.ndarray, damage_se: np.ndarray, *, clip: bool = True
 def cochran_q(damage: np.ndarray, damage_se: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cochran's Q test that a unit's true damage is equal across domains.
 
-    damage, damage_se [..., D, U] -> (Q [..., U], p-value [..., U]): with w_d = 1/se_d^2 and
-    m = sum w_d damage_d / sum w_d, Q = sum_d w_d (damage_d - m)^2, referred to chi^2 with D - 1
+    damage, damage_se [..., G, U] -> (Q [..., U], p-value [..., U]): with w_d = 1/se_d^2 and
+    m = sum w_d damage_d / sum w_d, Q = sum_d w_d (damage_d - m)^2, referred to chi^2 with G - 1
     degrees of freedom (exact for normal damage estimates with known se; the per-domain means of
     thousands of tokens are close to normal). Its null distribution does not depend on the damage.
     nan where a se is nan or 0.
@@ -192,13 +196,13 @@ def _noncentrality_lower(q: np.ndarray, df: int, level: float) -> np.ndarray:
 
 
 def cv_lower_bound(damage: np.ndarray, damage_se: np.ndarray, level: float = 0.95) -> np.ndarray:
-    """A one-sided `level` lower confidence bound of the corrected CV, [..., U] from [..., D, U].
+    """A one-sided `level` lower confidence bound of the corrected CV, [..., U] from [..., G, U].
 
-    The D domains are fixed, so the uncertainty is only the sampling noise: Cochran's Q is
-    noncentral chi^2_{D-1}(lambda) with lambda = sum_d w_d (true_d - weighted mean)^2, w = 1/se^2.
+    The G domains are fixed, so the uncertainty is only the sampling noise: Cochran's Q is
+    noncentral chi^2_{G-1}(lambda) with lambda = sum_d w_d (true_d - weighted mean)^2, w = 1/se^2.
     lambda_low, the lower bound of lambda given Q, becomes a between-domain variance
-    tau2_low = lambda_low * D / ((D - 1) sum_d w_d) (exact when the se are equal), and
-    cv_lower = sqrt(tau2_low) / mean_d(damage) / sqrt(D). It is 0 unless Q rejects equal damage at
+    tau2_low = lambda_low * G / ((G - 1) sum_d w_d) (exact when the se are equal), and
+    cv_lower = sqrt(tau2_low) / mean_d(damage) / sqrt(G). It is 0 unless Q rejects equal damage at
     1 - level, so an equal-damage unit scores exactly 0 with probability `level` at every damage
     size; a well-measured specialist approaches `corrected_cv`. Biased low, more for noisier units
     (conservative). nan where `corrected_cv` is or a se is 0.
@@ -222,8 +226,8 @@ class Heterogeneity:
 
     mean_damage: mean_d(damage) (nats; the unweighted mean over domains, what matching uses);
     tau: sqrt(max(var_d(damage) - mean_d(se^2), 0)) (nats; the noise-corrected between-domain sd);
-    cv: `corrected_cv` (tau / mean_damage / sqrt(D)); cv_lower: `cv_lower_bound` (95%);
-    q, p_value: `cochran_q`; i2: max(0, (Q - (D-1)) / Q), the share of the spread across domains
+    cv: `corrected_cv` (tau / mean_damage / sqrt(G)); cv_lower: `cv_lower_bound` (95%);
+    q, p_value: `cochran_q`; i2: max(0, (Q - (G-1)) / Q), the share of the spread across domains
     beyond noise (depends on the precision: more tokens, larger i2 for the same true spread).
     """
 
@@ -237,7 +241,7 @@ class Heterogeneity:
 
 
 def heterogeneity(damage: np.ndarray, damage_se: np.ndarray) -> Heterogeneity:
-    """`Heterogeneity` of a damage table [..., D, U] with its standard errors (same shape)."""
+    """`Heterogeneity` of a damage table [..., G, U] with its standard errors (same shape)."""
     damage, damage_se = _check_table(damage, damage_se)
     d = damage.shape[-2]
     mean = damage.mean(axis=-2)
@@ -262,8 +266,8 @@ class MatchedComparison:
 
     statistic: what is compared, one of `MATCH_STATISTICS`: "cv_lower" (`cv_lower_bound`, 95%;
     the default), "cv" (`corrected_cv`, ranked unclipped) or "i2" (`heterogeneity().i2`).
-    Experts: score, mean_damage [L, E]; dense groups: dense_score, dense_mean_damage [L, G]
-    (mean damage = mean over domains, nats); matched [L, E, G]: dense group g of layer l has a mean
+    Experts: score, mean_damage [L, E]; dense groups: dense_score, dense_mean_damage [L, groups]
+    (mean damage = mean over domains, nats); matched [L, E, groups]: dense group g of layer l has a mean
     damage within [m / factor, m * factor] of expert e's mean damage m (> 0); n_matched [L, E];
     percentile [L, E]: share of matched groups scoring below the expert (ties count half), in [0, 1];
     p_value [L, E]: (1 + #matched groups scoring >= the expert) / (1 + n_matched), the one-sided
@@ -287,13 +291,12 @@ class MatchedComparison:
 
 
 def _score(statistic: str, damage: np.ndarray, damage_se: np.ndarray) -> np.ndarray:
+    check_choice("statistic", statistic, MATCH_STATISTICS)
     if statistic == "cv_lower":
         return cv_lower_bound(damage, damage_se)
     if statistic == "cv":
         return corrected_cv(damage, damage_se, clip=False)
-    if statistic == "i2":
-        return heterogeneity(damage, damage_se).i2
-    raise ValueError(f"statistic={statistic!r}: allowed values {', '.join(MATCH_STATISTICS)}")
+    return heterogeneity(damage, damage_se).i2
 
 
 def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: np.ndarray,
@@ -301,7 +304,7 @@ def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: 
                        statistic: str = "cv_lower") -> MatchedComparison:
     """Compare experts with the same layer's dense groups of similar mean damage.
 
-    damage, damage_se [L, D, E] (experts), dense_damage, dense_damage_se [L, D, G] (dense groups of
+    damage, damage_se [L, G, E] (experts), dense_damage, dense_damage_se [L, G, groups] (dense groups of
     the same L layers, on the same tokens), nats; factor > 1. See `MatchedComparison`.
 
     Why "cv_lower" by default: expert knockouts hit few tokens hard, dense groups many tokens
@@ -315,15 +318,15 @@ def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: 
     dense_damage, dense_damage_se = _check_table(dense_damage, dense_damage_se)
     if damage.ndim != 3 or dense_damage.ndim != 3 or damage.shape[:2] != dense_damage.shape[:2]:
         raise ValueError(f"expert table {damage.shape} and dense table {dense_damage.shape} must be "
-                         "[L, D, E] and [L, D, G] with the same L and D")
+                         "[L, G, E] and [L, G, groups] with the same L and G")
     if not factor > 1:
         raise ValueError(f"factor={factor} must be > 1")
     score = _score(statistic, damage, damage_se)  # [L, E]
-    dense_score = _score(statistic, dense_damage, dense_damage_se)  # [L, G]
+    dense_score = _score(statistic, dense_damage, dense_damage_se)  # [L, groups]
     m = damage.mean(axis=-2)  # [L, E]
-    dm = dense_damage.mean(axis=-2)  # [L, G]
+    dm = dense_damage.mean(axis=-2)  # [L, groups]
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = dm[:, None, :] / m[:, :, None]  # [L, E, G]
+        ratio = dm[:, None, :] / m[:, :, None]  # [L, E, groups]
     matched = ((m[:, :, None] > 0) & (ratio >= 1 / factor) & (ratio <= factor)
                & np.isfinite(dense_score)[:, None, :])
     n = matched.sum(axis=-1)
@@ -347,9 +350,9 @@ def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: 
 class SimulatedDamage:
     """Damage tables of simulated units with known truth.
 
-    damage, damage_se [D, U] (nats; estimated from simulated per-token differences exactly as
-    `cluster_mean_se` estimates real ones); true_damage [D, U] (the planted per-domain damage);
-    tokens [D], clusters [D].
+    damage, damage_se [G, U] (nats; estimated from simulated per-token differences exactly as
+    `cluster_mean_se` estimates real ones); true_damage [G, U] (the planted per-domain damage);
+    tokens [G], clusters [G].
     """
 
     damage: np.ndarray
@@ -368,7 +371,7 @@ def _profile(profile: str | Sequence[float], num_domains: int, target: int) -> n
             w = np.zeros(num_domains)
             w[target] = num_domains
             return w
-        raise ValueError(f"profile={profile!r}: use 'equal', 'single' or D relative weights")
+        raise ValueError(f"profile={profile!r}: use 'equal', 'single' or G relative weights")
     w = np.asarray(profile, dtype=np.float64)
     if w.shape != (num_domains,) or not w.mean() > 0:
         raise ValueError(f"profile weights must be [{num_domains}] with a positive mean")
@@ -382,7 +385,7 @@ def simulate_damage(num_units: int, mean_damage: float, *, num_domains: int = 4,
     """Simulate knockouts of `num_units` units with known per-domain damage.
 
     True damage of domain d: mean_damage * w_d with w the `profile` (mean 1 over domains): "equal"
-    (w = 1: hurts every domain alike), "single" (w = D on domain `target`, 0 elsewhere), or D
+    (w = 1: hurts every domain alike), "single" (w = G on domain `target`, 0 elsewhere), or G
     relative weights. Each domain has `tokens_per_domain` tokens in documents of `doc_len` tokens;
     a token's loss difference is true damage + a document effect N(0, doc_sd^2) shared by the
     document's tokens + N(0, token_sd^2) (nats). The tables are reduced by `cluster_mean_se` with
@@ -392,7 +395,7 @@ def simulate_damage(num_units: int, mean_damage: float, *, num_domains: int = 4,
     if tokens_per_domain < 1 or doc_len < 1 or num_units < 1:
         raise ValueError("num_units, tokens_per_domain and doc_len must be >= 1")
     w = _profile(profile, num_domains, target)
-    true = np.repeat((mean_damage * w)[:, None], num_units, axis=1)  # [D, U]
+    true = np.repeat((mean_damage * w)[:, None], num_units, axis=1)  # [G, U]
     n = num_domains * tokens_per_domain
     domain = np.repeat(np.arange(num_domains), tokens_per_domain)
     doc = np.tile(np.arange(tokens_per_domain) // doc_len, num_domains)
@@ -407,10 +410,10 @@ def simulate_damage(num_units: int, mean_damage: float, *, num_domains: int = 4,
 
 # ----------------------------------------------------------------------------- legacy
 def selectivity(damage: np.ndarray, min_damage: float = 1e-6) -> np.ndarray:
-    """Legacy (damage-dependent) selectivity, [..., U] from damage [..., D, U] (nats).
+    """Legacy (damage-dependent) selectivity, [..., U] from damage [..., G, U] (nats).
 
-    With g = max(damage, 0): (max_d g - mean_d g) / mean_d g / (D - 1), in [0, 1]; nan when the
-    mean damage is below `min_damage` or D = 1. Noise alone makes it positive and the smaller the
+    With g = max(damage, 0): (max_d g - mean_d g) / mean_d g / (G - 1), in [0, 1]; nan when the
+    mean damage is below `min_damage` or G = 1. Noise alone makes it positive and the smaller the
     damage the larger: an equal-damage unit scores a median of 0.03 / 0.15 / 0.38 at mean damage
     0.05 / 0.01 / 0.003 nats (4 domains, 4,096 tokens each, per-token sd 0.3; 200 units simulated
     by `simulate_damage`), where `corrected_cv` has median 0 at all three. Use

@@ -20,7 +20,7 @@ returns the layer's descriptive tables plus `measures: {name: result}`; the knoc
 results are added by `analysis.report`, which has the model. The formulas live in
 `analysis.information`, `analysis.statistics`, `analysis.heldout` and `analysis.metrics`.
 
-Legend as in `analysis.recorder`: N tokens, K slots, E experts, D domains, V vocabulary, M documents.
+Legend as in `moe/__init__.py`: N tokens, K slots, E experts, G domains, V vocabulary, M documents.
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ from analysis.metrics import (
     vocabulary_specialization,
 )
 from analysis.heldout import HeldoutInformation, TooFewRecords, context_keys, heldout_conditional_information
+from analysis.records import RoutingRecords
 from analysis.registry import MEASURES, Measure, MeasureResult, register
 from analysis.statistics import SpecializationResult, summarize_specialization
+from moe.validation import check_choice
 
 if TYPE_CHECKING:  # the recorder imports torch; this module stays pure numpy
-    from analysis.recorder import LayerCounts, RoutingRecords
+    from analysis.recorder import LayerCounts
 
 CONTEXTS = ("token", "bigram")
 
@@ -62,9 +64,9 @@ __all__ = ["CONTEXTS", "MEASURES", "LayerInputs", "RoutingEvidence", "cka_result
 
 
 def domain_shares(domain_expert: np.ndarray, tokens_per_domain: np.ndarray) -> np.ndarray:
-    """OLMoE domain specialization [D, E]: the fraction of domain d's tokens sent to expert e.
+    """OLMoE domain specialization [G, E]: the fraction of domain d's tokens sent to expert e.
 
-    domain_expert [D, E] kept assignments; tokens_per_domain [D]. Equal to
+    domain_expert [G, E] kept assignments; tokens_per_domain [G]. Equal to
     `analysis.metrics.domain_specialization(joint, k)` for dropless top-k routing (rows sum to k),
     but divides by the true token count, so it stays right with capacity drops and for expert
     choice (where a token has 0..E experts). Uniform routing gives k/E; nan rows for absent domains.
@@ -119,8 +121,7 @@ def routing_evidence(docs: DocCounts, n_domains: int, n_experts: int, *, token: 
     I(D;E|C) with C = the token id (`context="token"`) or the token and the previous token
     (`"bigram"`, prev_token [N], -1 at a sequence start). One function for a trained model's
     records and for the calibration battery, so both are judged by the same numbers."""
-    if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    check_choice("context", context, CONTEXTS)
     nmi_rng, cmi_rng = np.random.default_rng(rng).spawn(2)
     nmi = summarize_specialization(docs, n_domains, n_permutations=n_permutations, n_resamples=n_bootstrap,
                                    confidence=confidence, rng=nmi_rng)

@@ -4,12 +4,13 @@
   router saturation between checkpoints, expert co-activation.
 - Mixtral (Jiang et al. 2024, sec. 5): rate at which consecutive tokens get the same expert.
 - Load and confidence of the router: per-token routing entropy, entropy of the expert load, MaxVio
-  (the load-imbalance measure of the auxiliary-loss-free balancing papers).
+  (the load-imbalance measure of the auxiliary-loss-free balancing papers; `moe.loads.max_violation`,
+  the one definition the training logs use too, re-exported here).
 
 Each metric comes with the value that uniform (or independent) routing gives, stated in its
 docstring or returned by a `*_null` function, because a raw share means nothing without it.
 
-Legend as in `analysis.information`: N tokens, K top-k, E experts, D domains, V vocabulary.
+Legend as in `moe/__init__.py`: N tokens, K top-k, E experts, G domains, V vocabulary.
 Experts [N, K] hold each token's K distinct expert ids; where an order matters ("top-1") the
 first column is taken as the highest-gate expert (torch.topk order) unless gates are given.
 """
@@ -21,7 +22,10 @@ from typing import Literal
 
 import numpy as np
 
-from analysis.information import _as_experts, _as_table, entropy
+from analysis.information import entropy
+from analysis.validation import as_experts, as_table
+from moe.loads import max_violation
+from moe.validation import check_choice
 
 __all__ = [
     "coactivation",
@@ -48,7 +52,7 @@ def _distinct_experts(experts: np.ndarray, n_experts: int | None = None, name: s
     if a.ndim != 2 or a.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty [N, K] array, got shape {np.shape(experts)}")
     e = int(a.max()) + 1 if n_experts is None else n_experts
-    a = _as_experts(a, a.shape[0], e)
+    a = as_experts(a, a.shape[0], e)
     if a.shape[1] > 1:
         s = np.sort(a, axis=1)
         if np.any(s[:, 1:] == s[:, :-1]):
@@ -57,7 +61,7 @@ def _distinct_experts(experts: np.ndarray, n_experts: int | None = None, name: s
 
 
 def _integral_table(table: np.ndarray, ndim: int, name: str) -> np.ndarray:
-    t = _as_table(table, ndim=ndim, name=name)
+    t = as_table(table, ndim=ndim, name=name)
     if not np.allclose(t, np.round(t), rtol=0, atol=1e-6):
         raise ValueError(f"{name} must hold unweighted assignment counts (build it with weights=None)")
     return t
@@ -65,10 +69,10 @@ def _integral_table(table: np.ndarray, ndim: int, name: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- OLMoE
 def domain_specialization(joint: np.ndarray, k: int) -> np.ndarray:
-    """OLMoE domain specialization, [D, E]: the fraction of domain d's tokens that have expert e
+    """OLMoE domain specialization, [G, E]: the fraction of domain d's tokens that have expert e
     among their top-k.
 
-    joint [D, E] = unweighted assignment counts (`contingency(domain, experts, D, E)`), k = top-k.
+    joint [G, E] = unweighted assignment counts (`contingency(domain, experts, G, E)`), k = top-k.
     Cell = n(d, e) / n_tokens(d) with n_tokens(d) = sum_e n(d, e) / k. In [0, 1]; each row sums to
     k. Uniform routing gives k/E everywhere; a domain with its own expert gives 1 there. Rows of
     domains without tokens are nan.
@@ -157,11 +161,10 @@ def coactivation_null(k: int, n_experts: int) -> float:
 # ----------------------------------------------------------------------------- Mixtral
 def _route_sets(experts: np.ndarray, gates: np.ndarray | None, variant: Variant) -> np.ndarray:
     """[N, 1] top-1 expert (argmax of gates, else column 0) or the [N, K] top-k set."""
+    check_choice("variant", variant, ("top1", "overlap"))
     ex = _distinct_experts(experts)
     if variant == "overlap":
         return ex
-    if variant != "top1":
-        raise ValueError(f"variant must be 'top1' or 'overlap', got {variant!r}")
     if gates is None:
         return ex[:, :1]
     g = np.asarray(gates, dtype=np.float64)
@@ -243,6 +246,9 @@ def mean_router_entropy(probs: np.ndarray) -> float:
     Rows must be probability vectors (sum 1 within 1e-3; renormalized). In [0, log2 E]: log2 E for
     a router that is uniform on every token, 0 for a one-hot router. Low per-token entropy with a
     high `load_entropy` is the healthy pattern: confident routing, balanced load.
+
+    Reference implementation: the recorder accumulates the same quantity on the device
+    (`LayerCounts.entropy_bits_sum`), and the tests compare it with this function.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
@@ -264,14 +270,4 @@ def load_entropy(load: np.ndarray) -> float:
 
     In [0, log2 E]: log2 E at perfect balance, 0 when one expert takes everything.
     """
-    return entropy(_as_table(load, ndim=1, name="load"))
-
-
-def max_violation(load: np.ndarray) -> float:
-    """MaxVio = (max_e load_e - mean load) / mean load, load [E] counts per expert.
-
-    0 at perfect balance; E - 1 when one expert takes every token. Unitless.
-    """
-    c = _as_table(load, ndim=1, name="load")
-    mean = c.mean()
-    return float((c.max() - mean) / mean)
+    return entropy(as_table(load, ndim=1, name="load"))

@@ -12,7 +12,8 @@ can plot a run directory's `summary.json` without re-running anything:
 Run directories and sweeps are read by `analysis.runs`; its loaders feed `plot_loss_curves`
 (`run.val_curves()`) and `plot_sweep` (`sweep_rows(sweep)`). `save_figures(summary, out_dir)` writes
 the report's figures as PNGs; `save_figure(fig, name, out_dir)` one figure.
-Legend: L MoE layers, D domains, E experts.
+Legend as in `moe/__init__.py`: L MoE layers, G domains, E experts (D in I(D;E), H(D) is the domain
+variable, and "1/D" on a colour bar is one over the number of domains).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from analysis.measures import MEASURES  # the registry, with every measure registered
+from moe.validation import check_choice
 
 __all__ = [
     "SWEEP_METRICS",
@@ -94,20 +96,19 @@ def plot_domain_expert_heatmaps(source: Summary | Sequence[np.ndarray], domains:
 
     normalize="domain" (default): each cell is the fraction of domain d's tokens routed to expert e
     (OLMoE's domain specialization; rows sum to k). Uniform routing gives k/E, the colour centre,
-    marked on the colour bar. From a summary this is its `domain_specialization`; from arrays [D, E]
+    marked on the colour bar. From a summary this is its `domain_specialization`; from arrays [G, E]
     of counts per layer, each row is divided by its sum and multiplied by `top_k` if given (which
     makes it the same fraction; otherwise uniform = 1/E, e.g. for gate-weighted tables).
 
     normalize="expert": each cell is P(d | e), the share of expert e's assignments that come from
     domain d (columns sum to 1): what each expert is made of. Routing that ignores the domain gives
     P(d | e) = p(d), the domain's share of all assignments, printed after its name; the colour centre
-    is 1/D, their mean (exact for balanced domains).
+    is 1/G, their mean (exact for balanced domains).
 
     `titles` replaces the per-layer panel titles (e.g. run labels when comparing runs); `annotate`
     writes the values in the cells (default: when a panel has at most 80 cells).
     """
-    if normalize not in ("domain", "expert"):
-        raise ValueError(f"normalize must be 'domain' or 'expert', got {normalize!r}")
+    check_choice("normalize", normalize, ("domain", "expert"))
     summary = source if isinstance(source, Mapping) else None
     if summary is not None:
         counts = [_arr(layer["domain_expert_counts"]) for layer in summary["layers"]]
@@ -293,7 +294,7 @@ def plot_information(summary: Summary) -> Figure:
 
 
 def plot_knockout(summary: Summary) -> Figure:
-    """Knockout damage per layer. Left: the MoE's [D, E] damage (expert e's assignments dropped),
+    """Knockout damage per layer. Left: the MoE's [G, E] damage (expert e's assignments dropped),
     nats of loss increase. Right (with a dense twin): each unit's noise-corrected damage CV across
     domains against its mean damage, experts (filled) and the twin's random unit groups of the same
     layer (open), on a log damage axis: a specialist expert sits above dense groups of equal damage."""

@@ -21,13 +21,14 @@ from torch import Tensor, nn
 
 from analysis.similarity import cka_matrix
 from moe.data.batch import Batch
-from moe.layer import MoELayer
+from moe.modes import eval_mode
+from moe.protocols import RoutedLayer, RoutedModel
 
 __all__ = ["capture_layer_inputs", "expert_cka", "expert_outputs", "mean_offdiagonal"]
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, batches: Sequence[Batch], max_tokens: int) -> list[Tensor]:
+def capture_layer_inputs(model: RoutedModel, batches: Sequence[Batch], max_tokens: int) -> list[Tensor]:
     """The inputs x [N, D] of each MoE layer (depth order) over the first N <= max_tokens tokens
     of `batches`, in eval mode; the hooks are removed and the mode restored on exit."""
     layers = model.moe_layers
@@ -43,32 +44,30 @@ def capture_layer_inputs(model: nn.Module, batches: Sequence[Batch], max_tokens:
         return hook
 
     handles = [layer.register_forward_pre_hook(pre_hook(i)) for i, layer in enumerate(layers)]
-    was_training = model.training
-    model.eval()
     seen = 0
     try:
-        for batch in batches:
-            if seen >= max_tokens:
-                break
-            model(batch.tokens.to(device), None, batch.domain.to(device))
-            seen += batch.num_tokens
+        with eval_mode(model):
+            for batch in batches:
+                if seen >= max_tokens:
+                    break
+                model(batch.tokens.to(device), None, batch.domain.to(device))
+                seen += batch.num_tokens
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if seen == 0:
         raise ValueError("no probe tokens: empty batches or max_tokens < 1")
     return [torch.cat(chunks)[:max_tokens] for chunks in captured]
 
 
 @torch.no_grad()
-def expert_outputs(layer: MoELayer, x_ND: Tensor) -> Tensor:
+def expert_outputs(layer: RoutedLayer, x_ND: Tensor) -> Tensor:
     """[E, N, D]: every expert of `layer` applied to the same inputs x [N, D] (no gate)."""
     experts = layer.experts
     return torch.stack([experts.expert_forward(e, x_ND) for e in range(experts.num_experts)])
 
 
-def expert_cka(model: nn.Module, batches: Sequence[Batch], *, max_tokens: int = 2048) -> np.ndarray:
+def expert_cka(model: RoutedModel, batches: Sequence[Batch], *, max_tokens: int = 2048) -> np.ndarray:
     """Linear CKA between the experts of each MoE layer on shared probe inputs, [L, E, E].
 
     Symmetric, unit diagonal, in [0, 1]; nan rows for an expert whose outputs do not vary.

@@ -1,34 +1,33 @@
 """Record every routing decision of a model over a validation stream, with each token's labels.
 
-Legend (as in `analysis.information`, plus the model's): L MoE layers, B sequences, S positions,
-N recorded tokens (= sum of B*S over batches), K slots per token (top-k; E for expert choice),
-E experts, D domains, V vocabulary, M documents, F forwards (batches).
+Legend as in `moe/__init__.py`: L MoE layers, B sequences, S positions, T tokens of one forward
+pass (B*S), N recorded tokens (= sum of B*S over batches), K slots per token (top-k; E for expert
+choice), E experts, G domains, V vocabulary, M documents; forward passes are spelled out.
 
 Forward hooks on each MoE layer's `router` module receive its `Routing` record (the same object the
 layer dispatches with, so every router kind and the knockout masks are seen as they act). The hook
 does not know which tokens it routes, so the batch context is set before each forward:
 
-    with RoutingRecorder(model, num_domains=D) as rec:
+    with RoutingRecorder(model, num_domains=G) as rec:
         for batch in batches:
             rec.observe(batch)
             model(batch.tokens)
-    recording = rec.result()
+    recording = rec.result()       # routing only: recording.loss_sum is None
 
-or simply `recording = record_routing(model, batches, num_domains=D)`, which does the same in eval
-mode under `torch.no_grad` and also returns the per-domain loss.
+or simply `recording = record_routing(model, batches, num_domains=G)`, which does the same in eval
+mode under `torch.no_grad` and also computes the per-domain loss (`recording.domain_loss`).
 
 Only *kept* assignments count (a capacity drop, a knocked-out hash expert, or an expert-choice slot
 the expert did not choose is not a routing decision). Counts are aggregated on the fly, per layer
 (`LayerCounts`): the sparse token x domain x expert cube (token x expert follows from it, and V = 50k
-never allocates V*D*E), the domain x expert table, per-document expert counts (the unit of the
+never allocates V*G*E), the domain x expert table, per-document expert counts (the unit of the
 document-level nulls), expert x expert co-selection, top-1 load, consecutive-token agreement, router
-entropy and per-forward loads. The raw per-token records (`RoutingRecords`, saved as `.npz`) are
-kept too unless `keep_records=False`; the within-token null of I(D;E|T) needs them.
+entropy and per-forward-pass loads. The raw per-token records (`analysis.records.RoutingRecords`,
+saved as `.npz`) are kept too unless `keep_records=False`; the held-out I(D;E|C) needs them.
 
-Cost: the counts live on the model's device and are updated once per forward, for all L layers
-together, by fixed-shape tensor ops; nothing waits for the device until `result()`. Measured with
-`benchmarks/bench_recorder.py`: ~1-3% over a plain eval forward on one CPU thread; on an H200,
-+4-5% for d=1024, E=8, k=2 and +36% for d=512, E=64, k=8, V=50k (tiny launch-bound experts), wall clock.
+Cost: the counts live on the model's device and are updated once per forward pass, for all L layers
+together, by fixed-shape tensor ops; nothing waits for the device until `result()`.
+`benchmarks/bench_recorder.py` measures the overhead over a plain eval forward pass.
 
 Hooks return None, so recording cannot change the model's outputs.
 """
@@ -37,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -46,22 +44,22 @@ from torch import Tensor, nn
 
 from analysis.information import DocCounts, TokenDomainExpertCounts
 from analysis.progress import progress
+from analysis.records import LayerRecords, RoutingRecords
 from moe.data.batch import Batch
+from moe.modes import eval_mode
+from moe.protocols import RoutedModel, moe_block_indices
 from moe.routing import Routing
 
 __all__ = [
     "KeyCounter",
     "LayerCounts",
-    "LayerRecords",
     "RoutingRecorder",
     "RoutingRecording",
-    "RoutingRecords",
     "interleave_domains",
     "record_routing",
     "take_tokens",
 ]
 
-RECORDS_FORMAT_VERSION = 1
 # Dense accumulators up to 2^22 cells (32 MiB of float64); beyond, only the observed keys are kept.
 _DENSE_KEYS = 1 << 22
 # The sparse accumulator merges its buffered keys once they exceed this many (or twice the table):
@@ -131,20 +129,20 @@ class LayerCounts:
 
     Attributes:
         num_experts, top_k: E and the router's k (K slots may exceed k: expert choice has K = E).
-        num_domains, vocab_size: D and V.
+        num_domains, vocab_size: G and V.
         weighting: "count" (1 per kept assignment) or "gate" (its gate weight): the weighting of
             `cube` and `docs`, the inputs of the information measures.
-        tokens: N; tokens_per_domain [D].
+        tokens: N; tokens_per_domain [G].
         assignments: kept (token, expert) assignments A; slots: N*K (A < N*K with drops).
-        domain_expert: [D, E] kept assignments per domain and expert (unweighted, always).
-        cube: sparse [V, D, E] (weighted per `weighting`); cube_counts: the same, unweighted.
+        domain_expert: [G, E] kept assignments per domain and expert (unweighted, always).
+        cube: sparse [V, G, E] (weighted per `weighting`); cube_counts: the same, unweighted.
         docs: per-document [M, E] expert counts (weighted per `weighting`) with each doc's domain.
         pairs: [E, E] tokens that selected both i and j (unweighted); diagonal = expert load.
         top1: [E] tokens whose highest-gate kept expert is e.
         consecutive_same / consecutive_pairs: adjacent positions of one sequence and one document
             whose top-1 experts agree / all such pairs (both tokens routed).
         entropy_bits_sum: sum over tokens of the router distribution's entropy (bits).
-        batch_loads: [F, E] kept assignments per expert in each forward.
+        batch_loads: [forward passes, E] kept assignments per expert in each forward pass.
     """
 
     num_experts: int
@@ -180,83 +178,28 @@ class LayerCounts:
 
 
 @dataclass
-class LayerRecords:
-    """Raw routing of one layer: experts [N, K] int, gates [N, K] float32, kept [N, K] bool."""
-
-    experts: np.ndarray
-    gates: np.ndarray
-    kept: np.ndarray
-
-
-@dataclass
-class RoutingRecords:
-    """Raw per-token records over N tokens in stream order (batch, then row, then position).
-
-    token, domain, doc, position: [N] int64 (position = index in its sequence, 0..S-1);
-    layers: one `LayerRecords` per MoE layer; domains: the D domain names (domain ids index it).
-    """
-
-    domains: list[str]
-    token: np.ndarray
-    domain: np.ndarray
-    doc: np.ndarray
-    position: np.ndarray
-    layers: list[LayerRecords]
-    num_experts: int
-    top_k: int
-
-    def save(self, path: str | Path) -> Path:
-        """Write a compressed `.npz` (keys: format_version, domains, num_experts, top_k, num_layers,
-        token, domain, doc, position, layer{l}_experts, layer{l}_gates, layer{l}_kept)."""
-        arrays = {
-            "format_version": np.int64(RECORDS_FORMAT_VERSION),
-            "domains": np.array(self.domains, dtype=str),
-            "num_experts": np.int64(self.num_experts),
-            "top_k": np.int64(self.top_k),
-            "num_layers": np.int64(len(self.layers)),
-            "token": self.token, "domain": self.domain, "doc": self.doc, "position": self.position,
-        }
-        for i, layer in enumerate(self.layers):
-            arrays[f"layer{i}_experts"] = layer.experts
-            arrays[f"layer{i}_gates"] = layer.gates
-            arrays[f"layer{i}_kept"] = layer.kept
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **arrays)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "RoutingRecords":
-        with np.load(path) as z:
-            version = int(z["format_version"])
-            if version != RECORDS_FORMAT_VERSION:
-                raise ValueError(f"{path} holds routing records of format {version}; this reader reads "
-                                 f"{RECORDS_FORMAT_VERSION}")
-            n_layers = int(z["num_layers"])
-            layers = [LayerRecords(z[f"layer{i}_experts"], z[f"layer{i}_gates"], z[f"layer{i}_kept"])
-                      for i in range(n_layers)]
-            return cls([str(d) for d in z["domains"]], z["token"], z["domain"], z["doc"], z["position"],
-                       layers, int(z["num_experts"]), int(z["top_k"]))
-
-
-@dataclass
 class RoutingRecording:
-    """What `record_routing` returns.
+    """What `record_routing` and `RoutingRecorder.result` return.
 
     layers: `LayerCounts` per MoE layer (depth order); blocks: the block index of each;
-    records: raw records, or None when not kept; loss_sum / loss_tokens: [D] summed next-token loss
-    (nats) and token counts per domain (zeros when the forwards had no targets).
+    records: raw records, or None when not kept; loss_sum / loss_tokens: [G] summed next-token loss
+    (nats) and token counts per domain, computed by `record_routing`; None when the recording has
+    no losses (`RoutingRecorder` used directly sees the routing only, not the model's loss).
     """
 
     layers: list[LayerCounts]
     blocks: list[int]
     records: RoutingRecords | None
-    loss_sum: np.ndarray
-    loss_tokens: np.ndarray
+    loss_sum: np.ndarray | None = None
+    loss_tokens: np.ndarray | None = None
 
     @property
     def domain_loss(self) -> np.ndarray:
-        """[D] mean next-token loss per domain (nats); nan for domains without tokens."""
+        """[G] mean next-token loss per domain (nats); nan for domains without tokens. ValueError
+        when the recording has no losses (`loss_sum` None)."""
+        if self.loss_sum is None or self.loss_tokens is None:
+            raise ValueError("this recording has no losses: RoutingRecorder records routing only; "
+                             "record_routing(model, batches, ...) also computes the per-domain loss")
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.loss_tokens > 0, self.loss_sum / np.maximum(self.loss_tokens, 1), np.nan)
 
@@ -299,7 +242,7 @@ class _Accumulator:
         self.vocab_size, self.gate_weighted = vocab_size, gate_weighted
         self.keep_records, self.device = keep_records, device
         f64 = dict(dtype=torch.float64, device=device)
-        # Keys: cube ((l*V + token)*D + domain)*E + expert; docs (doc*L + l)*E + expert.
+        # Keys: cube ((l*V + token)*G + domain)*E + expert; docs (doc*L + l)*E + expert.
         self.cube = KeyCounter(n * vocab_size * d * e, device)
         self.cube_counts = KeyCounter(n * vocab_size * d * e, device) if gate_weighted else None
         self.docs = KeyCounter(None, device)  # document ids are corpus-wide: sparse
@@ -332,7 +275,7 @@ class _Accumulator:
         self.docs.add((doc[:, None] * n + layer) * e + idx, table_w)
 
         selected = torch.zeros(n, idx.shape[1], e, device=self.device).scatter_(2, idx, kept.float())
-        one_hot = torch.nn.functional.one_hot(domain, d).float()  # [T, D]
+        one_hot = torch.nn.functional.one_hot(domain, d).float()  # [T, G]
         # float32 products are exact here: every entry counts at most T < 2^24 tokens.
         self.domain_expert += (one_hot.t() @ selected).double()
         self.tokens_per_domain += one_hot.sum(dim=0).double()
@@ -389,7 +332,7 @@ class _Accumulator:
 
 
 def _split_cube(counter: KeyCounter, n: int, v: int, d: int, e: int) -> list[TokenDomainExpertCounts]:
-    """The L per-layer sparse [V, D, E] tables of a counter keyed ((l*V + t)*D + d)*E + e."""
+    """The L per-layer sparse [V, G, E] tables of a counter keyed ((l*V + t)*G + g)*E + e."""
     keys, sums = counter.items()
     rest, expert = np.divmod(keys, e)
     rest, domain = np.divmod(rest, d)
@@ -409,11 +352,11 @@ class RoutingRecorder:
 
     Args:
         model: a `moe.model.LanguageModel` (anything with `.moe_layers`, `.blocks`, `.vocab_size`).
-        num_domains: D; batch domain ids must lie in [0, D).
+        num_domains: G; batch domain ids must lie in [0, G).
         gate_weighted: weight the information tables (`cube`, `docs`) by gate values instead of 1
             per kept assignment.
         keep_records: also keep the raw per-token records (`RoutingRecords`).
-        domains: names of the D domain ids, stored with the records (default "0".."D-1").
+        domains: names of the G domain ids, stored with the records (default "0".."G-1").
 
     Call `observe(batch)` before each forward, with the batch as the data loader yields it (on the
     host; its labels are copied to the model's device once). A router that fires without a fresh
@@ -422,11 +365,10 @@ class RoutingRecorder:
     `result()`.
     """
 
-    def __init__(self, model: nn.Module, num_domains: int, *, gate_weighted: bool = False,
+    def __init__(self, model: RoutedModel, num_domains: int, *, gate_weighted: bool = False,
                  keep_records: bool = True, domains: list[str] | None = None):
+        self.blocks = moe_block_indices(model)  # ValueError for a model without MoE layers
         layers = list(model.moe_layers)
-        if not layers:
-            raise ValueError("the model has no MoE layer: nothing to record (is it a dense twin?)")
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
         if domains is not None and len(domains) != num_domains:
@@ -435,7 +377,6 @@ class RoutingRecorder:
         self.model = model
         self.num_domains = num_domains
         self.keep_records = keep_records
-        self.blocks = [i for i, b in enumerate(model.blocks) if getattr(b, "is_moe", False)]
         self.device = layers[0].router.expert_mask.device
         shapes = {(layer.router.num_experts, layer.router.top_k) for layer in layers}
         if len(shapes) > 1:
@@ -496,7 +437,8 @@ class RoutingRecorder:
         return hook
 
     def result(self) -> RoutingRecording:
-        """The counts so far (and the raw records if kept), copied to the host."""
+        """The counts so far (and the raw records if kept), copied to the host; no losses (the
+        recording's `loss_sum` is None: `record_routing` computes them)."""
         if any(self._fresh):
             raise RuntimeError("the last observed batch was not run through the model")
         if self.device.type == "cuda":
@@ -516,12 +458,11 @@ class RoutingRecorder:
                 layers=self._acc.layer_records(),
                 num_experts=self._acc.num_experts, top_k=self._acc.top_k,
             )
-        d = self.num_domains
-        return RoutingRecording(layers, list(self.blocks), records, np.zeros(d), np.zeros(d, dtype=np.int64))
+        return RoutingRecording(layers, list(self.blocks), records)
 
 
 def record_routing(
-    model: nn.Module,
+    model: RoutedModel,
     batches: Iterable[Batch],
     *,
     num_domains: int,
@@ -533,33 +474,28 @@ def record_routing(
     """Run `model` over `batches` in eval mode (no grad) and record its routing.
 
     Also accumulates each domain's next-token loss. Stops after the batch that reaches
-    `max_tokens` tokens (None: all batches). `domains` names the D domain ids in the saved records.
+    `max_tokens` tokens (None: all batches). `domains` names the G domain ids in the saved records.
     The model's train/eval mode is restored afterwards.
     """
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
     # Loss sums stay on the device: no host synchronization per batch.
     loss_sum = torch.zeros(num_domains, dtype=torch.float64, device=device)
     loss_tokens = torch.zeros(num_domains, dtype=torch.float64, device=device)
     seen = 0
-    try:
-        with torch.no_grad(), RoutingRecorder(model, num_domains, gate_weighted=gate_weighted,
-                                              keep_records=keep_records, domains=domains) as rec:
-            total = len(batches) if hasattr(batches, "__len__") else None
-            for batch in progress(batches, desc="recording routing", total=total):
-                rec.observe(batch)
-                on_device = batch.to(device, non_blocking=True)
-                out = model(on_device.tokens, on_device.targets, on_device.domain)
-                dom = on_device.domain.reshape(-1)
-                loss_sum.index_add_(0, dom, out.token_loss.reshape(-1).double())
-                loss_tokens.index_add_(0, dom, torch.ones_like(dom, dtype=torch.float64))
-                seen += batch.num_tokens
-                if max_tokens is not None and seen >= max_tokens:
-                    break
-            recording = rec.result()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), RoutingRecorder(model, num_domains, gate_weighted=gate_weighted,
+                                                            keep_records=keep_records, domains=domains) as rec:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in progress(batches, desc="recording routing", total=total):
+            rec.observe(batch)
+            on_device = batch.to(device, non_blocking=True)
+            out = model(on_device.tokens, on_device.targets, on_device.domain)
+            dom = on_device.domain.reshape(-1)
+            loss_sum.index_add_(0, dom, out.token_loss.reshape(-1).double())
+            loss_tokens.index_add_(0, dom, torch.ones_like(dom, dtype=torch.float64))
+            seen += batch.num_tokens
+            if max_tokens is not None and seen >= max_tokens:
+                break
+        recording = rec.result()
     recording.loss_sum = loss_sum.cpu().numpy()
     recording.loss_tokens = loss_tokens.cpu().numpy().astype(np.int64)
     return recording

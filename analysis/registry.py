@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["MEASURES", "Measure", "MeasureResult", "columns", "register", "result_from_dict"]
+__all__ = ["MEASURES", "Measure", "MeasureResult", "columns", "register"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,6 @@ class MeasureResult:
             raise ValueError(f"measure {self.name!r}: details may not redefine {sorted(clash)}")
         return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "null_mean": self.null_mean,
                 "p_value": self.p_value, **self.details}
-
-
-def result_from_dict(name: str, entry: Mapping[str, Any]) -> MeasureResult:
-    """The inverse of `MeasureResult.as_dict` (e.g. for a summary.json read back)."""
-    core = ("value", "ci_low", "ci_high", "null_mean", "p_value")
-    return MeasureResult(name, *(entry.get(k) for k in core), details={k: v for k, v in entry.items() if k not in core})
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ domain=name)`); `domains` lists the names in domain-id order. Writes into `out_d
 
     report.md       the verdict, per-layer tables and the thresholds used
     summary.json    every number (below); notebooks and the sweep aggregator read it
-    routing.npz     raw per-token routing records (`analysis.recorder.RoutingRecords.load`)
+    routing.npz     raw per-token routing records (`analysis.records.RoutingRecords.load`)
     figures/*.png   domain_expert, nmi, knockout, cka, loss (`analysis.plots`)
 
 summary.json (and the returned dict), format_version 2. Units: bits for information, nats per token
 for losses. `null` = not measured or undefined (a nan). Keys are stable; new keys may be added.
 
     format_version        2
-    domains               [D] domain names; domain ids index this list
+    domains               [G] domain names; domain ids index this list
     model                 {router, blocks, num_moe_layers, num_experts, top_k, vocab_size}, plus the
                           `model_info` argument's entries (a pretrained HF model: name, family,
                           model_type, router (its routing rule), shared_experts, num_layers,
@@ -34,8 +34,8 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
     layers                [L] per MoE layer (depth order), each:
       layer, block                  MoE-layer index and block index in the model
       tokens, assignments, assignments_per_token, weighting ("count" | "gate")
-      domain_expert_counts          [D][E] kept assignments (unweighted)
-      domain_specialization         [D][E] share of domain d's tokens routed to e (OLMoE); uniform_share = k/E
+      domain_expert_counts          [G][E] kept assignments (unweighted)
+      domain_specialization         [G][E] share of domain d's tokens routed to e (OLMoE); uniform_share = k/E
       coactivation                  {matrix [E][E] P(j|i), null = (k-1)/(E-1), max_offdiag,
                                      mean_abs_deviation = mean |P(j|i) - null| off the diagonal}
       router_entropy_bits           {mean, max = log2 E}
@@ -43,7 +43,7 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
                                     measure of `analysis.registry.MEASURES` (defined in `analysis.measures`):
         nmi        value = NMI - null mean; interval: bias-corrected percentile, domain-stratified
                    document bootstrap; p: document permutation; details plugin, corrected, plugin_ci_low/high,
-                   confidence, null_q95, n_docs, docs_per_domain [D], n_permutations, n_bootstrap
+                   confidence, null_q95, n_docs, docs_per_domain [G], n_permutations, n_bootstrap
         cmi        value = held-out I(D;E|C) / H(D|C) (`analysis.heldout`) with its document-bootstrap
                    interval and p; details context, bits, bits_ci_low/high, h_domain_given_context_bits,
                    assignments_scored, n_folds, n_bootstrap, plugin_token_bits (the biased plug-in I(D;E|T),
@@ -54,9 +54,9 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
         consecutive adjacent tokens of one document sharing the top-1 expert, null sum_e p_e^2; details pairs
         maxvio     load imbalance; details counts [E], batch_mean, entropy_bits, entropy_max_bits
         knockout   value = median over experts of the percentile among damage-matched dense groups
-                   (null 0.5); details damage, damage_se [D][E], mean_damage [E], cv [E], cv_lower [E],
-                   percentile [E], expert_p_value [E], n_matched [E] (null without a twin), dense_damage [D][G],
-                   dense_mean_damage [G], dense_cv [G], dense_group_size [G], dense_cv_median,
+                   (null 0.5); details damage, damage_se [G][E], mean_damage [E], cv [E], cv_lower [E],
+                   percentile [E], expert_p_value [E], n_matched [E] (null without a twin), dense_damage [G][U],
+                   dense_mean_damage [U], dense_cv [U], dense_group_size [U] (U dense groups), dense_cv_median,
                    top1_damage {domain: nats}; value null when knockouts did not run
         cka        mean off-diagonal linear CKA; details matrix [E][E]; value null without probes
       verdict                       {verdict, rule, notes, criteria: {nmi|cmi|knockout|cka:
@@ -67,7 +67,6 @@ for losses. `null` = not measured or undefined (a nan). Keys are stable; new key
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +92,9 @@ from analysis.progress import progress_bars
 from analysis.recorder import interleave_domains, record_routing, take_tokens
 from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
 from moe.data.batch import Batch
+from moe.tables import format_number, markdown_table, to_jsonable, write_json
 
-__all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analysis_cost", "analyze_model", "describe_cost", "render_report",
-           "to_jsonable"]
+__all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analysis_cost", "analyze_model", "describe_cost", "render_report"]
 
 SUMMARY_FORMAT_VERSION = 2
 
@@ -114,11 +113,12 @@ class AnalysisConfig:
     # the previous token: also rules out routing keyed on the previous token).
     context: str = "token"
     # Validation tokens per domain evaluated by every knockout; the knockouts cost
-    # (L*E + L + 1) evaluations of D*knockout_tokens tokens, and the twin's L*G + 1.
+    # (L*E + L + 1) evaluations of G*knockout_tokens tokens, and the twin's L*U + 1 (U dense groups).
     knockout_tokens: int = 4096
-    # The dense control: per layer, random groups of round(a*F/E) hidden units for each a, each
-    # drawn `dense_group_replicates` times (G = len * replicates groups per layer); experts are
-    # compared with the groups whose mean damage lies within a factor `damage_match_factor`.
+    # The dense control: per layer, random groups of round(a*hidden/E) hidden units (hidden: the
+    # dense FFN's width) for each a, each drawn `dense_group_replicates` times (U = len * replicates
+    # groups per layer); experts are compared with the groups whose mean damage lies within a
+    # factor `damage_match_factor`.
     dense_group_sizes: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     dense_group_replicates: int = 4
     damage_match_factor: float = 2.0
@@ -137,24 +137,6 @@ class AnalysisConfig:
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
     # Progress bars of recording and knockouts: None = when stderr is a terminal (or MOE_PROGRESS=1/0).
     progress: Optional[bool] = None
-
-
-# ----------------------------------------------------------------------------- JSON
-def to_jsonable(x: Any) -> Any:
-    """Plain JSON types: numpy scalars/arrays to Python, nan/inf to None, dataclasses to dicts."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return to_jsonable(dataclasses.asdict(x))
-    if isinstance(x, Mapping):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return to_jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -232,7 +214,7 @@ def analysis_cost(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], 
     """What `analyze_model` will run, before it runs: per stage {"passes": forward passes of one
     batch, "tokens": tokens they process}. Stages: recording (each validation batch once), twin_loss,
     knockouts ((L*E + 1) + (L + 1) evaluations of the knockout stream: experts and top-1, each with an
-    intact pass), dense_knockouts ((L*G + 1) of the twin, G groups per layer) and probes."""
+    intact pass), dense_knockouts ((L*U + 1) of the twin, U groups per layer) and probes."""
     stream = _stream(val_batches, None, cfg.mix_domains)
     tokens = sum(b.num_tokens for b in stream)
     cost = {"recording": {"passes": len(stream), "tokens": tokens}}
@@ -400,27 +382,13 @@ def _analyze_model(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]],
         summary["files"]["records"] = "routing.npz"
     figures = save_figures(summary, out / "figures")
     summary["files"]["figures"] = {k: f"figures/{v}" for k, v in figures.items()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+    write_json(out / "summary.json", summary, indent=1)
     (out / "report.md").write_text(render_report(summary))
     return summary
 
 
 # ----------------------------------------------------------------------------- markdown
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.3e}"
-    return str(x)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A markdown table; "|" inside cells (as in I(D;E|T)) is escaped so columns stay aligned."""
-    def cell(c: Any) -> str:
-        return (c if isinstance(c, str) else _f(c)).replace("|", "\\|")
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return lines
+_f = format_number
 
 
 def _measure_cell(entry: Mapping[str, Any] | None) -> str:
@@ -476,13 +444,13 @@ def render_report(summary: Mapping[str, Any]) -> str:
     if comp:
         lines += ["", "## Per-domain validation loss (nats/token)", ""]
         names = list(comp)
-        lines += _table(["domain"] + names, [[d] + [comp[n].get(d) for n in names] for d in summary["domains"]])
+        lines.append(markdown_table(["domain"] + names, [[d] + [comp[n].get(d) for n in names] for d in summary["domains"]], fmt=_f))
 
     lines += ["", "## Specialization measures per layer", ""]
     shown = [name for name in MEASURES if any(layer["measures"].get(name, {}).get("value") is not None
                                               for layer in layers)]
     rows = [[str(layer["layer"])] + [_measure_cell(layer["measures"].get(name)) for name in shown] for layer in layers]
-    lines += _table(["layer"] + [f"{MEASURES[n].label} ({MEASURES[n].unit})" for n in shown], rows)
+    lines.append(markdown_table(["layer"] + [f"{MEASURES[n].label} ({MEASURES[n].unit})" for n in shown], rows, fmt=_f))
     lines += ["", "Value [interval] (p-value); with a null, \"vs\" gives its mean."]
     lines += [f"- {MEASURES[n].label}: {MEASURES[n].description}" for n in shown]
     lines += ["", "NMI − null: I(D;E)/H(D) minus the mean of its document-permutation null (0 for domain-blind "
@@ -513,9 +481,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
                          f"{_f(min(dense_damage))}–{_f(max(dense_damage))}" if dense_damage else "–",
                          ko.get("dense_cv_median"), ko.get("value"),
                          ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–", cka.get("value")])
-        lines += _table(["layer", "expert damage (nats)", "expert CV (median)", "dense group damage (nats)",
+        lines.append(markdown_table(["layer", "expert damage (nats)", "expert CV (median)", "dense group damage (nats)",
                          "dense CV (median)", "expert percentile at matched damage (median)",
-                         "top-1 knockout damage (nats)", "mean expert CKA"], rows)
+                         "top-1 knockout damage (nats)", "mean expert CKA"], rows, fmt=_f))
         lines += ["", "CV: the noise-corrected coefficient of variation of a unit's damage across domains (0: every "
                   "domain hurt alike, 1: one domain only), which does not drift with the size of the damage. "
                   "Percentile: where an expert's CV lower bound falls among the dense twin's random unit groups "
@@ -528,9 +496,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
         lv = layer["verdict"]
         lines += [f"### Layer {layer['layer']} (block {layer['block']}): {lv['verdict']}", "",
                   f"Rule: {lv['rule']}.", ""]
-        lines += _table(["criterion", "points to", "votes", "value", "threshold", "why"],
+        lines.append(markdown_table(["criterion", "points to", "votes", "value", "threshold", "why"],
                         [[c["name"], c["verdict"], "yes" if c.get("votes", True) else "no (reported)", c["value"],
-                          c["threshold"], c["reason"]] for c in lv["criteria"].values()])
+                          c["threshold"], c["reason"]] for c in lv["criteria"].values()], fmt=_f))
         lines += [f"\nNote: {n}." for n in lv["notes"]]
         lines.append("")
 

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from omegaconf import OmegaConf
 
 from analysis.report import AnalysisConfig, analyze_model
-from moe.checkpoint import (
-    OPTIMIZATION_FIELDS,
-    CheckpointError,
-    check_fingerprint,
-    latest_checkpoint,
-    latest_good_checkpoint,
-    trajectory_fingerprint,
-)
-from moe.config import models_to_train, to_train_config
+from moe.checkpoint import OPTIMIZATION_FIELDS, CheckpointError, latest_checkpoint
 from moe.data import load_prepared
-from moe.model import LanguageModel, ModelConfig
-from moe.routing import RouterConfig
+from moe.loading import load_model
 
-__all__ = ["OPTIMIZATION_FIELDS", "analyze_run", "check_checkpoint_matches_run", "load_trained_model",
-           "model_from_state", "require_domains", "training_identity", "twin_mismatches"]
+__all__ = ["analyze_run", "require_domains", "training_identity", "twin_mismatches"]
 
 
 def require_domains(domains: Sequence[str], where: str) -> None:
@@ -34,46 +22,6 @@ def require_domains(domains: Sequence[str], where: str) -> None:
     if len(domains) < 2:
         raise ValueError(f"{where} has {len(domains)} domain(s) {list(domains)}; analyzing domain specialization "
                          "needs at least two. Train (or evaluate) on a corpus with two or more domains.")
-
-
-def check_checkpoint_matches_run(run_dir: Path, name: str, path: Path, state: dict[str, Any]) -> None:
-    """Refuse (CheckpointError) a checkpoint that the config of its run directory (config.yaml, which
-    data/ was prepared with) did not write: the same fingerprint and comparison as a resume. A run
-    directory without config.yaml, or with one this version cannot read, is not checked (a warning)."""
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        return
-    try:
-        cfg = to_train_config(OmegaConf.load(config_file))
-    except Exception as exc:  # an older or hand-edited config.yaml: analyze what is there, unchecked
-        warnings.warn(f"cannot check {path} against {config_file} ({exc}); analyzing it unchecked", stacklevel=3)
-        return
-    model_cfg = dict(models_to_train(cfg)).get(name)
-    if model_cfg is not None:
-        saved = state["fingerprint"]
-        check_fingerprint(saved, trajectory_fingerprint(cfg, model_cfg, saved.get("world_size", 1)), path)
-
-
-def load_trained_model(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> LanguageModel:
-    """The newest checkpoint of model `name` (e.g. `moe`, `dense_active`) in eval mode, checked
-    against its run's config.yaml."""
-    found = latest_good_checkpoint(run_dir, name, map_location=device)
-    if found is None:
-        raise CheckpointError(f"no checkpoint of model {name!r} under {Path(run_dir) / 'models' / name / 'checkpoints'}; "
-                              "is this a moe-train run directory, and did the model train?")
-    path, state = found
-    check_checkpoint_matches_run(Path(run_dir), name, path, state)
-    return model_from_state(state, device)
-
-
-def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> LanguageModel:
-    """The model a loaded checkpoint (`moe.checkpoint.load_checkpoint`) holds, in eval mode."""
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["fingerprint"]["model"]))
-    router_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RouterConfig), state["config"]["router"]))
-    vocab_size = state["model"]["embed.weight"].shape[0]
-    model = LanguageModel(model_cfg, vocab_size, router_cfg).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def training_identity(run_dir: Path) -> dict[str, Any]:
@@ -121,10 +69,10 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
     data = load_prepared(run_dir)
     require_domains(data.domains, f"the run {run_dir}")
     val = {d: data.val_batches(batch_size=batch_size, domain=d) for d in data.domains}
-    moe_model = load_trained_model(run_dir, model, device)
+    moe_model = load_model(run_dir, model, device)
     if twin_run is not None and twin and latest_checkpoint(twin_dir, twin) is None:
         raise CheckpointError(f"no checkpoint of the twin {twin!r} in {twin_dir}")
-    twin_model = load_trained_model(twin_dir, twin, device) if twin and latest_checkpoint(twin_dir, twin) else None
+    twin_model = load_model(twin_dir, twin, device) if twin and latest_checkpoint(twin_dir, twin) else None
     comparison = {}
     for source in dict.fromkeys((run_dir, twin_dir)):
         comparison_file = source / "comparison.json"

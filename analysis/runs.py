@@ -5,7 +5,7 @@
     run.comparison             # comparison.json: per model, val_loss {domain: nats}, sizes, throughput
     run.metrics["moe"]         # models/moe/metrics.jsonl, one dict per line
     run.val_curves()           # {model: {domain: (steps [n], loss [n])}}
-    run.records()              # analysis/routing.npz as `analysis.recorder.RoutingRecords`
+    run.records()              # analysis/routing.npz as `analysis.records.RoutingRecords`
 
     sweep = load_sweep("multirun/2026-11-28/10-00-00")
     sweep.axes                 # config keys that differ between its runs, e.g. ["balance.scope", "seed"]
@@ -20,20 +20,19 @@ sub-directories are the jobs). Only reading and reshaping here: the measures liv
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from analysis.information import contingency
 from analysis.measures import MEASURES
+from analysis.records import RoutingRecords
 from analysis.registry import columns
-
-if TYPE_CHECKING:  # the recorder imports torch; only `Run.records` needs it
-    from analysis.recorder import RoutingRecords
+from moe.tables import format_number, markdown_table as _markdown_table
+from moe.validation import check_choice
 
 __all__ = [
     "Run",
@@ -43,6 +42,7 @@ __all__ = [
     "flatten_config",
     "load_run",
     "load_sweep",
+    "loss_gap",
     "markdown_table",
     "newest_run",
     "run_overview",
@@ -53,6 +53,8 @@ __all__ = [
 
 SUMMARY = Path("analysis") / "summary.json"
 RECORDS = Path("analysis") / "routing.npz"
+# The dense twin the MoE's loss gap is measured against: the active-parameter matched one.
+ACTIVE_TWIN = "dense_active"
 
 
 # ----------------------------------------------------------------------------- one run
@@ -81,9 +83,8 @@ class Run:
         text = (self.path / "analysis" / "report.md").read_text()
         return text if figures else text.split("\n## Figures", 1)[0]
 
-    def records(self) -> "RoutingRecords":
+    def records(self) -> RoutingRecords:
         """The raw per-token routing records of the analysis (`analysis/routing.npz`)."""
-        from analysis.recorder import RoutingRecords
         path = self.path / RECORDS
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: the analysis ran with save_records=false, "
@@ -145,13 +146,12 @@ def val_loss_curves(lines: Iterable[Mapping[str, Any]]) -> dict[str, tuple[np.nd
     return out
 
 
-def domain_expert_from_records(records: "RoutingRecords", layer: int, weighting: str = "count") -> np.ndarray:
-    """[D, E] domain x expert table of one layer from the raw records: kept assignments counted once
+def domain_expert_from_records(records: RoutingRecords, layer: int, weighting: str = "count") -> np.ndarray:
+    """[G, E] domain x expert table of one layer from the raw records: kept assignments counted once
     (`weighting="count"`, equal to the summary's `domain_expert_counts`) or weighted by their gate
     (`"gate"`: a token's mass is split by how much each chosen expert contributes). Dropped slots
     (capacity overflow) count for nothing."""
-    if weighting not in ("count", "gate"):
-        raise ValueError(f"weighting must be 'count' or 'gate', got {weighting!r}")
+    check_choice("weighting", weighting, ("count", "gate"))
     if not -len(records.layers) <= layer < len(records.layers):
         raise ValueError(f"layer {layer} out of range: the records hold {len(records.layers)} MoE layers")
     rec = records.layers[layer]
@@ -296,9 +296,12 @@ def _nan(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _dense_name(comparison: Mapping[str, Any]) -> str | None:
-    dense = [n for n in comparison if n.startswith("dense")]
-    return "dense_active" if "dense_active" in dense else (dense[0] if dense else None)
+def loss_gap(comparison: Mapping[str, Any] | None, domain: str = "all") -> float:
+    """The MoE's validation loss minus its active-matched dense twin's (`dense_active`), nats/token
+    on `domain` ("all": every domain's validation tokens) of a comparison.json-shaped mapping
+    ({model: {"val_loss": {domain: nats}}}); negative = the MoE is better. nan when either loss is
+    missing (a run without an active twin has no gap: the total-matched twin is another question)."""
+    return _nan(_get(comparison, "moe", "val_loss", domain)) - _nan(_get(comparison, ACTIVE_TWIN, "val_loss", domain))
 
 
 def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
@@ -310,18 +313,16 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
     nmi_null_q95, nmi_top1_plugin (the plug-in NMI counting each token's top-1 expert),
     docs_min (fewest validation documents of a domain), cmi_bits, dense_cv (median damage CV of the
     twin's unit groups);
-    loss_moe, loss_dense (the active-matched twin, else the first dense model), loss_gap = moe - dense
-    (nats/token, all domains; negative = the MoE is better). Missing numbers are nan.
+    loss_moe, loss_dense (the active-matched twin), loss_gap = `loss_gap` (MoE minus the active twin,
+    nats/token, all domains; negative = the MoE is better). Missing numbers are nan.
     """
     rows = []
     for run in sweep.runs:
         comp = run.comparison or {}
-        dense = _dense_name(comp)
-        loss_moe = _nan(_get(comp, "moe", "val_loss", "all"))
-        loss_dense = _nan(_get(comp, dense, "val_loss", "all")) if dense else float("nan")
         base = {"run": run.name, "label": sweep.label(run), **sweep.params(run),
                 "model_verdict": _get(run.summary, "verdict", "verdict"),
-                "loss_moe": loss_moe, "loss_dense": loss_dense, "loss_gap": loss_moe - loss_dense}
+                "loss_moe": _nan(_get(comp, "moe", "val_loss", "all")),
+                "loss_dense": _nan(_get(comp, ACTIVE_TWIN, "val_loss", "all")), "loss_gap": loss_gap(comp)}
         layers = (run.summary or {}).get("layers") or [None]
         for layer in layers:
             if layer is None:
@@ -340,13 +341,8 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
-    """Rows as a markdown table of the given columns (floats to `digits` significant digits, nan as –)."""
+    """Rows (dicts, as `sweep_rows` gives) as a markdown table of the given columns (floats to
+    `digits` significant digits, nan and missing as –), written by `moe.tables.markdown_table`."""
     def cell(x: Any) -> str:
-        if x is None or (isinstance(x, float) and math.isnan(x)):
-            return "–"
-        if isinstance(x, float):
-            return f"{x:.{digits}g}"
-        return _fmt(x).replace("|", "\\|")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+        return _fmt(x) if isinstance(x, tuple) else format_number(x, digits)
+    return _markdown_table(columns, [[r.get(c) for c in columns] for r in rows], fmt=cell)

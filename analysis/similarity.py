@@ -70,6 +70,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     adding a constant row offset; CKA(X, X) = 1. nan when either input has zero variance. Computed
     in float64 from the feature form ||Y^T X||_F^2 or the Gram form <XX^T, YY^T>_F, whichever is
     cheaper (identical values).
+
+    Reference implementation: the analysis computes CKA with `cka_matrix` (all pairs at once); the
+    tests compare it, and `analysis.probes.expert_cka`, with this pairwise form.
     """
     if np.shape(x)[:1] != np.shape(y)[:1]:
         raise ValueError(f"x and y must have the same number of rows (inputs), got {np.shape(x)} and {np.shape(y)}")

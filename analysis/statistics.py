@@ -15,12 +15,12 @@ Domain information beyond the token id, I(D;E|T), is tested by cross-fitting ove
 share context, and called routers significant that never see the domain.
 
 The document nulls work on the per-document table `DocCounts` (counts [M, E]): a replicate's joint
-[D, E] is a matrix product of a [R, M] label mask or multiplicity matrix with counts [M, E], so
+[G, E] is a matrix product of a [R, M] label mask or multiplicity matrix with counts [M, E], so
 their cost does not grow with the number of routing records. Every function takes an explicit
 `np.random.Generator` or integer seed and is deterministic given it.
 
-Legend as in `analysis.information`: N tokens, K top-k, E experts, D domains, M documents,
-R replicates.
+Legend as in `moe/__init__.py`: N tokens, K top-k, E experts, G domains, M documents,
+R resamples (replicates); in I(D;E) and H(D), D is the domain variable, not a shape.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import numpy as np
 
 from analysis.information import (
     DocCounts,
-    _as_labels,
     joint_from_docs,
     normalized_mutual_information,
     normalized_mutual_information_mm,
 )
+from analysis.validation import RngLike, as_labels, as_rng, positive_int
 
 __all__ = [
     "BootstrapInterval",
@@ -54,29 +54,16 @@ __all__ = [
 ]
 
 Statistic = Callable[[np.ndarray], float]
-RngLike = np.random.Generator | int
 
 # Replicates are processed in chunks so a [R, M] float mask stays under ~32 MiB.
 _CHUNK_CELLS = 1 << 22
-
-
-def _rng(rng: RngLike) -> np.random.Generator:
-    if isinstance(rng, (bool, float)) or rng is None:
-        raise TypeError("rng must be a np.random.Generator or an int seed (explicit, for determinism)")
-    return np.random.default_rng(rng)
-
-
-def _check_count(name: str, n: int) -> int:
-    if int(n) != n or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n}")
-    return int(n)
 
 
 def _check_docs(docs: DocCounts, n_domains: int) -> tuple[np.ndarray, np.ndarray]:
     counts = np.asarray(docs.counts, dtype=np.float64)
     if counts.ndim != 2:
         raise ValueError(f"docs.counts must be [M, E], got shape {counts.shape}")
-    dd = _as_labels("doc_domain", docs.doc_domain, n_domains)
+    dd = as_labels("doc_domain", docs.doc_domain, n_domains)
     if dd.shape[0] != counts.shape[0]:
         raise ValueError(f"docs.doc_domain has {dd.shape[0]} documents, counts has {counts.shape[0]}")
     if counts.shape[0] < 2:
@@ -127,7 +114,7 @@ class SpecializationResult:
     domain-stratified document-bootstrap interval of the plug-in NMI, shifted by the bootstrap's own
     bias estimate (duplicated documents inflate a resampled plug-in NMI, which left the plain
     percentile interval above its estimate), so it contains the estimate; excess_ci_low/high: the
-    same interval minus null_mean. n_samples: table total; n_docs: M; docs_per_domain [D].
+    same interval minus null_mean. n_samples: table total; n_docs: M; docs_per_domain [G].
     """
 
     observed: float
@@ -184,16 +171,16 @@ def permute_doc_domains(doc_domain: np.ndarray, n_permutations: int, rng: RngLik
     dd = np.asarray(doc_domain)
     if dd.ndim != 1 or not np.issubdtype(dd.dtype, np.integer):
         raise ValueError(f"doc_domain must be a 1-D integer array [M], got {dd.dtype} {dd.shape}")
-    r = _check_count("n_permutations", n_permutations)
-    return _rng(rng).permuted(np.broadcast_to(dd.astype(np.int64), (r, dd.size)), axis=1)
+    r = positive_int("n_permutations", n_permutations)
+    return as_rng(rng).permuted(np.broadcast_to(dd.astype(np.int64), (r, dd.size)), axis=1)
 
 
 def resample_docs(n_docs: int, n_resamples: int, rng: RngLike) -> np.ndarray:
     """Bootstrap multiplicities [R, M] float64: how often each document is drawn when M documents
     are drawn with replacement (each row sums to M)."""
-    m = _check_count("n_docs", n_docs)
-    r = _check_count("n_resamples", n_resamples)
-    draws = _rng(rng).integers(0, m, size=(r, m))
+    m = positive_int("n_docs", n_docs)
+    r = positive_int("n_resamples", n_resamples)
+    draws = as_rng(rng).integers(0, m, size=(r, m))
     flat = (draws + (np.arange(r) * m)[:, None]).ravel()
     return np.bincount(flat, minlength=r * m).reshape(r, m).astype(np.float64)
 
@@ -206,8 +193,8 @@ def stratified_doc_bootstrap(doc_domain: np.ndarray, n_resamples: int, rng: RngL
     dd = np.asarray(doc_domain)
     if dd.ndim != 1:
         raise ValueError(f"doc_domain must be [M], got shape {dd.shape}")
-    r = _check_count("n_resamples", n_resamples)
-    gen = _rng(rng)
+    r = positive_int("n_resamples", n_resamples)
+    gen = as_rng(rng)
     out = np.zeros((r, dd.size), dtype=np.float64)
     for d in np.unique(dd):
         idx = np.flatnonzero(dd == d)
@@ -216,8 +203,8 @@ def stratified_doc_bootstrap(doc_domain: np.ndarray, n_resamples: int, rng: RngL
 
 
 def joints_from_doc_labels(labels: np.ndarray, counts: np.ndarray, n_domains: int) -> np.ndarray:
-    """Joint tables [R, D, E] for R relabellings of the documents: joint[r, d] = sum of counts [M, E]
-    over documents m with labels[r, m] == d. labels [R, M] int in [0, D)."""
+    """Joint tables [R, G, E] for R relabellings of the documents: joint[r, d] = sum of counts [M, E]
+    over documents m with labels[r, m] == d. labels [R, M] int in [0, G)."""
     lab = np.asarray(labels)
     c = np.asarray(counts, dtype=np.float64)
     if lab.ndim != 2 or c.ndim != 2 or lab.shape[1] != c.shape[0]:
@@ -235,12 +222,12 @@ def joints_from_doc_labels(labels: np.ndarray, counts: np.ndarray, n_domains: in
 def joints_from_doc_weights(
     weights: np.ndarray, doc_domain: np.ndarray, counts: np.ndarray, n_domains: int
 ) -> np.ndarray:
-    """Joint tables [R, D, E] for R reweightings of the documents (e.g. bootstrap multiplicities):
+    """Joint tables [R, G, E] for R reweightings of the documents (e.g. bootstrap multiplicities):
     joint[r, d] = weights[r, docs of d] @ counts[docs of d]. weights [R, M], doc_domain [M],
     counts [M, E]."""
     w = np.asarray(weights, dtype=np.float64)
     c = np.asarray(counts, dtype=np.float64)
-    dd = _as_labels("doc_domain", doc_domain, n_domains)
+    dd = as_labels("doc_domain", doc_domain, n_domains)
     if w.ndim != 2 or c.ndim != 2 or w.shape[1] != c.shape[0] or dd.shape[0] != c.shape[0]:
         raise ValueError(f"weights [R, M], doc_domain [M], counts [M, E] disagree: {w.shape}, {dd.shape}, {c.shape}")
     out = np.empty((w.shape[0], n_domains, c.shape[1]), dtype=np.float64)
@@ -258,7 +245,7 @@ def permutation_null(
     n_permutations: int = 999,
     rng: RngLike,
 ) -> NullDistribution:
-    """Document-level permutation null of `statistic(joint [D, E]) -> float`.
+    """Document-level permutation null of `statistic(joint [G, E]) -> float`.
 
     Domain labels are shuffled across documents (never across tokens), the joint table is rebuilt
     from the per-document counts and the statistic recomputed. Returns the observed value, R null
@@ -282,7 +269,7 @@ def bootstrap_ci(
     confidence: float = 0.95,
     rng: RngLike,
 ) -> BootstrapInterval:
-    """Bias-corrected percentile interval of `statistic(joint [D, E])`, resampling documents within
+    """Bias-corrected percentile interval of `statistic(joint [G, E])`, resampling documents within
     each domain (`stratified_doc_bootstrap`).
 
     Each replicate rebuilds the joint by matrix products with counts [M, E]. A plug-in statistic
@@ -318,7 +305,7 @@ def summarize_specialization(
     `SpecializationResult`)."""
     dd, counts = _check_docs(docs, n_domains)
     joint = joint_from_docs(dd, counts, n_domains)
-    null_rng, boot_rng = _rng(rng).spawn(2)  # independent streams: the result ignores call order
+    null_rng, boot_rng = as_rng(rng).spawn(2)  # independent streams: the result ignores call order
     null = permutation_null(docs, n_domains, n_permutations=n_permutations, rng=null_rng)
     ci = bootstrap_ci(docs, n_domains, n_resamples=n_resamples, confidence=confidence, rng=boot_rng)
     return SpecializationResult(

@@ -43,10 +43,13 @@ from analysis.plots import plot_arm_intervals, plot_sweep, save_figure
 from analysis.progress import progress
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run, training_identity
-from analysis.runs import Run, Sweep, load_run, load_sweep, sweep_rows
+from analysis.runs import ACTIVE_TWIN, Run, Sweep, load_run, load_sweep, loss_gap, sweep_rows
 from analysis.anchors import anchor_rows, anchor_source
 from analysis.trajectory import plot_trajectory, specialization_over_training, write_trajectory
 from moe.checkpoint import checkpoint_dir, list_checkpoints
+from moe.tables import markdown_table, write_json
+from moe.balance import ADAPTIVE_SCOPES
+from moe.routers import RouterConfig, router_kinds, router_spec
 
 __all__ = [
     "ARMS",
@@ -69,8 +72,9 @@ __all__ = [
 
 # Display order of the arms (conf/arm/): balance scopes from the most to the least local, then controls.
 ARMS = ("sequence", "micro_batch", "global_batch", "aux_free", "none", "hash", "random", "prev_hash", "domain")
-# Routers that do not learn: the domain-blind controls and the positive control (conf/arm/).
-CONTROLS = ("hash", "random", "prev_hash", "domain")
+# Routers that do not learn: the domain-blind controls and the positive control (the registry's
+# `control` role; conf/arm/ has an arm for each).
+CONTROLS = tuple(kind for kind in router_kinds() if router_spec(kind).role == "control")
 # Per-layer measures aggregated over seeds (keys of `analysis.runs.sweep_rows`), with their meaning.
 MEASURES = {**{name: m.description for name, m in REGISTRY.items()},
             "nmi_plugin": "NMI, plug-in",
@@ -85,17 +89,18 @@ TWINS = ("dense_active", "dense_total")
 # ----------------------------------------------------------------------------- what a job is
 def arm_of(config: Mapping[str, Any]) -> str:
     """The sweep arm a run config belongs to: `dense` (twins only), the control router (`hash`,
-    `random`, `prev_hash`, `domain`), `aux_free`, or the balance scope of a top-k router; other routers as
-    `<router>/<scope>`."""
+    `random`, `prev_hash`, `domain`: the registry's controls), the balance scope where routers adapt
+    to the load (`aux_free`, with a router that does), or the balance scope of the default router
+    (top-k); other routers as `<router>/<scope>`."""
     if config.get("twin", {}).get("only"):
         return "dense"
-    kind = config.get("router", {}).get("kind")
+    kind = config.get("router", {}).get("kind", RouterConfig.kind)
     scope = config.get("balance", {}).get("scope")
     if kind in CONTROLS:
         return kind
-    if scope == "aux_free" and kind == "sigmoid":
-        return "aux_free"
-    return scope if kind == "topk" else f"{kind}/{scope}"
+    if scope in ADAPTIVE_SCOPES and kind in router_kinds() and router_spec(kind).adapts_to_load:
+        return scope
+    return scope if kind == RouterConfig.kind else f"{kind}/{scope}"
 
 
 def corpus_of(config: Mapping[str, Any]) -> str:
@@ -196,7 +201,8 @@ def sweep_trajectories(sweep: Sweep, cfg: AnalysisConfig | None = None, *, arms:
 def sweep_records(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per (analyzed MoE job, MoE layer): `analysis.runs.sweep_rows` plus corpus, arm, seed,
     and the validation loss (nats/token) of the MoE and of each twin, per domain
-    (`loss_<model>_<domain>`); `loss_gap` is MoE minus the active twin, all domains."""
+    (`loss_<model>_<domain>`); `loss_gap` is `analysis.runs.loss_gap` of the job with its dense
+    job's twins: MoE minus the active twin, all domains."""
     pairs = pair_twins(sweep.runs)
     records = []
     for run in sweep.runs:
@@ -207,13 +213,13 @@ def sweep_records(sweep: Sweep) -> list[dict[str, Any]]:
             comparison.update(pairs[run.path].comparison or {})
         losses = {f"loss_{model}_{domain}": value for model in ("moe",) + TWINS if model in comparison
                   for domain, value in comparison[model]["val_loss"].items()}
-        gap = losses.get("loss_moe_all", math.nan) - losses.get("loss_dense_active_all", math.nan)
+        gap = loss_gap(comparison)
         for row in sweep_rows(Sweep(sweep.root, [run], sweep.axes)):
             moe_cfg = run.config.get("model", {}).get("moe", {})
             records.append({**row, "corpus": corpus_of(run.config), "arm": arm_of(run.config),
                             "experts": f"top-{moe_cfg.get('top_k')} of {moe_cfg.get('num_experts')}",
                             "seed": run.config.get("seed"), "path": str(run.path), **losses,
-                            "loss_dense": losses.get("loss_dense_active_all", math.nan), "loss_gap": gap})
+                            "loss_dense": losses.get(f"loss_{ACTIVE_TWIN}_all", math.nan), "loss_gap": gap})
     return records
 
 
@@ -347,10 +353,6 @@ def _ci(iv: Mapping[str, float], digits: int = 3) -> str:
     return f"{iv['mean']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _adj(iv: Mapping[str, float], digits: int = 3) -> str:
     if "adj_low" not in iv or not np.isfinite(iv["adj_low"]):
         return "–"
@@ -370,19 +372,19 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
              "context, as a share of H(D\\|C); knockout: median over experts of the percentile among the active "
              "twin's damage-matched unit groups (their median noise-corrected CV alongside); fewest validation "
              "documents of a domain; verdicts: layer verdicts over seeds.", ""]
-    header = ["corpus", "arm", "layer", "NMI − null", "NMI plug-in", "its null q95", "I(D;E\\|C) share",
+    header = ["corpus", "arm", "layer", "NMI − null", "NMI plug-in", "its null q95", "I(D;E|C) share",
               "KO percentile", "dense groups' CV", "MaxVio", "docs", "verdicts"]
     rows = [[m["corpus"], m["arm"], str(m["layer"]), _ci(m["nmi"]), _ci(m["nmi_plugin"]), _ci(m["nmi_null_q95"]),
              _ci(m["cmi"]),
              _ci(m["knockout"]), _ci(m["dense_cv"]), _ci(m["maxvio"], 2), _ci(m["docs_min"], 0),
              ", ".join(f"{k} {v}" for k, v in sorted(m["verdicts"].items()))] for m in measures]
-    lines += _md(header, rows)
+    lines.append(markdown_table(header, rows))
     lines += ["", "### Counting each token's top-1 expert only", "",
               "The same inference on the table of each token's highest-gate expert (OLMoE publishes its "
               "routing counted both ways); the verdicts above count all k slots.", ""]
-    lines += _md(["corpus", "arm", "layer", "NMI − null (top-1)", "NMI plug-in (top-1)", "I(D;E\\|C) share (top-1)"],
+    lines.append(markdown_table(["corpus", "arm", "layer", "NMI − null (top-1)", "NMI plug-in (top-1)", "I(D;E|C) share (top-1)"],
                  [[m["corpus"], m["arm"], str(m["layer"]), _ci(m["nmi_top1"]), _ci(m["nmi_top1_plugin"]),
-                   _ci(m["cmi_top1"])] for m in measures])
+                   _ci(m["cmi_top1"])] for m in measures]))
     if contrasts:
         base = contrasts[0]["baseline"]
         family = contrasts[0]["nmi"].get("family", 1)
@@ -391,17 +393,17 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
                   f"`[low, high]`: the {pct} interval of one contrast; `adj`: the Bonferroni interval over the "
                   f"{family} contrasts of the corpus, the one to read before claiming that any single contrast "
                   "differs from 0.", ""]
-        lines += _md(["corpus", "arm", "layer", "Δ NMI − null", "adj", "Δ I(D;E\\|C) share", "adj", "Δ KO percentile"],
+        lines.append(markdown_table(["corpus", "arm", "layer", "Δ NMI − null", "adj", "Δ I(D;E|C) share", "adj", "Δ KO percentile"],
                      [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _adj(c["nmi"]), _ci(c["cmi"]),
-                       _adj(c["cmi"]), _ci(c["knockout"])] for c in contrasts])
+                       _adj(c["cmi"]), _ci(c["knockout"])] for c in contrasts]))
     if loss_deltas:
         base = loss_deltas[0]["baseline"]
         lines += ["", f"## Validation loss against `{base}`", "",
                   f"Each arm's MoE loss minus the `{base}` MoE's on the same seed (nats/token, all domains; negative: "
                   f"the arm beats `{base}`), with the Bonferroni interval over the corpus' arms (`adj`).", ""]
-        lines += _md(["corpus", "arm", "seeds", "Δ loss", "adj"],
+        lines.append(markdown_table(["corpus", "arm", "seeds", "Δ loss", "adj"],
                      [[d["corpus"], d["arm"], str(len(d["seeds"])), _ci(d["delta"]), _adj(d["delta"])]
-                      for d in loss_deltas])
+                      for d in loss_deltas]))
     lines += ["", "## Validation loss against the dense twins", "",
               "Loss in nats/token on all domains' validation tokens; gaps are MoE minus twin, paired by seed "
               "(negative: the MoE is better).", ""]
@@ -409,26 +411,14 @@ def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping
     rows = [[g["corpus"], g["arm"], _ci(g["loss_moe"]["all"]), _ci(g["loss_dense_active"]["all"]),
              _ci(g["loss_dense_total"]["all"]), _ci(g["gap_dense_active"]["all"]), _ci(g["gap_dense_total"]["all"])]
             for g in gaps if "all" in g["loss_moe"]]
-    lines += _md(header, rows)
+    lines.append(markdown_table(header, rows))
     domains = list(dict.fromkeys(d for g in gaps for d in g["gap_dense_active"] if d != "all"))
     if domains:
         lines += ["", "### MoE − active twin per domain", ""]
         rows = [[g["corpus"], g["arm"]] + [_ci(g["gap_dense_active"][d]) if d in g["gap_dense_active"] else "–"
                                            for d in domains] for g in gaps]
-        lines += _md(["corpus", "arm"] + domains, rows)
+        lines.append(markdown_table(["corpus", "arm"] + domains, rows))
     return "\n".join(lines) + "\n"
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if np.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def anchor_comparison(measures: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -485,7 +475,7 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
     aggregate = {"confidence": confidence, "measures": measures, "contrasts": contrasts, "loss": gaps,
                  "loss_contrasts": loss_deltas, "anchors": anchors, "anchor_source": anchor_source(),
                  "trajectories": curves, "descriptions": MEASURES}
-    (out / "aggregate.json").write_text(json.dumps(_jsonable(aggregate), indent=2))
+    write_json(out / "aggregate.json", aggregate, indent=2)
     figures = {"measures_by_arm": plot_arm_intervals(measures, ("nmi", "cmi", "knockout", "maxvio"),
                                                      descriptions=MEASURES)}
     for corpus in dict.fromkeys(r["corpus"] for r in records):
@@ -532,7 +522,7 @@ def render_anchors(anchors: Sequence[Mapping[str, Any]]) -> str:
     header = ["source", "layer", "experts", "NMI top-1", "NMI all k", "I(D;E) all k (bits)", "NMI − null"]
     rows = [[a["source"], str(a["layer"]), str(a.get("experts") or "–"), _num(a.get("nmi_top1")), _num(a.get("nmi_topk")),
              _num(a.get("mi_topk_bits")), _num(a.get("nmi_minus_null"))] for a in anchors]
-    return "\n".join(lines + _md(header, rows)) + "\n"
+    return "\n".join(lines + [markdown_table(header, rows)]) + "\n"
 
 
 def render_trajectories(curves: Sequence[Mapping[str, Any]]) -> str:
@@ -551,7 +541,7 @@ def render_trajectories(curves: Sequence[Mapping[str, Any]]) -> str:
                 p, entry = points[i], points[i]["layers"][layer]
                 rows.append([c["title"], str(layer), f"{p['tokens_seen'] / 1e6:.2f}M",
                              _num(entry["nmi"]["value"]), _num(entry["cmi"]["value"]), _num(entry["saturation"])])
-    lines += _md(["job", "layer", "tokens seen", "NMI − null", "I(D;E\\|C) share", "saturation"], rows)
+    lines.append(markdown_table(["job", "layer", "tokens seen", "NMI − null", "I(D;E|C) share", "saturation"], rows))
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,6 @@ Keep the checkpoints you want to see (`trainer.keep_last` at least max_steps / c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,11 +26,14 @@ from matplotlib.figure import Figure
 
 from analysis.measures import MEASURES, layer_inputs
 from analysis.progress import progress
-from analysis.recorder import RoutingRecords, interleave_domains, record_routing
-from analysis.report import AnalysisConfig, to_jsonable
-from analysis.run import model_from_state, require_domains
+from analysis.recorder import interleave_domains, record_routing
+from analysis.records import RoutingRecords
+from analysis.report import AnalysisConfig
+from analysis.run import require_domains
+from moe.loading import model_from_state
 from moe.checkpoint import CheckpointError, checkpoint_dir, list_checkpoints, load_checkpoint
 from moe.data import load_prepared
+from moe.tables import write_json
 
 __all__ = ["TRAJECTORY_MEASURES", "plot_trajectory", "router_saturation", "specialization_over_training",
            "write_trajectory"]
@@ -146,7 +148,7 @@ def write_trajectory(points: Sequence[dict[str, Any]], out_dir: str | Path, titl
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "trajectory.json", "figure": out / "trajectory.png"}
-    files["json"].write_text(json.dumps(to_jsonable(list(points)), indent=1))
+    write_json(files["json"], list(points), indent=1)
     fig = plot_trajectory(points, title)
     fig.savefig(files["figure"], dpi=110)
     return files

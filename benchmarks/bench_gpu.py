@@ -17,7 +17,7 @@ import torch
 
 from moe.experts import DenseMLP
 from moe.layer import MoEConfig, build_moe_layer
-from moe.routing import RouterConfig
+from moe.routers import RouterConfig
 from moe.sizing import dense_twin_width, layer_size
 
 SHAPES = [dict(num_experts=64, top_k=8, d_model=2048, expert_width=1024),   # OLMoE-1B-7B's layer

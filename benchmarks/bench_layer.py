@@ -17,8 +17,9 @@ from moe.host_memory import retain_freed_memory
 
 from moe.dispatch import combine, gather_rows, permute
 from moe.experts import DenseMLP, activate
-from moe.layer import MoEConfig, MoELayer
-from moe.routing import RouterConfig, Routing
+from moe.layer import MoEConfig, MoELayer, build_moe_layer
+from moe.routers import RouterConfig
+from moe.routing import Routing
 from moe.sizing import dense_twin_width
 
 SHAPES = [dict(num_experts=8, top_k=2, d_model=256, expert_width=512),
@@ -101,7 +102,7 @@ def main() -> None:
         d_model = shape.pop("d_model")
         torch.manual_seed(0)
         cfg = MoEConfig(**shape)
-        layer = MoELayer(d_model, cfg, RouterConfig(kind="topk"))  # std 0.02 init -> balanced routing
+        layer = build_moe_layer("native", d_model, cfg, RouterConfig(kind="topk"))  # std 0.02 init -> balanced routing
         dense = DenseMLP(d_model, dense_twin_width(cfg, "active"))
         x = torch.randn(args.tokens, d_model, requires_grad=True)
         fns = {"dense (width k*f)": dense, "native MoE": lambda v: layer(v)[0],

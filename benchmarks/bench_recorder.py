@@ -20,7 +20,7 @@ from analysis.recorder import record_routing
 from moe.data.batch import Batch
 from moe.layer import MoEConfig
 from moe.model import LanguageModel, ModelConfig
-from moe.routing import RouterConfig
+from moe.routers import RouterConfig
 
 CLOCK = time.perf_counter
 

@@ -5,7 +5,7 @@
 RUN_DIR is any analyzed `moe-train` run (it needs analysis/summary.json). Prints a caption that says
 which run made the figure. The committed figure was made from
 
-    python -m moe.train data=builtin model=tiny trainer=smoke trainer.max_steps=60 analyze=true \\
+    moe-train data=builtin model=tiny trainer=smoke trainer.max_steps=60 analyze=true \\
         hydra.run.dir=/tmp/readme_run
     python docs/make_readme_figure.py /tmp/readme_run
 """

@@ -1,10 +1,11 @@
-"""Load balancing: the auxiliary loss in its three scopes, the router z-loss, and the
-auxiliary-loss-free bias update (DeepSeek-V3).
+"""Load balancing: the auxiliary loss in its three scopes, the router z-loss, and when routers
+adapt to the load (the aux-loss-free scope, DeepSeek-V3).
 
 The trainer owns one `LoadBalancer`; it is the only state balancing needs (no module-level
 lists). Per micro-step: `aux_losses(routings, seq_len)`. Per optimizer step: `end_step()`, which
-returns the step's expert loads and resets the gradient-accumulation buffer; then, for the
-aux-free scope, `update_expert_bias`.
+returns the step's expert loads ([L, E] selected assignments, `Routing.selected_counts`) and resets
+the gradient-accumulation buffer; then, where `adapts_routers`, each router's `after_step(load)`
+(the sigmoid router moves its selection bias).
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe.routing import Routing, SigmoidBiasRouter
+from moe.loads import max_violation as numpy_max_violation
+from moe.routing import Routing
+from moe.validation import check_choice
 
 BALANCE_SCOPES = ("micro_batch", "sequence", "global_batch", "aux_free", "none")
+# Scopes that balance by letting routers adapt to the load (`Router.after_step`), not by a loss;
+# they need a router registered with `adapts_to_load`.
+ADAPTIVE_SCOPES = ("aux_free",)
 
 
 @dataclass
@@ -65,11 +71,9 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
 
 
 def max_violation(counts_E: Tensor) -> float:
-    """MaxVio = (max load - mean load) / mean load; 0 at perfect balance, E-1 when one expert
-    takes everything."""
-    counts = counts_E.double()
-    mean = counts.mean()
-    return float((counts.max() - mean) / mean) if mean > 0 else 0.0
+    """MaxVio of the expert loads counts [E]: `moe.loads.max_violation` (the one definition, shared
+    with the analysis), on the host. nan when every count is 0."""
+    return numpy_max_violation(counts_E.detach().double().cpu().numpy())
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class LoadBalancer:
 
     def __init__(self, cfg: BalanceConfig, num_experts: int, process_group: dist.ProcessGroup | None = None):
         if cfg.scope not in BALANCE_SCOPES:
-            raise ValueError(f"balance.scope={cfg.scope!r} is unknown; allowed values: {', '.join(BALANCE_SCOPES)}")
+            check_choice("balance.scope", cfg.scope, BALANCE_SCOPES)
         for name in ("lbl_coef", "z_coef"):
             if getattr(cfg, name) < 0:
                 raise ValueError(f"balance.{name} must be >= 0, got {getattr(cfg, name)}")
@@ -101,6 +105,12 @@ class LoadBalancer:
         self.process_group = process_group
         self._step_counts: Tensor | None = None   # [L, E] counts this optimizer step (all ranks for global_batch)
         self._global_counts: Tensor | None = None  # [L, E] global-batch accumulation buffer
+
+    @property
+    def adapts_routers(self) -> bool:
+        """Whether the routers' `after_step(load)` runs after each optimizer step: the aux-free
+        scope balances through the routers (a selection bias) instead of a loss."""
+        return self.cfg.scope in ADAPTIVE_SCOPES
 
     @property
     def distributed(self) -> bool:
@@ -119,8 +129,7 @@ class LoadBalancer:
             zero = torch.zeros(())
             return AuxLosses(zero, zero, zero)
         device = routings[0].probs.device
-        local = torch.stack([torch.bincount(r.indices.reshape(-1), minlength=self.num_experts)
-                             for r in routings]).to(torch.float64)  # [L, E]
+        local = torch.stack([r.selected_counts() for r in routings]).to(torch.float64)  # [L, E] loads
         self._step_counts = local if self._step_counts is None else self._step_counts + local
 
         z = torch.stack([router_z_loss(r.logits) for r in routings]).mean()
@@ -159,15 +168,3 @@ class LoadBalancer:
         self._step_counts = None
         self._global_counts = None
         return counts
-
-
-@torch.no_grad()
-def update_expert_bias(routers: list[SigmoidBiasRouter], counts_LE: Tensor, rate: float) -> None:
-    """Aux-loss-free balancing (DeepSeek-V3): `b += u * sign(mean_load - load)` per layer, called
-    after each optimizer step with that step's loads. Overloaded experts become less likely to be
-    selected; the gate weights are untouched."""
-    if len(routers) != counts_LE.shape[0]:
-        raise ValueError(f"got {len(routers)} routers but loads for {counts_LE.shape[0]} layers")
-    for router, counts in zip(routers, counts_LE):
-        load = counts.to(router.expert_bias)
-        router.expert_bias += rate * torch.sign(load.mean() - load)

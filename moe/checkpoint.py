@@ -247,7 +247,11 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     """Refuse to resume from a checkpoint whose trajectory-defining config differs; the message
     names every differing field (dotted)."""
     saved, current = _flatten(saved), _flatten(current)
-    keys = sorted((set(saved) | set(current)) - NOT_IN_FINGERPRINT
+    # A router field the checkpoint recorded and the current router kind does not have (the flat
+    # router config of earlier versions listed every kind's fields) cannot have shaped the run; a
+    # different kind is caught by router.kind itself.
+    retired = {k for k in saved if k.startswith("router.") and k not in current}
+    keys = sorted((set(saved) | set(current)) - NOT_IN_FINGERPRINT - retired
                   - {k for k in LATER_FINGERPRINT_FIELDS if k not in saved})
     diffs = [f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diffs:

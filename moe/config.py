@@ -15,13 +15,14 @@ from typing import Any, Iterator, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe.balance import BALANCE_SCOPES, BalanceConfig
+from moe.balance import ADAPTIVE_SCOPES, BALANCE_SCOPES, BalanceConfig
 from moe.data import DataConfig
 from moe.data.config import validate as validate_data
 from moe.layer import BACKENDS
 from moe.model import ModelConfig, dense_twin
-from moe.routing import ROUTER_KINDS, RouterConfig
+from moe.routers import RouterConfig, resolve_router_config, router_kinds, router_spec
 from moe.sizing import TWIN_MATCHES
+from moe.validation import check_choice
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -81,6 +82,7 @@ class BackendConfig:
 class TrainConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The base class: composition merges the chosen kind's config class into it (conf/router/).
     router: RouterConfig = field(default_factory=RouterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,14 +94,29 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """The schema of conf/train.yaml, and one `<kind>_schema` per registered router in group
+    `router` (conf/router/<kind>.yaml selects it), so each router's own fields are type-checked at
+    composition."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for kind in router_kinds():
+        store.store(group="router", name=f"{kind}_schema", node=router_spec(kind).config(kind=kind))
 
 
-def to_train_config(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """A validated TrainConfig object from a composed Hydra config (or a run's config.yaml)."""
+def to_train_config(cfg: DictConfig | TrainConfig, *, stored: bool = False) -> TrainConfig:
+    """A validated TrainConfig object from a composed Hydra config, or with `stored=True` from a
+    run's saved config.yaml (whose router section may hold fields of the flat router config of
+    earlier versions that its kind never read: they are dropped). The router section becomes its
+    kind's own config class (`moe.routers`)."""
     if isinstance(cfg, DictConfig):
-        reject_unknown_keys(cfg, TrainConfig)
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+        router = OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else {}
+        rest = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "router"])
+        reject_unknown_keys(rest, TrainConfig)
+        router_cfg = resolve_router_config(router, stored=stored)
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), rest))
+        cfg.router = router_cfg
+    else:
+        cfg.router = resolve_router_config(cfg.router)
     validate(cfg)
     return cfg
 
@@ -150,10 +167,10 @@ def validate(cfg: TrainConfig) -> None:
     data or run-directory work); messages name the field and the fix."""
     cfg.model.validate()
     validate_data(cfg.data)
-    if cfg.router.kind not in ROUTER_KINDS:
-        raise ValueError(f"router.kind={cfg.router.kind!r} is unknown; allowed values: {', '.join(ROUTER_KINDS)}")
+    router = router_spec(cfg.router.kind)  # ValueError naming the registered kinds
+    cfg.router.validate()
     if cfg.balance.scope not in BALANCE_SCOPES:
-        raise ValueError(f"balance.scope={cfg.balance.scope!r} is unknown; allowed values: {', '.join(BALANCE_SCOPES)}")
+        check_choice("balance.scope", cfg.balance.scope, BALANCE_SCOPES)
     finite = math.isfinite
     m, t = cfg.model, cfg.trainer
     for name, value, ok, want in (
@@ -161,9 +178,6 @@ def validate(cfg: TrainConfig) -> None:
         ("model.rope_theta", m.rope_theta, finite(m.rope_theta) and m.rope_theta > 0, "a finite number > 0"),
         ("model.init_std", m.init_std, finite(m.init_std) and m.init_std > 0, "a finite number > 0"),
         ("model.dense_width", m.dense_width, m.dense_width is None or m.dense_width >= 1, ">= 1, or null"),
-        ("router.bias_update_rate", cfg.router.bias_update_rate,
-         finite(cfg.router.bias_update_rate) and cfg.router.bias_update_rate >= 0, "a finite number >= 0"),
-        ("router.hash_seed", cfg.router.hash_seed, cfg.router.hash_seed >= 0, "an integer >= 0"),
         ("balance.lbl_coef", cfg.balance.lbl_coef, finite(cfg.balance.lbl_coef) and cfg.balance.lbl_coef >= 0,
          "a finite number >= 0"),
         ("balance.z_coef", cfg.balance.z_coef, finite(cfg.balance.z_coef) and cfg.balance.z_coef >= 0,
@@ -189,13 +203,10 @@ def validate(cfg: TrainConfig) -> None:
     ):
         if not ok:  # also catches nan: every comparison with it is False
             raise ValueError(f"trainer.{name}={value} is out of range: it must be {want}")
-    if not 0 <= cfg.router.jitter < 1:
-        raise ValueError(f"router.jitter={cfg.router.jitter} is out of range: it must be in [0, 1) (logits are "
-                         "scaled by a factor drawn from [1 - jitter, 1 + jitter])")
     if t.precision not in PRECISIONS:
-        raise ValueError(f"trainer.precision={t.precision!r} is unknown; allowed values: {', '.join(PRECISIONS)}")
+        check_choice("trainer.precision", t.precision, PRECISIONS)
     if cfg.backend.name not in BACKENDS:
-        raise ValueError(f"backend.name={cfg.backend.name!r} is unknown; allowed values: {', '.join(BACKENDS)}")
+        check_choice("backend.name", cfg.backend.name, BACKENDS)
     for match in cfg.twin.match:
         if match not in TWIN_MATCHES:
             raise ValueError(f"twin.match contains {match!r}; allowed values: {', '.join(TWIN_MATCHES)}")
@@ -206,9 +217,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.twin.only and (cfg.model.ffn != "moe" or not cfg.twin.match):
         raise ValueError("twin.only=true trains the dense twins of an MoE model without it; it needs model.ffn=moe "
                          f"and a non-empty twin.match (got ffn={cfg.model.ffn!r}, match={list(cfg.twin.match)})")
-    if cfg.balance.scope == "aux_free" and cfg.model.ffn == "moe" and cfg.router.kind != "sigmoid":
-        raise ValueError("balance=aux_free nudges a selection bias that only router=sigmoid has; "
-                         f"got router.kind={cfg.router.kind!r}. Use router=sigmoid or another balance scope.")
+    if cfg.balance.scope in ADAPTIVE_SCOPES and cfg.model.ffn == "moe" and not router.adapts_to_load:
+        adaptive = [kind for kind in router_kinds() if router_spec(kind).adapts_to_load]
+        raise ValueError(f"balance={cfg.balance.scope} balances by letting the router adapt to the load (a selection "
+                         f"bias), which router={cfg.router.kind} does not do; routers that do: {', '.join(f'router={k}' for k in adaptive)}. "
+                         "Use one of those or another balance scope.")
 
 
 def models_to_train(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:

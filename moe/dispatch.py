@@ -100,7 +100,7 @@ def _sum_slots(rows_PD: Tensor, slot_row: Tensor, num_tokens: int) -> Tensor:
     """[P, D] rows -> [T, D]: token t's K rows summed in slot order.
 
     `embedding_bag` gathers and sums in one pass, without the [T, K, D] copy that index_select
-    then sum would write (equal bit for bit, ~3x faster on CPU).
+    then sum would write (equal bit for bit, and faster on CPU).
     """
     if num_tokens == 0:
         return rows_PD.new_zeros(0, rows_PD.shape[1])

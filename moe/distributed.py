@@ -21,6 +21,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from moe.validation import check_choice
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -45,14 +49,13 @@ def launched_by_torchrun() -> bool:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto` -> cuda:<local_rank> when available, else cpu."""
+    check_choice("trainer.device", name, DEVICES)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but CUDA is not available; use trainer.device=cpu or auto")
         return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise ValueError(f"trainer.device={name!r} is unknown; allowed values: auto, cpu, cuda")
     return torch.device("cpu")
 
 

@@ -12,13 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe.dispatch import CPU_MAX_PADDING, combine, gather_rows, permute
+from moe.routing import Routing
+from moe.validation import check_choice
+
 ACTIVATIONS = ("swiglu", "gelu")
 
 
 def _check_activation(activation: str) -> int:
     """Number of input projections the activation needs."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is unknown; allowed values: {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
     return 2 if activation == "swiglu" else 1
 
 
@@ -113,9 +117,10 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
 
 
 class GroupedExperts(nn.Module):
-    """E experts with stacked weights w_in [E, D, n*F] and w_out [E, F, D]; computes only the math.
-
-    Input rows arrive grouped by expert (the dispatcher's job).
+    """The native experts backend: E experts with stacked weights w_in [E, D, n*F] and w_out
+    [E, F, D], and their dispatch (`moe.dispatch`): `forward(x_TD, routing)` groups the kept
+    assignments' rows by expert, runs the grouped matmuls (`compute_rows`) and sums each token's
+    gated outputs back in place.
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, activation: str = "swiglu",
@@ -132,7 +137,14 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w_in.shape[0]
 
-    def forward(self, x_PD: Tensor, gate_P: Tensor, counts_E: Tensor, capacity: int | None = None) -> Tensor:
+    def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """Tokens x_TD [T, D] and their routing -> sum over kept slots of gate * expert(x) [T, D]."""
+        # Grouped matmul kernels on CUDA want the ragged layout; on the CPU padding is cheaper while small.
+        dispatch = permute(routing, max_padding=None if x_TD.is_cuda else CPU_MAX_PADDING)
+        y_PD = self.compute_rows(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity)
+        return combine(y_PD, dispatch, x_TD.shape[0])
+
+    def compute_rows(self, x_PD: Tensor, gate_P: Tensor, counts_E: Tensor, capacity: int | None = None) -> Tensor:
         """Expert rows [P, D], gate weights [P] -> gated outputs gate * expert(x) [P, D].
 
         With `capacity` C the rows are E padded groups of C (P = E*C) and run as one batched

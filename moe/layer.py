@@ -1,18 +1,25 @@
-"""The MoE layer: router -> permute -> grouped experts -> combine (+ shared experts).
+"""The MoE layer: a router, routed experts and optional shared experts, composed.
 
 It takes the dense MLP's place in a transformer block; only this module differs between an MoE
-model and its dense twin.
+model and its dense twin. The router (`moe.routers`) and the experts backend are siblings that
+can each be swapped: the experts are the native grouped experts with their dispatch
+(`moe.experts.GroupedExperts`) or MegaBlocks' dropless kernels (`moe.megablocks_backend`); both
+take (x_TD, Routing) and return y_TD, so the router, the routing record and the shared experts
+exist once, here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable, Protocol
+
 from torch import Tensor, nn
 
-from moe.dispatch import CPU_MAX_PADDING, combine, gather_rows, permute
 from moe.experts import ACTIVATIONS, DenseMLP, GroupedExperts
-from moe.routing import RouteKeys, Router, RouterConfig, Routing, build_router
+from moe.routers import Router, RouterConfig, build_router
+from moe.routing import RouteKeys, Routing
+from moe.validation import check_choice
 
 
 @dataclass
@@ -50,8 +57,7 @@ class MoEConfig:
             fail("granularity", self.granularity, f"must be >= 1 and divide expert_width={self.expert_width}")
         if self.num_shared_experts < 0:
             fail("num_shared_experts", self.num_shared_experts, "must be >= 0")
-        if self.activation not in ACTIVATIONS:
-            fail("activation", self.activation, f"allowed values: {', '.join(ACTIVATIONS)}")
+        check_choice("model.moe.activation", self.activation, ACTIVATIONS)
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             fail("capacity_factor", self.capacity_factor, "must be > 0, or null for dropless routing")
 
@@ -71,43 +77,76 @@ class MoEConfig:
         return self.expert_width // self.granularity
 
 
-class MoELayer(nn.Module):
-    """x [..., D] (+ `RouteKeys` or token ids [...]) -> (y [..., D], Routing over the T flattened tokens)."""
+class ExpertsBackend(Protocol):
+    """The routed experts of one layer: all of them on the kept assignments of a routing record."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig, router_cfg: RouterConfig, init_std: float = 0.02,
-                 out_std: float | None = None):
+    def __call__(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """x_TD [T, D] -> sum over each token's kept slots of gate * expert(x) [T, D]."""
+        ...
+
+    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
+        """One expert, ungated, on any rows [N, D] -> [N, D] (probes)."""
+        ...
+
+
+class MoELayer(nn.Module):
+    """x [..., D] (+ `RouteKeys` or token ids [...]) -> (y [..., D], Routing over the T flattened tokens).
+
+    `router` decides, `experts` (any `ExpertsBackend` module) computes, `shared` (always-active
+    experts, DeepSeekMoE) is added to every token. State dict keys: `router.*`, `experts.w_in`,
+    `experts.w_out` (every backend saves the native layout), `shared.*`.
+    """
+
+    def __init__(self, router: Router, experts: nn.Module, shared: DenseMLP | None = None):
         super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.router: Router = build_router(router_cfg, d_model, cfg.routed_experts, cfg.routed_top_k,
-                                           cfg.capacity_factor)
-        self.experts = GroupedExperts(d_model, cfg.routed_width, cfg.routed_experts, cfg.activation,
-                                      init_std, out_std)
-        self.shared = (DenseMLP(d_model, cfg.num_shared_experts * cfg.routed_width, cfg.activation, init_std, out_std)
-                       if cfg.num_shared_experts else None)
+        self.router = router
+        self.experts = experts
+        self.shared = shared
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
 
     def forward(self, x: Tensor, keys: RouteKeys | Tensor | None = None) -> tuple[Tensor, Routing]:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD, keys)
-        # Grouped matmul kernels on CUDA want the ragged layout; on the CPU padding is cheaper while small.
-        dispatch = permute(routing, max_padding=None if x_TD.is_cuda else CPU_MAX_PADDING)
-        y_PD = self.experts(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity)
-        y_TD = combine(y_PD, dispatch, x_TD.shape[0])
+        y_TD = self.experts(x_TD, routing)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view_as(x), routing
 
 
-BACKENDS = ("native", "megablocks")
+def _native_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> nn.Module:
+    return GroupedExperts(d_model, cfg.routed_width, cfg.routed_experts, cfg.activation, init_std, out_std)
+
+
+def _megablocks_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> nn.Module:
+    from moe.megablocks_backend import MegablocksExperts  # MegaBlocks imported only when asked for
+    return MegablocksExperts(d_model, cfg, init_std=init_std, out_std=out_std)
+
+
+# backend.name -> builder of the routed experts (d_model, MoEConfig, init_std, out_std) -> module.
+EXPERT_BACKENDS: dict[str, Callable[[int, MoEConfig, float, float | None], nn.Module]] = {
+    "native": _native_experts,
+    "megablocks": _megablocks_experts,
+}
+BACKENDS = tuple(EXPERT_BACKENDS)
 
 
 def build_moe_layer(backend: str, d_model: int, cfg: MoEConfig, router_cfg: RouterConfig, init_std: float = 0.02,
-                    out_std: float | None = None) -> nn.Module:
-    """The MoE layer of `backend`: `MoELayer` (native) or `MegablocksMoELayer` (CUDA; MegaBlocks
-    imported only here, only when asked for)."""
-    if backend == "native":
-        return MoELayer(d_model, cfg, router_cfg, init_std, out_std)
-    if backend == "megablocks":
-        from moe.megablocks_backend import MegablocksMoELayer
-        return MegablocksMoELayer(d_model, cfg, router_cfg, init_std, out_std)
-    raise ValueError(f"backend={backend!r} is unknown; allowed values: {', '.join(BACKENDS)}")
+                    out_std: float | None = None) -> MoELayer:
+    """An MoE layer of `cfg`'s sizes: the router `router_cfg` names over the g*E routed experts
+    (g*k per token), the experts of `backend` (native | megablocks, the latter CUDA only) and the
+    shared experts. Output projections (experts' and shared) are initialized with `out_std`."""
+    cfg.validate()
+    if backend not in EXPERT_BACKENDS:
+        check_choice("backend", backend, EXPERT_BACKENDS)
+    router = build_router(router_cfg, d_model, cfg.routed_experts, cfg.routed_top_k, cfg.capacity_factor)
+    experts = EXPERT_BACKENDS[backend](d_model, cfg, init_std, out_std)
+    shared = (DenseMLP(d_model, cfg.num_shared_experts * cfg.routed_width, cfg.activation, init_std, out_std)
+              if cfg.num_shared_experts else None)
+    return MoELayer(router, experts, shared)

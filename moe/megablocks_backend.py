@@ -1,10 +1,10 @@
-"""backend=megablocks: our router feeding MegaBlocks' dropless expert computation (CUDA only).
+"""backend=megablocks: MegaBlocks' dropless expert computation behind our router (CUDA only).
 
-Only the expert computation changes between the backends. Each MoE layer keeps the native router
-(float32, every router kind, knockout masks, capacity), and its `Routing` record is what
-MegaBlocks' `ParallelDroplessMLP` (the expert half of its `dMoE`) receives as (scores, weights,
-indices); the trainer's `LoadBalancer` and the analysis recorder read the same record as with the
-native backend. MegaBlocks' own router is not used: it is softmax top-k only and runs in the
+Only the experts change between the backends: `moe.layer.MoELayer` keeps the native router
+(float32, every router kind, knockout masks, capacity) and the shared experts, and its `Routing`
+record is what MegaBlocks' `ParallelDroplessMLP` (the expert half of its `dMoE`) receives as
+(scores, weights, indices); the trainer's `LoadBalancer` and the analysis recorder read the same
+record as with the native backend. MegaBlocks' own router is not used: it is softmax top-k only and runs in the
 weights' dtype, while the design keeps one router implementation.
 
 MegaBlocks' balancing loss and z-loss are switched off (`moe_loss_weight = moe_zloss_weight = 0`):
@@ -18,8 +18,8 @@ Weights: the experts' parameters stay float32 master weights (`Arguments(bf16=Fa
 forward casts them to the autocast dtype through `torch.func.functional_call`, since MegaBlocks'
 grouped GEMM takes bf16 operands and the gradients still reach the float32 parameters.
 
-Checkpoints are backend-agnostic: `state_dict()` of this layer is in the native layout
-(`experts.w_in [E, D, n*F]`, `experts.w_out [E, F, D]`) and `load_state_dict` accepts it, so a model
+Checkpoints are backend-agnostic: `state_dict()` of `MegablocksExperts` is in the native layout
+(`w_in [E, D, n*F]`, `w_out [E, F, D]`) and `load_state_dict` accepts it, so a model
 trained with MegaBlocks on GPUs is analyzed with the native layer on a CPU. MegaBlocks keeps the
 expert weights as `w1`, (`v1`,) `w2`, each `[E*F, D]`: `x @ w1[e].T` (gate), `x @ v1[e].T` (up,
 GLU only), `h @ w2[e]`.
@@ -31,15 +31,18 @@ Install: `pip install 'moe-specialization[megablocks]'`. MegaBlocks pins its tor
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from moe.experts import DenseMLP, compute_dtype
-from moe.routing import RouteKeys, Router, RouterConfig, Routing, build_router
+from moe.experts import activate, compute_dtype
+from moe.routing import Routing
+
+if TYPE_CHECKING:
+    from moe.layer import MoEConfig
 
 INSTALL_HINT = ("pip install 'moe-specialization[megablocks]' on a Linux machine with CUDA (MegaBlocks pins "
                 "torch 2.7.0 and numpy<2.1), or use backend=native")
@@ -62,7 +65,7 @@ def require_megablocks() -> Any:
         raise BackendUnavailable(f"backend=megablocks: MegaBlocks is not importable ({err}); {INSTALL_HINT}") from err
 
 
-def megablocks_arguments(d_model: int, cfg: Any, *, init_std: float, out_std: float | None,
+def megablocks_arguments(d_model: int, cfg: "MoEConfig", *, init_std: float, out_std: float | None,
                          device: Any = None) -> dict[str, Any]:
     """Keyword arguments of `megablocks.layers.arguments.Arguments` for the routed experts of a
     `moe.layer.MoEConfig` (fine-grained experts included: g*E experts of width f/g, top g*k)."""
@@ -127,24 +130,23 @@ def megablocks_to_native(weights: Mapping[str, Tensor], num_experts: int) -> tup
     return torch.cat(parts, dim=2).contiguous(), w2.view(num_experts, F_, D).contiguous()
 
 
-class MegablocksMoELayer(nn.Module):
-    """Same contract as `moe.layer.MoELayer`: x [..., D] (+ token ids) -> (y [..., D], Routing).
+class MegablocksExperts(nn.Module):
+    """The megablocks experts backend of `moe.layer.MoELayer`: (x_TD, Routing) -> y_TD through
+    MegaBlocks' dropless grouped GEMM.
 
-    `experts` is MegaBlocks' `ParallelDroplessMLP` (built from `megablocks_arguments` when not
-    given; tests pass a reference module with the same interface and parameter layout).
+    `mlp` is MegaBlocks' `ParallelDroplessMLP` (built from `megablocks_arguments` when not given;
+    tests pass a reference module with the same interface and parameter layout). Its state dict is
+    the native layout (`w_in [E, D, n*F]`, `w_out [E, F, D]`), converted by hooks both ways.
     """
 
-    def __init__(self, d_model: int, cfg: Any, router_cfg: RouterConfig, init_std: float = 0.02,
-                 out_std: float | None = None, experts: nn.Module | None = None):
+    def __init__(self, d_model: int, cfg: "MoEConfig", *, init_std: float = 0.02, out_std: float | None = None,
+                 mlp: nn.Module | None = None):
         super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.router: Router = build_router(router_cfg, d_model, cfg.routed_experts, cfg.routed_top_k,
-                                           cfg.capacity_factor)
+        self.activation, self.num_experts = cfg.activation, cfg.routed_experts
         # MegaBlocks' module-level loss lists, drained after every forward in case a MegaBlocks
         # version fills them regardless of the zero loss weights.
         self._drain: list[Callable[[], None]] = []
-        if experts is None:
+        if mlp is None:
             dmoe = require_megablocks()
             from megablocks.layers import moe as mb_moe, router as mb_router
 
@@ -153,10 +155,8 @@ class MegablocksMoELayer(nn.Module):
 
             args = Arguments(**megablocks_arguments(d_model, cfg, init_std=init_std, out_std=out_std,
                                                     device=torch.cuda.current_device()))
-            experts = dmoe.ParallelDroplessMLP(args)
-        self.experts = experts
-        self.shared = (DenseMLP(d_model, cfg.num_shared_experts * cfg.routed_width, cfg.activation, init_std, out_std)
-                       if cfg.num_shared_experts else None)
+            mlp = dmoe.ParallelDroplessMLP(args)
+        self.mlp = mlp
         # Public names since torch 2.5; the private ones (same hook signatures) before.
         post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
         post(_to_native_state)
@@ -165,49 +165,54 @@ class MegablocksMoELayer(nn.Module):
         else:
             self._register_load_state_dict_pre_hook(_from_native_state, with_module=True)
 
-    def forward(self, x: Tensor, keys: RouteKeys | Tensor | None = None) -> tuple[Tensor, Routing]:
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD, keys)
+    def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         dtype = compute_dtype(x_TD)
         # Dropped slots (capacity, knockouts) keep their rows in the dropless kernels but weigh 0,
         # so they add nothing: the token passes through the residual for that slot, as natively.
         weights = (routing.weights * routing.kept).to(dtype)
-        params = {name: p.to(dtype) for name, p in self.experts.named_parameters()}
-        y_TD = functional_call(self.experts, params, (x_TD.to(dtype), routing.probs, weights, routing.indices))
+        params = {name: p.to(dtype) for name, p in self.mlp.named_parameters()}
+        y_TD = functional_call(self.mlp, params, (x_TD.to(dtype), routing.probs, weights, routing.indices))
         for drain in self._drain:
             drain()
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        return y_TD.view_as(x), routing
+        return y_TD
+
+    def native_weights(self) -> tuple[Tensor, Tensor]:
+        """(w_in [E, D, n*F], w_out [E, F, D]) in the native layout."""
+        params = dict(self.mlp.named_parameters())
+        return megablocks_to_native({k: params[n] for k, n in _expert_params(self).items()}, self.num_experts)
+
+    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
+        """One expert, ungated, on any rows [N, D] -> [N, D] (probes), in the native layout's math."""
+        w_in, w_out = self.native_weights()
+        return activate(x_ND @ w_in[expert].to(x_ND.dtype), self.activation) @ w_out[expert].to(x_ND.dtype)
 
 
-def _expert_params(module: MegablocksMoELayer) -> dict[str, str]:
-    """MegaBlocks parameter name (w1/v1/w2) -> its name inside `module.experts`."""
-    return {name.rsplit(".", 1)[-1]: name for name, _ in module.experts.named_parameters()
+def _expert_params(module: MegablocksExperts) -> dict[str, str]:
+    """MegaBlocks parameter name (w1/v1/w2) -> its name inside `module.mlp`."""
+    return {name.rsplit(".", 1)[-1]: name for name, _ in module.mlp.named_parameters()
             if name.rsplit(".", 1)[-1] in _MB_KEYS}
 
 
-def _to_native_state(module: MegablocksMoELayer, state: dict, prefix: str, local_metadata: Any) -> None:
+def _to_native_state(module: MegablocksExperts, state: dict, prefix: str, local_metadata: Any) -> None:
     names = _expert_params(module)
-    weights = {k: state.pop(f"{prefix}experts.{n}") for k, n in names.items()}
-    for name in [k for k in state if k.startswith(f"{prefix}experts.")]:
+    weights = {k: state.pop(f"{prefix}mlp.{n}") for k, n in names.items()}
+    for name in [k for k in state if k.startswith(f"{prefix}mlp.")]:
         raise RuntimeError(f"{name}: MegaBlocks expert state without a native counterpart "
                            "(biases or expert parallelism are not supported by backend=megablocks)")
-    w_in, w_out = megablocks_to_native(weights, module.cfg.routed_experts)
-    state[f"{prefix}experts.w_in"], state[f"{prefix}experts.w_out"] = w_in, w_out
+    state[f"{prefix}w_in"], state[f"{prefix}w_out"] = megablocks_to_native(weights, module.num_experts)
 
 
-def _from_native_state(module: MegablocksMoELayer, state: dict, prefix: str, *args: Any) -> None:
-    if f"{prefix}experts.w_in" not in state:
+def _from_native_state(module: MegablocksExperts, state: dict, prefix: str, *args: Any) -> None:
+    if f"{prefix}w_in" not in state:
         return  # a partial or MegaBlocks-layout state: let load_state_dict report what is missing
-    w_in, w_out = state.pop(f"{prefix}experts.w_in"), state.pop(f"{prefix}experts.w_out")
-    for key, value in native_to_megablocks(w_in, w_out, module.cfg.activation).items():
-        state[f"{prefix}experts.{_expert_params(module)[key]}"] = value
+    w_in, w_out = state.pop(f"{prefix}w_in"), state.pop(f"{prefix}w_out")
+    for key, value in native_to_megablocks(w_in, w_out, module.activation).items():
+        state[f"{prefix}mlp.{_expert_params(module)[key]}"] = value
 
 
 __all__ = [
     "BackendUnavailable",
-    "MegablocksMoELayer",
+    "MegablocksExperts",
     "megablocks_arguments",
     "megablocks_to_native",
     "native_to_megablocks",

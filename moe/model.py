@@ -17,8 +17,10 @@ from torch import Tensor, nn
 
 from moe.experts import DenseMLP
 from moe.layer import MoEConfig, MoELayer, build_moe_layer
-from moe.routing import RouterConfig, RouteKeys, Routing
+from moe.routers import RouterConfig
+from moe.routing import RouteKeys, Routing
 from moe.sizing import dense_twin_width, layer_size
+from moe.validation import check_choice
 
 FFN_KINDS = ("moe", "dense")
 
@@ -43,7 +45,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.ffn not in FFN_KINDS:
-            raise ValueError(f"model.ffn={self.ffn!r} is unknown; allowed values: {', '.join(FFN_KINDS)}")
+            check_choice("model.ffn", self.ffn, FFN_KINDS)
         for name in ("d_model", "n_layers", "n_heads", "moe_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from moe.experts import DenseMLP
 from moe.layer import MoEConfig, MoELayer
-from moe.megablocks_backend import MegablocksMoELayer
+from moe.validation import check_choice
 
 TWIN_MATCHES = ("active", "total")
 
@@ -30,12 +30,10 @@ def dense_twin_width(cfg: MoEConfig, match: str) -> int:
     `active`: k*f + shared width (same per-token compute as the MoE);
     `total`:  E*f + shared width (same parameter count as the MoE, router aside).
     """
+    check_choice("twin.match", match, TWIN_MATCHES)
     shared = cfg.num_shared_experts * cfg.routed_width
-    if match == "active":
-        return cfg.routed_top_k * cfg.routed_width + shared
-    if match == "total":
-        return cfg.routed_experts * cfg.routed_width + shared
-    raise ValueError(f"twin.match={match!r} is unknown; allowed values: {', '.join(TWIN_MATCHES)}")
+    experts = cfg.routed_top_k if match == "active" else cfg.routed_experts
+    return experts * cfg.routed_width + shared
 
 
 def _count(module: nn.Module | None) -> int:
@@ -43,16 +41,15 @@ def _count(module: nn.Module | None) -> int:
 
 
 def layer_size(layer: nn.Module) -> LayerSize:
-    """Total and active parameters and forward FLOPs/token of a DenseMLP or an MoE layer (either backend)."""
+    """Total and active parameters and forward FLOPs/token of a DenseMLP or an MoE layer (any experts backend)."""
     if isinstance(layer, DenseMLP):
         n = _count(layer)
         return LayerSize(n, n, 2 * n)
-    if isinstance(layer, (MoELayer, MegablocksMoELayer)):
+    if isinstance(layer, MoELayer):
         experts = _count(layer.experts)
-        num_experts = layer.cfg.routed_experts
-        per_expert = experts // num_experts
+        per_expert = experts // layer.num_experts
         # Expert choice gives each token k experts on average (capacity factor 1).
-        routed_active = layer.cfg.routed_top_k * per_expert
+        routed_active = layer.top_k * per_expert
         always = _count(layer.router) + _count(layer.shared)
         return LayerSize(experts + always, routed_active + always, 2 * (routed_active + always))
     raise TypeError(f"layer_size expects a DenseMLP or MoELayer, got {type(layer).__name__}")

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from moe.balance import LoadBalancer, max_violation, update_expert_bias
+from moe.balance import LoadBalancer, max_violation
+from moe.modes import eval_mode
 from moe.checkpoint import (
     check_fingerprint,
     checkpoint_dir,
@@ -38,7 +39,6 @@ from moe.run_lock import write_error
 from moe.data import Batch, PreparedData
 from moe.distributed import DistContext, all_reduce_mean, barrier
 from moe.model import LanguageModel, ModelConfig, model_size
-from moe.routing import SigmoidBiasRouter
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,10 +71,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool = Fa
 def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: torch.device,
              autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
     """Mean next-token loss (nats/token) per domain, and `all` = mean over domains."""
-    was_training = model.training
-    model.eval()
     losses = {}
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for domain, batches in val_batches.items():
             total, count = 0.0, 0
             for batch in batches:
@@ -84,7 +82,6 @@ def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: 
                 total += float(out.token_loss.sum())
                 count += out.token_loss.numel()
             losses[domain] = total / max(count, 1)
-    model.train(was_training)
     losses["all"] = float(np.mean([losses[d] for d in val_batches]))
     return losses
 
@@ -346,9 +343,9 @@ class Trainer:
         stats["grad_norm"] = float(grad_norm)
         if self.balancer is not None:
             loads = self.balancer.end_step()
-            if self.cfg.balance.scope == "aux_free":
-                update_expert_bias([r for r in self.routers if isinstance(r, SigmoidBiasRouter)], loads,
-                                   self.cfg.router.bias_update_rate)
+            if self.balancer.adapts_routers:
+                for router, load in zip(self.routers, loads):
+                    router.after_step(load)
             stats["maxvio"] = [max_violation(c) for c in loads]
             stats["load"] = loads.long().tolist()
             stats["dropped"] = dropped

@@ -47,7 +47,9 @@ def test_every_group_option_composes(compose_train, group, option):
     ("balance.scope=global", ValueError, r"balance.scope='global' is unknown; allowed values: micro_batch, "),
     ("balance.lbl_coef=-1", ValueError, r"balance.lbl_coef=-1.0 is out of range: it must be a finite number >= 0"),
     ("balance.z_coef=nan", ValueError, r"balance.z_coef=nan is out of range"),
-    ("router.bias_update_rate=inf", ValueError, r"router.bias_update_rate=inf is out of range"),
+    ("router=sigmoid router.bias_update_rate=inf", ValueError, r"router.bias_update_rate=inf is out of range"),
+    # A field of another router: refused at composition (each router kind has its own config).
+    ("router.hash_seed=3", (ConfigCompositionException, ConfigKeyError), "hash_seed"),
     ("model.init_std=0", ValueError, r"model.init_std=0.0 is out of range: it must be a finite number > 0"),
     ("model.rope_theta=-1", ValueError, r"model.rope_theta=-1.0 is out of range"),
     ("seed=-1", ValueError, r"seed=-1 is out of range: it must be an integer >= 0"),
@@ -60,7 +62,7 @@ def test_every_group_option_composes(compose_train, group, option):
 ])
 def test_bad_config_fails_at_composition_with_a_clear_message(compose_train, override, error, match):
     with pytest.raises(error, match=match):
-        compose_train(override)
+        compose_train(*override.split())
 
 
 def test_analyze_app_takes_a_model_name_and_a_data_group():
@@ -106,6 +108,7 @@ def test_train_and_analyze_cli_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((tmp_path / "comparison.json").read_text())
     assert set(table) == {"moe", "dense_active"}
+    assert not (tmp_path / "analysis").exists()  # experiment=smoke: analyze=false
     result = run(["analysis.cli", f"run_dir={tmp_path}", "analysis.n_permutations=20", "analysis.n_bootstrap=20"],
                  tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,6 +124,20 @@ def test_train_and_analyze_cli_end_to_end(tmp_path):
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert summary["data_warnings"] == manifest["warnings"]
     assert all(f"**data warning**: {w}" in report for w in manifest["warnings"])
+
+
+def test_the_main_job_trains_then_analyzes_and_moe_train_alone_says_how(tmp_path):
+    """`moe-train` is analysis.pipeline (train, then analyze); `python -m moe.train` trains only and
+    says so when analyze=true."""
+    result = run(["moe.train", "experiment=smoke", "analyze=true", "trainer.max_steps=2",
+                  f"hydra.run.dir={tmp_path / 'train_only'}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trains and compares only; analyze this run with `moe-analyze" in result.stdout
+    assert not (tmp_path / "train_only" / "analysis").exists()
+    result = run(["analysis.pipeline", "experiment=smoke", "analyze=true", f"hydra.run.dir={tmp_path / 'main'}"],
+                 tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "main" / "analysis" / "summary.json").is_file()
 
 
 @pytest.mark.slow

@@ -178,15 +178,15 @@ def test_bit_flip_in_the_newest_checkpoint_falls_back_to_the_previous_one(compos
 def test_analysis_refuses_a_checkpoint_its_run_config_did_not_write(killed_and_resumed, tmp_path):
     """The trainer's fingerprint, checked by the analysis too: config.yaml (and data/) rewritten
     under a checkpoint, as a refused resume used to do, is not analyzed silently."""
-    from analysis.run import load_trained_model
+    from moe.loading import load_model
 
     run_dir = shutil.copytree(killed_and_resumed[0], tmp_path / "run")
-    load_trained_model(run_dir, "moe")  # consistent: loads
+    load_model(run_dir, "moe")  # consistent: loads
     config = run_dir / "config.yaml"
     assert "seq_len: 256" in config.read_text()
     config.write_text(config.read_text().replace("seq_len: 256", "seq_len: 128"))
     with pytest.raises(CheckpointError, match=r"different configuration:\n  data.seq_len: checkpoint=256 now=128"):
-        load_trained_model(run_dir, "moe")
+        load_model(run_dir, "moe")
 
 
 # --------------------------------------------------------------------------- divergence
@@ -353,7 +353,7 @@ def test_one_domain_is_refused_by_the_analysis_and_moe_analyze_creates_nothing(c
 
     one = ("data.synthetic.num_domains=1",)
     with pytest.raises(ValueError, match=r"analyze=true, but the corpus has only the domain\(s\) \['syn00'\]"):
-        run_experiment(compose_train(*TINY, *one, "analyze=true"), tmp_path / "refused")
+        run_experiment(compose_train(*TINY, *one, "analyze=true"), tmp_path / "refused", after_training=analyze_run)
     assert not (tmp_path / "refused" / "data").exists()  # refused before anything was written
     run = tmp_path / "run"
     run_experiment(compose_train(*TINY, *one), run)

@@ -47,6 +47,7 @@ from analysis.hf.families import Family, family_of, moe_blocks
 from analysis.hf.rules import RoutingRule, RuleOutput
 from moe.model import LMOutput
 from moe.routing import Routing
+from moe.validation import check_choice
 
 __all__ = ["HFExperts", "HFMoELayer", "HFMoEModel", "RouterShim", "load_hf_model", "resolve_dtype", "wrap_hf_model"]
 
@@ -324,7 +325,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith(("cuda", "auto")) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is unknown; allowed values: auto, {', '.join(DTYPES)}")
+        check_choice("dtype", dtype, ("auto", *DTYPES))
     return DTYPES[dtype]
 
 

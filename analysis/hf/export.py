@@ -64,17 +64,11 @@ from torch import Tensor
 from analysis.cli import check_run_dir, register_app_configs
 from analysis.hf.adapter import DTYPES, _import_transformers
 from moe.config import reject_unknown_keys
-from moe.experts import DenseMLP
+from moe.experts import DenseMLP, GroupedExperts
 from moe.layer import MoELayer
 from moe.model import LanguageModel
-from moe.routing import (
-    DomainRouter,
-    ExpertChoiceRouter,
-    HashRouter,
-    RandomRouter,
-    SigmoidBiasRouter,
-    TopKRouter,
-)
+from moe.modes import eval_mode
+from moe.validation import check_choice
 
 __all__ = ["EXPORT_FAMILIES", "ExportConfig", "ExportError", "ExportPlan", "ExportResult", "build_hf_model",
            "export_hf", "plan_export"]
@@ -141,22 +135,6 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------------------- which family
-def _router_kind(router: torch.nn.Module) -> str:
-    if isinstance(router, TopKRouter):
-        return "topk"
-    if isinstance(router, SigmoidBiasRouter):
-        return "sigmoid"
-    if isinstance(router, ExpertChoiceRouter):
-        return "expert_choice"
-    if isinstance(router, HashRouter):
-        return "prev_hash" if router.key == "previous" else "hash"
-    if isinstance(router, DomainRouter):
-        return "domain"
-    if isinstance(router, RandomRouter):
-        return "random"
-    return type(router).__name__
-
-
 _ROUTER_REFUSALS = {
     "expert_choice": "router=expert_choice: each expert picks its tokens across the whole batch (a token gets 0..E "
                      "experts); in every transformers MoE family each token picks its own top-k experts",
@@ -184,13 +162,14 @@ def plan_export(model: LanguageModel, family: str | None = None) -> ExportPlan:
     if not layers:
         raise ExportError(f"the model has no MoE layer (model.ffn={cfg.ffn!r}): export the MoE model of the run "
                           "(model=moe); a dense twin is no MoE family's")
-    if not all(isinstance(layer, MoELayer) for layer in layers):
-        raise ExportError("cannot export: the MoE layers are not the native backend's (moe.layer.MoELayer); load the "
-                          "checkpoint with backend=native (analysis.run.load_trained_model does)")
+    if not all(isinstance(layer, MoELayer) and isinstance(layer.experts, GroupedExperts) for layer in layers):
+        raise ExportError("cannot export: the MoE layers' experts are not the native backend's "
+                          "(moe.experts.GroupedExperts); load the checkpoint with backend=native "
+                          "(moe.loading.load_model does)")
     problems = []
     moe_cfg = cfg.moe
     router = layers[0].router
-    kind = _router_kind(router)
+    kind = "topk" if router.kind == "switch" else router.kind  # Switch: top-1 softmax, not renormalized
     if kind in _ROUTER_REFUSALS:
         problems.append(_ROUTER_REFUSALS[kind])
     elif kind not in ("topk", "sigmoid"):
@@ -384,12 +363,8 @@ def _verify(model: LanguageModel, hf_model: torch.nn.Module, plan: ExportPlan) -
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.vocab_size, _VERIFY_SHAPE, generator=g)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ours = model(tokens.to(device)).logits.float().cpu()
-    finally:
-        model.train(was_training)
     theirs = hf_model(input_ids=tokens, use_cache=False).logits.float()
     diff = float((ours - theirs).abs().max())
     tolerance = 1e-4 * max(1.0, float(ours.abs().max()))
@@ -449,18 +424,17 @@ def export_hf(source: str | Path | LanguageModel, out_dir: str | Path, family: s
     max_position_embeddings: default the run's data.seq_len (else 2048); RoPE itself has no limit.
     Raises ExportError (a ValueError) naming what does not fit, before anything is written.
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r} is unknown; allowed values: {', '.join(DTYPES)}")
+    check_choice("dtype", dtype, DTYPES, error=ExportError)
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     if isinstance(source, LanguageModel):
         native = source
     else:
-        from analysis.run import load_trained_model
+        from moe.loading import load_model
         from moe.data import load_prepared
 
         run_dir = Path(source)
-        native = load_trained_model(run_dir, model, "cpu")
+        native = load_model(run_dir, model, "cpu")
         if (run_dir / "data" / "manifest.json").is_file():
             prepared = load_prepared(run_dir)
             tokenizer = tokenizer if tokenizer is not None else prepared.tokenizer

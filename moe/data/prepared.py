@@ -18,6 +18,7 @@ from moe.data.cache import corpus_dir, tokens_dir, write_json
 from moe.data.config import as_data_config, resolve_cache_dir
 from moe.data.corpus import TextCorpus
 from moe.data.errors import DataError
+from moe.validation import check_choice
 from moe.data.split import mixture_weights
 from moe.data.stream import BatchStream, TokenStore, TrainPlan
 from moe.data.tokenizer import Tokenizer, load_tokenizer
@@ -88,8 +89,7 @@ class PreparedData:
             raise DataError(f"batch_size={batch_size} must be at least 1")
         names = self.domains if domain is None else [domain]
         for name in names:
-            if name not in self._val:
-                raise DataError(f"unknown domain {name!r}; the domains are {self.domains}")
+            check_choice("domain", name, self.domains, error=DataError)
         windows = np.concatenate([self._val[n][0] for n in names]).astype(np.int64)
         docs = np.concatenate([self._val[n][1] for n in names])
         dom = np.concatenate([np.full(self._val[n][1].shape, self.domains.index(n), np.int64) for n in names])
@@ -124,7 +124,10 @@ class PreparedData:
         return self._store.tokens[o[doc]:o[doc + 1] - 1].astype(np.int64)
 
     def doc_text(self, doc: int) -> str:
-        """The text of document `doc` as it entered the tokenizer (text sources only)."""
+        """The text of document `doc` as it entered the tokenizer (text sources only).
+
+        Reference for inspection and the tests (decoding `doc_tokens` gives it back); the pipeline
+        itself never reads the text again once tokenized."""
         if self._texts is None and self._corpus_dir is not None and (self._corpus_dir / "corpus.json").exists():
             self._texts = [d.text for d in TextCorpus.load(self._corpus_dir).documents]
         if self._texts is None:

@@ -175,11 +175,6 @@ class BatchStream:
         return self.micro_batch_size * self.world_size
 
     @property
-    def tokens_per_step(self) -> int:
-        """Input tokens consumed by one micro-step across all ranks (G * S)."""
-        return self.global_batch_size * self.plan.seq_len
-
-    @property
     def epoch(self) -> int:
         return self._epoch
 

@@ -16,7 +16,7 @@ import torch
 from moe.data import DataConfig, PreparedData, prepare_data
 from moe.layer import MoEConfig
 from moe.model import LanguageModel, ModelConfig, dense_twin
-from moe.routing import RouterConfig
+from moe.routers import RouterConfig
 
 
 @contextmanager

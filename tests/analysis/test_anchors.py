@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from analysis.anchors import COUNTINGS, anchor_rows, anchor_source, anchor_table_markdown, load_anchor_counts
+from analysis.anchors import COUNTINGS, anchor_rows, anchor_source, load_anchor_counts
 
 LN2 = np.log(2.0)
 DOMAINS = ("arxiv", "book", "c4", "github", "wikipedia")
@@ -79,10 +79,3 @@ def test_olmoe_nmi_golden(rows, counting, expected):
     """OLMoE-1B-7B I(D;E)/H(D) at layers 0/7/15 as quoted in the issue (computed from these counts)."""
     got = tuple(round(rows[("OLMoE-1B-7B", counting, layer)]["nmi"], 2) for layer in LAYERS)
     assert got == expected
-
-
-def test_markdown_has_one_line_per_row(rows):
-    table = anchor_table_markdown(list(rows.values()))
-    lines = table.splitlines()
-    assert len(lines) == 2 + len(rows) == 2 + len(TABLE_IDS)
-    assert lines[2].startswith("| OLMoE-1B-7B | 0 | top1 | 1 | 64 | 5 |")

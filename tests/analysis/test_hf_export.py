@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 from analysis.hf.adapter import wrap_hf_model  # noqa: E402
 from analysis.hf.export import ExportError, export_hf, plan_export  # noqa: E402
 from analysis.hf.run import analyze_hf_model  # noqa: E402
-from analysis.recorder import RoutingRecords  # noqa: E402
+from analysis.records import RoutingRecords  # noqa: E402
 from analysis.report import AnalysisConfig  # noqa: E402
 from analysis.run import analyze_run  # noqa: E402
 from moe.checkpoint import checkpoint_dir, save_checkpoint  # noqa: E402
@@ -34,7 +34,7 @@ from moe.config import as_plain_dict  # noqa: E402
 from moe.data import DataConfig, load_prepared, prepare_data  # noqa: E402
 from moe.layer import MoEConfig  # noqa: E402
 from moe.model import LanguageModel, ModelConfig  # noqa: E402
-from moe.routing import RouterConfig  # noqa: E402
+from moe.routers import router_config  # noqa: E402
 
 VOCAB = 97
 # Loading a model without shared experts initializes its width-0 shared expert first (torch warns).
@@ -51,7 +51,8 @@ def native(vocab: int = VOCAB, *, kind: str = "topk", renormalize: bool = True, 
                       moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_width": 16, **moe}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # expert choice warns about its causal leak
-        model = LanguageModel(cfg, vocab, RouterConfig(kind=kind, renormalize=renormalize))
+        fields = {"renormalize": renormalize} if kind in ("topk", "sigmoid") else {}  # the gates that have it
+        model = LanguageModel(cfg, vocab, router_config(kind, **fields))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -195,7 +196,7 @@ def text_run(tmp_path_factory):
     prepared.save(run)
     model = native(prepared.vocab_size, kind="sigmoid", num_shared_experts=1, moe_every=2, n_layers=2)
     state = {"model": model.state_dict(), "step": 1, "fingerprint": {"model": as_plain_dict(model.cfg)},
-             "config": {"router": as_plain_dict(RouterConfig(kind="sigmoid"))}}
+             "config": {"router": as_plain_dict(router_config("sigmoid"))}}
     save_checkpoint(checkpoint_dir(run, "moe"), 1, state, keep_last=1)
     return run, data_cfg
 

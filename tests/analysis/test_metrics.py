@@ -193,8 +193,19 @@ def test_load_measures():
     assert max_violation(np.full(8, 100.0)) == 0.0
     assert max_violation(np.array([12.0, 0, 0, 0])) == pytest.approx(3.0)  # E - 1
     assert max_violation(np.array([3.0, 1.0, 2.0, 2.0])) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="no samples"):
-        max_violation(np.zeros(4))
+    assert np.isnan(max_violation(np.zeros(4)))  # no load: balance undefined, not perfect
+    with pytest.raises(ValueError, match="non-negative"):
+        max_violation(np.array([1.0, -1.0]))
+
+
+def test_max_violation_is_the_training_logs_definition():
+    """One MaxVio: the trainer's (moe.balance, torch counts) and the analysis' agree, zero load too."""
+    torch = pytest.importorskip("torch")
+    from moe.balance import max_violation as training_max_violation
+
+    for load in ([3.0, 1.0, 2.0, 2.0], [12.0, 0, 0, 0], [5.0, 5.0]):
+        assert training_max_violation(torch.tensor(load)) == max_violation(np.array(load))
+    assert np.isnan(training_max_violation(torch.zeros(4)))
 
 
 SCALAR_METRICS = {

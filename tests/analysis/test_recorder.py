@@ -22,11 +22,11 @@ from analysis.metrics import (
 from analysis.recorder import (
     KeyCounter,
     RoutingRecorder,
-    RoutingRecords,
     interleave_domains,
     record_routing,
     take_tokens,
 )
+from analysis.records import RoutingRecords
 from moe.routing import Routing
 
 
@@ -176,6 +176,30 @@ def test_recorder_refuses_forward_without_context(trained_moe, mixed_batches):
         with pytest.raises(RuntimeError, match="fresh"):
             trained_moe(batch.tokens)  # a second forward would count the batch twice
     assert all(len(layer.router._forward_hooks) == 0 for layer in trained_moe.moe_layers)
+
+
+def test_recorder_used_directly_has_no_losses(trained_moe, mixed_batches):
+    """The context-manager path sees the routing only: its losses are absent (None), and asking for
+    the per-domain loss says so, instead of a loss of 0 over 0 tokens (an all-nan domain_loss)."""
+    with torch.no_grad(), RoutingRecorder(trained_moe, 4) as rec:
+        for batch in mixed_batches[:2]:
+            rec.observe(batch)
+            trained_moe(batch.tokens)
+    recording = rec.result()
+    assert recording.loss_sum is None and recording.loss_tokens is None
+    with pytest.raises(ValueError, match="no losses.*record_routing"):
+        recording.domain_loss
+    assert recording.layers[0].tokens == sum(b.num_tokens for b in mixed_batches[:2])
+
+
+def test_record_routing_restores_train_mode(trained_moe, mixed_batches):
+    was_training = trained_moe.training
+    trained_moe.train()
+    try:
+        rec = record_routing(trained_moe, mixed_batches[:1], num_domains=4, keep_records=False)
+        assert trained_moe.training and rec.loss_sum is not None
+    finally:
+        trained_moe.train(was_training)
 
 
 def test_dense_model_is_refused(trained_dense):

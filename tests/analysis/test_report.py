@@ -19,7 +19,7 @@ from analysis.plots import (
     plot_measures,
     plot_nmi,
 )
-from analysis.recorder import RoutingRecords
+from analysis.records import RoutingRecords
 from analysis.progress import progress, progress_bars
 from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analysis_cost, analyze_model
 

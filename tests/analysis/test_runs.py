@@ -22,7 +22,7 @@ from analysis.plots import (
     plot_sweep_heatmaps,
     save_figure,
 )
-from analysis.recorder import LayerRecords, RoutingRecords
+from analysis.records import LayerRecords, RoutingRecords
 from analysis.runs import (
     domain_expert_from_records,
     find_runs,

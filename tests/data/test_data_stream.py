@@ -224,7 +224,7 @@ def test_val_batches_are_fixed_per_domain_and_capped(builtin_data):
         per_domain.append(torch.cat([b.tokens for b in batches]))
     everything = torch.cat([b.tokens for b in data.val_batches(batch_size=5)])
     assert torch.equal(everything, torch.cat(per_domain))
-    with pytest.raises(DataError, match="unknown domain"):
+    with pytest.raises(DataError, match="domain='poetry' is unknown; allowed values: "):
         data.val_batches(batch_size=4, domain="poetry")
 
 

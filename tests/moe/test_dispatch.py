@@ -37,7 +37,7 @@ def test_layouts_match_naive_loop(max_padding, drop, skew, F):
     if max_padding == 100.0:
         assert dispatch.capacity is not None
     assert int(dispatch.counts.sum()) == int(routing.kept.sum())
-    y = combine(experts(gather_rows(x, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity),
+    y = combine(experts.compute_rows(gather_rows(x, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity),
                 dispatch, T)
 
     ref = torch.zeros_like(x)

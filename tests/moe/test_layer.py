@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from moe.experts import DenseMLP, activate
-from moe.layer import MoEConfig, MoELayer
-from moe.routing import ROUTER_KINDS, RouteKeys, RouterConfig
+from moe.layer import MoEConfig, MoELayer, build_moe_layer
+from moe.routers import RouterConfig, router_kinds
+from moe.routing import RouteKeys
+
+ROUTER_KINDS = router_kinds()
 from moe.sizing import dense_twin_width, layer_size
 
 D = 16
@@ -19,7 +22,7 @@ def make_layer(kind="topk", num_experts=4, top_k=2, capacity_factor=None, seed=0
                     capacity_factor=capacity_factor, **moe)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = MoELayer(D, cfg, RouterConfig(kind=kind)).double()
+        layer = build_moe_layer("native", D, cfg, RouterConfig(kind=kind)).double()
     if hasattr(layer.router, "weight"):  # spread the router so routing is not a near-tie everywhere
         torch.nn.init.normal_(layer.router.weight, std=1.0)
     return layer
@@ -83,7 +86,7 @@ def test_dropped_tokens_pass_through_unchanged():
 def test_one_expert_moe_equals_dense_twin_outputs_and_gradients():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=1, top_k=1, expert_width=24)
-    moe = MoELayer(D, cfg, RouterConfig(kind="topk")).double()
+    moe = build_moe_layer("native", D, cfg, RouterConfig(kind="topk")).double()
     dense = DenseMLP(D, dense_twin_width(cfg, "active")).double()
     with torch.no_grad():
         dense.w_in.copy_(moe.experts.w_in[0])
@@ -128,7 +131,7 @@ def test_same_seed_same_output_bit_for_bit(kind):
 
 def test_fine_grained_and_shared_sizes():
     cfg = MoEConfig(num_experts=4, top_k=2, expert_width=32, granularity=4, num_shared_experts=1)
-    layer = MoELayer(D, cfg, RouterConfig())
+    layer = build_moe_layer("native", D, cfg, RouterConfig())
     assert layer.experts.num_experts == 16 and layer.router.top_k == 8
     assert layer.experts.w_out.shape == (16, 8, D)
     size = layer_size(layer)
@@ -151,7 +154,7 @@ def test_fine_grained_and_shared_sizes():
 ])
 def test_bad_config_raises_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
-        MoELayer(D, MoEConfig(**{field: value}), RouterConfig())
+        build_moe_layer("native", D, MoEConfig(**{field: value}), RouterConfig())
 
 
 def test_gelu_experts():
@@ -164,7 +167,7 @@ def test_gelu_experts():
 def test_experts_compute_in_the_autocast_dtype_and_train_float32_weights():
     """Grouped kernels are not autocast ops: the experts cast operands themselves (on CUDA this
     selects torch._grouped_mm), and the float32 master weights still get gradients."""
-    layer = MoELayer(D, MoEConfig(num_experts=4, top_k=2, expert_width=8), RouterConfig())
+    layer = build_moe_layer("native", D, MoEConfig(num_experts=4, top_k=2, expert_width=8), RouterConfig())
     x = torch.randn(10, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, routing = layer(x)

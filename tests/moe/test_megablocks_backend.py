@@ -2,6 +2,7 @@
 reference module written in MegaBlocks' layout; the kernels themselves only where CUDA and
 MegaBlocks exist (skipped elsewhere, with the reason)."""
 
+import copy
 import importlib.util
 import warnings
 
@@ -15,13 +16,14 @@ from moe.experts import GroupedExperts
 from moe.layer import MoEConfig, MoELayer, build_moe_layer
 from moe.megablocks_backend import (
     BackendUnavailable,
-    MegablocksMoELayer,
+    MegablocksExperts,
     megablocks_arguments,
     megablocks_to_native,
     native_to_megablocks,
     require_megablocks,
 )
-from moe.routing import RouterConfig
+from moe.protocols import ExpertBank, RoutedLayer
+from moe.routers import RouterConfig
 from moe.sizing import layer_size
 
 D = 16
@@ -57,10 +59,12 @@ class ReferenceDroplessMLP(nn.Module):
 def layers(activation="swiglu", **moe):
     cfg = MoEConfig(num_experts=4, top_k=2, expert_width=8, activation=activation, **moe)
     torch.manual_seed(0)
-    native = MoELayer(D, cfg, RouterConfig()).double()
+    native = build_moe_layer("native", D, cfg, RouterConfig()).double()
     nn.init.normal_(native.router.weight, std=1.0)
     experts = ReferenceDroplessMLP(cfg.routed_experts, cfg.routed_width, D, glu=activation == "swiglu")
-    mb = MegablocksMoELayer(D, cfg, RouterConfig(), experts=experts).double()
+    # The same router and shared experts, MegaBlocks' experts: the layer's composition.
+    mb = copy.deepcopy(native)
+    mb.experts = MegablocksExperts(D, cfg, mlp=experts).double()
     mb.load_state_dict(native.state_dict())
     return native, mb
 
@@ -113,16 +117,17 @@ def test_layer_equals_the_native_layer_with_the_same_weights(moe):
     (y2 * g).sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-12)
     assert torch.allclose(native.router.weight.grad, mb.router.weight.grad, atol=1e-12)
-    w_in_grad, w_out_grad = megablocks_to_native({n.rsplit(".")[-1]: p.grad for n, p in mb.experts.named_parameters()}, 4)
+    w_in_grad, w_out_grad = megablocks_to_native({n.rsplit(".")[-1]: p.grad for n, p in mb.experts.mlp.named_parameters()}, 4)
     assert torch.allclose(native.experts.w_in.grad, w_in_grad) and torch.allclose(native.experts.w_out.grad, w_out_grad)
 
 
 def test_checkpoints_are_in_the_native_layout_both_ways():
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_width=8)
     native, mb = layers()
     state = mb.state_dict()
     assert set(state) == set(native.state_dict())
     assert all(torch.equal(state[k], v) for k, v in native.state_dict().items())
-    fresh = MoELayer(D, native.cfg, RouterConfig()).double()
+    fresh = build_moe_layer("native", D, cfg, RouterConfig()).double()
     fresh.load_state_dict(state)  # a MegaBlocks-trained layer analyzed with the native one
     x = torch.randn(7, D, dtype=torch.float64)
     assert torch.allclose(fresh(x)[0], mb(x)[0], atol=1e-12)
@@ -136,6 +141,14 @@ def test_knockout_mask_works_through_the_shared_router():
     x = torch.randn(9, D, dtype=torch.float64)
     (y, r), (y2, r2) = native(x), mb(x)
     assert not (r2.indices == 1).any() and torch.allclose(y, y2, atol=1e-12)
+
+
+def test_both_backends_offer_one_expert_alone_for_the_probes():
+    native, mb = layers()
+    assert isinstance(mb, RoutedLayer) and isinstance(mb.experts, ExpertBank)
+    x = torch.randn(5, D, dtype=torch.float64)
+    for e in range(4):
+        assert torch.allclose(native.experts.expert_forward(e, x), mb.experts.expert_forward(e, x), atol=1e-12)
 
 
 def test_the_balancing_loss_reads_the_layer_routing_record():
@@ -185,7 +198,7 @@ def test_unknown_backend_is_named():
 def test_megablocks_matches_native_at_bf16_tolerance(cfg):
     torch.manual_seed(0)
     d = 256
-    native = MoELayer(d, cfg, RouterConfig()).cuda()
+    native = build_moe_layer("native", d, cfg, RouterConfig()).cuda()
     mb = build_moe_layer("megablocks", d, cfg, RouterConfig()).cuda()
     mb.load_state_dict(native.state_dict())
     x = torch.randn(4, 512, d, device="cuda")
@@ -228,8 +241,8 @@ def test_our_balancing_loss_equals_megablocks_own():
 def test_native_cuda_equals_native_cpu_in_float32():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, expert_width=64)
-    cpu = MoELayer(64, cfg, RouterConfig())
-    gpu = MoELayer(64, cfg, RouterConfig()).cuda()
+    cpu = build_moe_layer("native", 64, cfg, RouterConfig())
+    gpu = build_moe_layer("native", 64, cfg, RouterConfig()).cuda()
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(300, 64)
     with warnings.catch_warnings():

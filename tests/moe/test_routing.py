@@ -5,7 +5,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from moe.routing import ROUTER_KINDS, RouteKeys, RouterConfig, Routing, build_router, capacity_mask, hash_token_ids
+from moe.routers import RouterConfig, build_router, router_config, router_kinds
+from moe.routers.fixed import hash_token_ids
+from moe.routing import RouteKeys, Routing, capacity_mask
+
+ROUTER_KINDS = router_kinds()
 
 E, K, D, T = 8, 2, 16, 64
 
@@ -13,7 +17,7 @@ E, K, D, T = 8, 2, 16, 64
 def make_router(kind: str, capacity_factor=None, top_k=K, **cfg):
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="future") if kind == "expert_choice" else nullcontext():
-        return build_router(RouterConfig(kind=kind, **cfg), D, E, 1 if kind == "switch" else top_k, capacity_factor)
+        return build_router(router_config(kind, **cfg), D, E, 1 if kind == "switch" else top_k, capacity_factor)
 
 
 def route(kind, capacity_factor=None, seed=1, **cfg):
@@ -42,9 +46,10 @@ def test_record_is_valid(kind, capacity_factor):
     assert (r.weights >= 0).all()
     torch.testing.assert_close(r.probs.sum(-1), torch.ones(T))
     # counts account for every kept assignment; dropped ones are counted separately
-    counts = r.expert_counts()
+    counts = r.kept_counts()
     if kind != "expert_choice":
         assert int(counts.sum()) + r.num_dropped() == T * k
+        assert int(r.selected_counts().sum()) == T * k  # the load: every slot, dropped or not
     if capacity_factor is not None:
         capacity = -(-int(capacity_factor * T * k) // E)
         assert int(counts.max()) <= capacity
@@ -52,7 +57,8 @@ def test_record_is_valid(kind, capacity_factor):
 
 @pytest.mark.parametrize("kind", ["topk", "sigmoid", "hash", "random", "prev_hash", "domain"])
 def test_renormalized_weights_sum_to_one(kind):
-    _, r = route(kind, renormalize=True)
+    # The fixed routers weigh each of the k experts 1/k: they have no renormalize switch.
+    _, r = route(kind, **({"renormalize": True} if kind in ("topk", "sigmoid") else {}))
     torch.testing.assert_close(r.weights.sum(-1), torch.ones(T))
 
 
@@ -71,7 +77,7 @@ def test_switch_routes_to_argmax_with_probability_weight():
 
 def test_switch_rejects_top_k_above_one():
     with pytest.raises(ValueError, match="top_k"):
-        build_router(RouterConfig(kind="switch"), D, E, 2, None)
+        build_router(router_config("switch"), D, E, 2, None)
 
 
 def test_expert_choice_each_expert_takes_capacity_tokens():
@@ -141,7 +147,7 @@ def test_random_router_is_balanced_in_expectation():
     router = make_router("random")
     torch.manual_seed(0)
     n = 20000
-    counts = router(torch.randn(n, D)).expert_counts().double()
+    counts = router(torch.randn(n, D)).kept_counts().double()
     expected = n * K / E
     # binomial std per expert ~ sqrt(n*K/E); allow 5 sigma
     assert (counts - expected).abs().max() < 5 * expected ** 0.5

@@ -1,0 +1,26 @@
+"""Context managers that switch a module's mode and restore it."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+__all__ = ["eval_mode"]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put `module` in eval mode for the block and restore its previous `training` flag on exit,
+    also when the block raises. Yields the module.
+
+    Restoring calls `module.train(flag)`, which sets every submodule to the module's own flag (as
+    `nn.Module.train` does): submodules whose mode differed from their parent's are not kept apart.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
