@@ -1,5 +1,7 @@
 """Writers of the result files: one markdown table format and one JSON format (torch-free).
 
+For example:
+
     markdown_table(["model", "loss"], [["moe", 3.1], ["dense", None]], fmt=format_number)
     write_json(run_dir / "comparison.json", table, indent=2)
 """

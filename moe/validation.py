@@ -1,5 +1,7 @@
 """Shared input checks whose messages name the field at fault (torch-free).
 
+For example:
+
     check_choice("router.kind", kind, ROUTER_KINDS)
     # ValueError: router.kind='topkk' is unknown; allowed values: topk, expert_choice, ...
 """
