@@ -29,8 +29,15 @@ from analysis.information import (
     normalized_mutual_information_mm,
 )
 
-__all__ = ["COUNTINGS", "AnchorRow", "Counting", "ModelRoutingCounts", "anchor_rows", "anchor_source",
-           "load_anchor_counts"]
+__all__ = [
+    "COUNTINGS",
+    "AnchorRow",
+    "Counting",
+    "ModelRoutingCounts",
+    "anchor_rows",
+    "anchor_source",
+    "load_anchor_counts",
+]
 
 Counting = Literal["top1", "topk"]
 COUNTINGS: tuple[Counting, ...] = ("top1", "topk")
@@ -90,12 +97,15 @@ def load_anchor_counts() -> dict[str, ModelRoutingCounts]:
             for layer in layers:
                 table = np.asarray(m["counts"][counting][str(layer)], dtype=np.int64)
                 if table.shape != (len(domains), m["n_experts"]):
-                    raise ValueError(f"{name} {counting} layer {layer}: table has shape {table.shape}, "
-                                     f"expected [G={len(domains)}, E={m['n_experts']}]")
+                    raise ValueError(
+                        f"{name} {counting} layer {layer}: table has shape {table.shape}, "
+                        f"expected [G={len(domains)}, E={m['n_experts']}]"
+                    )
                 table.flags.writeable = False
                 tables[(counting, layer)] = table
-        out[name] = ModelRoutingCounts(name, m["hf_id"], int(m["n_experts"]), int(m["top_k"]), domains, layers,
-                                       int(m["tokens_per_domain"]), tables)
+        out[name] = ModelRoutingCounts(
+            name, m["hf_id"], int(m["n_experts"]), int(m["top_k"]), domains, layers, int(m["tokens_per_domain"]), tables
+        )
     return out
 
 
@@ -105,15 +115,15 @@ class AnchorRow(TypedDict):
     model: str
     layer: int
     counting: Counting
-    K: int                      # slots per token counted
-    E: int                      # experts
-    G: int                      # domains
-    assignments: int            # table total = tokens * K
+    K: int  # slots per token counted
+    E: int  # experts
+    G: int  # domains
+    assignments: int  # table total = tokens * K
     entropy_domain_bits: float  # H(D)
-    mi_bits: float              # plug-in I(D;E)
-    mi_mm_bits: float           # Miller-Madow I(D;E)
-    nmi: float                  # plug-in I(D;E) / H(D)
-    nmi_mm: float               # Miller-Madow I(D;E) / H(D)
+    mi_bits: float  # plug-in I(D;E)
+    mi_mm_bits: float  # Miller-Madow I(D;E)
+    nmi: float  # plug-in I(D;E) / H(D)
+    nmi_mm: float  # Miller-Madow I(D;E) / H(D)
 
 
 def anchor_rows(counts: Mapping[str, ModelRoutingCounts] | None = None) -> list[AnchorRow]:
@@ -127,11 +137,20 @@ def anchor_rows(counts: Mapping[str, ModelRoutingCounts] | None = None) -> list[
         for layer in m.layers:
             for counting in COUNTINGS:
                 joint = m.tables[(counting, layer)]
-                rows.append(AnchorRow(
-                    model=m.model, layer=layer, counting=counting, K=m.slots(counting),
-                    E=m.n_experts, G=len(m.domains), assignments=int(joint.sum()),
-                    entropy_domain_bits=entropy(joint.sum(axis=1)),
-                    mi_bits=mutual_information(joint), mi_mm_bits=mutual_information_mm(joint),
-                    nmi=normalized_mutual_information(joint), nmi_mm=normalized_mutual_information_mm(joint),
-                ))
+                rows.append(
+                    AnchorRow(
+                        model=m.model,
+                        layer=layer,
+                        counting=counting,
+                        K=m.slots(counting),
+                        E=m.n_experts,
+                        G=len(m.domains),
+                        assignments=int(joint.sum()),
+                        entropy_domain_bits=entropy(joint.sum(axis=1)),
+                        mi_bits=mutual_information(joint),
+                        mi_mm_bits=mutual_information_mm(joint),
+                        nmi=normalized_mutual_information(joint),
+                        nmi_mm=normalized_mutual_information_mm(joint),
+                    )
+                )
     return rows

@@ -73,8 +73,13 @@ def _commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -94,8 +99,11 @@ def _power_figure(summary: Sequence[Mapping[str, Any]], detection_limit: float, 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for kind, style in (("domain", "-"), ("domain_hash", "--")):
         for k in sorted({s["top_k"] for s in summary}):
-            pts = sorted((s["strength"], s["expected_nmi"], s[f"verdict_{SPECIALIST}"]) for s in summary
-                         if s["kind"] == kind and s["top_k"] == k)
+            pts = sorted(
+                (s["strength"], s["expected_nmi"], s[f"verdict_{SPECIALIST}"])
+                for s in summary
+                if s["kind"] == kind and s["top_k"] == k
+            )
             if not pts:
                 continue
             label = f"{kind}:s, top-{k}"
@@ -120,9 +128,14 @@ def _power_figure(summary: Sequence[Mapping[str, Any]], detection_limit: float, 
     plt.close(fig)
 
 
-def write_calibration(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]],
-                      targets: Mapping[str, Any], setup: Mapping[str, Any],
-                      knockout: Sequence[Mapping[str, Any]] = ()) -> Path:
+def write_calibration(
+    out_dir: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    summary: Sequence[Mapping[str, Any]],
+    targets: Mapping[str, Any],
+    setup: Mapping[str, Any],
+    knockout: Sequence[Mapping[str, Any]] = (),
+) -> Path:
     """calibration.md, figures/calibration_power.png, calibration/rows.csv and summary.json."""
     out = Path(out_dir)
     data_dir = out / "calibration"
@@ -131,23 +144,33 @@ def write_calibration(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], su
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_json(data_dir / "summary.json", {"setup": setup, "targets": targets, "routers": summary,
-                                           "knockout": list(knockout)}, indent=1)
+    write_json(
+        data_dir / "summary.json",
+        {"setup": setup, "targets": targets, "routers": summary, "knockout": list(knockout)},
+        indent=1,
+    )
     _power_figure(summary, setup["battery"]["detection_limit"], out / "figures" / "calibration_power.png")
     (out / "calibration.md").write_text(render_calibration(summary, targets, setup, knockout))
     return out / "calibration.md"
 
 
-def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[str, Any],
-                       setup: Mapping[str, Any], knockout: Sequence[Mapping[str, Any]] = ()) -> str:
+def render_calibration(
+    summary: Sequence[Mapping[str, Any]],
+    targets: Mapping[str, Any],
+    setup: Mapping[str, Any],
+    knockout: Sequence[Mapping[str, Any]] = (),
+) -> str:
     b, t = setup["battery"], setup["battery"]["thresholds"]
     counts = setup["validation"]
     lines = [
-        "# Calibration of the verdict on routers whose truth is known", "",
+        "# Calibration of the verdict on routers whose truth is known",
+        "",
         f"Made by `{setup['command']}` on commit `{setup['commit']}` ({setup['date']}, "
         f"{setup['seconds']:.0f} s on {setup['workers']} worker(s)). Every number below comes from "
-        "`calibration/rows.csv` beside this file.", "",
-        "## Setup", "",
+        "`calibration/rows.csv` beside this file.",
+        "",
+        "## Setup",
+        "",
         f"- validation data: {setup['data']}; "
         + ", ".join(f"{d}: {c['tokens']} tokens in {c['documents']} documents" for d, c in counts.items()),
         f"- E = {b['num_experts']} experts, top-k in {b['top_k']}, {b['replicates']} replicates per router and k "
@@ -160,74 +183,150 @@ def render_calibration(summary: Sequence[Mapping[str, Any]], targets: Mapping[st
         "margin; ensemble = the interval lies below the margin; the layer is specialist only if both say so",
         "- rates are shares of replicates with a 95% Wilson interval",
         "",
-        "## Targets", "",
+        "## Targets",
+        "",
     ]
     fs = targets["max_false_specialist_verdict"]
-    lines.append(f"- false-specialist rate of the combined verdict on domain-blind routers, at most "
-                 f"{targets['alpha']}: worst {fs['rate']:.3f} ({fs['router']}, top-{fs['top_k']}) — "
-                 f"**{'met' if fs['rate'] <= targets['alpha'] else 'not met'}**")
+    lines.append(
+        f"- false-specialist rate of the combined verdict on domain-blind routers, at most "
+        f"{targets['alpha']}: worst {fs['rate']:.3f} ({fs['router']}, top-{fs['top_k']}) — "
+        f"**{'met' if fs['rate'] <= targets['alpha'] else 'not met'}**"
+    )
     for c in ("nmi", "cmi"):
         w = targets[f"max_false_specialist_{c}"]
-        lines.append(f"- criterion `{c}` alone on domain-blind routers: worst {w['rate']:.3f} ({w['router']}, "
-                     f"top-{w['top_k']})")
+        lines.append(
+            f"- criterion `{c}` alone on domain-blind routers: worst {w['rate']:.3f} ({w['router']}, top-{w['top_k']})"
+        )
     power = targets["power"]
-    lines.append(f"- power at a true NMI of {targets['power_at_nmi']}, at least 0.8: "
-                 + ", ".join(f"top-{k}: {'n/a' if p is None else f'{p:.2f}'}" for k, p in power.items())
-                 + f" — **{'met' if targets['met']['power'] else 'not met'}**")
+    lines.append(
+        f"- power at a true NMI of {targets['power_at_nmi']}, at least 0.8: "
+        + ", ".join(f"top-{k}: {'n/a' if p is None else f'{p:.2f}'}" for k, p in power.items())
+        + f" — **{'met' if targets['met']['power'] else 'not met'}**"
+    )
     fe = targets["max_false_ensemble_above_limit"]
-    lines.append("- ensemble never called on a domain-aware router at or above that NMI: "
-                 + ("no such router" if fe is None else
-                    f"worst {fe['rate']:.3f} ({fe['router']}, top-{fe['top_k']}) — "
-                    f"**{'met' if fe['rate'] == 0 else 'not met'}**"))
+    lines.append(
+        "- ensemble never called on a domain-aware router at or above that NMI: "
+        + (
+            "no such router"
+            if fe is None
+            else f"worst {fe['rate']:.3f} ({fe['router']}, top-{fe['top_k']}) — "
+            f"**{'met' if fe['rate'] == 0 else 'not met'}**"
+        )
+    )
     lines.append("")
-    lines.append("The NMI criterion alone is *expected* to call token-keyed routers specialist when domains differ "
-                 "in vocabulary: their routing really carries domain information (through the tokens). That is "
-                 "why it cannot decide alone and the held-out I(D;E|C) must agree.")
-    header = ["router", "k", "truth", "NMI of the mean table", "NMI−null (mean)", "NMI null q95 (mean)", "CMI share (mean)",
-              "nmi: specialist", "cmi: specialist", "verdict: specialist", "verdict: ensemble"]
-    for truth, title in ((DOMAIN_BLIND, "Domain-blind routers (truth: not specialist)"),
-                         (DOMAIN_AWARE, "Domain-aware routers (truth: specialist)")):
+    lines.append(
+        "The NMI criterion alone is *expected* to call token-keyed routers specialist when domains differ "
+        "in vocabulary: their routing really carries domain information (through the tokens). That is "
+        "why it cannot decide alone and the held-out I(D;E|C) must agree."
+    )
+    header = [
+        "router",
+        "k",
+        "truth",
+        "NMI of the mean table",
+        "NMI−null (mean)",
+        "NMI null q95 (mean)",
+        "CMI share (mean)",
+        "nmi: specialist",
+        "cmi: specialist",
+        "verdict: specialist",
+        "verdict: ensemble",
+    ]
+    for truth, title in (
+        (DOMAIN_BLIND, "Domain-blind routers (truth: not specialist)"),
+        (DOMAIN_AWARE, "Domain-aware routers (truth: specialist)"),
+    ):
         sel = [s for s in summary if s["truth"] == truth]
         if not sel:
             continue
         lines += ["", f"## {title}", ""]
-        lines.append(markdown_table(header, [[s["router"], s["top_k"], s["truth"], f"{s['expected_nmi']:.3f}",
-                                     f"{s['nmi_excess_mean']:+.3f}", f"{s['nmi_null_q95_mean']:.3f}",
-                                     f"{s['cmi_share_mean']:+.3f}", _rate(s, f"nmi_{SPECIALIST}"),
-                                     _rate(s, f"cmi_{SPECIALIST}"), _rate(s, f"verdict_{SPECIALIST}"),
-                                     _rate(s, f"verdict_{ENSEMBLE}")] for s in sel], fmt=format_number))
+        lines.append(
+            markdown_table(
+                header,
+                [
+                    [
+                        s["router"],
+                        s["top_k"],
+                        s["truth"],
+                        f"{s['expected_nmi']:.3f}",
+                        f"{s['nmi_excess_mean']:+.3f}",
+                        f"{s['nmi_null_q95_mean']:.3f}",
+                        f"{s['cmi_share_mean']:+.3f}",
+                        _rate(s, f"nmi_{SPECIALIST}"),
+                        _rate(s, f"cmi_{SPECIALIST}"),
+                        _rate(s, f"verdict_{SPECIALIST}"),
+                        _rate(s, f"verdict_{ENSEMBLE}"),
+                    ]
+                    for s in sel
+                ],
+                fmt=format_number,
+            )
+        )
     if knockout:
-        lines += ["", "## The knockout criterion on simulated damage", "",
-                  f"Each layer: {setup['battery']['num_experts']} experts whose knockouts hurt every domain alike "
-                  "(truth: not specialist) or one domain only, judged against 24 dense unit groups hurting every domain "
-                  "alike at damages spread over [m/2, 2m]; 4 domains x 4,096 tokens, dense per-token sd 0.3. The old "
-                  "selectivity (max − mean)/mean/(D − 1) of equal-damage experts climbs as the damage shrinks; the "
-                  "noise-corrected CV does not. The criterion is one-sided (it never calls an ensemble) and does not "
-                  "vote.", ""]
-        lines.append(markdown_table(["mean damage (nats)", "experts' per-token sd", "experts hurt", "replicates",
-                            "knockout: specialist", "old selectivity (median)", "corrected CV (median)"],
-                           [[r["mean_damage"], r["expert_sd"], "every domain" if r["profile"] == "equal" else "one domain",
-                             r["replicates"], f"{r['specialist']:.2f} [{r['specialist_ci'][0]:.2f}, "
-                             f"{r['specialist_ci'][1]:.2f}]", f"{r['old_selectivity_median']:.3f}",
-                             f"{r['cv_median']:.3f}"] for r in knockout], fmt=format_number))
-    lines += ["", "## Power", "", "![power](figures/calibration_power.png)", "",
-              "Left: P(specialist) against the share s of tokens sent to their domain's own experts (the rest "
-              "random, or hashed by token). Right: the same against the true NMI (of the mean routing table over "
-              "the replicates). Dotted lines: 0.8 and alpha.", "",
-              "## How to read it", "",
-              "- `doc:a` routers prefer experts per document, independent of its domain: the document clustering "
-              "that fooled the old within-token null. Their NMI null q95 spans the range seen in trained runs.",
-              "- `doc_length` and `doc_position` route by a document property whose distribution differs between "
-              "domains (document length), so each drawn router really carries domain information beyond the token; "
-              "no routing statistic can tell that apart from domain routing without conditioning on the property. "
-              "A causal LM router cannot see a whole document's length, but it can see the position inside it.",
-              "- NMI of the mean table: the NMI of the domain x expert table averaged over the replicates, the true NMI "
-              "of a domain-aware router (its expectation); for keyed routers each replicate's key-to-expert map "
-              "differs, so it averages to ~0 although every replicate routes with a fixed map.",
-              "- The held-out CMI of domain-blind routers is negative on average: fitted on some documents, the "
-              "domain offsets only carry those documents' quirks to the held-out ones. It is a conservative "
-              "estimate; its power comes from the domain-aware rows.",
-              ""]
+        lines += [
+            "",
+            "## The knockout criterion on simulated damage",
+            "",
+            f"Each layer: {setup['battery']['num_experts']} experts whose knockouts hurt every domain alike "
+            "(truth: not specialist) or one domain only, judged against 24 dense unit groups hurting every domain "
+            "alike at damages spread over [m/2, 2m]; 4 domains x 4,096 tokens, dense per-token sd 0.3. The old "
+            "selectivity (max − mean)/mean/(D − 1) of equal-damage experts climbs as the damage shrinks; the "
+            "noise-corrected CV does not. The criterion is one-sided (it never calls an ensemble) and does not "
+            "vote.",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                [
+                    "mean damage (nats)",
+                    "experts' per-token sd",
+                    "experts hurt",
+                    "replicates",
+                    "knockout: specialist",
+                    "old selectivity (median)",
+                    "corrected CV (median)",
+                ],
+                [
+                    [
+                        r["mean_damage"],
+                        r["expert_sd"],
+                        "every domain" if r["profile"] == "equal" else "one domain",
+                        r["replicates"],
+                        f"{r['specialist']:.2f} [{r['specialist_ci'][0]:.2f}, {r['specialist_ci'][1]:.2f}]",
+                        f"{r['old_selectivity_median']:.3f}",
+                        f"{r['cv_median']:.3f}",
+                    ]
+                    for r in knockout
+                ],
+                fmt=format_number,
+            )
+        )
+    lines += [
+        "",
+        "## Power",
+        "",
+        "![power](figures/calibration_power.png)",
+        "",
+        "Left: P(specialist) against the share s of tokens sent to their domain's own experts (the rest "
+        "random, or hashed by token). Right: the same against the true NMI (of the mean routing table over "
+        "the replicates). Dotted lines: 0.8 and alpha.",
+        "",
+        "## How to read it",
+        "",
+        "- `doc:a` routers prefer experts per document, independent of its domain: the document clustering "
+        "that fooled the old within-token null. Their NMI null q95 spans the range seen in trained runs.",
+        "- `doc_length` and `doc_position` route by a document property whose distribution differs between "
+        "domains (document length), so each drawn router really carries domain information beyond the token; "
+        "no routing statistic can tell that apart from domain routing without conditioning on the property. "
+        "A causal LM router cannot see a whole document's length, but it can see the position inside it.",
+        "- NMI of the mean table: the NMI of the domain x expert table averaged over the replicates, the true NMI "
+        "of a domain-aware router (its expectation); for keyed routers each replicate's key-to-expert map "
+        "differs, so it averages to ~0 although every replicate routes with a fixed map.",
+        "- The held-out CMI of domain-blind routers is negative on average: fitted on some documents, the "
+        "domain offsets only carry those documents' quirks to the held-out ones. It is a conservative "
+        "estimate; its power comes from the domain-aware rows.",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -243,14 +342,20 @@ def main(dict_cfg: DictConfig) -> float:
     rows, expected = run_battery(tokens, cfg.battery, progress=True)
     summary = summarize_battery(rows, expected)
     targets = check_targets(summary, cfg.battery.thresholds, cfg.battery.detection_limit)
-    knockout = (knockout_battery(cfg.battery.knockout_replicates, thresholds=cfg.battery.thresholds,
-                                 seed=cfg.battery.seed) if cfg.battery.knockout_replicates > 0 else [])
+    knockout = (
+        knockout_battery(cfg.battery.knockout_replicates, thresholds=cfg.battery.thresholds, seed=cfg.battery.seed)
+        if cfg.battery.knockout_replicates > 0
+        else []
+    )
     setup = {
         "command": "moe-calibrate " + " ".join(sys.argv[1:]),
-        "commit": _commit(), "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - start,
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.time() - start,
         "workers": cfg.battery.workers,
         "data": f"run {cfg.run_dir}" if cfg.run_dir else f"data={cfg.data.source} (seed {cfg.seed})",
-        "validation": tokens.counts(), "battery": asdict(cfg.battery),
+        "validation": tokens.counts(),
+        "battery": asdict(cfg.battery),
     }
     path = write_calibration(out_dir, rows, summary, targets, setup, knockout)
     print(f"calibration: {path}  targets met: {targets['met']}")

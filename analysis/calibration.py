@@ -106,16 +106,25 @@ class ValidationTokens:
         return out
 
     @classmethod
-    def from_arrays(cls, tokens_BS: np.ndarray, domain_BS: np.ndarray, doc_BS: np.ndarray,
-                    domains: Sequence[str]) -> "ValidationTokens":
+    def from_arrays(
+        cls, tokens_BS: np.ndarray, domain_BS: np.ndarray, doc_BS: np.ndarray, domains: Sequence[str]
+    ) -> "ValidationTokens":
         """From sequences [B, S] of token ids, domain ids and document ids."""
         t = np.asarray(tokens_BS, dtype=np.int64)
         if t.ndim != 2 or np.shape(domain_BS) != t.shape or np.shape(doc_BS) != t.shape:
-            raise ValueError(f"tokens, domain and doc must all be [B, S], got {t.shape}, "
-                             f"{np.shape(domain_BS)}, {np.shape(doc_BS)}")
+            raise ValueError(
+                f"tokens, domain and doc must all be [B, S], got {t.shape}, {np.shape(domain_BS)}, {np.shape(doc_BS)}"
+            )
         pos = np.broadcast_to(np.arange(t.shape[1], dtype=np.int64), t.shape).ravel()
-        return cls(t.ravel(), previous_tokens(t.ravel(), pos), np.asarray(domain_BS, dtype=np.int64).ravel(),
-                   np.asarray(doc_BS, dtype=np.int64).ravel(), pos.copy(), tuple(domains), int(t.shape[1]))
+        return cls(
+            t.ravel(),
+            previous_tokens(t.ravel(), pos),
+            np.asarray(domain_BS, dtype=np.int64).ravel(),
+            np.asarray(doc_BS, dtype=np.int64).ravel(),
+            pos.copy(),
+            tuple(domains),
+            int(t.shape[1]),
+        )
 
     @classmethod
     def from_batches(cls, batches: Iterable[Any], domains: Sequence[str]) -> "ValidationTokens":
@@ -161,8 +170,10 @@ def parse_router(text: str) -> RouterSpec:
             raise ValueError(f"router {text!r}: the strength after ':' must be a number in [0, 1]")
         truth = DOMAIN_BLIND if kind == "doc" or s == 0.0 else DOMAIN_AWARE
         return RouterSpec(kind, s, truth)
-    raise ValueError(f"unknown calibration router {text!r}; use one of {sorted(_FIXED)} or "
-                     f"{sorted(k + ':<strength in [0, 1]>' for k in _GRADED)}")
+    raise ValueError(
+        f"unknown calibration router {text!r}; use one of {sorted(_FIXED)} or "
+        f"{sorted(k + ':<strength in [0, 1]>' for k in _GRADED)}"
+    )
 
 
 def _keyed(key: np.ndarray, n_experts: int, top_k: int, rng: np.random.Generator) -> np.ndarray:
@@ -193,8 +204,9 @@ def _own_experts(tokens: ValidationTokens, n_experts: int, top_k: int, rng: np.r
     return np.argsort(-scores, axis=1)[:, :top_k]
 
 
-def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top_k: int,
-                 rng: np.random.Generator | int) -> np.ndarray:
+def draw_routing(
+    spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top_k: int, rng: np.random.Generator | int
+) -> np.ndarray:
     """One replicate of router `spec` over `tokens`: expert ids [N, K] (distinct per token)."""
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must lie in [1, E={n_experts}], got {top_k}")
@@ -219,9 +231,14 @@ def draw_routing(spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top
     if kind == "doc":
         return _pick(gen.random(n) < s, _keyed(tokens.doc, n_experts, top_k, gen), hashed())
     if kind == "mix":
-        rules = np.stack([hashed(), _keyed(tokens.doc, n_experts, top_k, gen),
-                          _keyed(position_bucket, n_experts, top_k, gen),
-                          _keyed(tokens.prev_token, n_experts, top_k, gen)])
+        rules = np.stack(
+            [
+                hashed(),
+                _keyed(tokens.doc, n_experts, top_k, gen),
+                _keyed(position_bucket, n_experts, top_k, gen),
+                _keyed(tokens.prev_token, n_experts, top_k, gen),
+            ]
+        )
         return rules[gen.integers(0, rules.shape[0], size=n), np.arange(n)]
     if kind == "demix":
         return _own_experts(tokens, n_experts, top_k, gen)
@@ -253,9 +270,28 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
 
 # ----------------------------------------------------------------------------- the battery
 DEFAULT_ROUTERS = (
-    "random", "hash", "bigram", "position", "doc_position", "doc_length", "doc:0.25", "doc:0.5", "doc:0.75", "doc:1", "mix",
-    "domain:0.05", "domain:0.1", "domain:0.15", "domain:0.2", "domain:0.3", "domain:0.5", "domain:1",
-    "domain_hash:0.1", "domain_hash:0.3", "domain_hash:1", "demix",
+    "random",
+    "hash",
+    "bigram",
+    "position",
+    "doc_position",
+    "doc_length",
+    "doc:0.25",
+    "doc:0.5",
+    "doc:0.75",
+    "doc:1",
+    "mix",
+    "domain:0.05",
+    "domain:0.1",
+    "domain:0.15",
+    "domain:0.2",
+    "domain:0.3",
+    "domain:0.5",
+    "domain:1",
+    "domain_hash:0.1",
+    "domain_hash:0.3",
+    "domain_hash:1",
+    "demix",
 )
 
 
@@ -283,28 +319,58 @@ class BatteryConfig:
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
 
 
-def judge_replicate(tokens: ValidationTokens, experts: np.ndarray, cfg: BatteryConfig,
-                    rng: np.random.Generator | int) -> dict[str, Any]:
+def judge_replicate(
+    tokens: ValidationTokens, experts: np.ndarray, cfg: BatteryConfig, rng: np.random.Generator | int
+) -> dict[str, Any]:
     """The routing criteria and the combined verdict of one routing record [N, K] over `tokens`,
     computed exactly as `analyze_model` computes them for a trained model's layer."""
     n_dom, n_exp = len(tokens.domains), cfg.num_experts
     docs = doc_expert_counts(tokens.doc, tokens.domain, experts, n_dom, n_exp)
-    ev = routing_evidence(docs, n_dom, n_exp, token=tokens.token, prev_token=tokens.prev_token,
-                          domain=tokens.domain, doc=tokens.doc, experts=experts, context=cfg.context,
-                          n_permutations=cfg.n_permutations, n_bootstrap=cfg.n_bootstrap,
-                          confidence=cfg.confidence, rng=rng)
+    ev = routing_evidence(
+        docs,
+        n_dom,
+        n_exp,
+        token=tokens.token,
+        prev_token=tokens.prev_token,
+        domain=tokens.domain,
+        doc=tokens.doc,
+        experts=experts,
+        context=cfg.context,
+        n_permutations=cfg.n_permutations,
+        n_bootstrap=cfg.n_bootstrap,
+        confidence=cfg.confidence,
+        rng=rng,
+    )
     nmi, cmi = ev.nmi, ev.cmi
-    layer = judge_layer(LayerEvidence(
-        layer=0, nmi_excess=nmi.excess, nmi_excess_ci_low=nmi.excess_ci_low, nmi_excess_ci_high=nmi.excess_ci_high,
-        nmi_p_value=nmi.p_value, cmi_share=cmi.share, cmi_share_ci_low=cmi.share_ci_low,
-        cmi_share_ci_high=cmi.share_ci_high, cmi_p_value=cmi.p_value,
-        h_domain_given_context=cmi.h_domain_given_context), cfg.thresholds)
+    layer = judge_layer(
+        LayerEvidence(
+            layer=0,
+            nmi_excess=nmi.excess,
+            nmi_excess_ci_low=nmi.excess_ci_low,
+            nmi_excess_ci_high=nmi.excess_ci_high,
+            nmi_p_value=nmi.p_value,
+            cmi_share=cmi.share,
+            cmi_share_ci_low=cmi.share_ci_low,
+            cmi_share_ci_high=cmi.share_ci_high,
+            cmi_p_value=cmi.p_value,
+            h_domain_given_context=cmi.h_domain_given_context,
+        ),
+        cfg.thresholds,
+    )
     by_name = {c.name: c.verdict for c in layer.criteria}
     return {
-        "nmi_excess": nmi.excess, "nmi_excess_ci_high": nmi.excess_ci_high, "nmi_p": nmi.p_value,
-        "nmi_null_q95": nmi.null_q95, "nmi_plugin": nmi.observed,
-        "cmi_share": cmi.share, "cmi_share_ci_high": cmi.share_ci_high, "cmi_p": cmi.p_value, "cmi_bits": cmi.estimate,
-        "nmi": by_name["nmi"], "cmi": by_name["cmi"], "verdict": layer.verdict,
+        "nmi_excess": nmi.excess,
+        "nmi_excess_ci_high": nmi.excess_ci_high,
+        "nmi_p": nmi.p_value,
+        "nmi_null_q95": nmi.null_q95,
+        "nmi_plugin": nmi.observed,
+        "cmi_share": cmi.share,
+        "cmi_share_ci_high": cmi.share_ci_high,
+        "cmi_p": cmi.p_value,
+        "cmi_bits": cmi.estimate,
+        "nmi": by_name["nmi"],
+        "cmi": by_name["cmi"],
+        "verdict": layer.verdict,
     }
 
 
@@ -316,13 +382,23 @@ def _run_cell(args: tuple) -> tuple[list[dict[str, Any]], np.ndarray]:
         draw_rng, judge_rng = np.random.default_rng(seed).spawn(2)
         experts = draw_routing(spec, tokens, cfg.num_experts, k, draw_rng)
         joint += domain_expert_table(tokens, experts, cfg.num_experts)
-        rows.append({"router": spec.name, "kind": spec.kind, "strength": spec.strength, "truth": spec.truth,
-                     "top_k": k, "replicate": rep, **judge_replicate(tokens, experts, cfg, judge_rng)})
+        rows.append(
+            {
+                "router": spec.name,
+                "kind": spec.kind,
+                "strength": spec.strength,
+                "truth": spec.truth,
+                "top_k": k,
+                "replicate": rep,
+                **judge_replicate(tokens, experts, cfg, judge_rng),
+            }
+        )
     return rows, joint / max(len(seeds), 1)
 
 
-def run_battery(tokens: ValidationTokens, cfg: BatteryConfig, progress: bool = False
-                ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], float]]:
+def run_battery(
+    tokens: ValidationTokens, cfg: BatteryConfig, progress: bool = False
+) -> tuple[list[dict[str, Any]], dict[tuple[str, int], float]]:
     """Every (router, top_k) cell over `cfg.replicates` replicates: the per-replicate rows and each
     cell's expected NMI (of its mean table). Deterministic given cfg.seed, whatever cfg.workers."""
     specs = [parse_router(r) for r in cfg.routers]
@@ -354,8 +430,9 @@ def _note(i: int, n: int, result: Any, progress: bool) -> Any:
 CRITERIA = ("nmi", "cmi", "verdict")
 
 
-def summarize_battery(rows: Sequence[Mapping[str, Any]], expected_nmi: Mapping[tuple[str, int], float],
-                      confidence: float = 0.95) -> list[dict[str, Any]]:
+def summarize_battery(
+    rows: Sequence[Mapping[str, Any]], expected_nmi: Mapping[tuple[str, int], float], confidence: float = 0.95
+) -> list[dict[str, Any]]:
     """One entry per (router, top_k): replicates, expected NMI, mean NMI null q95, and for each of
     nmi, cmi and the combined verdict the rates of specialist / ensemble with Wilson intervals."""
     cells: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
@@ -363,12 +440,18 @@ def summarize_battery(rows: Sequence[Mapping[str, Any]], expected_nmi: Mapping[t
         cells.setdefault((row["router"], int(row["top_k"])), []).append(row)
     out = []
     for (router, k), rs in cells.items():
-        entry: dict[str, Any] = {"router": router, "top_k": k, "truth": rs[0]["truth"], "kind": rs[0]["kind"],
-                                 "strength": rs[0]["strength"], "replicates": len(rs),
-                                 "expected_nmi": expected_nmi.get((router, k), float("nan")),
-                                 "nmi_excess_mean": float(np.mean([r["nmi_excess"] for r in rs])),
-                                 "nmi_null_q95_mean": float(np.mean([r["nmi_null_q95"] for r in rs])),
-                                 "cmi_share_mean": float(np.nanmean([r["cmi_share"] for r in rs]))}
+        entry: dict[str, Any] = {
+            "router": router,
+            "top_k": k,
+            "truth": rs[0]["truth"],
+            "kind": rs[0]["kind"],
+            "strength": rs[0]["strength"],
+            "replicates": len(rs),
+            "expected_nmi": expected_nmi.get((router, k), float("nan")),
+            "nmi_excess_mean": float(np.mean([r["nmi_excess"] for r in rs])),
+            "nmi_null_q95_mean": float(np.mean([r["nmi_null_q95"] for r in rs])),
+            "cmi_share_mean": float(np.nanmean([r["cmi_share"] for r in rs])),
+        }
         for c in CRITERIA:
             for label in (SPECIALIST, ENSEMBLE):
                 hits = sum(r[c] == label for r in rs)
@@ -379,8 +462,9 @@ def summarize_battery(rows: Sequence[Mapping[str, Any]], expected_nmi: Mapping[t
     return out
 
 
-def check_targets(summary: Sequence[Mapping[str, Any]], thresholds: VerdictThresholds,
-                  power_at: float) -> dict[str, Any]:
+def check_targets(
+    summary: Sequence[Mapping[str, Any]], thresholds: VerdictThresholds, power_at: float
+) -> dict[str, Any]:
     """The calibration targets, measured: the largest false-specialist rate of the combined verdict
     and of each criterion on domain-blind routers (target <= alpha), power at a true NMI of
     `power_at` (>= 0.8, interpolated along the `domain:s` curve of each top_k), and the
@@ -390,12 +474,21 @@ def check_targets(summary: Sequence[Mapping[str, Any]], thresholds: VerdictThres
     out: dict[str, Any] = {"alpha": thresholds.alpha, "power_at_nmi": power_at}
     for c in CRITERIA:
         worst = max(blind, key=lambda s: s[f"{c}_{SPECIALIST}"], default=None)
-        out[f"max_false_specialist_{c}"] = None if worst is None else {
-            "rate": worst[f"{c}_{SPECIALIST}"], "router": worst["router"], "top_k": worst["top_k"]}
+        out[f"max_false_specialist_{c}"] = (
+            None
+            if worst is None
+            else {"rate": worst[f"{c}_{SPECIALIST}"], "router": worst["router"], "top_k": worst["top_k"]}
+        )
     power = {}
     for k in sorted({s["top_k"] for s in summary}):
-        curve = sorted(((s["expected_nmi"], s[f"verdict_{SPECIALIST}"]) for s in aware
-                        if s["kind"] == "domain" and s["top_k"] == k), key=lambda p: p[0])
+        curve = sorted(
+            (
+                (s["expected_nmi"], s[f"verdict_{SPECIALIST}"])
+                for s in aware
+                if s["kind"] == "domain" and s["top_k"] == k
+            ),
+            key=lambda p: p[0],
+        )
         if len(curve) >= 2 and curve[0][0] <= power_at <= curve[-1][0]:
             power[k] = float(np.interp(power_at, [p[0] for p in curve], [p[1] for p in curve]))
         else:
@@ -403,10 +496,15 @@ def check_targets(summary: Sequence[Mapping[str, Any]], thresholds: VerdictThres
     out["power"] = power
     above = [s for s in aware if s["expected_nmi"] >= power_at]
     worst = max(above, key=lambda s: s[f"verdict_{ENSEMBLE}"], default=None)
-    out["max_false_ensemble_above_limit"] = None if worst is None else {
-        "rate": worst[f"verdict_{ENSEMBLE}"], "router": worst["router"], "top_k": worst["top_k"]}
-    met_fs = all(out[f"max_false_specialist_{c}"] is None or out[f"max_false_specialist_{c}"]["rate"]
-                 <= thresholds.alpha for c in ("verdict", "cmi"))
+    out["max_false_ensemble_above_limit"] = (
+        None
+        if worst is None
+        else {"rate": worst[f"verdict_{ENSEMBLE}"], "router": worst["router"], "top_k": worst["top_k"]}
+    )
+    met_fs = all(
+        out[f"max_false_specialist_{c}"] is None or out[f"max_false_specialist_{c}"]["rate"] <= thresholds.alpha
+        for c in ("verdict", "cmi")
+    )
     met_power = all(p is not None and p >= 0.8 for p in power.values())
     met_fe = worst is None or worst[f"verdict_{ENSEMBLE}"] == 0.0
     out["met"] = {"false_specialist": met_fs, "power": met_power, "false_ensemble": met_fe}
@@ -414,10 +512,19 @@ def check_targets(summary: Sequence[Mapping[str, Any]], thresholds: VerdictThres
 
 
 # ----------------------------------------------------------------------------- knockouts
-def knockout_battery(replicates: int = 50, *, damages: Sequence[float] = (0.05, 0.01, 0.003),
-                     expert_sd: Sequence[float] = (0.3, 0.6), num_experts: int = 8, num_groups: int = 24,
-                     num_domains: int = 4, tokens_per_domain: int = 4096, dense_sd: float = 0.3,
-                     thresholds: VerdictThresholds | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def knockout_battery(
+    replicates: int = 50,
+    *,
+    damages: Sequence[float] = (0.05, 0.01, 0.003),
+    expert_sd: Sequence[float] = (0.3, 0.6),
+    num_experts: int = 8,
+    num_groups: int = 24,
+    num_domains: int = 4,
+    tokens_per_domain: int = 4096,
+    dense_sd: float = 0.3,
+    thresholds: VerdictThresholds | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """The knockout criterion on simulated damage whose truth is known (`simulate_damage`): per
     (mean damage m, experts' per-token sd, truth), `replicates` layers of `num_experts` experts that
     hurt every domain alike ("equal", truth: not specialist) or one domain only ("single"), each
@@ -435,12 +542,28 @@ def knockout_battery(replicates: int = 50, *, damages: Sequence[float] = (0.05, 
             for profile in ("equal", "single"):
                 calls, old, cv = [], [], []
                 for _ in range(replicates):
-                    ex = simulate_damage(num_experts, m, num_domains=num_domains, profile=profile,
-                                         target=int(gen.integers(num_domains)), tokens_per_domain=tokens_per_domain,
-                                         token_sd=sd, rng=gen)
+                    ex = simulate_damage(
+                        num_experts,
+                        m,
+                        num_domains=num_domains,
+                        profile=profile,
+                        target=int(gen.integers(num_domains)),
+                        tokens_per_domain=tokens_per_domain,
+                        token_sd=sd,
+                        rng=gen,
+                    )
                     dense_m = m * np.exp(gen.uniform(np.log(0.5), np.log(2.0), num_groups))
-                    dense = [simulate_damage(1, float(dm), num_domains=num_domains, tokens_per_domain=tokens_per_domain,
-                                             token_sd=dense_sd, rng=gen) for dm in dense_m]
+                    dense = [
+                        simulate_damage(
+                            1,
+                            float(dm),
+                            num_domains=num_domains,
+                            tokens_per_domain=tokens_per_domain,
+                            token_sd=dense_sd,
+                            rng=gen,
+                        )
+                        for dm in dense_m
+                    ]
                     dd = np.concatenate([d.damage for d in dense], axis=1)
                     dse = np.concatenate([d.damage_se for d in dense], axis=1)
                     cmp = matched_comparison(ex.damage[None], ex.damage_se[None], dd[None], dse[None])
@@ -448,10 +571,18 @@ def knockout_battery(replicates: int = 50, *, damages: Sequence[float] = (0.05, 
                     old.append(np.nanmedian(selectivity(ex.damage)))
                     cv.append(np.nanmedian(corrected_cv(ex.damage, ex.damage_se)))
                 n = len(calls)
-                rows.append({"mean_damage": m, "expert_sd": sd, "profile": profile,
-                             "truth": DOMAIN_BLIND if profile == "equal" else DOMAIN_AWARE, "replicates": n,
-                             "specialist": sum(c == SPECIALIST for c in calls) / n,
-                             "specialist_ci": list(wilson_interval(sum(c == SPECIALIST for c in calls), n)),
-                             "ensemble": sum(c == ENSEMBLE for c in calls) / n,
-                             "old_selectivity_median": float(np.median(old)), "cv_median": float(np.median(cv))})
+                rows.append(
+                    {
+                        "mean_damage": m,
+                        "expert_sd": sd,
+                        "profile": profile,
+                        "truth": DOMAIN_BLIND if profile == "equal" else DOMAIN_AWARE,
+                        "replicates": n,
+                        "specialist": sum(c == SPECIALIST for c in calls) / n,
+                        "specialist_ci": list(wilson_interval(sum(c == SPECIALIST for c in calls), n)),
+                        "ensemble": sum(c == ENSEMBLE for c in calls) / n,
+                        "old_selectivity_median": float(np.median(old)),
+                        "cv_median": float(np.median(cv)),
+                    }
+                )
     return rows

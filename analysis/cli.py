@@ -29,8 +29,9 @@ from moe.config import reject_unknown_keys
 from moe.data import DataConfig
 
 HF_PREFIX = "hf:"
-_NEEDS_RUN_DIR = ("moe-analyze needs run_dir=PATH (a moe-train run directory), or model=hf:<name> for a "
-                  "pretrained Hugging Face model")
+_NEEDS_RUN_DIR = (
+    "moe-analyze needs run_dir=PATH (a moe-train run directory), or model=hf:<name> for a pretrained Hugging Face model"
+)
 
 
 @dataclass
@@ -60,11 +61,15 @@ def check_run_dir(run_dir: str) -> None:
     """ValueError unless `run_dir` is a moe-train run directory (it has the data/ the analysis reads)."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise ValueError(f"run_dir={run_dir} does not exist (or is not a directory); pass the directory moe-train "
-                         "wrote (hydra.run.dir of the training run)")
+        raise ValueError(
+            f"run_dir={run_dir} does not exist (or is not a directory); pass the directory moe-train "
+            "wrote (hydra.run.dir of the training run)"
+        )
     if not (path / "data" / "manifest.json").is_file():
-        raise ValueError(f"run_dir={run_dir} is not a moe-train run directory (it has no data/manifest.json); pass the "
-                         "directory moe-train wrote (it holds config.yaml, data/ and models/)")
+        raise ValueError(
+            f"run_dir={run_dir} is not a moe-train run directory (it has no data/manifest.json); pass the "
+            "directory moe-train wrote (it holds config.yaml, data/ and models/)"
+        )
 
 
 def analyze_dir(model: str, run_dir: Optional[str], out_dir: Optional[str], fallback: str) -> str:
@@ -74,7 +79,7 @@ def analyze_dir(model: str, run_dir: Optional[str], out_dir: Optional[str], fall
     if str(model).startswith(HF_PREFIX):
         from analysis.hf.run import check_local_model_dir
 
-        check_local_model_dir(str(model)[len(HF_PREFIX):])
+        check_local_model_dir(str(model)[len(HF_PREFIX) :])
     elif not run_dir:
         raise ValueError(_NEEDS_RUN_DIR)
     else:
@@ -100,7 +105,7 @@ def register_app_configs(name: str, schema: type) -> None:
     store.store(name=name, node=OmegaConf.create(conf.joinpath(f"{name}.yaml").read_text()))
     for option in sorted(conf.joinpath("data").iterdir(), key=lambda p: p.name):
         if option.name.endswith(".yaml"):
-            store.store(group="data", name=option.name[:-len(".yaml")], node=OmegaConf.create(option.read_text()))
+            store.store(group="data", name=option.name[: -len(".yaml")], node=OmegaConf.create(option.read_text()))
 
 
 register_app_configs("analyze", AnalyzeConfig)
@@ -109,8 +114,9 @@ OmegaConf.register_new_resolver("moe_analyze_dir", analyze_dir, replace=True)
 
 def _created_by_hydra(directory: Path) -> bool:
     """Whether `directory` holds nothing but the empty log file Hydra opens: created for this job."""
-    return directory.is_dir() and all(p.is_file() and p.suffix == ".log" and p.stat().st_size == 0
-                                      for p in directory.iterdir())
+    return directory.is_dir() and all(
+        p.is_file() and p.suffix == ".log" and p.stat().st_size == 0 for p in directory.iterdir()
+    )
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="analyze")
@@ -136,15 +142,31 @@ def _analyze(dict_cfg: DictConfig) -> float:
         from analysis.hf.run import analyze_hf_model
 
         out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
-        summary = analyze_hf_model(cfg.model[len(HF_PREFIX):], cfg.data, out_dir, cfg.analysis,
-                                   batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                                   revision=cfg.revision)
+        summary = analyze_hf_model(
+            cfg.model[len(HF_PREFIX) :],
+            cfg.data,
+            out_dir,
+            cfg.analysis,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            revision=cfg.revision,
+        )
     else:
         if cfg.run_dir is None:
             raise ValueError(_NEEDS_RUN_DIR)
         out_dir = cfg.out_dir or f"{cfg.run_dir}/analysis"
-        summary = analyze_run(cfg.run_dir, cfg.analysis, model=cfg.model, twin=cfg.twin, twin_run=cfg.twin_run,
-                              batch_size=cfg.batch_size, device=cfg.device, out_dir=out_dir)
+        summary = analyze_run(
+            cfg.run_dir,
+            cfg.analysis,
+            model=cfg.model,
+            twin=cfg.twin,
+            twin_run=cfg.twin_run,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            out_dir=out_dir,
+        )
     print(f"report: {out_dir}/report.md  verdict: {summary['verdict']['verdict']}")
     return 0.0
 

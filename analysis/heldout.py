@@ -60,9 +60,9 @@ __all__ = [
 _TIE_BITS = 1e-4
 
 
-
 class TooFewRecords(ValueError):
     """The records are too few for the held-out estimate (no context reaches the minimum support)."""
+
 
 @dataclass(frozen=True)
 class HeldoutInformation:
@@ -175,8 +175,9 @@ def _nested_groups(contexts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], li
     return groups, parents
 
 
-def _fit_domain_offsets(log_q: np.ndarray, weight: np.ndarray, group_domain: np.ndarray, target: np.ndarray,
-                        iterations: int) -> np.ndarray:
+def _fit_domain_offsets(
+    log_q: np.ndarray, weight: np.ndarray, group_domain: np.ndarray, target: np.ndarray, iterations: int
+) -> np.ndarray:
     """Offsets beta [G, E] maximizing sum n_{g,e} log softmax_e(log_q[g] + beta[d(g)]) by iterative
     proportional fitting: each step matches the predicted domain x expert margin to target [G, E].
 
@@ -254,8 +255,9 @@ def heldout_conditional_information(
     m = doc_ids.size
     per_domain = np.bincount(doc_domain, minlength=n_domains)
     if per_domain[per_domain > 0].min() < 2:
-        raise ValueError("every domain needs at least 2 documents so that some can be held out; "
-                         "add validation documents")
+        raise ValueError(
+            "every domain needs at least 2 documents so that some can be held out; add validation documents"
+        )
     gen = as_rng(rng)
     fold_rng, boot_rng = gen.spawn(2)
     n_folds = int(min(n_folds, per_domain[per_domain > 0].min()))
@@ -295,8 +297,10 @@ def heldout_conditional_information(
         grp_dom = np.zeros(n_cd, dtype=np.int64)
         grp_dom[cd] = d[train]
         grp_w = np.bincount(cd, weights=w[train].sum(axis=1), minlength=n_cd)
-        target = sum(np.bincount(d[train] * e_n + ex[train, j], weights=w[train, j], minlength=n_domains * e_n)
-                     for j in range(ex.shape[1])).reshape(n_domains, e_n)
+        target = sum(
+            np.bincount(d[train] * e_n + ex[train, j], weights=w[train, j], minlength=n_domains * e_n)
+            for j in range(ex.shape[1])
+        ).reshape(n_domains, e_n)
         beta = _fit_domain_offsets(log_q[grp_ctx], grp_w, grp_dom, target, iterations)
         zt = log_q[fine[test]] + beta[d[test]]
         top = zt.max(axis=1, keepdims=True)
@@ -310,8 +314,10 @@ def heldout_conditional_information(
     doc_weight = np.bincount(doc_of, weights=scored, minlength=m)
     total = float(doc_weight.sum())
     if not total > 0:
-        raise TooFewRecords(f"no context is seen {min_support} times in the training folds: too few records "
-                            "for the held-out estimate (lower min_support or record more tokens)")
+        raise TooFewRecords(
+            f"no context is seen {min_support} times in the training folds: too few records "
+            "for the held-out estimate (lower min_support or record more tokens)"
+        )
     estimate = float(doc_gain.sum() / total)
     mult = stratified_doc_bootstrap(doc_domain, n_resamples, boot_rng)
     samples = (mult @ doc_gain) / np.maximum(mult @ doc_weight, 1e-300)
@@ -322,7 +328,16 @@ def heldout_conditional_information(
     tok_scored = scored > 0
     h = conditional_entropy_mm(fine[tok_scored], d[tok_scored], w[tok_scored].sum(axis=1))
     return HeldoutInformation(
-        estimate=estimate, ci_low=float(low), ci_high=float(high), confidence=float(confidence), p_value=p,
-        h_domain_given_context=h, n_assignments=total, n_docs=int(m), n_folds=n_folds, n_resamples=int(n_resamples),
-        smoothing=float(smoothing), samples=samples,
+        estimate=estimate,
+        ci_low=float(low),
+        ci_high=float(high),
+        confidence=float(confidence),
+        p_value=p,
+        h_domain_given_context=h,
+        n_assignments=total,
+        n_docs=int(m),
+        n_folds=n_folds,
+        n_resamples=int(n_resamples),
+        smoothing=float(smoothing),
+        samples=samples,
     )

@@ -232,8 +232,10 @@ def _key_counts(keys: list[np.ndarray], weights: list[np.ndarray | None], size: 
         return nz, acc[nz]
     all_keys = np.concatenate(keys)
     uniq, inv = np.unique(all_keys, return_inverse=True)
-    ws = None if all(w is None for w in weights) else np.concatenate(
-        [np.ones(k.size) if w is None else w for k, w in zip(keys, weights)]
+    ws = (
+        None
+        if all(w is None for w in weights)
+        else np.concatenate([np.ones(k.size) if w is None else w for k, w in zip(keys, weights)])
     )
     acc = np.bincount(inv.reshape(-1), weights=ws, minlength=uniq.size)
     keep = acc > 0

@@ -71,13 +71,19 @@ __all__ = [
 ]
 
 INTERVENTIONS = {
-    "expert": ("drop: every assignment of a token to the expert is marked not kept in the layer's routing "
-               "record, so the token keeps its other experts (gates not renormalized) and the residual; "
-               "no token is re-routed; the same for every router (learned, hash, random, expert choice)"),
-    "dense_group": ("zero: a random group of the dense FFN's hidden units (seeded, per layer) is removed for "
-                    "every token (w_out rows zeroed, as zeroing those hidden activations)"),
-    "top1": ("drop: each token's own highest-gate kept assignment in the layer is marked not kept; the token "
-             "keeps its other experts and the residual"),
+    "expert": (
+        "drop: every assignment of a token to the expert is marked not kept in the layer's routing "
+        "record, so the token keeps its other experts (gates not renormalized) and the residual; "
+        "no token is re-routed; the same for every router (learned, hash, random, expert choice)"
+    ),
+    "dense_group": (
+        "zero: a random group of the dense FFN's hidden units (seeded, per layer) is removed for "
+        "every token (w_out rows zeroed, as zeroing those hidden activations)"
+    ),
+    "top1": (
+        "drop: each token's own highest-gate kept assignment in the layer is marked not kept; the token "
+        "keeps its other experts and the residual"
+    ),
 }
 
 CLUSTERS = ("doc", "row")
@@ -252,8 +258,14 @@ def hidden_units_zeroed(mlp: DenseMLP, units: slice | Sequence[int] | np.ndarray
             w_out[index] = saved
 
 
-def dense_groups(hidden: int, num_experts: int, *, size_factors: Sequence[float] = (0.5, 1.0, 2.0),
-                 replicates: int = 8, rng: np.random.Generator | int | None = 0) -> list[np.ndarray]:
+def dense_groups(
+    hidden: int,
+    num_experts: int,
+    *,
+    size_factors: Sequence[float] = (0.5, 1.0, 2.0),
+    replicates: int = 8,
+    rng: np.random.Generator | int | None = 0,
+) -> list[np.ndarray]:
     """Random groups of hidden units of a dense FFN of width `hidden`.
 
     For each factor a (in order) `replicates` groups of round(a * hidden / E) units (at least 1, at
@@ -303,8 +315,9 @@ def _dense_mlps(dense_model: nn.Module, blocks: Sequence[int]) -> list[DenseMLP]
     return mlps
 
 
-def expert_knockouts(model: RoutedModel, batches: Sequence[Batch], num_domains: int, *,
-                     cluster: str = "doc", seed: int = 0) -> KnockoutResult:
+def expert_knockouts(
+    model: RoutedModel, batches: Sequence[Batch], num_domains: int, *, cluster: str = "doc", seed: int = 0
+) -> KnockoutResult:
     """Damage and its se [L, G, E] (nats) of dropping expert e of MoE layer l (`expert_dropped`:
     its assignments are removed, the tokens keep their other experts and the residual, nothing is
     re-routed, for every router kind).
@@ -323,14 +336,23 @@ def expert_knockouts(model: RoutedModel, batches: Sequence[Batch], num_domains: 
         for l, e in progress(pairs, desc="expert knockouts"):
             with expert_dropped(layers[l], e):
                 damage[l, :, e], se[l, :, e] = paired.damage()
-    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "expert",
-                          INTERVENTIONS["expert"])
+    return KnockoutResult(
+        paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "expert", INTERVENTIONS["expert"]
+    )
 
 
-def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_domains: int, *,
-                          blocks: Sequence[int], num_experts: int,
-                          size_factors: Sequence[float] = (0.5, 1.0, 2.0), replicates: int = 8,
-                          seed: int = 0, cluster: str = "doc") -> KnockoutResult:
+def dense_group_knockouts(
+    dense_model: nn.Module,
+    batches: Sequence[Batch],
+    num_domains: int,
+    *,
+    blocks: Sequence[int],
+    num_experts: int,
+    size_factors: Sequence[float] = (0.5, 1.0, 2.0),
+    replicates: int = 8,
+    seed: int = 0,
+    cluster: str = "doc",
+) -> KnockoutResult:
     """The control: damage and its se [L, G, U] (nats) of zeroing random group u of the hidden
     units of the dense FFN in block `blocks[l]` of the twin, for every token (`hidden_units_zeroed`).
 
@@ -343,8 +365,16 @@ def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_
     `expert_knockouts`.
     """
     mlps = _dense_mlps(dense_model, blocks)
-    groups = [dense_groups(mlp.w_out.shape[0], num_experts, size_factors=size_factors, replicates=replicates,
-                           rng=np.random.default_rng([seed, b])) for b, mlp in zip(blocks, mlps)]
+    groups = [
+        dense_groups(
+            mlp.w_out.shape[0],
+            num_experts,
+            size_factors=size_factors,
+            replicates=replicates,
+            rng=np.random.default_rng([seed, b]),
+        )
+        for b, mlp in zip(blocks, mlps)
+    ]
     with eval_mode(dense_model):
         paired = _Paired(dense_model, batches, num_domains, cluster, seed)
         shape = (len(mlps), num_domains, len(groups[0]) if groups else 0)
@@ -354,12 +384,23 @@ def dense_group_knockouts(dense_model: nn.Module, batches: Sequence[Batch], num_
             with hidden_units_zeroed(mlps[l], groups[l][g]):
                 damage[l, :, g], se[l, :, g] = paired.damage()
     sizes = np.array([[u.size for u in layer] for layer in groups], dtype=np.int64).reshape(len(mlps), -1)
-    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, list(blocks),
-                          "dense_group", INTERVENTIONS["dense_group"], groups, sizes)
+    return KnockoutResult(
+        paired.base_loss,
+        damage,
+        se,
+        paired.tokens,
+        paired.clusters,
+        list(blocks),
+        "dense_group",
+        INTERVENTIONS["dense_group"],
+        groups,
+        sizes,
+    )
 
 
-def top1_knockouts(model: RoutedModel, batches: Sequence[Batch], num_domains: int, *,
-                   cluster: str = "doc", seed: int = 0) -> KnockoutResult:
+def top1_knockouts(
+    model: RoutedModel, batches: Sequence[Batch], num_domains: int, *, cluster: str = "doc", seed: int = 0
+) -> KnockoutResult:
     """Damage and se [L, G] (nats) when every token loses its own top-1 expert in layer l
     (`top1_dropped`); cluster, seed as in `expert_knockouts`."""
     blocks = moe_block_indices(model)
@@ -369,5 +410,6 @@ def top1_knockouts(model: RoutedModel, batches: Sequence[Batch], num_domains: in
         for l, layer in enumerate(progress(model.moe_layers, desc="top-1 knockouts")):
             with top1_dropped(layer):
                 damage[l], se[l] = paired.damage()
-    return KnockoutResult(paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "top1",
-                          INTERVENTIONS["top1"])
+    return KnockoutResult(
+        paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "top1", INTERVENTIONS["top1"]
+    )

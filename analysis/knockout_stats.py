@@ -90,8 +90,10 @@ def cluster_mean_se(values: np.ndarray, domain: np.ndarray, cluster: np.ndarray,
     cluster = np.asarray(cluster, dtype=np.int64).reshape(-1)
     n = domain.size
     if values.shape[-1] != n or cluster.size != n:
-        raise ValueError(f"values [..., {values.shape[-1]}], domain [{n}] and cluster [{cluster.size}] "
-                         "must have the same number of tokens")
+        raise ValueError(
+            f"values [..., {values.shape[-1]}], domain [{n}] and cluster [{cluster.size}] "
+            "must have the same number of tokens"
+        )
     if n and (domain.min() < 0 or domain.max() >= num_domains):
         raise ValueError(f"domain ids must lie in [0, {num_domains})")
     lead = values.shape[:-1]
@@ -121,7 +123,7 @@ def cluster_mean_se(values: np.ndarray, domain: np.ndarray, cluster: np.ndarray,
         mean = np.where(tokens > 0, per_domain(sums) / tokens, np.nan)
         resid = sums - sizes * mean[..., g_domain]
         factor = np.where(clusters > 1, clusters / np.maximum(clusters - 1, 1), np.nan)
-        se = np.sqrt(factor * per_domain(resid ** 2) / np.maximum(tokens, 1) ** 2)
+        se = np.sqrt(factor * per_domain(resid**2) / np.maximum(tokens, 1) ** 2)
     se = np.where(tokens > 0, se, np.nan)
     return DomainMeans(mean, se, tokens.astype(np.int64), clusters.astype(np.int64))
 
@@ -154,7 +156,7 @@ def corrected_cv(damage: np.ndarray, damage_se: np.ndarray, *, clip: bool = True
     if d < 2:
         return np.full(damage.shape[:-2] + damage.shape[-1:], np.nan)
     mean = damage.mean(axis=-2)
-    v = damage.var(axis=-2, ddof=1) - (damage_se ** 2).mean(axis=-2)
+    v = damage.var(axis=-2, ddof=1) - (damage_se**2).mean(axis=-2)
     root = np.sqrt(np.maximum(v, 0.0)) if clip else np.sign(v) * np.sqrt(np.abs(v))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mean > 0, root / mean / np.sqrt(d), np.nan)
@@ -171,7 +173,7 @@ def cochran_q(damage: np.ndarray, damage_se: np.ndarray) -> tuple[np.ndarray, np
     """
     damage, damage_se = _check_table(damage, damage_se)
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(damage_se > 0, 1.0 / damage_se ** 2, np.nan)
+        w = np.where(damage_se > 0, 1.0 / damage_se**2, np.nan)
         m = (w * damage).sum(axis=-2, keepdims=True) / w.sum(axis=-2, keepdims=True)
         q = (w * (damage - m) ** 2).sum(axis=-2)
     df = damage.shape[-2] - 1
@@ -215,7 +217,7 @@ def cv_lower_bound(damage: np.ndarray, damage_se: np.ndarray, level: float = 0.9
     q, _ = cochran_q(damage, damage_se)
     lam = _noncentrality_lower(q, d - 1, level)
     with np.errstate(invalid="ignore", divide="ignore"):
-        w_sum = (1.0 / damage_se ** 2).sum(axis=-2)
+        w_sum = (1.0 / damage_se**2).sum(axis=-2)
         tau2 = lam * d / ((d - 1) * w_sum)
         return np.where((mean > 0) & np.isfinite(tau2), np.sqrt(tau2) / mean / np.sqrt(d), np.nan)
 
@@ -246,7 +248,7 @@ def heterogeneity(damage: np.ndarray, damage_se: np.ndarray) -> Heterogeneity:
     d = damage.shape[-2]
     mean = damage.mean(axis=-2)
     if d > 1:
-        tau = np.sqrt(np.maximum(damage.var(axis=-2, ddof=1) - (damage_se ** 2).mean(axis=-2), 0.0))
+        tau = np.sqrt(np.maximum(damage.var(axis=-2, ddof=1) - (damage_se**2).mean(axis=-2), 0.0))
     else:
         tau = np.full_like(mean, np.nan)
     q, p = cochran_q(damage, damage_se)
@@ -299,9 +301,15 @@ def _score(statistic: str, damage: np.ndarray, damage_se: np.ndarray) -> np.ndar
     return heterogeneity(damage, damage_se).i2
 
 
-def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: np.ndarray,
-                       dense_damage_se: np.ndarray, *, factor: float = 2.0,
-                       statistic: str = "cv_lower") -> MatchedComparison:
+def matched_comparison(
+    damage: np.ndarray,
+    damage_se: np.ndarray,
+    dense_damage: np.ndarray,
+    dense_damage_se: np.ndarray,
+    *,
+    factor: float = 2.0,
+    statistic: str = "cv_lower",
+) -> MatchedComparison:
     """Compare experts with the same layer's dense groups of similar mean damage.
 
     damage, damage_se [L, G, E] (experts), dense_damage, dense_damage_se [L, G, groups] (dense groups of
@@ -317,8 +325,10 @@ def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: 
     damage, damage_se = _check_table(damage, damage_se)
     dense_damage, dense_damage_se = _check_table(dense_damage, dense_damage_se)
     if damage.ndim != 3 or dense_damage.ndim != 3 or damage.shape[:2] != dense_damage.shape[:2]:
-        raise ValueError(f"expert table {damage.shape} and dense table {dense_damage.shape} must be "
-                         "[L, G, E] and [L, G, groups] with the same L and G")
+        raise ValueError(
+            f"expert table {damage.shape} and dense table {dense_damage.shape} must be "
+            "[L, G, E] and [L, G, groups] with the same L and G"
+        )
     if not factor > 1:
         raise ValueError(f"factor={factor} must be > 1")
     score = _score(statistic, damage, damage_se)  # [L, E]
@@ -327,8 +337,7 @@ def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: 
     dm = dense_damage.mean(axis=-2)  # [L, groups]
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = dm[:, None, :] / m[:, :, None]  # [L, E, groups]
-    matched = ((m[:, :, None] > 0) & (ratio >= 1 / factor) & (ratio <= factor)
-               & np.isfinite(dense_score)[:, None, :])
+    matched = (m[:, :, None] > 0) & (ratio >= 1 / factor) & (ratio <= factor) & np.isfinite(dense_score)[:, None, :]
     n = matched.sum(axis=-1)
     ds, es = dense_score[:, None, :], score[:, :, None]
     below = (matched & (ds < es)).sum(axis=-1)
@@ -341,8 +350,7 @@ def matched_comparison(damage: np.ndarray, damage_se: np.ndarray, dense_damage: 
     med = np.full(m.shape, np.nan)
     for l, e in zip(*np.nonzero(ok)):
         med[l, e] = np.median(dm[l][matched[l, e]])
-    return MatchedComparison(statistic, score, m, dense_score, dm, matched, n, percentile, p_value, med,
-                             float(factor))
+    return MatchedComparison(statistic, score, m, dense_score, dm, matched, n, percentile, p_value, med, float(factor))
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -378,10 +386,19 @@ def _profile(profile: str | Sequence[float], num_domains: int, target: int) -> n
     return w / w.mean()
 
 
-def simulate_damage(num_units: int, mean_damage: float, *, num_domains: int = 4,
-                    profile: str | Sequence[float] = "equal", target: int = 0,
-                    tokens_per_domain: int = 4096, token_sd: float = 0.3, doc_len: int = 1,
-                    doc_sd: float = 0.0, rng: np.random.Generator | int | None = None) -> SimulatedDamage:
+def simulate_damage(
+    num_units: int,
+    mean_damage: float,
+    *,
+    num_domains: int = 4,
+    profile: str | Sequence[float] = "equal",
+    target: int = 0,
+    tokens_per_domain: int = 4096,
+    token_sd: float = 0.3,
+    doc_len: int = 1,
+    doc_sd: float = 0.0,
+    rng: np.random.Generator | int | None = None,
+) -> SimulatedDamage:
     """Simulate knockouts of `num_units` units with known per-domain damage.
 
     True damage of domain d: mean_damage * w_d with w the `profile` (mean 1 over domains): "equal"

@@ -59,8 +59,20 @@ if TYPE_CHECKING:  # the recorder imports torch; this module stays pure numpy
 
 CONTEXTS = ("token", "bigram")
 
-__all__ = ["CONTEXTS", "MEASURES", "LayerInputs", "RoutingEvidence", "cka_result", "coactivation_from_pairs", "domain_shares",
-           "knockout_result", "layer_inputs", "measure_layer", "previous_tokens", "routing_evidence"]
+__all__ = [
+    "CONTEXTS",
+    "MEASURES",
+    "LayerInputs",
+    "RoutingEvidence",
+    "cka_result",
+    "coactivation_from_pairs",
+    "domain_shares",
+    "knockout_result",
+    "layer_inputs",
+    "measure_layer",
+    "previous_tokens",
+    "routing_evidence",
+]
 
 
 def domain_shares(domain_expert: np.ndarray, tokens_per_domain: np.ndarray) -> np.ndarray:
@@ -110,12 +122,23 @@ class RoutingEvidence:
     cmi_note: str | None = None  # why cmi is None although per-token records were given
 
 
-def routing_evidence(docs: DocCounts, n_domains: int, n_experts: int, *, token: np.ndarray | None = None,
-                     prev_token: np.ndarray | None = None, domain: np.ndarray | None = None,
-                     doc: np.ndarray | None = None, experts: np.ndarray | None = None,
-                     weights: np.ndarray | None = None, context: str = "token", n_permutations: int = 200,
-                     n_bootstrap: int = 200, confidence: float = 0.95,
-                     rng: np.random.Generator | int) -> RoutingEvidence:
+def routing_evidence(
+    docs: DocCounts,
+    n_domains: int,
+    n_experts: int,
+    *,
+    token: np.ndarray | None = None,
+    prev_token: np.ndarray | None = None,
+    domain: np.ndarray | None = None,
+    doc: np.ndarray | None = None,
+    experts: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    context: str = "token",
+    n_permutations: int = 200,
+    n_bootstrap: int = 200,
+    confidence: float = 0.95,
+    rng: np.random.Generator | int,
+) -> RoutingEvidence:
     """NMI of the per-document table `docs` against its document-permutation null, and (given the
     per-token arrays token, domain, doc [N], experts [N, K], weights [N, K] or None) the held-out
     I(D;E|C) with C = the token id (`context="token"`) or the token and the previous token
@@ -123,15 +146,25 @@ def routing_evidence(docs: DocCounts, n_domains: int, n_experts: int, *, token: 
     records and for the calibration battery, so both are judged by the same numbers."""
     check_choice("context", context, CONTEXTS)
     nmi_rng, cmi_rng = np.random.default_rng(rng).spawn(2)
-    nmi = summarize_specialization(docs, n_domains, n_permutations=n_permutations, n_resamples=n_bootstrap,
-                                   confidence=confidence, rng=nmi_rng)
+    nmi = summarize_specialization(
+        docs, n_domains, n_permutations=n_permutations, n_resamples=n_bootstrap, confidence=confidence, rng=nmi_rng
+    )
     cmi, note = None, None
     if token is not None:
         keys = context_keys(token, prev_token if context == "bigram" else None)
         try:
-            cmi = heldout_conditional_information(keys, domain, doc, experts, n_domains, n_experts, weights,
-                                                  n_resamples=max(n_bootstrap, 200), confidence=confidence,
-                                                  rng=cmi_rng)
+            cmi = heldout_conditional_information(
+                keys,
+                domain,
+                doc,
+                experts,
+                n_domains,
+                n_experts,
+                weights,
+                n_resamples=max(n_bootstrap, 200),
+                confidence=confidence,
+                rng=cmi_rng,
+            )
         except TooFewRecords as exc:  # not measurable here: the verdict abstains instead of the run failing
             note = str(exc)
     return RoutingEvidence(nmi, cmi, context, note)
@@ -162,10 +195,17 @@ class LayerInputs:
 
     @cached_property
     def evidence(self) -> RoutingEvidence:
-        return routing_evidence(self.counts.docs, self.counts.num_domains, self.counts.num_experts,
-                                context=self.context, n_permutations=self.n_permutations,
-                                n_bootstrap=self.n_bootstrap, confidence=self.confidence, rng=self.seed,
-                                **{k: v for k, v in (self.arrays or {}).items() if k not in ("gates", "kept")})
+        return routing_evidence(
+            self.counts.docs,
+            self.counts.num_domains,
+            self.counts.num_experts,
+            context=self.context,
+            n_permutations=self.n_permutations,
+            n_bootstrap=self.n_bootstrap,
+            confidence=self.confidence,
+            rng=self.seed,
+            **{k: v for k, v in (self.arrays or {}).items() if k not in ("gates", "kept")},
+        )
 
     @cached_property
     def evidence_top1(self) -> RoutingEvidence | None:
@@ -183,10 +223,21 @@ class LayerInputs:
         top1 = experts[np.arange(len(slot)), slot][routed][:, None]
         d, e = self.counts.num_domains, self.counts.num_experts
         docs = doc_expert_counts(a["doc"][routed], a["domain"][routed], top1, d, e)
-        return routing_evidence(docs, d, e, token=a["token"][routed], prev_token=a["prev_token"][routed],
-                                domain=a["domain"][routed], doc=a["doc"][routed], experts=top1,
-                                context=self.context, n_permutations=self.n_permutations,
-                                n_bootstrap=self.n_bootstrap, confidence=self.confidence, rng=self.seed)
+        return routing_evidence(
+            docs,
+            d,
+            e,
+            token=a["token"][routed],
+            prev_token=a["prev_token"][routed],
+            domain=a["domain"][routed],
+            doc=a["doc"][routed],
+            experts=top1,
+            context=self.context,
+            n_permutations=self.n_permutations,
+            n_bootstrap=self.n_bootstrap,
+            confidence=self.confidence,
+            rng=self.seed,
+        )
 
     @property
     def joint(self) -> np.ndarray:
@@ -198,11 +249,26 @@ def _finite(x: float) -> float | None:
 
 
 def _nmi_result(name: str, spec: SpecializationResult) -> MeasureResult:
-    return MeasureResult(name, spec.excess, spec.excess_ci_low, spec.excess_ci_high, spec.null_mean, spec.p_value, {
-        "plugin": spec.observed, "corrected": spec.corrected, "plugin_ci_low": spec.ci_low,
-        "plugin_ci_high": spec.ci_high, "confidence": spec.confidence, "null_q95": spec.null_q95,
-        "n_docs": spec.n_docs, "docs_per_domain": list(spec.docs_per_domain), "n_permutations": spec.n_permutations,
-        "n_bootstrap": spec.n_resamples})
+    return MeasureResult(
+        name,
+        spec.excess,
+        spec.excess_ci_low,
+        spec.excess_ci_high,
+        spec.null_mean,
+        spec.p_value,
+        {
+            "plugin": spec.observed,
+            "corrected": spec.corrected,
+            "plugin_ci_low": spec.ci_low,
+            "plugin_ci_high": spec.ci_high,
+            "confidence": spec.confidence,
+            "null_q95": spec.null_q95,
+            "n_docs": spec.n_docs,
+            "docs_per_domain": list(spec.docs_per_domain),
+            "n_permutations": spec.n_permutations,
+            "n_bootstrap": spec.n_resamples,
+        },
+    )
 
 
 def _nmi(inputs: LayerInputs) -> MeasureResult:
@@ -216,9 +282,15 @@ def _nmi_top1(inputs: LayerInputs) -> MeasureResult:
 
 def _cmi(inputs: LayerInputs) -> MeasureResult:
     cube = inputs.counts.cube
-    return _cmi_result("cmi", inputs.evidence, inputs.context, {
-        "plugin_token_bits": conditional_mutual_information(cube),
-        "plugin_token_corrected_bits": conditional_mutual_information_mm(cube)})
+    return _cmi_result(
+        "cmi",
+        inputs.evidence,
+        inputs.context,
+        {
+            "plugin_token_bits": conditional_mutual_information(cube),
+            "plugin_token_corrected_bits": conditional_mutual_information_mm(cube),
+        },
+    )
 
 
 def _cmi_top1(inputs: LayerInputs) -> MeasureResult:
@@ -232,17 +304,29 @@ def _cmi_result(name: str, evidence: RoutingEvidence | None, context: str, extra
         if evidence is not None and evidence.cmi_note:
             details["note"] = evidence.cmi_note
         return MeasureResult(name, None, details=details)
-    details.update({"bits": held.estimate, "bits_ci_low": held.ci_low, "bits_ci_high": held.ci_high,
-                    "h_domain_given_context_bits": held.h_domain_given_context,
-                    "assignments_scored": held.n_assignments, "n_folds": held.n_folds, "n_bootstrap": held.n_resamples})
-    return MeasureResult(name, _finite(held.share), _finite(held.share_ci_low), _finite(held.share_ci_high), 0.0,
-                         held.p_value, details)
+    details.update(
+        {
+            "bits": held.estimate,
+            "bits_ci_low": held.ci_low,
+            "bits_ci_high": held.ci_high,
+            "h_domain_given_context_bits": held.h_domain_given_context,
+            "assignments_scored": held.n_assignments,
+            "n_folds": held.n_folds,
+            "n_bootstrap": held.n_resamples,
+        }
+    )
+    return MeasureResult(
+        name, _finite(held.share), _finite(held.share_ci_low), _finite(held.share_ci_high), 0.0, held.p_value, details
+    )
 
 
 def _mi_domain(inputs: LayerInputs) -> MeasureResult:
     joint = inputs.joint
-    return MeasureResult("mi_domain", mutual_information(joint), details={
-        "corrected": mutual_information_mm(joint), "entropy_domain_bits": entropy(joint.sum(axis=1))})
+    return MeasureResult(
+        "mi_domain",
+        mutual_information(joint),
+        details={"corrected": mutual_information_mm(joint), "entropy_domain_bits": entropy(joint.sum(axis=1))},
+    )
 
 
 def _mi_token(inputs: LayerInputs) -> MeasureResult:
@@ -255,8 +339,9 @@ def _vocabulary(inputs: LayerInputs) -> MeasureResult:
     # Rare tokens score high by chance; 10E/k occurrences is the helper's suggested floor.
     min_count = math.ceil(10 * c.num_experts / c.top_k)
     value = vocabulary_specialization(c.token_expert(), c.top_k, min_count=min_count)
-    return MeasureResult("vocabulary", _finite(value), null_mean=c.top_k / c.num_experts,
-                         details={"min_count": min_count})
+    return MeasureResult(
+        "vocabulary", _finite(value), null_mean=c.top_k / c.num_experts, details={"min_count": min_count}
+    )
 
 
 def _consecutive(inputs: LayerInputs) -> MeasureResult:
@@ -264,16 +349,24 @@ def _consecutive(inputs: LayerInputs) -> MeasureResult:
     top1 = c.top1 / max(c.top1.sum(), 1.0)
     rate = c.consecutive_same / c.consecutive_pairs if c.consecutive_pairs else None
     # Null: sum_e p_e^2 of the top-1 load (`analysis.metrics.consecutive_expert_null`, "top1").
-    return MeasureResult("consecutive", rate, null_mean=float(np.dot(top1, top1)),
-                         details={"pairs": c.consecutive_pairs})
+    return MeasureResult(
+        "consecutive", rate, null_mean=float(np.dot(top1, top1)), details={"pairs": c.consecutive_pairs}
+    )
 
 
 def _maxvio(inputs: LayerInputs) -> MeasureResult:
     c = inputs.counts
     batch_vio = [max_violation(b) for b in c.batch_loads if b.sum() > 0]
-    return MeasureResult("maxvio", max_violation(c.load), details={
-        "counts": c.load.tolist(), "batch_mean": float(np.mean(batch_vio)) if batch_vio else None,
-        "entropy_bits": load_entropy(c.load), "entropy_max_bits": math.log2(c.num_experts)})
+    return MeasureResult(
+        "maxvio",
+        max_violation(c.load),
+        details={
+            "counts": c.load.tolist(),
+            "batch_mean": float(np.mean(batch_vio)) if batch_vio else None,
+            "entropy_bits": load_entropy(c.load),
+            "entropy_max_bits": math.log2(c.num_experts),
+        },
+    )
 
 
 def knockout_result(entry: Mapping[str, Any] | None) -> MeasureResult:
@@ -293,39 +386,87 @@ def cka_result(matrix: Any, mean_offdiag: float) -> MeasureResult:
 
 
 for _m in (
-    Measure("nmi", "NMI − null", "NMI = I(D;E)/H(D) minus its document-permutation null mean", "share of H(D)",
-            _nmi, "specialist"),
-    Measure("cmi", "I(D;E|C) share", "held-out domain information beyond the context, I(D;E|C) / H(D|C)",
-            "share of H(D|C)", _cmi, "specialist"),
-    Measure("nmi_top1", "NMI − null (top-1)", "nmi counting each token's top-1 expert only", "share of H(D)",
-            _nmi_top1),
-    Measure("cmi_top1", "I(D;E|C) share (top-1)", "cmi counting each token's top-1 expert only", "share of H(D|C)",
-            _cmi_top1),
+    Measure(
+        "nmi",
+        "NMI − null",
+        "NMI = I(D;E)/H(D) minus its document-permutation null mean",
+        "share of H(D)",
+        _nmi,
+        "specialist",
+    ),
+    Measure(
+        "cmi",
+        "I(D;E|C) share",
+        "held-out domain information beyond the context, I(D;E|C) / H(D|C)",
+        "share of H(D|C)",
+        _cmi,
+        "specialist",
+    ),
+    Measure(
+        "nmi_top1", "NMI − null (top-1)", "nmi counting each token's top-1 expert only", "share of H(D)", _nmi_top1
+    ),
+    Measure(
+        "cmi_top1",
+        "I(D;E|C) share (top-1)",
+        "cmi counting each token's top-1 expert only",
+        "share of H(D|C)",
+        _cmi_top1,
+    ),
     Measure("mi_domain", "I(D;E)", "I(D;E), plug-in", "bits", _mi_domain),
     Measure("mi_token", "I(T;E)", "I(T;E): routing explained by the token id, plug-in", "bits", _mi_token),
     Measure("vocabulary", "vocab. spec.", "OLMoE vocabulary specialization (null: k/E)", "share", _vocabulary),
-    Measure("consecutive", "consec. top-1", "adjacent tokens sharing their top-1 expert (null: sum p_e^2)", "share",
-            _consecutive),
+    Measure(
+        "consecutive",
+        "consec. top-1",
+        "adjacent tokens sharing their top-1 expert (null: sum p_e^2)",
+        "share",
+        _consecutive,
+    ),
     Measure("maxvio", "MaxVio", "load imbalance on the validation tokens", "ratio", _maxvio),
-    Measure("knockout", "KO percentile", "median expert percentile among damage-matched dense unit groups",
-            "percentile", None, "specialist"),
+    Measure(
+        "knockout",
+        "KO percentile",
+        "median expert percentile among damage-matched dense unit groups",
+        "percentile",
+        None,
+        "specialist",
+    ),
     Measure("cka", "expert CKA", "mean off-diagonal linear CKA between experts", "CKA", None, "ensemble"),
 ):
     register(_m)
 
 
-def layer_inputs(counts: LayerCounts, records: RoutingRecords | None, layer: int, *, n_permutations: int,
-                 n_bootstrap: int, confidence: float, context: str, rng: Any) -> LayerInputs:
+def layer_inputs(
+    counts: LayerCounts,
+    records: RoutingRecords | None,
+    layer: int,
+    *,
+    n_permutations: int,
+    n_bootstrap: int,
+    confidence: float,
+    context: str,
+    rng: Any,
+) -> LayerInputs:
     """A layer's `LayerInputs`: its counts and, given the raw records, its per-token arrays."""
     arrays = None
     if records is not None:
         rec = records.layers[layer]
         kept = rec.kept
-        weights = np.where(kept, rec.gates, 0.0) if counts.weighting == "gate" else (
-            None if kept.all() else kept.astype(np.float64))  # a dropped slot weighs 0: no routing decision
-        arrays = dict(token=records.token, prev_token=previous_tokens(records.token, records.position),
-                      domain=records.domain, doc=records.doc, experts=rec.experts.astype(np.int64), weights=weights,
-                      gates=rec.gates, kept=kept)
+        weights = (
+            np.where(kept, rec.gates, 0.0)
+            if counts.weighting == "gate"
+            else (None if kept.all() else kept.astype(np.float64))
+        )  # a dropped slot weighs 0: no routing decision
+        arrays = dict(
+            token=records.token,
+            prev_token=previous_tokens(records.token, records.position),
+            domain=records.domain,
+            doc=records.doc,
+            experts=rec.experts.astype(np.int64),
+            weights=weights,
+            gates=rec.gates,
+            kept=kept,
+        )
     return LayerInputs(counts, arrays, n_permutations, n_bootstrap, confidence, context, rng)
 
 
@@ -348,8 +489,16 @@ def measure_layer(
     null; n_bootstrap: document-bootstrap replicates (the held-out estimate uses at least 200);
     context: "token" or "bigram", what C holds.
     """
-    inputs = layer_inputs(counts, records, layer, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                          confidence=confidence, context=context, rng=rng)
+    inputs = layer_inputs(
+        counts,
+        records,
+        layer,
+        n_permutations=n_permutations,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        context=context,
+        rng=rng,
+    )
     measures = {name: m.compute(inputs).as_dict() for name, m in MEASURES.items() if m.compute is not None}
     e, k = counts.num_experts, counts.top_k
     co = coactivation_from_pairs(counts.pairs)
@@ -365,7 +514,8 @@ def measure_layer(
         # Each used row sums to the mean number of co-selected experts, so the mean off-diagonal is
         # fixed ((k-1)/(E-1) for top-k); the spread around the null is what redundancy changes.
         "coactivation": {
-            "matrix": co.tolist(), "null": co_null,
+            "matrix": co.tolist(),
+            "null": co_null,
             "max_offdiag": _nanstat(np.max, _offdiag(co)),
             "mean_abs_deviation": None if co_null is None else _nanstat(np.mean, np.abs(_offdiag(co) - co_null)),
         },

@@ -215,7 +215,7 @@ def _subset_mass_squares(sets: np.ndarray, size: int) -> float:
     srt = np.sort(sets, axis=1)
     n, e = srt.shape[0], int(srt.max()) + 1
     subs = [srt[:, list(c)] for c in combinations(range(srt.shape[1]), size)]
-    if e ** size < 2**62:
+    if e**size < 2**62:
         weights = e ** np.arange(size - 1, -1, -1, dtype=np.int64)
         keys = np.concatenate([s @ weights for s in subs])
         _, counts = np.unique(keys, return_counts=True)
@@ -257,8 +257,9 @@ def mean_router_entropy(probs: np.ndarray) -> float:
         raise ValueError("probs must be finite and non-negative")
     s = p.sum(axis=1, keepdims=True)
     if np.any(np.abs(s - 1.0) > 1e-3):
-        raise ValueError("probs rows must sum to 1 (router softmax output), max deviation "
-                         f"{float(np.max(np.abs(s - 1.0))):.3g}")
+        raise ValueError(
+            f"probs rows must sum to 1 (router softmax output), max deviation {float(np.max(np.abs(s - 1.0))):.3g}"
+        )
     p = p / s
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log2(p), 0.0)

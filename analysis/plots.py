@@ -88,9 +88,15 @@ def _annotate(ax, table: np.ndarray, norm) -> None:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
 
 
-def plot_domain_expert_heatmaps(source: Summary | Sequence[np.ndarray], domains: Sequence[str] | None = None,
-                                *, top_k: int | None = None, normalize: str = "domain",
-                                titles: Sequence[str] | None = None, annotate: bool | None = None) -> Figure:
+def plot_domain_expert_heatmaps(
+    source: Summary | Sequence[np.ndarray],
+    domains: Sequence[str] | None = None,
+    *,
+    top_k: int | None = None,
+    normalize: str = "domain",
+    titles: Sequence[str] | None = None,
+    annotate: bool | None = None,
+) -> Figure:
     """Domain x expert heatmaps, one per layer (or per table given), on one diverging colour scale
     whose white centre is what routing that ignores the domain would give.
 
@@ -141,8 +147,10 @@ def plot_domain_expert_heatmaps(source: Summary | Sequence[np.ndarray], domains:
             p = c.sum(axis=1) / max(c.sum(), 1e-300)
             labels.append([f"{name} ({pd:.2f})" for name, pd in zip(_labels(domains, n_dom), p)])
         bar_label = f"P(domain | expert)\n(line: 1/D = {uniform:.3g})"
-        heading = ("Domain x expert routing, normalized by expert (columns sum to 1; domain-blind routing "
-                   "gives p(d), in brackets)")
+        heading = (
+            "Domain x expert routing, normalized by expert (columns sum to 1; domain-blind routing "
+            "gives p(d), in brackets)"
+        )
     if titles is not None and len(titles) != len(tables):
         raise ValueError(f"{len(titles)} titles for {len(tables)} tables")
     if annotate is None:
@@ -175,16 +183,18 @@ def plot_sweep_heatmaps(summaries: Mapping[str, Summary], layer: int = -1, norma
         if s["domains"] != first["domains"]:
             raise ValueError(f"run {name!r} has domains {s['domains']}, not {first['domains']}")
         if s["layers"][0]["uniform_share"] != first["layers"][0]["uniform_share"]:
-            raise ValueError(f"run {name!r} has k/E = {s['layers'][0]['uniform_share']}, "
-                             f"not {first['layers'][0]['uniform_share']}")
+            raise ValueError(
+                f"run {name!r} has k/E = {s['layers'][0]['uniform_share']}, not {first['layers'][0]['uniform_share']}"
+            )
     picked = []
     for name, s in summaries.items():
         if not -len(s["layers"]) <= layer < len(s["layers"]):
             raise ValueError(f"run {name!r} has {len(s['layers'])} MoE layers; layer {layer} is out of range")
         picked.append(s["layers"][layer])
     titles = [f"{name}\nMoE layer {entry['layer']}" for name, entry in zip(summaries, picked)]
-    return plot_domain_expert_heatmaps({"domains": first["domains"], "layers": picked}, normalize=normalize,
-                                       titles=titles)
+    return plot_domain_expert_heatmaps(
+        {"domains": first["domains"], "layers": picked}, normalize=normalize, titles=titles
+    )
 
 
 def plot_nmi(summary: Summary) -> Figure:
@@ -195,9 +205,15 @@ def plot_nmi(summary: Summary) -> Figure:
     x = np.arange(len(nmi))
     fig = Figure(figsize=(max(4.0, 0.8 * len(nmi) + 2.5), 3.5), layout="constrained")
     ax = fig.add_subplot()
-    _point_and_interval(ax, x, _arr([n["value"] for n in nmi]), _arr([n["ci_low"] for n in nmi]),
-                        _arr([n["ci_high"] for n in nmi]), color="C0",
-                        label=f"NMI − null mean, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI")
+    _point_and_interval(
+        ax,
+        x,
+        _arr([n["value"] for n in nmi]),
+        _arr([n["ci_low"] for n in nmi]),
+        _arr([n["ci_high"] for n in nmi]),
+        color="C0",
+        label=f"NMI − null mean, {100 * nmi[0]['confidence']:.0f}% doc. bootstrap CI",
+    )
     ax.plot(x, [n["plugin"] for n in nmi], "s", mfc="none", color="grey", label="plug-in NMI")
     ax.plot(x, [n["null_q95"] for n in nmi], "_", ms=18, color="black", label="plug-in null q95")
     thr = summary.get("config", {}).get("thresholds", {}).get("nmi_margin")
@@ -261,8 +277,7 @@ def plot_information(summary: Summary) -> Figure:
     w = 0.36
     left.bar(x - w / 2, mi_d, w, label="I(D;E) domain")
     left.bar(x + w / 2, mi_t, w, label="I(T;E) token id")
-    left.plot(np.concatenate([x - w / 2, x + w / 2]), np.concatenate([mi_d_mm, mi_t_mm]), "k.",
-              label="Miller-Madow")
+    left.plot(np.concatenate([x - w / 2, x + w / 2]), np.concatenate([mi_d_mm, mi_t_mm]), "k.", label="Miller-Madow")
     left.plot(x - w / 2, h_d, "_", ms=20, mew=2, color="tab:red", label="H(D) (ceiling of I(D;E))")
     left.set_xticks(x, labels=names)
     left.set_xlabel("MoE layer")
@@ -272,17 +287,28 @@ def plot_information(summary: Summary) -> Figure:
 
     cmi = [layer["measures"]["cmi"] for layer in layers]
     share = _arr([c["value"] for c in cmi])
-    _point_and_interval(right, x, share, _arr([c["ci_low"] for c in cmi]),
-                        _arr([c["ci_high"] for c in cmi]), color="tab:green",
-                        label="held-out I(D;E|C) / H(D|C), doc. bootstrap CI")
+    _point_and_interval(
+        right,
+        x,
+        share,
+        _arr([c["ci_low"] for c in cmi]),
+        _arr([c["ci_high"] for c in cmi]),
+        color="tab:green",
+        label="held-out I(D;E|C) / H(D|C), doc. bootstrap CI",
+    )
     thr = summary.get("config", {}).get("thresholds", {}).get("cmi_margin")
     if thr is not None:
         right.axhline(thr, ls=":", color="tab:red", label=f"cmi_margin = {thr:g}")
     right.axhline(0.0, lw=0.6, color="black")
     for xi, c, y in zip(x, cmi, share):
         if np.isfinite(y) and c.get("bits") is not None and c.get("h_domain_given_context_bits") is not None:
-            right.annotate(f"{c['bits']:.3g} bits\nH(D|C) = {c['h_domain_given_context_bits']:.3g}", (xi, y),
-                           textcoords="offset points", xytext=(8, 0), fontsize=7)
+            right.annotate(
+                f"{c['bits']:.3g} bits\nH(D|C) = {c['h_domain_given_context_bits']:.3g}",
+                (xi, y),
+                textcoords="offset points",
+                xytext=(8, 0),
+                fontsize=7,
+            )
     right.margins(y=0.25)
     right.set_xticks(x, labels=names)
     right.set_xlabel("MoE layer")
@@ -319,8 +345,14 @@ def plot_knockout(summary: Summary) -> Figure:
         fig.colorbar(im, ax=ax, label="loss increase (nats)")
         if has_dense:
             ax = fig.add_subplot(len(layers), cols, r * cols + 2)
-            ax.plot(_arr(ko["dense_mean_damage"]), _arr(ko["dense_cv"]), "o", mfc="none", color="grey",
-                    label="dense twin: random unit group")
+            ax.plot(
+                _arr(ko["dense_mean_damage"]),
+                _arr(ko["dense_cv"]),
+                "o",
+                mfc="none",
+                color="grey",
+                label="dense twin: random unit group",
+            )
             ax.plot(_arr(ko["mean_damage"]), _arr(ko["cv"]), "o", color="C3", label="MoE: expert")
             ax.set_xscale("symlog", linthresh=1e-3)
             ax.set_xlabel("mean damage (nats)")
@@ -335,8 +367,11 @@ def plot_cka(summary_or_matrices: Summary | np.ndarray) -> Figure:
     """Linear CKA between experts on shared probe inputs, one [E, E] panel per layer."""
     summary = summary_or_matrices if isinstance(summary_or_matrices, Mapping) else None
     if summary is not None:
-        mats = [_arr(layer["measures"]["cka"]["matrix"]) for layer in summary["layers"]
-                if layer["measures"]["cka"].get("matrix") is not None]
+        mats = [
+            _arr(layer["measures"]["cka"]["matrix"])
+            for layer in summary["layers"]
+            if layer["measures"]["cka"].get("matrix") is not None
+        ]
         if not mats:
             raise ValueError("the summary holds no CKA results")
     else:
@@ -377,8 +412,11 @@ def plot_loss_comparison(source: Summary | Mapping[str, Mapping[str, float]]) ->
     return fig
 
 
-def plot_loss_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
-                     domains: Sequence[str] | None = None, reference: str = "moe") -> Figure:
+def plot_loss_curves(
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    domains: Sequence[str] | None = None,
+    reference: str = "moe",
+) -> Figure:
     """Validation loss (nats/token) over training steps, one panel per domain, one line per model.
 
     `curves` maps model name -> {domain: (steps, losses)} (`analysis.runs.Run.val_curves()`). With
@@ -428,12 +466,17 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Se
 
 # Per-layer sweep metrics: every registered measure (rows carry name, name_low, name_high), plus
 # the per-run loss gap.
-SWEEP_METRICS = {**{name: m.description for name, m in MEASURES.items()},
-                 "loss_gap": "MoE − dense loss (nats, all domains)"}
+SWEEP_METRICS = {
+    **{name: m.description for name, m in MEASURES.items()},
+    "loss_gap": "MoE − dense loss (nats, all domains)",
+}
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
-               metrics: Sequence[str] = ("nmi", "cmi", "knockout", "cka", "loss_gap")) -> Figure:
+def plot_sweep(
+    rows: Sequence[Mapping[str, Any]],
+    by: str | None = None,
+    metrics: Sequence[str] = ("nmi", "cmi", "knockout", "cka", "loss_gap"),
+) -> Figure:
     """Specialization measures across the runs of a sweep, one panel per metric.
 
     `rows` are `analysis.runs.sweep_rows(sweep)` (one per run and MoE layer). The x axis has one
@@ -498,8 +541,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], by: str | None = None,
     return fig
 
 
-def plot_arm_intervals(aggregate: Sequence[Mapping[str, Any]], measures: Sequence[str],
-                       descriptions: Mapping[str, str] | None = None) -> Figure:
+def plot_arm_intervals(
+    aggregate: Sequence[Mapping[str, Any]], measures: Sequence[str], descriptions: Mapping[str, str] | None = None
+) -> Figure:
     """Measures of a sweep averaged over seeds, with their intervals: one row of panels per measure,
     one column per corpus, arms on the x axis, colour = MoE layer.
 
@@ -531,8 +575,9 @@ def plot_arm_intervals(aggregate: Sequence[Mapping[str, Any]], measures: Sequenc
                 xs = [arms.index(a["arm"]) + (li + 0.5) / len(layers) * width - width / 2 for a in sel]
                 pts = np.array([point(a[measure]) for a in sel]).reshape(-1, 3)
                 color = f"C{li % 10}"
-                ax.errorbar(xs, pts[:, 0], yerr=[pts[:, 1], pts[:, 2]], fmt="o", color=color, capsize=3,
-                            label=f"layer {layer}")
+                ax.errorbar(
+                    xs, pts[:, 0], yerr=[pts[:, 1], pts[:, 2]], fmt="o", color=color, capsize=3, label=f"layer {layer}"
+                )
                 if measure == "nmi_plugin" and sel and "nmi_null_q95" in sel[0]:
                     ax.plot(xs, [point(a["nmi_null_q95"])[0] for a in sel], "_", ms=10, color="grey")
             if measure in ("nmi", "cmi", "loss_gap"):

@@ -41,6 +41,7 @@ def capture_layer_inputs(model: RoutedModel, batches: Sequence[Batch], max_token
         def hook(module: nn.Module, args) -> None:
             x = args[0]
             captured[index].append(x.detach().reshape(-1, x.shape[-1]))
+
         return hook
 
     handles = [layer.register_forward_pre_hook(pre_hook(i)) for i, layer in enumerate(layers)]

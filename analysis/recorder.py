@@ -91,8 +91,11 @@ class KeyCounter:
     def add(self, keys: Tensor | np.ndarray, weights: Tensor | np.ndarray | None = None) -> None:
         """Add `weights` [n] (1 each when None) to `keys` [n] (int64 >= 0, < size when known)."""
         keys = torch.as_tensor(keys).reshape(-1).to(self.device, torch.int64)
-        w = (torch.ones(keys.numel(), dtype=torch.float64, device=self.device) if weights is None
-             else torch.as_tensor(weights).reshape(-1).to(self.device, torch.float64))
+        w = (
+            torch.ones(keys.numel(), dtype=torch.float64, device=self.device)
+            if weights is None
+            else torch.as_tensor(weights).reshape(-1).to(self.device, torch.float64)
+        )
         if self._dense is not None:
             self._dense.index_add_(0, keys, w)
             return
@@ -108,7 +111,8 @@ class KeyCounter:
         sums = torch.cat([self._sums] + [w for _, w in self._buffer])
         self._keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
         self._sums = torch.zeros(self._keys.numel(), dtype=torch.float64, device=self.device).index_add_(
-            0, inverse, sums)
+            0, inverse, sums
+        )
         self._buffer, self._buffered = [], 0
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
@@ -198,8 +202,10 @@ class RoutingRecording:
         """[G] mean next-token loss per domain (nats); nan for domains without tokens. ValueError
         when the recording has no losses (`loss_sum` None)."""
         if self.loss_sum is None or self.loss_tokens is None:
-            raise ValueError("this recording has no losses: RoutingRecorder records routing only; "
-                             "record_routing(model, batches, ...) also computes the per-domain loss")
+            raise ValueError(
+                "this recording has no losses: RoutingRecorder records routing only; "
+                "record_routing(model, batches, ...) also computes the per-domain loss"
+            )
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.loss_tokens > 0, self.loss_sum / np.maximum(self.loss_tokens, 1), np.nan)
 
@@ -212,16 +218,19 @@ class _BatchContext:
     def __init__(self, batch: Batch):
         self.shape = tuple(batch.tokens.shape)
         self.batch = batch
-        self.token, self.domain, self.doc = (t.detach().reshape(-1).cpu().numpy().astype(np.int64)
-                                             for t in (batch.tokens, batch.domain, batch.doc))
+        self.token, self.domain, self.doc = (
+            t.detach().reshape(-1).cpu().numpy().astype(np.int64) for t in (batch.tokens, batch.domain, batch.doc)
+        )
         self.position = np.broadcast_to(np.arange(self.shape[1], dtype=np.int64), self.shape).ravel()
         self._on: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(token, domain, doc) [T] int64 on `device`."""
         if device not in self._on:
-            self._on[device] = tuple(t.detach().reshape(-1).to(device, torch.int64, non_blocking=True)
-                                     for t in (self.batch.tokens, self.batch.domain, self.batch.doc))
+            self._on[device] = tuple(
+                t.detach().reshape(-1).to(device, torch.int64, non_blocking=True)
+                for t in (self.batch.tokens, self.batch.domain, self.batch.doc)
+            )
         return self._on[device]
 
 
@@ -235,8 +244,17 @@ class _Accumulator:
     masked out (masking would synchronize). Every MoE layer of a model shares E and K (one MoEConfig).
     """
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, num_domains: int, vocab_size: int,
-                 gate_weighted: bool, keep_records: bool, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        num_domains: int,
+        vocab_size: int,
+        gate_weighted: bool,
+        keep_records: bool,
+        device: torch.device,
+    ):
         n, e, d = num_layers, num_experts, num_domains
         self.num_layers, self.num_experts, self.top_k, self.num_domains = n, e, top_k, d
         self.vocab_size, self.gate_weighted = vocab_size, gate_weighted
@@ -315,16 +333,30 @@ class _Accumulator:
         loads = torch.stack(self.batch_loads, dim=1).cpu().numpy() if self.batch_loads else np.zeros((n, 0, e))
         domain_expert = self.domain_expert.cpu().numpy()
         tokens_per_domain = self.tokens_per_domain.cpu().numpy().astype(np.int64)
-        return [LayerCounts(
-            num_experts=e, top_k=self.top_k, num_domains=d, vocab_size=v,
-            weighting="gate" if self.gate_weighted else "count",
-            tokens=int(tokens_per_domain.sum()), tokens_per_domain=tokens_per_domain.copy(),
-            assignments=int(round(np.trace(pairs[l]))), slots=self.slots,
-            domain_expert=domain_expert[l], cube=cube[l], cube_counts=cube_counts[l],
-            docs=DocCounts(doc_ids, doc_domain, doc_counts[l]), pairs=pairs[l], top1=top1[l],
-            consecutive_same=int(consecutive[l, 0]), consecutive_pairs=int(consecutive[l, 1]),
-            entropy_bits_sum=float(entropy[l]), batch_loads=loads[l],
-        ) for l in range(n)]
+        return [
+            LayerCounts(
+                num_experts=e,
+                top_k=self.top_k,
+                num_domains=d,
+                vocab_size=v,
+                weighting="gate" if self.gate_weighted else "count",
+                tokens=int(tokens_per_domain.sum()),
+                tokens_per_domain=tokens_per_domain.copy(),
+                assignments=int(round(np.trace(pairs[l]))),
+                slots=self.slots,
+                domain_expert=domain_expert[l],
+                cube=cube[l],
+                cube_counts=cube_counts[l],
+                docs=DocCounts(doc_ids, doc_domain, doc_counts[l]),
+                pairs=pairs[l],
+                top1=top1[l],
+                consecutive_same=int(consecutive[l, 0]),
+                consecutive_pairs=int(consecutive[l, 1]),
+                entropy_bits_sum=float(entropy[l]),
+                batch_loads=loads[l],
+            )
+            for l in range(n)
+        ]
 
     def layer_records(self) -> list[LayerRecords]:
         stacked = [torch.cat([r[i] for r in self.records], dim=1).numpy() for i in range(3)]  # [L, N, K]
@@ -338,8 +370,10 @@ def _split_cube(counter: KeyCounter, n: int, v: int, d: int, e: int) -> list[Tok
     rest, domain = np.divmod(rest, d)
     layer, token = np.divmod(rest, v)
     bounds = np.searchsorted(layer, np.arange(n + 1))  # keys are sorted, so layers are contiguous
-    return [TokenDomainExpertCounts(*(a[bounds[l]:bounds[l + 1]] for a in (token, domain, expert, sums)),
-                                    (v, d, e)) for l in range(n)]
+    return [
+        TokenDomainExpertCounts(*(a[bounds[l] : bounds[l + 1]] for a in (token, domain, expert, sums)), (v, d, e))
+        for l in range(n)
+    ]
 
 
 # ----------------------------------------------------------------------------- the recorder
@@ -365,8 +399,15 @@ class RoutingRecorder:
     `result()`.
     """
 
-    def __init__(self, model: RoutedModel, num_domains: int, *, gate_weighted: bool = False,
-                 keep_records: bool = True, domains: list[str] | None = None):
+    def __init__(
+        self,
+        model: RoutedModel,
+        num_domains: int,
+        *,
+        gate_weighted: bool = False,
+        keep_records: bool = True,
+        domains: list[str] | None = None,
+    ):
         self.blocks = moe_block_indices(model)  # ValueError for a model without MoE layers
         layers = list(model.moe_layers)
         if num_domains < 1:
@@ -381,10 +422,11 @@ class RoutingRecorder:
         shapes = {(layer.router.num_experts, layer.router.top_k) for layer in layers}
         if len(shapes) > 1:
             raise ValueError(f"MoE layers with different (experts, top_k): {sorted(shapes)}")
-        (num_experts, top_k), = shapes
+        ((num_experts, top_k),) = shapes
         self._layers = layers
-        self._acc = _Accumulator(len(layers), num_experts, top_k, num_domains, model.vocab_size, gate_weighted,
-                                 keep_records, self.device)
+        self._acc = _Accumulator(
+            len(layers), num_experts, top_k, num_domains, model.vocab_size, gate_weighted, keep_records, self.device
+        )
         self._pending: list[Routing | None] = [None] * len(layers)
         self._handles: list = []
         self._ctx: _BatchContext | None = None
@@ -406,8 +448,9 @@ class RoutingRecorder:
         """Set the labels of the tokens the next forward routes (batch: [B, S] tensors)."""
         ctx = _BatchContext(batch)
         if ctx.domain.size and (ctx.domain.min() < 0 or ctx.domain.max() >= self.num_domains):
-            raise ValueError(f"batch domain ids span [{ctx.domain.min()}, {ctx.domain.max()}], outside "
-                             f"[0, {self.num_domains})")
+            raise ValueError(
+                f"batch domain ids span [{ctx.domain.min()}, {ctx.domain.max()}], outside [0, {self.num_domains})"
+            )
         if ctx.token.size and (ctx.token.min() < 0 or ctx.token.max() >= self.model.vocab_size):
             raise ValueError(f"token ids outside [0, {self.model.vocab_size})")
         if ctx.doc.size and ctx.doc.min() < 0:
@@ -424,16 +467,20 @@ class RoutingRecorder:
         def hook(module: nn.Module, args, routing: Routing) -> None:
             ctx = self._ctx
             if ctx is None or not self._fresh[index]:
-                raise RuntimeError("RoutingRecorder: a router fired without a fresh batch context; call "
-                                   "rec.observe(batch) before every forward (or use record_routing)")
+                raise RuntimeError(
+                    "RoutingRecorder: a router fired without a fresh batch context; call "
+                    "rec.observe(batch) before every forward (or use record_routing)"
+                )
             if routing.indices.shape[0] != ctx.token.size:
-                raise RuntimeError(f"router routed {routing.indices.shape[0]} tokens but the observed batch "
-                                   f"has {ctx.token.size}")
+                raise RuntimeError(
+                    f"router routed {routing.indices.shape[0]} tokens but the observed batch has {ctx.token.size}"
+                )
             self._fresh[index] = False
             self._pending[index] = routing
             if not any(self._fresh):  # the forward's last MoE layer: count all L at once
                 self._acc.add(self._pending, ctx)
                 self._pending = [None] * len(self._layers)
+
         return hook
 
     def result(self) -> RoutingRecording:
@@ -454,9 +501,13 @@ class RoutingRecorder:
             cat = lambda name: np.concatenate([getattr(c, name) for c in self._labels])  # noqa: E731
             records = RoutingRecords(
                 domains=list(self.domains),
-                token=cat("token"), domain=cat("domain"), doc=cat("doc"), position=cat("position"),
+                token=cat("token"),
+                domain=cat("domain"),
+                doc=cat("doc"),
+                position=cat("position"),
                 layers=self._acc.layer_records(),
-                num_experts=self._acc.num_experts, top_k=self._acc.top_k,
+                num_experts=self._acc.num_experts,
+                top_k=self._acc.top_k,
             )
         return RoutingRecording(layers, list(self.blocks), records)
 
@@ -482,8 +533,13 @@ def record_routing(
     loss_sum = torch.zeros(num_domains, dtype=torch.float64, device=device)
     loss_tokens = torch.zeros(num_domains, dtype=torch.float64, device=device)
     seen = 0
-    with eval_mode(model), torch.no_grad(), RoutingRecorder(model, num_domains, gate_weighted=gate_weighted,
-                                                            keep_records=keep_records, domains=domains) as rec:
+    with (
+        eval_mode(model),
+        torch.no_grad(),
+        RoutingRecorder(
+            model, num_domains, gate_weighted=gate_weighted, keep_records=keep_records, domains=domains
+        ) as rec,
+    ):
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in progress(batches, desc="recording routing", total=total):
             rec.observe(batch)
@@ -510,8 +566,11 @@ def take_tokens(batches: Iterable[Batch], max_tokens: int) -> list[Batch]:
     for batch in batches:
         b, s = batch.tokens.shape
         rows = min(b, max(1, -(-(max_tokens - seen) // s)))
-        out.append(batch if rows == b else Batch(batch.tokens[:rows], batch.targets[:rows],
-                                                 batch.domain[:rows], batch.doc[:rows]))
+        out.append(
+            batch
+            if rows == b
+            else Batch(batch.tokens[:rows], batch.targets[:rows], batch.domain[:rows], batch.doc[:rows])
+        )
         seen += rows * s
         if seen >= max_tokens:
             break
@@ -537,7 +596,8 @@ def interleave_domains(batches_by_domain: dict[str, list[Batch]], batch_size: in
     order = [r[j] for j in range(max(len(r) for r in rows)) for r in rows if j < len(r)]
     out = []
     for start in range(0, len(order), size):
-        chunk = order[start:start + size]
-        out.append(Batch(*(torch.stack([getattr(b, f)[i] for b, i in chunk])
-                           for f in ("tokens", "targets", "domain", "doc"))))
+        chunk = order[start : start + size]
+        out.append(
+            Batch(*(torch.stack([getattr(b, f)[i] for b, i in chunk]) for f in ("tokens", "targets", "domain", "doc")))
+        )
     return out

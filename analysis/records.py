@@ -55,7 +55,10 @@ class RoutingRecords:
             "num_experts": np.int64(self.num_experts),
             "top_k": np.int64(self.top_k),
             "num_layers": np.int64(len(self.layers)),
-            "token": self.token, "domain": self.domain, "doc": self.doc, "position": self.position,
+            "token": self.token,
+            "domain": self.domain,
+            "doc": self.doc,
+            "position": self.position,
         }
         for i, layer in enumerate(self.layers):
             arrays[f"layer{i}_experts"] = layer.experts
@@ -72,10 +75,20 @@ class RoutingRecords:
         with np.load(path) as z:
             version = int(z["format_version"])
             if version != RECORDS_FORMAT_VERSION:
-                raise ValueError(f"{path} holds routing records of format {version}; this reader reads "
-                                 f"{RECORDS_FORMAT_VERSION}")
+                raise ValueError(
+                    f"{path} holds routing records of format {version}; this reader reads {RECORDS_FORMAT_VERSION}"
+                )
             n_layers = int(z["num_layers"])
-            layers = [LayerRecords(z[f"layer{i}_experts"], z[f"layer{i}_gates"], z[f"layer{i}_kept"])
-                      for i in range(n_layers)]
-            return cls([str(d) for d in z["domains"]], z["token"], z["domain"], z["doc"], z["position"],
-                       layers, int(z["num_experts"]), int(z["top_k"]))
+            layers = [
+                LayerRecords(z[f"layer{i}_experts"], z[f"layer{i}_gates"], z[f"layer{i}_kept"]) for i in range(n_layers)
+            ]
+            return cls(
+                [str(d) for d in z["domains"]],
+                z["token"],
+                z["domain"],
+                z["doc"],
+                z["position"],
+                layers,
+                int(z["num_experts"]),
+                int(z["top_k"]),
+            )

@@ -41,8 +41,14 @@ class MeasureResult:
         clash = {"value", "ci_low", "ci_high", "null_mean", "p_value"} & set(self.details)
         if clash:
             raise ValueError(f"measure {self.name!r}: details may not redefine {sorted(clash)}")
-        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "null_mean": self.null_mean,
-                "p_value": self.p_value, **self.details}
+        return {
+            "value": self.value,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "null_mean": self.null_mean,
+            "p_value": self.p_value,
+            **self.details,
+        }
 
 
 @dataclass(frozen=True)
@@ -81,5 +87,9 @@ def columns(name: str, entry: Mapping[str, Any] | None) -> dict[str, float]:
     """The flat sweep columns of one measure's summary entry: name, name_low, name_high, name_p
     (nan where missing)."""
     e = entry or {}
-    return {name: _num(e.get("value")), f"{name}_low": _num(e.get("ci_low")), f"{name}_high": _num(e.get("ci_high")),
-            f"{name}_p": _num(e.get("p_value"))}
+    return {
+        name: _num(e.get("value")),
+        f"{name}_low": _num(e.get("ci_low")),
+        f"{name}_high": _num(e.get("ci_high")),
+        f"{name}_p": _num(e.get("p_value")),
+    }

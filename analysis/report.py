@@ -94,7 +94,14 @@ from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judg
 from moe.data.batch import Batch
 from moe.tables import format_number, markdown_table, to_jsonable, write_json
 
-__all__ = ["SUMMARY_FORMAT_VERSION", "AnalysisConfig", "analysis_cost", "analyze_model", "describe_cost", "render_report"]
+__all__ = [
+    "SUMMARY_FORMAT_VERSION",
+    "AnalysisConfig",
+    "analysis_cost",
+    "analyze_model",
+    "describe_cost",
+    "render_report",
+]
 
 SUMMARY_FORMAT_VERSION = 2
 
@@ -156,8 +163,11 @@ def _check_inputs(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], 
 
 
 def _stream(val_batches: Mapping[str, Sequence[Batch]], per_domain_tokens: int | None, mix: bool) -> list[Batch]:
-    parts = {n: (take_tokens(b, per_domain_tokens) if per_domain_tokens else list(b))
-             for n, b in val_batches.items() if len(b)}
+    parts = {
+        n: (take_tokens(b, per_domain_tokens) if per_domain_tokens else list(b))
+        for n, b in val_batches.items()
+        if len(b)
+    }
     return interleave_domains(parts) if mix else [b for batches in parts.values() for b in batches]
 
 
@@ -165,29 +175,40 @@ def _by_domain(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
     return {d: float(v) for d, v in zip(domains, values)}
 
 
-def _knockout_entries(moe: KnockoutResult, top1: KnockoutResult, dense: KnockoutResult | None,
-                      domains: Sequence[str], factor: float) -> list[dict[str, Any]]:
+def _knockout_entries(
+    moe: KnockoutResult, top1: KnockoutResult, dense: KnockoutResult | None, domains: Sequence[str], factor: float
+) -> list[dict[str, Any]]:
     """Per layer: the experts' damage with its se, their noise-corrected damage CV (0: every domain
     hurt alike, 1: one domain only) and, with a twin, each expert's percentile and p-value among
     the same layer's dense groups of matched damage (`analysis.knockout.matched_comparison`)."""
     het = heterogeneity(moe.damage, moe.damage_se)
-    matched = None if dense is None else matched_comparison(moe.damage, moe.damage_se, dense.damage,
-                                                            dense.damage_se, factor=factor)
+    matched = (
+        None
+        if dense is None
+        else matched_comparison(moe.damage, moe.damage_se, dense.damage, dense.damage_se, factor=factor)
+    )
     dense_het = None if dense is None else heterogeneity(dense.damage, dense.damage_se)
     out = []
     for l in range(moe.damage.shape[0]):
         pct = None if matched is None else matched.percentile[l]
         entry = {
-            "damage": moe.damage[l], "damage_se": moe.damage_se[l], "mean_damage": het.mean_damage[l],
-            "cv": het.cv[l], "cv_lower": het.cv_lower[l],
-            "percentile": pct, "expert_p_value": None if matched is None else matched.p_value[l],
+            "damage": moe.damage[l],
+            "damage_se": moe.damage_se[l],
+            "mean_damage": het.mean_damage[l],
+            "cv": het.cv[l],
+            "cv_lower": het.cv_lower[l],
+            "percentile": pct,
+            "expert_p_value": None if matched is None else matched.p_value[l],
             "n_matched": None if matched is None else matched.n_matched[l],
             "dense_damage": None if dense is None else dense.damage[l],
             "dense_mean_damage": None if dense_het is None else dense_het.mean_damage[l],
             "dense_cv": None if dense_het is None else dense_het.cv[l],
             "dense_group_size": None if dense is None else dense.group_size[l],
-            "dense_cv_median": (float(np.nanmedian(dense_het.cv[l]))
-                                         if dense_het is not None and np.isfinite(dense_het.cv[l]).any() else None),
+            "dense_cv_median": (
+                float(np.nanmedian(dense_het.cv[l]))
+                if dense_het is not None and np.isfinite(dense_het.cv[l]).any()
+                else None
+            ),
             "top1_damage": _by_domain(top1.damage[l], domains),
         }
         out.append(entry)
@@ -200,17 +221,23 @@ def _evidence(index: int, layer: Mapping[str, Any]) -> LayerEvidence:
     pct = ko.get("percentile")
     return LayerEvidence(
         layer=index,
-        nmi_excess=nmi["value"], nmi_excess_ci_low=nmi["ci_low"], nmi_excess_ci_high=nmi["ci_high"],
+        nmi_excess=nmi["value"],
+        nmi_excess_ci_low=nmi["ci_low"],
+        nmi_excess_ci_high=nmi["ci_high"],
         nmi_p_value=nmi["p_value"],
-        cmi_share=cmi["value"], cmi_share_ci_low=cmi["ci_low"], cmi_share_ci_high=cmi["ci_high"],
-        cmi_p_value=cmi["p_value"], h_domain_given_context=cmi.get("h_domain_given_context_bits"),
+        cmi_share=cmi["value"],
+        cmi_share_ci_low=cmi["ci_low"],
+        cmi_share_ci_high=cmi["ci_high"],
+        cmi_p_value=cmi["p_value"],
+        h_domain_given_context=cmi.get("h_domain_given_context_bits"),
         knockout_percentiles=None if pct is None else [np.nan if x is None else float(x) for x in pct],
         cka_mean_offdiag=(m.get("cka") or {}).get("value"),
     )
 
 
-def analysis_cost(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], cfg: AnalysisConfig,
-                  has_twin: bool) -> dict[str, dict[str, int]]:
+def analysis_cost(
+    model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], cfg: AnalysisConfig, has_twin: bool
+) -> dict[str, dict[str, int]]:
     """What `analyze_model` will run, before it runs: per stage {"passes": forward passes of one
     batch, "tokens": tokens they process}. Stages: recording (each validation batch once), twin_loss,
     knockouts ((L*E + 1) + (L + 1) evaluations of the knockout stream: experts and top-1, each with an
@@ -282,29 +309,54 @@ def analyze_model(
     _check_inputs(model, val_batches, domains)
     print(describe_cost(analysis_cost(model, val_batches, cfg, dense_twin is not None)), flush=True)
     with progress_bars(cfg.progress):
-        return _analyze_model(model, val_batches, domains, out_dir, dense_twin=dense_twin, comparison=comparison,
-                              cfg=cfg, model_info=model_info, data_splits=data_splits, data_warnings=data_warnings)
+        return _analyze_model(
+            model,
+            val_batches,
+            domains,
+            out_dir,
+            dense_twin=dense_twin,
+            comparison=comparison,
+            cfg=cfg,
+            model_info=model_info,
+            data_splits=data_splits,
+            data_warnings=data_warnings,
+        )
 
 
-def _analyze_model(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], domains: list[str],
-                   out_dir: str | Path, *, dense_twin: nn.Module | None,
-                   comparison: Mapping[str, Mapping[str, float]] | None, cfg: AnalysisConfig,
-                   model_info: Mapping[str, Any] | None,
-                   data_splits: Mapping[str, Mapping[str, Mapping[str, int]]] | None,
-                   data_warnings: Sequence[str] | None) -> dict[str, Any]:
+def _analyze_model(
+    model: nn.Module,
+    val_batches: Mapping[str, Sequence[Batch]],
+    domains: list[str],
+    out_dir: str | Path,
+    *,
+    dense_twin: nn.Module | None,
+    comparison: Mapping[str, Mapping[str, float]] | None,
+    cfg: AnalysisConfig,
+    model_info: Mapping[str, Any] | None,
+    data_splits: Mapping[str, Mapping[str, Mapping[str, int]]] | None,
+    data_warnings: Sequence[str] | None,
+) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_dom = len(domains)
 
     stream = _stream(val_batches, None, cfg.mix_domains)
-    recording = record_routing(model, stream, num_domains=n_dom, domains=domains,
-                               gate_weighted=cfg.gate_weighted, keep_records=True)
+    recording = record_routing(
+        model, stream, num_domains=n_dom, domains=domains, gate_weighted=cfg.gate_weighted, keep_records=True
+    )
     rngs = np.random.default_rng(cfg.seed).spawn(len(recording.layers))
     layers = []
     for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
-        measured = measure_layer(counts, recording.records, i, n_permutations=cfg.n_permutations,
-                                 n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence, context=cfg.context,
-                                 rng=rng)
+        measured = measure_layer(
+            counts,
+            recording.records,
+            i,
+            n_permutations=cfg.n_permutations,
+            n_bootstrap=cfg.n_bootstrap,
+            confidence=cfg.confidence,
+            context=cfg.context,
+            rng=rng,
+        )
         measured["measures"].update(knockout=knockout_result(None).as_dict(), cka=cka_result(None, math.nan).as_dict())
         layers.append({"layer": i, "block": recording.blocks[i], **measured})
 
@@ -320,18 +372,29 @@ def _analyze_model(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]],
         if moe_ko is not None:
             dense_ko = None
             if dense_twin is not None:
-                dense_ko = dense_group_knockouts(dense_twin, ko_stream, n_dom, blocks=recording.blocks,
-                                                 num_experts=moe_ko.damage.shape[2],
-                                                 size_factors=cfg.dense_group_sizes,
-                                                 replicates=cfg.dense_group_replicates, seed=cfg.seed)
-            for layer, entry in zip(layers, _knockout_entries(moe_ko, top1_ko, dense_ko, domains,
-                                                              cfg.damage_match_factor)):
+                dense_ko = dense_group_knockouts(
+                    dense_twin,
+                    ko_stream,
+                    n_dom,
+                    blocks=recording.blocks,
+                    num_experts=moe_ko.damage.shape[2],
+                    size_factors=cfg.dense_group_sizes,
+                    replicates=cfg.dense_group_replicates,
+                    seed=cfg.seed,
+                )
+            for layer, entry in zip(
+                layers, _knockout_entries(moe_ko, top1_ko, dense_ko, domains, cfg.damage_match_factor)
+            ):
                 layer["measures"]["knockout"] = knockout_result(entry).as_dict()
-            summary_ko = {"base_loss": _by_domain(moe_ko.base_loss, domains),
-                          "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
-                          "intervention": {"expert": INTERVENTIONS["expert"],
-                                           "dense": None if dense_ko is None else INTERVENTIONS["dense_group"]},
-                          "documents_per_domain": {d: int(n) for d, n in zip(domains, moe_ko.clusters)}}
+            summary_ko = {
+                "base_loss": _by_domain(moe_ko.base_loss, domains),
+                "dense_base_loss": None if dense_ko is None else _by_domain(dense_ko.base_loss, domains),
+                "intervention": {
+                    "expert": INTERVENTIONS["expert"],
+                    "dense": None if dense_ko is None else INTERVENTIONS["dense_group"],
+                },
+                "documents_per_domain": {d: int(n) for d, n in zip(domains, moe_ko.clusters)},
+            }
             ko_tokens = _by_domain(moe_ko.tokens, domains)
 
     probe_tokens = None
@@ -359,15 +422,25 @@ def _analyze_model(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]],
     summary: dict[str, Any] = {
         "format_version": SUMMARY_FORMAT_VERSION,
         "domains": domains,
-        "model": {"router": type(first.router).__name__, "blocks": recording.blocks,
-                  "num_moe_layers": len(recording.layers), "num_experts": first.router.num_experts,
-                  "top_k": first.router.top_k, "vocab_size": int(model.vocab_size), **(model_info or {})},
+        "model": {
+            "router": type(first.router).__name__,
+            "blocks": recording.blocks,
+            "num_moe_layers": len(recording.layers),
+            "num_experts": first.router.num_experts,
+            "top_k": first.router.top_k,
+            "vocab_size": int(model.vocab_size),
+            **(model_info or {}),
+        },
         "config": dataclasses.asdict(cfg),
-        "tokens": {"recorded": int(recording.loss_tokens.sum()),
-                   "per_domain": _by_domain(recording.loss_tokens, domains),
-                   "documents_per_domain": {d: int(n) for d, n in
-                                            zip(domains, layers[0]["measures"]["nmi"]["docs_per_domain"])},
-                   "knockout_per_domain": ko_tokens, "probe": probe_tokens},
+        "tokens": {
+            "recorded": int(recording.loss_tokens.sum()),
+            "per_domain": _by_domain(recording.loss_tokens, domains),
+            "documents_per_domain": {
+                d: int(n) for d, n in zip(domains, layers[0]["measures"]["nmi"]["docs_per_domain"])
+            },
+            "knockout_per_domain": ko_tokens,
+            "probe": probe_tokens,
+        },
         "data_splits": None if data_splits is None else {k: dict(v) for k, v in data_splits.items()},
         "data_warnings": list(data_warnings or []),
         "comparison": losses,
@@ -410,9 +483,12 @@ def render_report(summary: Mapping[str, Any]) -> str:
     layers = summary["layers"]
     k, e = m["top_k"], m["num_experts"]
     lines = [
-        "# MoE specialization report", "",
-        f"**Verdict: {v['verdict']}** — {v['rule']}.", "",
-        "## Setup", "",
+        "# MoE specialization report",
+        "",
+        f"**Verdict: {v['verdict']}** — {v['rule']}.",
+        "",
+        "## Setup",
+        "",
     ]
     if m.get("name"):
         lines.append(f"- model `{m['name']}` ({m.get('family', '?')}, {m.get('dtype', '?')})")
@@ -421,22 +497,29 @@ def render_report(summary: Mapping[str, Any]) -> str:
         f"E = {e} experts, k = {k} (uniform share k/E = {k / e:.3g})",
         f"- domains: {', '.join(summary['domains'])}; {tok['recorded']} validation tokens recorded in "
         f"{sum((tok.get('documents_per_domain') or {}).values())} documents ("
-        + ", ".join(f"{d}: {n:g} tokens, {(tok.get('documents_per_domain') or {}).get(d, '?')} documents"
-                    for d, n in tok["per_domain"].items()) + ")",
+        + ", ".join(
+            f"{d}: {n:g} tokens, {(tok.get('documents_per_domain') or {}).get(d, '?')} documents"
+            for d, n in tok["per_domain"].items()
+        )
+        + ")",
         f"- assignments weighted by `{layers[0]['weighting']}`; {summary['config']['n_permutations']} "
         f"document permutations, {summary['config']['n_bootstrap']} domain-stratified document-bootstrap "
         "replicates; information in bits, losses in nats/token",
     ]
     for split, per_domain in (summary.get("data_splits") or {}).items():
-        lines.append(f"- {split} split: " + ", ".join(f"{d}: {c['tokens']} tokens, {c['documents']} documents"
-                                                       for d, c in per_domain.items()))
+        lines.append(
+            f"- {split} split: "
+            + ", ".join(f"{d}: {c['tokens']} tokens, {c['documents']} documents" for d, c in per_domain.items())
+        )
     for warning in summary.get("data_warnings") or []:
         lines.append(f"- **data warning**: {warning}")
     if m.get("shared_experts"):
         lines.append(f"- shared experts (outside the routing measured here): {m['shared_experts']}")
     if tok.get("knockout_per_domain"):
-        lines.append(f"- knockouts on {', '.join(f'{d}: {n:g}' for d, n in tok['knockout_per_domain'].items())} "
-                     "tokens per domain")
+        lines.append(
+            f"- knockouts on {', '.join(f'{d}: {n:g}' for d, n in tok['knockout_per_domain'].items())} "
+            "tokens per domain"
+        )
     if tok.get("probe"):
         lines.append(f"- expert CKA on {tok['probe']} probe tokens")
 
@@ -444,23 +527,33 @@ def render_report(summary: Mapping[str, Any]) -> str:
     if comp:
         lines += ["", "## Per-domain validation loss (nats/token)", ""]
         names = list(comp)
-        lines.append(markdown_table(["domain"] + names, [[d] + [comp[n].get(d) for n in names] for d in summary["domains"]], fmt=_f))
+        lines.append(
+            markdown_table(
+                ["domain"] + names, [[d] + [comp[n].get(d) for n in names] for d in summary["domains"]], fmt=_f
+            )
+        )
 
     lines += ["", "## Specialization measures per layer", ""]
-    shown = [name for name in MEASURES if any(layer["measures"].get(name, {}).get("value") is not None
-                                              for layer in layers)]
+    shown = [
+        name for name in MEASURES if any(layer["measures"].get(name, {}).get("value") is not None for layer in layers)
+    ]
     rows = [[str(layer["layer"])] + [_measure_cell(layer["measures"].get(name)) for name in shown] for layer in layers]
     lines.append(markdown_table(["layer"] + [f"{MEASURES[n].label} ({MEASURES[n].unit})" for n in shown], rows, fmt=_f))
-    lines += ["", "Value [interval] (p-value); with a null, \"vs\" gives its mean."]
+    lines += ["", 'Value [interval] (p-value); with a null, "vs" gives its mean.']
     lines += [f"- {MEASURES[n].label}: {MEASURES[n].description}" for n in shown]
-    lines += ["", "NMI − null: I(D;E)/H(D) minus the mean of its document-permutation null (0 for domain-blind "
-              "routing, however documents cluster), with the bias-corrected percentile interval of a domain-stratified "
-              "document bootstrap. I(D;E|C) share: the held-out (cross-fitted over documents) domain information in "
-              f"routing beyond the context C = {layers[0]['measures']['cmi'].get('context', 'token')}, over the "
-              "Miller-Madow H(D|C) (`analysis.heldout`)."]
+    lines += [
+        "",
+        "NMI − null: I(D;E)/H(D) minus the mean of its document-permutation null (0 for domain-blind "
+        "routing, however documents cluster), with the bias-corrected percentile interval of a domain-stratified "
+        "document bootstrap. I(D;E|C) share: the held-out (cross-fitted over documents) domain information in "
+        f"routing beyond the context C = {layers[0]['measures']['cmi'].get('context', 'token')}, over the "
+        "Miller-Madow H(D|C) (`analysis.heldout`).",
+    ]
 
-    if any(layer["measures"]["knockout"]["value"] is not None or layer["measures"]["cka"]["value"] is not None
-           for layer in layers):
+    if any(
+        layer["measures"]["knockout"]["value"] is not None or layer["measures"]["cka"]["value"] is not None
+        for layer in layers
+    ):
         lines += ["", "## Knockouts and redundancy", ""]
         intervention = (summary.get("knockout") or {}).get("intervention") or {}
         for who, text in intervention.items():
@@ -475,30 +568,70 @@ def render_report(summary: Mapping[str, Any]) -> str:
             damage = [x for x in (ko.get("mean_damage") or []) if x is not None]
             cv = [x for x in (ko.get("cv") or []) if x is not None]
             dense_damage = [x for x in (ko.get("dense_mean_damage") or []) if x is not None]
-            rows.append([str(layer["layer"]),
-                         f"{_f(min(damage))}–{_f(max(damage))}" if damage else "–",
-                         _f(float(np.median(cv))) if cv else "–",
-                         f"{_f(min(dense_damage))}–{_f(max(dense_damage))}" if dense_damage else "–",
-                         ko.get("dense_cv_median"), ko.get("value"),
-                         ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–", cka.get("value")])
-        lines.append(markdown_table(["layer", "expert damage (nats)", "expert CV (median)", "dense group damage (nats)",
-                         "dense CV (median)", "expert percentile at matched damage (median)",
-                         "top-1 knockout damage (nats)", "mean expert CKA"], rows, fmt=_f))
-        lines += ["", "CV: the noise-corrected coefficient of variation of a unit's damage across domains (0: every "
-                  "domain hurt alike, 1: one domain only), which does not drift with the size of the damage. "
-                  "Percentile: where an expert's CV lower bound falls among the dense twin's random unit groups "
-                  "of the same layer whose mean damage lies within a factor "
-                  f"{summary['config'].get('damage_match_factor', 2)} of the expert's."]
+            rows.append(
+                [
+                    str(layer["layer"]),
+                    f"{_f(min(damage))}–{_f(max(damage))}" if damage else "–",
+                    _f(float(np.median(cv))) if cv else "–",
+                    f"{_f(min(dense_damage))}–{_f(max(dense_damage))}" if dense_damage else "–",
+                    ko.get("dense_cv_median"),
+                    ko.get("value"),
+                    ", ".join(f"{d}: {_f(x)}" for d, x in top1.items()) or "–",
+                    cka.get("value"),
+                ]
+            )
+        lines.append(
+            markdown_table(
+                [
+                    "layer",
+                    "expert damage (nats)",
+                    "expert CV (median)",
+                    "dense group damage (nats)",
+                    "dense CV (median)",
+                    "expert percentile at matched damage (median)",
+                    "top-1 knockout damage (nats)",
+                    "mean expert CKA",
+                ],
+                rows,
+                fmt=_f,
+            )
+        )
+        lines += [
+            "",
+            "CV: the noise-corrected coefficient of variation of a unit's damage across domains (0: every "
+            "domain hurt alike, 1: one domain only), which does not drift with the size of the damage. "
+            "Percentile: where an expert's CV lower bound falls among the dense twin's random unit groups "
+            "of the same layer whose mean damage lies within a factor "
+            f"{summary['config'].get('damage_match_factor', 2)} of the expert's.",
+        ]
         lines.append("")
 
     lines += ["", "## Verdict per layer", ""]
     for layer in layers:
         lv = layer["verdict"]
-        lines += [f"### Layer {layer['layer']} (block {layer['block']}): {lv['verdict']}", "",
-                  f"Rule: {lv['rule']}.", ""]
-        lines.append(markdown_table(["criterion", "points to", "votes", "value", "threshold", "why"],
-                        [[c["name"], c["verdict"], "yes" if c.get("votes", True) else "no (reported)", c["value"],
-                          c["threshold"], c["reason"]] for c in lv["criteria"].values()], fmt=_f))
+        lines += [
+            f"### Layer {layer['layer']} (block {layer['block']}): {lv['verdict']}",
+            "",
+            f"Rule: {lv['rule']}.",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                ["criterion", "points to", "votes", "value", "threshold", "why"],
+                [
+                    [
+                        c["name"],
+                        c["verdict"],
+                        "yes" if c.get("votes", True) else "no (reported)",
+                        c["value"],
+                        c["threshold"],
+                        c["reason"],
+                    ]
+                    for c in lv["criteria"].values()
+                ],
+                fmt=_f,
+            )
+        )
         lines += [f"\nNote: {n}." for n in lv["notes"]]
         lines.append("")
 

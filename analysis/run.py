@@ -20,8 +20,10 @@ def require_domains(domains: Sequence[str], where: str) -> None:
     """Refuse (ValueError) to analyze fewer than two domains: with one, every measure of domain
     specialization is empty (there is nothing to tell apart) and a verdict would be meaningless."""
     if len(domains) < 2:
-        raise ValueError(f"{where} has {len(domains)} domain(s) {list(domains)}; analyzing domain specialization "
-                         "needs at least two. Train (or evaluate) on a corpus with two or more domains.")
+        raise ValueError(
+            f"{where} has {len(domains)} domain(s) {list(domains)}; analyzing domain specialization "
+            "needs at least two. Train (or evaluate) on a corpus with two or more domains."
+        )
 
 
 def training_identity(run_dir: Path) -> dict[str, Any]:
@@ -35,10 +37,13 @@ def training_identity(run_dir: Path) -> dict[str, Any]:
             raise CheckpointError(f"{f} does not exist: {run_dir} is not a complete moe-train run directory")
     config = OmegaConf.to_container(OmegaConf.load(config_file))
     trainer = config.get("trainer", {})
-    return {"data stream (data/manifest.json stream_fingerprint: corpus, tokenizer, split, seed)":
-            json.loads(manifest_file.read_text())["stream_fingerprint"],
-            "model config": config.get("model"),
-            **{f"trainer.{k}": trainer.get(k) for k in OPTIMIZATION_FIELDS}}
+    return {
+        "data stream (data/manifest.json stream_fingerprint: corpus, tokenizer, split, seed)": json.loads(
+            manifest_file.read_text()
+        )["stream_fingerprint"],
+        "model config": config.get("model"),
+        **{f"trainer.{k}": trainer.get(k) for k in OPTIMIZATION_FIELDS},
+    }
 
 
 def twin_mismatches(run_dir: str | Path, twin_run: str | Path) -> list[str]:
@@ -48,9 +53,17 @@ def twin_mismatches(run_dir: str | Path, twin_run: str | Path) -> list[str]:
     return [f"{key}: {a[key]!r} vs {b[key]!r}" for key in a if a[key] != b[key]]
 
 
-def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model: str = "moe",
-                twin: str | None = "dense_active", twin_run: str | Path | None = None, batch_size: int = 16,
-                device: str = "cpu", out_dir: str | Path | None = None) -> dict[str, Any]:
+def analyze_run(
+    run_dir: str | Path,
+    cfg: AnalysisConfig | None = None,
+    *,
+    model: str = "moe",
+    twin: str | None = "dense_active",
+    twin_run: str | Path | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Record, measure and report the MoE of a run into `out_dir` (default `<run_dir>/analysis/`);
     returns the summary.
 
@@ -64,8 +77,11 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
         twin_dir = Path(twin_run)
         problems = twin_mismatches(run_dir, twin_dir)
         if problems:
-            raise ValueError(f"the models of {twin_dir} are not the twins of the MoE of {run_dir}; they differ in\n  "
-                             + "\n  ".join(problems) + "\nTrain the twins with the same data, seed, model and trainer.")
+            raise ValueError(
+                f"the models of {twin_dir} are not the twins of the MoE of {run_dir}; they differ in\n  "
+                + "\n  ".join(problems)
+                + "\nTrain the twins with the same data, seed, model and trainer."
+            )
     data = load_prepared(run_dir)
     require_domains(data.domains, f"the run {run_dir}")
     val = {d: data.val_batches(batch_size=batch_size, domain=d) for d in data.domains}
@@ -81,6 +97,14 @@ def analyze_run(run_dir: str | Path, cfg: AnalysisConfig | None = None, *, model
             # The analyzed model and its twin are evaluated again by analyze_model; list the others only.
             comparison.update({name: row["val_loss"] for name, row in table.items() if name not in (model, twin)})
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
-    return analyze_model(moe_model, val, data.domains, out, dense_twin=twin_model,
-                         comparison=comparison or None, cfg=cfg, data_splits=data.split_counts(),
-                         data_warnings=data.manifest.get("warnings"))
+    return analyze_model(
+        moe_model,
+        val,
+        data.domains,
+        out,
+        dense_twin=twin_model,
+        comparison=comparison or None,
+        cfg=cfg,
+        data_splits=data.split_counts(),
+        data_warnings=data.manifest.get("warnings"),
+    )

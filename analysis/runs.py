@@ -87,8 +87,10 @@ class Run:
         """The raw per-token routing records of the analysis (`analysis/routing.npz`)."""
         path = self.path / RECORDS
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: the analysis ran with save_records=false, "
-                                    f"or not at all (`moe-analyze run_dir={self.path}`)")
+            raise FileNotFoundError(
+                f"{path} does not exist: the analysis ran with save_records=false, "
+                f"or not at all (`moe-analyze run_dir={self.path}`)"
+            )
         return RoutingRecords.load(path)
 
 
@@ -111,12 +113,16 @@ def load_run(run_dir: str | Path, *, need_summary: bool = True) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {path} does not exist")
     if not _is_run(path):
-        raise FileNotFoundError(f"{path} is not a moe-train run directory (no comparison.json or {SUMMARY}); "
-                                "a multirun sweep directory goes to load_sweep()")
+        raise FileNotFoundError(
+            f"{path} is not a moe-train run directory (no comparison.json or {SUMMARY}); "
+            "a multirun sweep directory goes to load_sweep()"
+        )
     summary_file = path / SUMMARY
     if need_summary and not summary_file.is_file():
-        raise FileNotFoundError(f"{summary_file} does not exist: analyze the run first "
-                                f"(`moe-analyze run_dir={path}`, or train with analyze=true)")
+        raise FileNotFoundError(
+            f"{summary_file} does not exist: analyze the run first "
+            f"(`moe-analyze run_dir={path}`, or train with analyze=true)"
+        )
     config_file = path / "config.yaml"
     comparison_file = path / "comparison.json"
     metrics = {p.parent.name: _read_jsonl(p) for p in sorted(path.glob("models/*/metrics.jsonl"))}
@@ -156,8 +162,9 @@ def domain_expert_from_records(records: RoutingRecords, layer: int, weighting: s
         raise ValueError(f"layer {layer} out of range: the records hold {len(records.layers)} MoE layers")
     rec = records.layers[layer]
     weights = np.where(rec.kept, rec.gates if weighting == "gate" else 1.0, 0.0).astype(np.float64)
-    return contingency(records.domain, rec.experts.astype(np.int64), len(records.domains), records.num_experts,
-                       weights=weights)
+    return contingency(
+        records.domain, rec.experts.astype(np.int64), len(records.domains), records.num_experts, weights=weights
+    )
 
 
 def _verdict_line(summary: Mapping[str, Any]) -> list[str]:
@@ -175,17 +182,24 @@ def run_overview(run: Run) -> str:
     cfg, lines = run.config, [f"Run `{run.path}`", ""]
     if cfg:
         moe = cfg.get("model", {}).get("moe", {})
-        lines.append(f"- data `{cfg.get('data', {}).get('source')}`, router `{cfg.get('router', {}).get('kind')}`, "
-                     f"balance `{cfg.get('balance', {}).get('scope')}`, E = {moe.get('num_experts')}, "
-                     f"k = {moe.get('top_k')}, {cfg.get('trainer', {}).get('max_steps')} steps, seed {cfg.get('seed')}")
+        lines.append(
+            f"- data `{cfg.get('data', {}).get('source')}`, router `{cfg.get('router', {}).get('kind')}`, "
+            f"balance `{cfg.get('balance', {}).get('scope')}`, E = {moe.get('num_experts')}, "
+            f"k = {moe.get('top_k')}, {cfg.get('trainer', {}).get('max_steps')} steps, seed {cfg.get('seed')}"
+        )
     if run.comparison:
-        losses = ", ".join(f"{name} {row['val_loss']['all']:.4f}" for name, row in run.comparison.items()
-                           if row.get("val_loss", {}).get("all") is not None)
+        losses = ", ".join(
+            f"{name} {row['val_loss']['all']:.4f}"
+            for name, row in run.comparison.items()
+            if row.get("val_loss", {}).get("all") is not None
+        )
         lines.append(f"- final validation loss, all domains (nats/token): {losses}")
     if run.summary:
         s = run.summary
-        lines.append(f"- analysis: {s['tokens']['recorded']} validation tokens of {len(s['domains'])} domains "
-                     f"({', '.join(s['domains'])}), {s['model']['num_moe_layers']} MoE layers")
+        lines.append(
+            f"- analysis: {s['tokens']['recorded']} validation tokens of {len(s['domains'])} domains "
+            f"({', '.join(s['domains'])}), {s['model']['num_moe_layers']} MoE layers"
+        )
         lines += [""] + _verdict_line(s)
     return "\n".join(lines)
 
@@ -204,11 +218,14 @@ def newest_run(root: str | Path = "outputs") -> Path:
     """The most recently finished run below `root` (by the time its last result file was written)."""
     runs = find_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no moe-train run directory below {Path(root).resolve()}; "
-                                "train one with `moe-train`, or set the run directory explicitly")
+        raise FileNotFoundError(
+            f"no moe-train run directory below {Path(root).resolve()}; "
+            "train one with `moe-train`, or set the run directory explicitly"
+        )
 
     def finished(p: Path) -> float:
         return max(f.stat().st_mtime for f in (p / "comparison.json", p / SUMMARY) if f.is_file())
+
     return max(runs, key=finished)
 
 
@@ -257,7 +274,6 @@ class Sweep:
         short = [k.rsplit(".", 1)[-1] for k in self.axes]
         names = short if len(set(short)) == len(short) else self.axes
         return ", ".join(f"{n}={_fmt(v)}" for n, v in zip(names, self.params(run).values()))
-
 
     @property
     def main_axis(self) -> str | None:
@@ -319,10 +335,15 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
     rows = []
     for run in sweep.runs:
         comp = run.comparison or {}
-        base = {"run": run.name, "label": sweep.label(run), **sweep.params(run),
-                "model_verdict": _get(run.summary, "verdict", "verdict"),
-                "loss_moe": _nan(_get(comp, "moe", "val_loss", "all")),
-                "loss_dense": _nan(_get(comp, ACTIVE_TWIN, "val_loss", "all")), "loss_gap": loss_gap(comp)}
+        base = {
+            "run": run.name,
+            "label": sweep.label(run),
+            **sweep.params(run),
+            "model_verdict": _get(run.summary, "verdict", "verdict"),
+            "loss_moe": _nan(_get(comp, "moe", "val_loss", "all")),
+            "loss_dense": _nan(_get(comp, ACTIVE_TWIN, "val_loss", "all")),
+            "loss_gap": loss_gap(comp),
+        }
         layers = (run.summary or {}).get("layers") or [None]
         for layer in layers:
             if layer is None:
@@ -332,10 +353,16 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
             row = {**base, "layer": layer["layer"], "verdict": layer["verdict"]["verdict"]}
             for name in MEASURES:
                 row.update(columns(name, m.get(name)))
-            row.update({"nmi_plugin": _nan(m["nmi"].get("plugin")), "nmi_null_q95": _nan(m["nmi"].get("null_q95")),
-                        "nmi_top1_plugin": _nan((m.get("nmi_top1") or {}).get("plugin")),
-                        "docs_min": min(m["nmi"].get("docs_per_domain") or [0]), "cmi_bits": _nan(m["cmi"].get("bits")),
-                        "dense_cv": _nan((m.get("knockout") or {}).get("dense_cv_median"))})
+            row.update(
+                {
+                    "nmi_plugin": _nan(m["nmi"].get("plugin")),
+                    "nmi_null_q95": _nan(m["nmi"].get("null_q95")),
+                    "nmi_top1_plugin": _nan((m.get("nmi_top1") or {}).get("plugin")),
+                    "docs_min": min(m["nmi"].get("docs_per_domain") or [0]),
+                    "cmi_bits": _nan(m["cmi"].get("bits")),
+                    "dense_cv": _nan((m.get("knockout") or {}).get("dense_cv_median")),
+                }
+            )
             rows.append(row)
     return rows
 
@@ -343,6 +370,8 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
     """Rows (dicts, as `sweep_rows` gives) as a markdown table of the given columns (floats to
     `digits` significant digits, nan and missing as –), written by `moe.tables.markdown_table`."""
+
     def cell(x: Any) -> str:
         return _fmt(x) if isinstance(x, tuple) else format_number(x, digits)
+
     return _markdown_table(columns, [[r.get(c) for c in columns] for r in rows], fmt=cell)

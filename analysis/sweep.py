@@ -76,13 +76,15 @@ ARMS = ("sequence", "micro_batch", "global_batch", "aux_free", "none", "hash", "
 # `control` role; conf/arm/ has an arm for each).
 CONTROLS = tuple(kind for kind in router_kinds() if router_spec(kind).role == "control")
 # Per-layer measures aggregated over seeds (keys of `analysis.runs.sweep_rows`), with their meaning.
-MEASURES = {**{name: m.description for name, m in REGISTRY.items()},
-            "nmi_plugin": "NMI, plug-in",
-            "nmi_null_q95": "q95 of the plug-in NMI under the document-permutation null",
-            "nmi_top1_plugin": "NMI counting each token's top-1 expert, plug-in",
-            "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
-            "dense_cv": "median noise-corrected damage CV of the active twin's random unit groups",
-            "docs_min": "fewest validation documents of a domain"}
+MEASURES = {
+    **{name: m.description for name, m in REGISTRY.items()},
+    "nmi_plugin": "NMI, plug-in",
+    "nmi_null_q95": "q95 of the plug-in NMI under the document-permutation null",
+    "nmi_top1_plugin": "NMI counting each token's top-1 expert, plug-in",
+    "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
+    "dense_cv": "median noise-corrected damage CV of the active twin's random unit groups",
+    "docs_min": "fewest validation documents of a domain",
+}
 TWINS = ("dense_active", "dense_total")
 
 
@@ -125,9 +127,13 @@ def data_mismatches(runs: Iterable[Run]) -> list[str]:
         if manifest.is_file():
             fingerprint = json.loads(manifest.read_text())["stream_fingerprint"]
             streams.setdefault((corpus_of(run.config), run.config.get("seed")), {}).setdefault(fingerprint, []).append(
-                run.name)
-    return [f"{corpus}, seed {seed}: " + "; ".join(f"{fp}: {', '.join(sorted(names))}" for fp, names in by_fp.items())
-            for (corpus, seed), by_fp in streams.items() if len(by_fp) > 1]
+                run.name
+            )
+    return [
+        f"{corpus}, seed {seed}: " + "; ".join(f"{fp}: {', '.join(sorted(names))}" for fp, names in by_fp.items())
+        for (corpus, seed), by_fp in streams.items()
+        if len(by_fp) > 1
+    ]
 
 
 def pair_twins(runs: Iterable[Run]) -> dict[Path, Run]:
@@ -139,8 +145,10 @@ def pair_twins(runs: Iterable[Run]) -> dict[Path, Run]:
         if arm_of(run.config) == "dense":
             key = json.dumps(training_identity(run.path), sort_keys=True)
             if key in dense:
-                raise ValueError(f"{dense[key].path} and {run.path} trained the same twins; "
-                                 "remove one so each MoE job has one control")
+                raise ValueError(
+                    f"{dense[key].path} and {run.path} trained the same twins; "
+                    "remove one so each MoE job has one control"
+                )
             dense[key] = run
     pairs = {}
     for run in runs:
@@ -152,8 +160,14 @@ def pair_twins(runs: Iterable[Run]) -> dict[Path, Run]:
 
 
 # ----------------------------------------------------------------------------- analysis
-def analyze_sweep(sweep: Sweep, cfg: AnalysisConfig | None = None, *, reanalyze: bool = False,
-                  batch_size: int = 16, device: str = "cpu") -> list[Path]:
+def analyze_sweep(
+    sweep: Sweep,
+    cfg: AnalysisConfig | None = None,
+    *,
+    reanalyze: bool = False,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> list[Path]:
     """Analyze every MoE job of `sweep` that has no analysis yet (all with `reanalyze`), with the
     active twin of its dense job as control; returns the analyzed run paths. A MoE job without a
     dense job is analyzed with the twin of its own run, if any (a warning says so)."""
@@ -165,18 +179,29 @@ def analyze_sweep(sweep: Sweep, cfg: AnalysisConfig | None = None, *, reanalyze:
             continue
         twin_run = pairs.get(run.path)
         if twin_run is None:
-            print(f"warning: no dense job matches {run.path} (data, model, optimization); "
-                  "its knockouts have no dense control unless the run trained its own twin")
+            print(
+                f"warning: no dense job matches {run.path} (data, model, optimization); "
+                "its knockouts have no dense control unless the run trained its own twin"
+            )
         print(f"[{i + 1}/{len(moe_runs)}] analyzing {run.path}", flush=True)
-        analyze_run(run.path, cfg, twin_run=None if twin_run is None else twin_run.path,
-                    batch_size=batch_size, device=device)
+        analyze_run(
+            run.path, cfg, twin_run=None if twin_run is None else twin_run.path, batch_size=batch_size, device=device
+        )
         done.append(run.path)
     return done
 
 
-def sweep_trajectories(sweep: Sweep, cfg: AnalysisConfig | None = None, *, arms: Sequence[str] = ("micro_batch",),
-                       seeds: Sequence[int] = (0,), min_checkpoints: int = 3, recompute: bool = False,
-                       batch_size: int = 16, device: str = "cpu") -> dict[Path, Path]:
+def sweep_trajectories(
+    sweep: Sweep,
+    cfg: AnalysisConfig | None = None,
+    *,
+    arms: Sequence[str] = ("micro_batch",),
+    seeds: Sequence[int] = (0,),
+    min_checkpoints: int = 3,
+    recompute: bool = False,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> dict[Path, Path]:
     """Specialization over training (`analysis.trajectory`) of the MoE jobs of `arms` x `seeds` that
     kept at least `min_checkpoints` checkpoints, into each job's `analysis/trajectory.json` (kept and
     reused unless `recompute`); returns {job path: its trajectory.json}."""
@@ -211,15 +236,28 @@ def sweep_records(sweep: Sweep) -> list[dict[str, Any]]:
         comparison = dict(run.comparison)
         if run.path in pairs:
             comparison.update(pairs[run.path].comparison or {})
-        losses = {f"loss_{model}_{domain}": value for model in ("moe",) + TWINS if model in comparison
-                  for domain, value in comparison[model]["val_loss"].items()}
+        losses = {
+            f"loss_{model}_{domain}": value
+            for model in ("moe",) + TWINS
+            if model in comparison
+            for domain, value in comparison[model]["val_loss"].items()
+        }
         gap = loss_gap(comparison)
         for row in sweep_rows(Sweep(sweep.root, [run], sweep.axes)):
             moe_cfg = run.config.get("model", {}).get("moe", {})
-            records.append({**row, "corpus": corpus_of(run.config), "arm": arm_of(run.config),
-                            "experts": f"top-{moe_cfg.get('top_k')} of {moe_cfg.get('num_experts')}",
-                            "seed": run.config.get("seed"), "path": str(run.path), **losses,
-                            "loss_dense": losses.get(f"loss_{ACTIVE_TWIN}_all", math.nan), "loss_gap": gap})
+            records.append(
+                {
+                    **row,
+                    "corpus": corpus_of(run.config),
+                    "arm": arm_of(run.config),
+                    "experts": f"top-{moe_cfg.get('top_k')} of {moe_cfg.get('num_experts')}",
+                    "seed": run.config.get("seed"),
+                    "path": str(run.path),
+                    **losses,
+                    "loss_dense": losses.get(f"loss_{ACTIVE_TWIN}_all", math.nan),
+                    "loss_gap": gap,
+                }
+            )
     return records
 
 
@@ -266,56 +304,93 @@ def aggregate_measures(records: Sequence[Mapping[str, Any]], confidence: float =
     for r in records:
         groups.setdefault((r["corpus"], r["arm"], r["layer"]), []).append(r)
     out = []
-    for (corpus, arm, layer) in sorted(groups, key=lambda g: (g[0], _arm_key(g[1]), g[2])):
+    for corpus, arm, layer in sorted(groups, key=lambda g: (g[0], _arm_key(g[1]), g[2])):
         rows = groups[(corpus, arm, layer)]
         verdicts: dict[str, int] = {}
         for r in rows:
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
-        out.append({"corpus": corpus, "arm": arm, "layer": layer, "seeds": sorted(r["seed"] for r in rows),
-                    "verdicts": verdicts,
-                    **{m: seed_interval([r.get(m, math.nan) for r in rows], confidence) for m in MEASURES}})
+        out.append(
+            {
+                "corpus": corpus,
+                "arm": arm,
+                "layer": layer,
+                "seeds": sorted(r["seed"] for r in rows),
+                "verdicts": verdicts,
+                **{m: seed_interval([r.get(m, math.nan) for r in rows], confidence) for m in MEASURES},
+            }
+        )
     return out
 
 
-def paired_contrasts(records: Sequence[Mapping[str, Any]], baseline: str = "micro_batch",
-                     measures: Sequence[str] = ("nmi", "cmi", "knockout"),
-                     confidence: float = 0.95) -> list[dict[str, Any]]:
+def paired_contrasts(
+    records: Sequence[Mapping[str, Any]],
+    baseline: str = "micro_batch",
+    measures: Sequence[str] = ("nmi", "cmi", "knockout"),
+    confidence: float = 0.95,
+) -> list[dict[str, Any]]:
     """Per (corpus, arm, layer), each measure of the arm minus that of `baseline`, paired by seed
     (the two jobs of a seed share data order, tokenizer and initialization, so the pairing removes
     the run-to-run spread they share), as {mean, low, high, n} plus the Bonferroni interval
     `adj_low`/`adj_high` over the family of all contrasts of that measure on that corpus. Arms
     without the baseline's seeds and the baseline itself are left out."""
     index = {(r["corpus"], r["arm"], r["layer"], r["seed"]): r for r in records}
-    groups = sorted({(c, a, layer) for c, a, layer, _ in index if a != baseline},
-                    key=lambda g: (g[0], _arm_key(g[1]), g[2]))
+    groups = sorted(
+        {(c, a, layer) for c, a, layer, _ in index if a != baseline}, key=lambda g: (g[0], _arm_key(g[1]), g[2])
+    )
     paired = {}
     for corpus, arm, layer in groups:
-        seeds = sorted(s for c, a, l_, s in index
-                       if (c, a, l_) == (corpus, arm, layer) and (corpus, baseline, layer, s) in index)
+        seeds = sorted(
+            s for c, a, l_, s in index if (c, a, l_) == (corpus, arm, layer) and (corpus, baseline, layer, s) in index
+        )
         if seeds:
-            paired[(corpus, arm, layer)] = (seeds, [(index[(corpus, arm, layer, s)], index[(corpus, baseline, layer, s)])
-                                                    for s in seeds])
+            paired[(corpus, arm, layer)] = (
+                seeds,
+                [(index[(corpus, arm, layer, s)], index[(corpus, baseline, layer, s)]) for s in seeds],
+            )
     family = {c: sum(1 for key in paired if key[0] == c) for c, _, _ in paired}
-    return [{"corpus": corpus, "arm": arm, "baseline": baseline, "layer": layer, "seeds": seeds,
-             **{m: seed_interval([a.get(m, math.nan) - b.get(m, math.nan) for a, b in pairs], confidence, family[corpus])
-                for m in measures}}
-            for (corpus, arm, layer), (seeds, pairs) in paired.items()]
+    return [
+        {
+            "corpus": corpus,
+            "arm": arm,
+            "baseline": baseline,
+            "layer": layer,
+            "seeds": seeds,
+            **{
+                m: seed_interval(
+                    [a.get(m, math.nan) - b.get(m, math.nan) for a, b in pairs], confidence, family[corpus]
+                )
+                for m in measures
+            },
+        }
+        for (corpus, arm, layer), (seeds, pairs) in paired.items()
+    ]
 
 
-def loss_contrasts(records: Sequence[Mapping[str, Any]], baseline: str = "hash",
-                   confidence: float = 0.95) -> list[dict[str, Any]]:
+def loss_contrasts(
+    records: Sequence[Mapping[str, Any]], baseline: str = "hash", confidence: float = 0.95
+) -> list[dict[str, Any]]:
     """Per (corpus, arm): the MoE's validation loss (nats/token, all domains) minus that of the
     `baseline` arm on the same seed, as {mean, low, high, n} with the Bonferroni interval over the
     corpus' arms (`seed_interval`); negative = the arm beats the baseline."""
     loss = {(r["corpus"], r["arm"], r["seed"]): r.get("loss_moe_all", math.nan) for r in records}
     arms = sorted({(c, a) for c, a, _ in loss if a != baseline}, key=lambda g: (g[0], _arm_key(g[1])))
-    seeds = {(c, a): sorted(s for c_, a_, s in loss if (c_, a_) == (c, a) and (c, baseline, s) in loss) for c, a in arms}
+    seeds = {
+        (c, a): sorted(s for c_, a_, s in loss if (c_, a_) == (c, a) and (c, baseline, s) in loss) for c, a in arms
+    }
     arms = [g for g in arms if seeds[g]]
     family = {c: sum(1 for c_, _ in arms if c_ == c) for c, _ in arms}
-    return [{"corpus": c, "arm": a, "baseline": baseline, "seeds": seeds[(c, a)],
-             "delta": seed_interval([loss[(c, a, s)] - loss[(c, baseline, s)] for s in seeds[(c, a)]], confidence,
-                                    family[c])}
-            for c, a in arms]
+    return [
+        {
+            "corpus": c,
+            "arm": a,
+            "baseline": baseline,
+            "seeds": seeds[(c, a)],
+            "delta": seed_interval(
+                [loss[(c, a, s)] - loss[(c, baseline, s)] for s in seeds[(c, a)]], confidence, family[c]
+            ),
+        }
+        for c, a in arms
+    ]
 
 
 def loss_gaps(records: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
@@ -329,17 +404,27 @@ def loss_gaps(records: Sequence[Mapping[str, Any]], confidence: float = 0.95) ->
     for r in per_run.values():
         groups.setdefault((r["corpus"], r["arm"]), []).append(r)
     out = []
-    for (corpus, arm) in sorted(groups, key=lambda g: (g[0], _arm_key(g[1]))):
+    for corpus, arm in sorted(groups, key=lambda g: (g[0], _arm_key(g[1]))):
         rows = groups[(corpus, arm)]
-        domains = [k[len("loss_moe_"):] for k in rows[0] if k.startswith("loss_moe_")]
-        entry: dict[str, Any] = {"corpus": corpus, "arm": arm, "seeds": sorted(r["seed"] for r in rows),
-                                 "loss_moe": {d: seed_interval([r.get(f"loss_moe_{d}", math.nan) for r in rows],
-                                                               confidence) for d in domains}}
+        domains = [k[len("loss_moe_") :] for k in rows[0] if k.startswith("loss_moe_")]
+        entry: dict[str, Any] = {
+            "corpus": corpus,
+            "arm": arm,
+            "seeds": sorted(r["seed"] for r in rows),
+            "loss_moe": {
+                d: seed_interval([r.get(f"loss_moe_{d}", math.nan) for r in rows], confidence) for d in domains
+            },
+        }
         for twin in TWINS:
-            entry[f"loss_{twin}"] = {d: seed_interval([r.get(f"loss_{twin}_{d}", math.nan) for r in rows], confidence)
-                                     for d in domains}
-            entry[f"gap_{twin}"] = {d: seed_interval([r.get(f"loss_moe_{d}", math.nan) - r.get(f"loss_{twin}_{d}", math.nan)
-                                                      for r in rows], confidence) for d in domains}
+            entry[f"loss_{twin}"] = {
+                d: seed_interval([r.get(f"loss_{twin}_{d}", math.nan) for r in rows], confidence) for d in domains
+            }
+            entry[f"gap_{twin}"] = {
+                d: seed_interval(
+                    [r.get(f"loss_moe_{d}", math.nan) - r.get(f"loss_{twin}_{d}", math.nan) for r in rows], confidence
+                )
+                for d in domains
+            }
         out.append(entry)
     return out
 
@@ -359,69 +444,170 @@ def _adj(iv: Mapping[str, float], digits: int = 3) -> str:
     return f"[{iv['adj_low']:.{digits}f}, {iv['adj_high']:.{digits}f}]"
 
 
-def render_results(measures: Sequence[Mapping[str, Any]], gaps: Sequence[Mapping[str, Any]],
-                   confidence: float, contrasts: Sequence[Mapping[str, Any]] = (),
-                   loss_deltas: Sequence[Mapping[str, Any]] = ()) -> str:
+def render_results(
+    measures: Sequence[Mapping[str, Any]],
+    gaps: Sequence[Mapping[str, Any]],
+    confidence: float,
+    contrasts: Sequence[Mapping[str, Any]] = (),
+    loss_deltas: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """The markdown tables of `results.md`."""
     pct = f"{confidence:.0%}"
-    lines = ["# Specialization sweep", "",
-             f"Means over seeds with {pct} Student-t intervals `mean [low, high]` (one seed: the value alone).", "",
-             "## Specialization by arm and layer", "",
-             "NMI: minus its document-permutation null mean (chance = 0, document clustering removed); the "
-             "plug-in NMI beside the q95 of that null; I(D;E\\|C) share: held-out domain information beyond the "
-             "context, as a share of H(D\\|C); knockout: median over experts of the percentile among the active "
-             "twin's damage-matched unit groups (their median noise-corrected CV alongside); fewest validation "
-             "documents of a domain; verdicts: layer verdicts over seeds.", ""]
-    header = ["corpus", "arm", "layer", "NMI − null", "NMI plug-in", "its null q95", "I(D;E|C) share",
-              "KO percentile", "dense groups' CV", "MaxVio", "docs", "verdicts"]
-    rows = [[m["corpus"], m["arm"], str(m["layer"]), _ci(m["nmi"]), _ci(m["nmi_plugin"]), _ci(m["nmi_null_q95"]),
-             _ci(m["cmi"]),
-             _ci(m["knockout"]), _ci(m["dense_cv"]), _ci(m["maxvio"], 2), _ci(m["docs_min"], 0),
-             ", ".join(f"{k} {v}" for k, v in sorted(m["verdicts"].items()))] for m in measures]
+    lines = [
+        "# Specialization sweep",
+        "",
+        f"Means over seeds with {pct} Student-t intervals `mean [low, high]` (one seed: the value alone).",
+        "",
+        "## Specialization by arm and layer",
+        "",
+        "NMI: minus its document-permutation null mean (chance = 0, document clustering removed); the "
+        "plug-in NMI beside the q95 of that null; I(D;E\\|C) share: held-out domain information beyond the "
+        "context, as a share of H(D\\|C); knockout: median over experts of the percentile among the active "
+        "twin's damage-matched unit groups (their median noise-corrected CV alongside); fewest validation "
+        "documents of a domain; verdicts: layer verdicts over seeds.",
+        "",
+    ]
+    header = [
+        "corpus",
+        "arm",
+        "layer",
+        "NMI − null",
+        "NMI plug-in",
+        "its null q95",
+        "I(D;E|C) share",
+        "KO percentile",
+        "dense groups' CV",
+        "MaxVio",
+        "docs",
+        "verdicts",
+    ]
+    rows = [
+        [
+            m["corpus"],
+            m["arm"],
+            str(m["layer"]),
+            _ci(m["nmi"]),
+            _ci(m["nmi_plugin"]),
+            _ci(m["nmi_null_q95"]),
+            _ci(m["cmi"]),
+            _ci(m["knockout"]),
+            _ci(m["dense_cv"]),
+            _ci(m["maxvio"], 2),
+            _ci(m["docs_min"], 0),
+            ", ".join(f"{k} {v}" for k, v in sorted(m["verdicts"].items())),
+        ]
+        for m in measures
+    ]
     lines.append(markdown_table(header, rows))
-    lines += ["", "### Counting each token's top-1 expert only", "",
-              "The same inference on the table of each token's highest-gate expert (OLMoE publishes its "
-              "routing counted both ways); the verdicts above count all k slots.", ""]
-    lines.append(markdown_table(["corpus", "arm", "layer", "NMI − null (top-1)", "NMI plug-in (top-1)", "I(D;E|C) share (top-1)"],
-                 [[m["corpus"], m["arm"], str(m["layer"]), _ci(m["nmi_top1"]), _ci(m["nmi_top1_plugin"]),
-                   _ci(m["cmi_top1"])] for m in measures]))
+    lines += [
+        "",
+        "### Counting each token's top-1 expert only",
+        "",
+        "The same inference on the table of each token's highest-gate expert (OLMoE publishes its "
+        "routing counted both ways); the verdicts above count all k slots.",
+        "",
+    ]
+    lines.append(
+        markdown_table(
+            ["corpus", "arm", "layer", "NMI − null (top-1)", "NMI plug-in (top-1)", "I(D;E|C) share (top-1)"],
+            [
+                [
+                    m["corpus"],
+                    m["arm"],
+                    str(m["layer"]),
+                    _ci(m["nmi_top1"]),
+                    _ci(m["nmi_top1_plugin"]),
+                    _ci(m["cmi_top1"]),
+                ]
+                for m in measures
+            ],
+        )
+    )
     if contrasts:
         base = contrasts[0]["baseline"]
         family = contrasts[0]["nmi"].get("family", 1)
-        lines += ["", f"## Paired against `{base}`", "",
-                  f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization). "
-                  f"`[low, high]`: the {pct} interval of one contrast; `adj`: the Bonferroni interval over the "
-                  f"{family} contrasts of the corpus, the one to read before claiming that any single contrast "
-                  "differs from 0.", ""]
-        lines.append(markdown_table(["corpus", "arm", "layer", "Δ NMI − null", "adj", "Δ I(D;E|C) share", "adj", "Δ KO percentile"],
-                     [[c["corpus"], c["arm"], str(c["layer"]), _ci(c["nmi"]), _adj(c["nmi"]), _ci(c["cmi"]),
-                       _adj(c["cmi"]), _ci(c["knockout"])] for c in contrasts]))
+        lines += [
+            "",
+            f"## Paired against `{base}`",
+            "",
+            f"Each arm minus `{base}` on the same seed (same data order, tokenizer and initialization). "
+            f"`[low, high]`: the {pct} interval of one contrast; `adj`: the Bonferroni interval over the "
+            f"{family} contrasts of the corpus, the one to read before claiming that any single contrast "
+            "differs from 0.",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                ["corpus", "arm", "layer", "Δ NMI − null", "adj", "Δ I(D;E|C) share", "adj", "Δ KO percentile"],
+                [
+                    [
+                        c["corpus"],
+                        c["arm"],
+                        str(c["layer"]),
+                        _ci(c["nmi"]),
+                        _adj(c["nmi"]),
+                        _ci(c["cmi"]),
+                        _adj(c["cmi"]),
+                        _ci(c["knockout"]),
+                    ]
+                    for c in contrasts
+                ],
+            )
+        )
     if loss_deltas:
         base = loss_deltas[0]["baseline"]
-        lines += ["", f"## Validation loss against `{base}`", "",
-                  f"Each arm's MoE loss minus the `{base}` MoE's on the same seed (nats/token, all domains; negative: "
-                  f"the arm beats `{base}`), with the Bonferroni interval over the corpus' arms (`adj`).", ""]
-        lines.append(markdown_table(["corpus", "arm", "seeds", "Δ loss", "adj"],
-                     [[d["corpus"], d["arm"], str(len(d["seeds"])), _ci(d["delta"]), _adj(d["delta"])]
-                      for d in loss_deltas]))
-    lines += ["", "## Validation loss against the dense twins", "",
-              "Loss in nats/token on all domains' validation tokens; gaps are MoE minus twin, paired by seed "
-              "(negative: the MoE is better).", ""]
+        lines += [
+            "",
+            f"## Validation loss against `{base}`",
+            "",
+            f"Each arm's MoE loss minus the `{base}` MoE's on the same seed (nats/token, all domains; negative: "
+            f"the arm beats `{base}`), with the Bonferroni interval over the corpus' arms (`adj`).",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                ["corpus", "arm", "seeds", "Δ loss", "adj"],
+                [[d["corpus"], d["arm"], str(len(d["seeds"])), _ci(d["delta"]), _adj(d["delta"])] for d in loss_deltas],
+            )
+        )
+    lines += [
+        "",
+        "## Validation loss against the dense twins",
+        "",
+        "Loss in nats/token on all domains' validation tokens; gaps are MoE minus twin, paired by seed "
+        "(negative: the MoE is better).",
+        "",
+    ]
     header = ["corpus", "arm", "MoE", "active twin", "total twin", "MoE − active", "MoE − total"]
-    rows = [[g["corpus"], g["arm"], _ci(g["loss_moe"]["all"]), _ci(g["loss_dense_active"]["all"]),
-             _ci(g["loss_dense_total"]["all"]), _ci(g["gap_dense_active"]["all"]), _ci(g["gap_dense_total"]["all"])]
-            for g in gaps if "all" in g["loss_moe"]]
+    rows = [
+        [
+            g["corpus"],
+            g["arm"],
+            _ci(g["loss_moe"]["all"]),
+            _ci(g["loss_dense_active"]["all"]),
+            _ci(g["loss_dense_total"]["all"]),
+            _ci(g["gap_dense_active"]["all"]),
+            _ci(g["gap_dense_total"]["all"]),
+        ]
+        for g in gaps
+        if "all" in g["loss_moe"]
+    ]
     lines.append(markdown_table(header, rows))
     domains = list(dict.fromkeys(d for g in gaps for d in g["gap_dense_active"] if d != "all"))
     if domains:
         lines += ["", "### MoE − active twin per domain", ""]
-        rows = [[g["corpus"], g["arm"]] + [_ci(g["gap_dense_active"][d]) if d in g["gap_dense_active"] else "–"
-                                           for d in domains] for g in gaps]
+        rows = [
+            [g["corpus"], g["arm"]]
+            + [_ci(g["gap_dense_active"][d]) if d in g["gap_dense_active"] else "–" for d in domains]
+            for g in gaps
+        ]
         lines.append(markdown_table(["corpus", "arm"] + domains, rows))
     return "\n".join(lines) + "\n"
 
 
-def anchor_comparison(measures: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def anchor_comparison(
+    measures: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """OLMoE's and Mixtral's published routing counts (`analysis.anchors`) scored by the package,
     then the sweep's arms on the same scale: NMI = I(D;E)/H(D) plug-in counting the top-1 expert
     and counting all k slots (the package's default, the counterpart of OLMoE's top-8 table), and
@@ -432,34 +618,51 @@ def anchor_comparison(measures: Sequence[Mapping[str, Any]], records: Sequence[M
         if a["counting"] == "top1":
             row["nmi_top1"] = a["nmi"]
         else:
-            row.update(nmi_topk=a["nmi"], mi_topk_bits=a["mi_bits"], experts=f"top-{a['K']} of {a['E']}",
-                       tokens=a["assignments"] // a["K"])
+            row.update(
+                nmi_topk=a["nmi"],
+                mi_topk_bits=a["mi_bits"],
+                experts=f"top-{a['K']} of {a['E']}",
+                tokens=a["assignments"] // a["K"],
+            )
     out = list(rows.values())
     experts = {(r["corpus"], r["arm"]): r.get("experts") for r in records}
     for m in measures:
-        out.append({"source": f"{m['corpus']} / {m['arm']}", "layer": m["layer"],
-                    "experts": experts.get((m["corpus"], m["arm"])),
-                    "nmi_top1": m["nmi_top1_plugin"]["mean"], "nmi_topk": m["nmi_plugin"]["mean"],
-                    "mi_topk_bits": m["mi_domain"]["mean"], "nmi_minus_null": m["nmi"]["mean"],
-                    "tokens": None})
+        out.append(
+            {
+                "source": f"{m['corpus']} / {m['arm']}",
+                "layer": m["layer"],
+                "experts": experts.get((m["corpus"], m["arm"])),
+                "nmi_top1": m["nmi_top1_plugin"]["mean"],
+                "nmi_topk": m["nmi_plugin"]["mean"],
+                "mi_topk_bits": m["mi_domain"]["mean"],
+                "nmi_minus_null": m["nmi"]["mean"],
+                "tokens": None,
+            }
+        )
     return out
 
 
-def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.95,
-                       trajectories: Mapping[Path, Path] | None = None) -> dict[str, Any]:
+def write_sweep_report(
+    sweep: Sweep, out_dir: str | Path, confidence: float = 0.95, trajectories: Mapping[Path, Path] | None = None
+) -> dict[str, Any]:
     """runs.csv, aggregate.json, results.md and figures/ of an analyzed sweep into `out_dir`;
     returns the aggregate (the content of aggregate.json). trajectories: {job path: its
     trajectory.json} (`sweep_trajectories`), plotted and tabulated per job."""
     mismatched = data_mismatches(sweep.runs)
     if mismatched:
-        raise ValueError("jobs of one corpus and seed trained on different data, so their arms cannot be compared:\n  "
-                         + "\n  ".join(mismatched) + "\nThe built-in corpus reads the licence files of the installed "
-                         "packages: installing or upgrading a package during a sweep changes it. Rerun the odd jobs "
-                         "in the environment of the others (or all of them in one environment).")
+        raise ValueError(
+            "jobs of one corpus and seed trained on different data, so their arms cannot be compared:\n  "
+            + "\n  ".join(mismatched)
+            + "\nThe built-in corpus reads the licence files of the installed "
+            "packages: installing or upgrading a package during a sweep changes it. Rerun the odd jobs "
+            "in the environment of the others (or all of them in one environment)."
+        )
     records = sweep_records(sweep)
     if not records:
-        raise ValueError(f"no analyzed MoE job under {sweep.root}; run `moe-sweep sweep_dir={sweep.root}` "
-                         "(it analyzes them) or train the sweep first")
+        raise ValueError(
+            f"no analyzed MoE job under {sweep.root}; run `moe-sweep sweep_dir={sweep.root}` "
+            "(it analyzes them) or train the sweep first"
+        )
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in records for k in r))
@@ -472,12 +675,21 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path, confidence: float = 0.
     loss_deltas = loss_contrasts(records, confidence=confidence)
     anchors = anchor_comparison(measures, records)
     curves = _trajectory_entries(sweep, trajectories or {})
-    aggregate = {"confidence": confidence, "measures": measures, "contrasts": contrasts, "loss": gaps,
-                 "loss_contrasts": loss_deltas, "anchors": anchors, "anchor_source": anchor_source(),
-                 "trajectories": curves, "descriptions": MEASURES}
+    aggregate = {
+        "confidence": confidence,
+        "measures": measures,
+        "contrasts": contrasts,
+        "loss": gaps,
+        "loss_contrasts": loss_deltas,
+        "anchors": anchors,
+        "anchor_source": anchor_source(),
+        "trajectories": curves,
+        "descriptions": MEASURES,
+    }
     write_json(out / "aggregate.json", aggregate, indent=2)
-    figures = {"measures_by_arm": plot_arm_intervals(measures, ("nmi", "cmi", "knockout", "maxvio"),
-                                                     descriptions=MEASURES)}
+    figures = {
+        "measures_by_arm": plot_arm_intervals(measures, ("nmi", "cmi", "knockout", "maxvio"), descriptions=MEASURES)
+    }
     for corpus in dict.fromkeys(r["corpus"] for r in records):
         rows = sorted((r for r in records if r["corpus"] == corpus), key=lambda r: (_arm_key(r["arm"]), r["seed"]))
         fig = plot_sweep(rows, by="arm", metrics=("nmi", "cmi", "knockout", "maxvio", "loss_gap"))
@@ -500,9 +712,17 @@ def _trajectory_entries(sweep: Sweep, trajectories: Mapping[Path, Path]) -> list
     for path, file in trajectories.items():
         config = by_path[path].config
         corpus, arm, seed = corpus_of(config), arm_of(config), config.get("seed")
-        out.append({"corpus": corpus, "arm": arm, "seed": seed, "path": str(path), "title": _job_title(config),
-                    "figure": "trajectory_" + _slug(f"{corpus}_{arm}_seed{seed}"),
-                    "points": json.loads(Path(file).read_text())})
+        out.append(
+            {
+                "corpus": corpus,
+                "arm": arm,
+                "seed": seed,
+                "path": str(path),
+                "title": _job_title(config),
+                "figure": "trajectory_" + _slug(f"{corpus}_{arm}_seed{seed}"),
+                "points": json.loads(Path(file).read_text()),
+            }
+        )
     return sorted(out, key=lambda c: (c["corpus"], _arm_key(c["arm"]), c["seed"]))
 
 
@@ -512,16 +732,31 @@ def _num(x: Any, digits: int = 3) -> str:
 
 def render_anchors(anchors: Sequence[Mapping[str, Any]]) -> str:
     """The table that sets the published models' routing beside the sweep's, on one scale."""
-    lines = ["", "## Against the published record", "",
-             "OLMoE-1B-7B and Mixtral-8x7B: the routing counts released with the OLMoE paper (allenai/OLMoE, "
-             "`scripts/routing_output/`), shipped in `analysis/data/` and scored here by the package's own "
-             "functions. NMI = I(D;E)/H(D), plug-in, counting each token's top-1 expert or all its k slots; "
-             "all k slots is what the package counts, so OLMoE's top-8 column is the like-for-like one. "
-             "The sweep's plug-in NMIs carry the small-sample bias that `NMI − null` removes (their counts "
-             "hold about 10^5 tokens, the published ones 10^6).", ""]
+    lines = [
+        "",
+        "## Against the published record",
+        "",
+        "OLMoE-1B-7B and Mixtral-8x7B: the routing counts released with the OLMoE paper (allenai/OLMoE, "
+        "`scripts/routing_output/`), shipped in `analysis/data/` and scored here by the package's own "
+        "functions. NMI = I(D;E)/H(D), plug-in, counting each token's top-1 expert or all its k slots; "
+        "all k slots is what the package counts, so OLMoE's top-8 column is the like-for-like one. "
+        "The sweep's plug-in NMIs carry the small-sample bias that `NMI − null` removes (their counts "
+        "hold about 10^5 tokens, the published ones 10^6).",
+        "",
+    ]
     header = ["source", "layer", "experts", "NMI top-1", "NMI all k", "I(D;E) all k (bits)", "NMI − null"]
-    rows = [[a["source"], str(a["layer"]), str(a.get("experts") or "–"), _num(a.get("nmi_top1")), _num(a.get("nmi_topk")),
-             _num(a.get("mi_topk_bits")), _num(a.get("nmi_minus_null"))] for a in anchors]
+    rows = [
+        [
+            a["source"],
+            str(a["layer"]),
+            str(a.get("experts") or "–"),
+            _num(a.get("nmi_top1")),
+            _num(a.get("nmi_topk")),
+            _num(a.get("mi_topk_bits")),
+            _num(a.get("nmi_minus_null")),
+        ]
+        for a in anchors
+    ]
     return "\n".join(lines + [markdown_table(header, rows)]) + "\n"
 
 
@@ -529,9 +764,14 @@ def render_trajectories(curves: Sequence[Mapping[str, Any]]) -> str:
     """Per followed job and layer: the measures at its first, middle and last kept checkpoint."""
     if not curves:
         return ""
-    lines = ["", "## Specialization over training", "",
-             "Routing of the same validation tokens at each kept checkpoint; saturation = the share of each "
-             "token's final experts it is already routed to (OLMoE sec. 5).", ""]
+    lines = [
+        "",
+        "## Specialization over training",
+        "",
+        "Routing of the same validation tokens at each kept checkpoint; saturation = the share of each "
+        "token's final experts it is already routed to (OLMoE sec. 5).",
+        "",
+    ]
     rows = []
     for c in curves:
         points = c["points"]
@@ -539,8 +779,16 @@ def render_trajectories(curves: Sequence[Mapping[str, Any]]) -> str:
         for layer in range(len(points[0]["layers"])):
             for i in picks:
                 p, entry = points[i], points[i]["layers"][layer]
-                rows.append([c["title"], str(layer), f"{p['tokens_seen'] / 1e6:.2f}M",
-                             _num(entry["nmi"]["value"]), _num(entry["cmi"]["value"]), _num(entry["saturation"])])
+                rows.append(
+                    [
+                        c["title"],
+                        str(layer),
+                        f"{p['tokens_seen'] / 1e6:.2f}M",
+                        _num(entry["nmi"]["value"]),
+                        _num(entry["cmi"]["value"]),
+                        _num(entry["saturation"]),
+                    ]
+                )
     lines.append(markdown_table(["job", "layer", "tokens seen", "NMI − null", "I(D;E|C) share", "saturation"], rows))
     return "\n".join(lines) + "\n"
 
@@ -548,7 +796,9 @@ def render_trajectories(curves: Sequence[Mapping[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- CLI
 @dataclass
 class SweepReportConfig:
-    sweep_dir: str = MISSING  # a `moe-train -m` directory, e.g. multirun/2026-11-28/10-00-00; report: <sweep_dir>/summary
+    sweep_dir: str = (
+        MISSING  # a `moe-train -m` directory, e.g. multirun/2026-11-28/10-00-00; report: <sweep_dir>/summary
+    )
     reanalyze: bool = False  # analyze MoE jobs that already have analysis/summary.json (and trajectory.json) again
     # Specialization over training (`analysis.trajectory`) for the MoE jobs of these arms and seeds
     # that kept at least 3 checkpoints (e.g. experiment=loss_budget).
@@ -575,8 +825,15 @@ def main(dict_cfg: DictConfig) -> None:
     cfg: SweepReportConfig = OmegaConf.to_object(dict_cfg)
     sweep = load_sweep(cfg.sweep_dir)
     analyze_sweep(sweep, cfg.analysis, reanalyze=cfg.reanalyze, batch_size=cfg.batch_size, device=cfg.device)
-    trajectories = sweep_trajectories(sweep, cfg.analysis, arms=cfg.trajectory_arms, seeds=cfg.trajectory_seeds,
-                                      recompute=cfg.reanalyze, batch_size=cfg.batch_size, device=cfg.device)
+    trajectories = sweep_trajectories(
+        sweep,
+        cfg.analysis,
+        arms=cfg.trajectory_arms,
+        seeds=cfg.trajectory_seeds,
+        recompute=cfg.reanalyze,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+    )
     sweep = Sweep(sweep.root, [load_run(r.path, need_summary=False) for r in sweep.runs], sweep.axes)
     out = Path(cfg.sweep_dir) / "summary"
     write_sweep_report(sweep, out, cfg.confidence, trajectories)

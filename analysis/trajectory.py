@@ -35,15 +35,21 @@ from moe.checkpoint import CheckpointError, checkpoint_dir, list_checkpoints, lo
 from moe.data import load_prepared
 from moe.tables import write_json
 
-__all__ = ["TRAJECTORY_MEASURES", "plot_trajectory", "router_saturation", "specialization_over_training",
-           "write_trajectory"]
+__all__ = [
+    "TRAJECTORY_MEASURES",
+    "plot_trajectory",
+    "router_saturation",
+    "specialization_over_training",
+    "write_trajectory",
+]
 
 # The registered measures followed over training (the two the verdict reads).
 TRAJECTORY_MEASURES = ("nmi", "cmi")
 
 
-def router_saturation(experts_t: np.ndarray, kept_t: np.ndarray, experts_final: np.ndarray,
-                      kept_final: np.ndarray) -> float:
+def router_saturation(
+    experts_t: np.ndarray, kept_t: np.ndarray, experts_final: np.ndarray, kept_final: np.ndarray
+) -> float:
     """Mean over tokens of |E_t ∩ E_final| / |E_final|, E = the token's kept experts.
 
     experts_* [N, K] int, kept_* [N, K] bool, the same N tokens in the same order. Tokens with no
@@ -70,8 +76,14 @@ def _tokens_per_step(config: dict[str, Any], world_size: int) -> int:
     return int(t["micro_batch_size"]) * int(t["grad_accum_steps"]) * int(config["data"]["seq_len"]) * world_size
 
 
-def specialization_over_training(run_dir: str | Path, name: str = "moe", cfg: AnalysisConfig | None = None, *,
-                                 batch_size: int = 16, device: str = "cpu") -> list[dict[str, Any]]:
+def specialization_over_training(
+    run_dir: str | Path,
+    name: str = "moe",
+    cfg: AnalysisConfig | None = None,
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
     """One entry per kept checkpoint of model `name`, oldest first: {step, tokens_seen, layers:
     [{layer, nmi, cmi (MeasureResult dicts), saturation}]}. cfg: the analysis settings (permutations,
     bootstrap, context, seed) of `analysis.report.AnalysisConfig`."""
@@ -87,8 +99,14 @@ def specialization_over_training(run_dir: str | Path, name: str = "moe", cfg: An
     for path in progress(paths, desc="checkpoints"):
         state = load_checkpoint(path, map_location=device)
         model = model_from_state(state, device)
-        recording = record_routing(model, stream, num_domains=len(data.domains), domains=data.domains,
-                                   gate_weighted=cfg.gate_weighted, keep_records=True)
+        recording = record_routing(
+            model,
+            stream,
+            num_domains=len(data.domains),
+            domains=data.domains,
+            gate_weighted=cfg.gate_weighted,
+            keep_records=True,
+        )
         tokens_seen = int(state["step"]) * _tokens_per_step(state["config"], state["fingerprint"].get("world_size", 1))
         recorded.append((int(state["step"]), tokens_seen, recording))
         del model, state
@@ -98,9 +116,16 @@ def specialization_over_training(run_dir: str | Path, name: str = "moe", cfg: An
         rngs = np.random.default_rng(cfg.seed).spawn(len(recording.layers))
         layers = []
         for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
-            inputs = layer_inputs(counts, recording.records, i, n_permutations=cfg.n_permutations,
-                                  n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence, context=cfg.context,
-                                  rng=rng)
+            inputs = layer_inputs(
+                counts,
+                recording.records,
+                i,
+                n_permutations=cfg.n_permutations,
+                n_bootstrap=cfg.n_bootstrap,
+                confidence=cfg.confidence,
+                context=cfg.context,
+                rng=rng,
+            )
             entry: dict[str, Any] = {"layer": i}
             for measure in TRAJECTORY_MEASURES:
                 entry[measure] = MEASURES[measure].compute(inputs).as_dict()

@@ -144,8 +144,13 @@ class LayerVerdict:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "verdict": self.verdict, "rule": self.rule, "notes": list(self.notes),
-                "criteria": {c.name: c.as_dict() for c in self.criteria}}
+        return {
+            "layer": self.layer,
+            "verdict": self.verdict,
+            "rule": self.rule,
+            "notes": list(self.notes),
+            "criteria": {c.name: c.as_dict() for c in self.criteria},
+        }
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,12 @@ class ModelVerdict:
     counts: dict[str, int]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "rule": self.rule, "counts": dict(self.counts),
-                "layers": [v.as_dict() for v in self.layers]}
+        return {
+            "verdict": self.verdict,
+            "rule": self.rule,
+            "counts": dict(self.counts),
+            "layers": [v.as_dict() for v in self.layers],
+        }
 
 
 def _missing(*values: Any) -> bool:
@@ -186,12 +195,19 @@ _WHY = {
 }
 
 
-def judge_nmi(excess: float | None, ci_low: float | None, ci_high: float | None, p_value: float | None,
-              t: VerdictThresholds | None = None) -> Criterion:
+def judge_nmi(
+    excess: float | None,
+    ci_low: float | None,
+    ci_high: float | None,
+    p_value: float | None,
+    t: VerdictThresholds | None = None,
+) -> Criterion:
     """NMI above its document-permutation null, with its document-bootstrap interval."""
     t = t or VerdictThresholds()
-    rule = (f"excess = NMI - null mean; specialist: p < {_g(t.alpha)} and CI top >= {_g(t.nmi_margin)}; "
-            f"ensemble: CI top < {_g(t.nmi_margin)}")
+    rule = (
+        f"excess = NMI - null mean; specialist: p < {_g(t.alpha)} and CI top >= {_g(t.nmi_margin)}; "
+        f"ensemble: CI top < {_g(t.nmi_margin)}"
+    )
     if _missing(excess, ci_low, ci_high, p_value):
         return Criterion("nmi", INCONCLUSIVE, None, rule, "NMI or its interval/null not measured")
     verdict = judge_effect(ci_high, p_value, t.nmi_margin, t.alpha)
@@ -199,12 +215,20 @@ def judge_nmi(excess: float | None, ci_low: float | None, ci_high: float | None,
     return Criterion("nmi", verdict, float(excess), rule, f"{_WHY[verdict]} ({numbers})")
 
 
-def judge_cmi(share: float | None, ci_low: float | None, ci_high: float | None, p_value: float | None,
-              h_domain_given_context: float | None, t: VerdictThresholds | None = None) -> Criterion:
+def judge_cmi(
+    share: float | None,
+    ci_low: float | None,
+    ci_high: float | None,
+    p_value: float | None,
+    h_domain_given_context: float | None,
+    t: VerdictThresholds | None = None,
+) -> Criterion:
     """Held-out I(D;E|C) as a share of H(D|C), with its document-bootstrap interval."""
     t = t or VerdictThresholds()
-    rule = (f"share = held-out I(D;E|C) / H(D|C); specialist: p < {_g(t.alpha)} and CI top >= "
-            f"{_g(t.cmi_margin)}; ensemble: CI top < {_g(t.cmi_margin)}")
+    rule = (
+        f"share = held-out I(D;E|C) / H(D|C); specialist: p < {_g(t.alpha)} and CI top >= "
+        f"{_g(t.cmi_margin)}; ensemble: CI top < {_g(t.cmi_margin)}"
+    )
     if _missing(share, ci_low, ci_high, p_value, h_domain_given_context):
         if h_domain_given_context is not None and h_domain_given_context < t.min_h_domain_given_context:
             return _cmi_abstains(h_domain_given_context, rule, t)
@@ -212,15 +236,22 @@ def judge_cmi(share: float | None, ci_low: float | None, ci_high: float | None, 
     if h_domain_given_context < t.min_h_domain_given_context:
         return _cmi_abstains(h_domain_given_context, rule, t)
     verdict = judge_effect(ci_high, p_value, t.cmi_margin, t.alpha)
-    numbers = (f"share {_g(share)} [{_g(ci_low)}, {_g(ci_high)}], p = {_g(p_value)}, "
-               f"H(D|C) = {_g(h_domain_given_context)} bits")
+    numbers = (
+        f"share {_g(share)} [{_g(ci_low)}, {_g(ci_high)}], p = {_g(p_value)}, "
+        f"H(D|C) = {_g(h_domain_given_context)} bits"
+    )
     return Criterion("cmi", verdict, float(share), rule, f"{_WHY[verdict]} ({numbers})")
 
 
 def _cmi_abstains(h: float, rule: str, t: VerdictThresholds) -> Criterion:
-    return Criterion("cmi", INCONCLUSIVE, None, rule,
-                     f"H(D|C) = {_g(h)} bits < {_g(t.min_h_domain_given_context)}: the context (nearly) determines "
-                     "the domain, so routing can carry little domain information beyond it")
+    return Criterion(
+        "cmi",
+        INCONCLUSIVE,
+        None,
+        rule,
+        f"H(D|C) = {_g(h)} bits < {_g(t.min_h_domain_given_context)}: the context (nearly) determines "
+        "the domain, so routing can carry little domain information beyond it",
+    )
 
 
 def judge_knockout(percentiles: Sequence[float] | None, t: VerdictThresholds | None = None) -> Criterion:
@@ -231,13 +262,21 @@ def judge_knockout(percentiles: Sequence[float] | None, t: VerdictThresholds | N
     and dense groups both score 0 and tie at the 50th percentile, specialist or not)."""
     t = t or VerdictThresholds()
     hi = t.knockout_specialist_percentile
-    rule = (f"median expert percentile among damage-matched dense groups > {_g(hi)} points to specialist; "
-            "never ensemble (reported, not voting)")
+    rule = (
+        f"median expert percentile among damage-matched dense groups > {_g(hi)} points to specialist; "
+        "never ensemble (reported, not voting)"
+    )
     pct = np.asarray([] if percentiles is None else percentiles, dtype=np.float64)
     pct = pct[np.isfinite(pct)]
     if pct.size == 0:
-        return Criterion("knockout", INCONCLUSIVE, None, rule,
-                         "no expert with enough damage-matched dense groups (or no dense twin)", votes=False)
+        return Criterion(
+            "knockout",
+            INCONCLUSIVE,
+            None,
+            rule,
+            "no expert with enough damage-matched dense groups (or no dense twin)",
+            votes=False,
+        )
     median = float(np.median(pct))
     numbers = f"median percentile {_g(median)} over {pct.size} experts"
     if median > hi:
@@ -287,27 +326,33 @@ def judge_layer(evidence: LayerEvidence, t: VerdictThresholds | None = None) -> 
     t = t or VerdictThresholds()
     ev = evidence
     nmi = judge_nmi(ev.nmi_excess, ev.nmi_excess_ci_low, ev.nmi_excess_ci_high, ev.nmi_p_value, t)
-    cmi = judge_cmi(ev.cmi_share, ev.cmi_share_ci_low, ev.cmi_share_ci_high, ev.cmi_p_value,
-                    ev.h_domain_given_context, t)
+    cmi = judge_cmi(
+        ev.cmi_share, ev.cmi_share_ci_low, ev.cmi_share_ci_high, ev.cmi_p_value, ev.h_domain_given_context, t
+    )
     knockout, cka = judge_knockout(ev.knockout_percentiles, t), judge_cka(ev.cka_mean_offdiag, t)
     verdict = combine_routing(nmi.verdict, cmi.verdict)
     notes = []
     if nmi.verdict == SPECIALIST and cmi.verdict == ENSEMBLE:
-        notes.append("routing carries domain information, but none beyond the context: vocabulary, not domain, "
-                     "specialization")
+        notes.append(
+            "routing carries domain information, but none beyond the context: vocabulary, not domain, specialization"
+        )
     if nmi.verdict == ENSEMBLE and cmi.verdict == SPECIALIST:
         notes.append("the two routing criteria contradict each other")
     for c in (knockout, cka):
         if c.verdict != INCONCLUSIVE and verdict != INCONCLUSIVE and c.verdict != verdict:
             notes.append(f"{c.name} points to {c.verdict} (reported only: it shares information with routing)")
-    rule = ("nmi and cmi decide: specialist if both say specialist; ensemble if cmi says ensemble, or nmi does and "
-            f"cmi is not specialist; else inconclusive (nmi: {nmi.verdict}, cmi: {cmi.verdict})")
+    rule = (
+        "nmi and cmi decide: specialist if both say specialist; ensemble if cmi says ensemble, or nmi does and "
+        f"cmi is not specialist; else inconclusive (nmi: {nmi.verdict}, cmi: {cmi.verdict})"
+    )
     return LayerVerdict(ev.layer, verdict, [nmi, cmi, knockout, cka], rule, notes)
 
 
 def judge_model(layers: Sequence[LayerVerdict], t: VerdictThresholds | None = None) -> ModelVerdict:
     """The model's verdict: majority over its layers' verdicts (ties -> inconclusive)."""
     verdict, counts = majority([v.verdict for v in layers])
-    rule = (f"majority of layer verdicts (specialist {counts[SPECIALIST]}, ensemble {counts[ENSEMBLE]}, "
-            f"inconclusive {counts[INCONCLUSIVE]}; ties -> inconclusive)")
+    rule = (
+        f"majority of layer verdicts (specialist {counts[SPECIALIST]}, ensemble {counts[ENSEMBLE]}, "
+        f"inconclusive {counts[INCONCLUSIVE]}; ties -> inconclusive)"
+    )
     return ModelVerdict(verdict, list(layers), rule, counts)

@@ -76,16 +76,22 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=10_000_000)
     ap.add_argument("--docs", type=int, default=10_000)
     ap.add_argument("--replicates", type=int, default=200)
-    ap.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True,
-                    help="time the held-out I(D;E|T) (5 folds, --replicates bootstrap replicates)")
+    ap.add_argument(
+        "--heldout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the held-out I(D;E|T) (5 folds, --replicates bootstrap replicates)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     k, e, d, v = 2, 8, 4, 4096
 
     t0 = time.perf_counter()
     r = synthetic_records(args.records, args.docs, k, e, d, v, args.seed)
-    print(f"generated {args.records:,} records (K={k}, E={e}, D={d}, V={v}, {args.docs:,} docs) "
-          f"in {time.perf_counter() - t0:.2f} s (not counted)")
+    print(
+        f"generated {args.records:,} records (K={k}, E={e}, D={d}, V={v}, {args.docs:,} docs) "
+        f"in {time.perf_counter() - t0:.2f} s (not counted)"
+    )
 
     log: dict[str, float] = {}
     print("tables + measures:")
@@ -124,18 +130,35 @@ def main() -> None:
     held = None
     if args.heldout:
         with timed(f"held-out I(D;E|T), 5 folds, {args.replicates} bootstrap replicates", log):
-            held = heldout_conditional_information(context_keys(r["token"]), r["domain"], r["doc"], r["experts"], d, e,
-                                                   n_resamples=args.replicates, rng=args.seed)
+            held = heldout_conditional_information(
+                context_keys(r["token"]),
+                r["domain"],
+                r["doc"],
+                r["experts"],
+                d,
+                e,
+                n_resamples=args.replicates,
+                rng=args.seed,
+            )
 
     print("results:")
-    print(f"  NMI {nmi:.4f} (MM {nmi_mm:.4f}), 95% CI [{ci.low:.4f}, {ci.high:.4f}], "
-          f"null mean {null.mean:.2e} q95 {null.q95:.2e}, p = {null.p_value:.4f}")
-    print(f"  I(T;E) {i_te:.4f} bits, I(D;E|T) {cmi:.4f} bits (MM {cmi_mm:.4f})"
-          + ("" if held is None else f", held-out {held.estimate:.4f} bits [{held.ci_low:.4f}, {held.ci_high:.4f}], "
-             f"p = {held.p_value:.3f}"))
-    print(f"  domain specialization max {np.nanmax(spec):.3f} (uniform {k / e:.3f}); "
-          f"co-activation max {np.nanmax(coact):.3f} (uniform {(k - 1) / (e - 1):.3f}); "
-          f"consecutive top-1 {rep:.3f}")
+    print(
+        f"  NMI {nmi:.4f} (MM {nmi_mm:.4f}), 95% CI [{ci.low:.4f}, {ci.high:.4f}], "
+        f"null mean {null.mean:.2e} q95 {null.q95:.2e}, p = {null.p_value:.4f}"
+    )
+    print(
+        f"  I(T;E) {i_te:.4f} bits, I(D;E|T) {cmi:.4f} bits (MM {cmi_mm:.4f})"
+        + (
+            ""
+            if held is None
+            else f", held-out {held.estimate:.4f} bits [{held.ci_low:.4f}, {held.ci_high:.4f}], p = {held.p_value:.3f}"
+        )
+    )
+    print(
+        f"  domain specialization max {np.nanmax(spec):.3f} (uniform {k / e:.3f}); "
+        f"co-activation max {np.nanmax(coact):.3f} (uniform {(k - 1) / (e - 1):.3f}); "
+        f"consecutive top-1 {rep:.3f}"
+    )
 
 
 if __name__ == "__main__":

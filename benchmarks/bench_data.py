@@ -60,27 +60,35 @@ def main() -> None:
     val = data.val_batches(batch_size=args.micro_batch)
     t_val = time.perf_counter() - t0
 
-    print(f"corpus: {mb:.2f} MB of text, {len(texts)} documents, {n_tokens} tokens "
-          f"({mb * 1e6 / n_tokens:.2f} bytes/token, vocab {tok.vocab_size})")
+    print(
+        f"corpus: {mb:.2f} MB of text, {len(texts)} documents, {n_tokens} tokens "
+        f"({mb * 1e6 / n_tokens:.2f} bytes/token, vocab {tok.vocab_size})"
+    )
     print(f"{'domain':<8} {'bytes':>9} {'docs':>5} {'tokens':>8} {'undecodable':>11} {'truncated':>9}")
     for name, info in data.manifest["domains"].items():
         split = data.manifest["split"][name]
-        print(f"{name:<8} {info['bytes']:>9} {info['documents']:>5} "
-              f"{split['train_tokens'] + split['val_tokens']:>8} {info['undecodable_bytes']:>11} "
-              f"{info['truncated_documents']:>9}")
+        print(
+            f"{name:<8} {info['bytes']:>9} {info['documents']:>5} "
+            f"{split['train_tokens'] + split['val_tokens']:>8} {info['undecodable_bytes']:>11} "
+            f"{info['truncated_documents']:>9}"
+        )
     print(f"assemble corpus   {t_corpus:7.2f} s  {mb / t_corpus:8.1f} MB/s")
     print(f"train BPE (all)   {t_train:7.2f} s  {mb / t_train:8.1f} MB/s")
     print(f"encode_batch      {t_encode:7.2f} s  {mb / t_encode:8.1f} MB/s")
     print(f"prepare (cold)    {t_cold:7.2f} s  {mb / t_cold:8.1f} MB/s tokenized end to end")
     print(f"prepare (cached)  {t_warm:7.2f} s")
-    print(f"loader            {tokens / t_loader:12.3e} tokens/s  ({args.steps} batches of "
-          f"[{args.micro_batch}, {cfg.seq_len}]; ratio to 1e6 tokens/s: {tokens / t_loader / 1e6:.1f}x)")
+    print(
+        f"loader            {tokens / t_loader:12.3e} tokens/s  ({args.steps} batches of "
+        f"[{args.micro_batch}, {cfg.seq_len}]; ratio to 1e6 tokens/s: {tokens / t_loader / 1e6:.1f}x)"
+    )
     print(f"val batches       {t_val * 1e3:7.1f} ms for {len(val)} batches ({sum(b.num_tokens for b in val)} tokens)")
     shares = np.zeros(len(data.domains))
     for _ in range(200):
         shares += np.bincount(next(stream).domain.numpy().ravel(), minlength=len(data.domains))
-    print("train token share per domain (balanced mixture):",
-          ", ".join(f"{n}={s:.3f}" for n, s in zip(data.domains, shares / shares.sum())))
+    print(
+        "train token share per domain (balanced mixture):",
+        ", ".join(f"{n}={s:.3f}" for n, s in zip(data.domains, shares / shares.sum())),
+    )
 
 
 if __name__ == "__main__":

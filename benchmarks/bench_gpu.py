@@ -20,17 +20,21 @@ from moe.layer import MoEConfig, build_moe_layer
 from moe.routers import RouterConfig
 from moe.sizing import dense_twin_width, layer_size
 
-SHAPES = [dict(num_experts=64, top_k=8, d_model=2048, expert_width=1024),   # OLMoE-1B-7B's layer
-          dict(num_experts=8, top_k=2, d_model=2048, expert_width=4096)]
+SHAPES = [
+    dict(num_experts=64, top_k=8, d_model=2048, expert_width=1024),  # OLMoE-1B-7B's layer
+    dict(num_experts=8, top_k=2, d_model=2048, expert_width=4096),
+]
 
 
 def cuda_seconds(fn, x: torch.Tensor, repeats: int) -> float:
     """Median seconds of forward+backward, timed with CUDA events."""
+
     def step():
         x.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = fn(x)
         out.float().sum().backward()
+
     for _ in range(3):
         step()
     times = []
@@ -62,8 +66,10 @@ def main() -> None:
         dense = DenseMLP(d, dense_twin_width(cfg, "active")).cuda()
         active = layer_size(native).active_params
         flops = 3 * 2 * args.tokens * active
-        rows = {"dense (k*f)": cuda_seconds(dense, x, args.repeats),
-                "native": cuda_seconds(lambda t: native(t)[0], x, args.repeats)}
+        rows = {
+            "dense (k*f)": cuda_seconds(dense, x, args.repeats),
+            "native": cuda_seconds(lambda t: native(t)[0], x, args.repeats),
+        }
         try:
             mb = build_moe_layer("megablocks", d, cfg, RouterConfig()).cuda()
             mb.load_state_dict(native.state_dict())

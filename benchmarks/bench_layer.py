@@ -22,17 +22,21 @@ from moe.routers import RouterConfig
 from moe.routing import Routing
 from moe.sizing import dense_twin_width
 
-SHAPES = [dict(num_experts=8, top_k=2, d_model=256, expert_width=512),
-          dict(num_experts=64, top_k=8, d_model=256, expert_width=64)]
+SHAPES = [
+    dict(num_experts=8, top_k=2, d_model=256, expert_width=512),
+    dict(num_experts=64, top_k=8, d_model=256, expert_width=64),
+]
 
 
 def timed(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median seconds of forward+backward of each function. They take turns repeat by repeat, so a
     slow spell of a shared machine hits all of them alike."""
+
     def step(fn):
         x.grad = None
         out = fn(x)
         out.sum().backward()
+
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats + 2):
         for name, fn in fns.items():
@@ -45,6 +49,7 @@ def timed(fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tenso
 
 def naive_loop(layer: MoELayer):
     """Per-expert loop over boolean masks (the textbook implementation)."""
+
     def run(x):
         routing: Routing = layer.router(x)
         out = torch.zeros_like(x)
@@ -54,6 +59,7 @@ def naive_loop(layer: MoELayer):
                 h = activate(x[token] @ layer.experts.w_in[e], layer.experts.activation) @ layer.experts.w_out[e]
                 out = out.index_add(0, token, h * routing.weights[token, slot, None])
         return out
+
     return run
 
 
@@ -63,8 +69,13 @@ def hf_block(layer: MoELayer, cfg: MoEConfig, d_model: int):
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
-    hf_cfg = MixtralConfig(hidden_size=d_model, intermediate_size=cfg.expert_width, num_local_experts=cfg.num_experts,
-                           num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0)
+    hf_cfg = MixtralConfig(
+        hidden_size=d_model,
+        intermediate_size=cfg.expert_width,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        router_jitter_noise=0.0,
+    )
     block = MixtralSparseMoeBlock(hf_cfg)
     F = cfg.expert_width
     sd = block.state_dict()
@@ -85,6 +96,7 @@ def hf_block(layer: MoELayer, cfg: MoEConfig, d_model: int):
     def run(x):
         out = block(x[None])
         return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+
     return block, run
 
 
@@ -92,12 +104,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="leave malloc as it is instead of retaining freed memory as training does")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave malloc as it is instead of retaining freed memory as training does",
+    )
     args = parser.parse_args()
-    allocator = "glibc default" if args.default_allocator else (
-        "retained freed memory" if retain_freed_memory() else "default (not glibc)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median, malloc: {allocator}")
+    allocator = (
+        "glibc default"
+        if args.default_allocator
+        else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median, malloc: {allocator}"
+    )
     for shape in SHAPES:
         d_model = shape.pop("d_model")
         torch.manual_seed(0)
@@ -105,8 +125,11 @@ def main() -> None:
         layer = build_moe_layer("native", d_model, cfg, RouterConfig(kind="topk"))  # std 0.02 init -> balanced routing
         dense = DenseMLP(d_model, dense_twin_width(cfg, "active"))
         x = torch.randn(args.tokens, d_model, requires_grad=True)
-        fns = {"dense (width k*f)": dense, "native MoE": lambda v: layer(v)[0],
-               "naive per-expert loop": naive_loop(layer)}
+        fns = {
+            "dense (width k*f)": dense,
+            "native MoE": lambda v: layer(v)[0],
+            "naive per-expert loop": naive_loop(layer),
+        }
         hf = hf_block(layer, cfg, d_model)
         if hf is not None:
             _, run = hf

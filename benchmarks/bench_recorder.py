@@ -34,8 +34,9 @@ def make_batches(n: int, batch_size: int, seq_len: int, vocab: int, num_domains:
         rows = torch.arange(batch_size) + i * batch_size
         domain = (rows % num_domains)[:, None].expand(batch_size, seq_len)
         doc = rows[:, None].expand(batch_size, seq_len)
-        out.append(Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), domain.contiguous(),
-                         doc.contiguous()))
+        out.append(
+            Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), domain.contiguous(), doc.contiguous())
+        )
     return out
 
 
@@ -53,6 +54,7 @@ def timed(fns: dict, repeats: int, device: str) -> dict[str, float]:
     """Fastest seconds of each `fn()` over `repeats` rounds (after one warm-up round). The methods
     alternate within a round and the minimum is kept, so load from other processes, which only
     ever adds time, affects neither side more than the other."""
+
     def once(fn) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -86,33 +88,49 @@ def main() -> None:
     p.add_argument("--router", default="topk")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--clock", choices=("wall", "process"), default="wall",
-                   help="process: CPU seconds of this process, robust to other processes on a shared CPU "
-                        "(use with one thread; on CUDA only wall time is meaningful)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="process: CPU seconds of this process, robust to other processes on a shared CPU "
+        "(use with one thread; on CUDA only wall time is meaningful)",
+    )
     args = p.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
 
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 64),
-                      moe=MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_width=args.expert_width))
+    cfg = ModelConfig(
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=max(1, args.d_model // 64),
+        moe=MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_width=args.expert_width),
+    )
     model = LanguageModel(cfg, args.vocab, RouterConfig(kind=args.router)).to(args.device).eval()
     batches = make_batches(args.batches, args.batch_size, args.seq_len, args.vocab, args.domains)
     tokens = args.batches * args.batch_size * args.seq_len
 
-    times = timed({
-        "plain eval forward": lambda: plain(model, batches, args.device),
-        "record_routing (keep_records=False)":
-            lambda: record_routing(model, batches, num_domains=args.domains, keep_records=False),
-        "record_routing (keep_records=True)":
-            lambda: record_routing(model, batches, num_domains=args.domains, keep_records=True),
-    }, args.repeats, args.device)
+    times = timed(
+        {
+            "plain eval forward": lambda: plain(model, batches, args.device),
+            "record_routing (keep_records=False)": lambda: record_routing(
+                model, batches, num_domains=args.domains, keep_records=False
+            ),
+            "record_routing (keep_records=True)": lambda: record_routing(
+                model, batches, num_domains=args.domains, keep_records=True
+            ),
+        },
+        args.repeats,
+        args.device,
+    )
     base = times["plain eval forward"]
     rows = list(times.items())
 
-    print(f"{args.device}: {args.layers} MoE layers, E={args.experts}, k={args.top_k}, d={args.d_model}, "
-          f"V={args.vocab}, {args.batches} batches of {args.batch_size}x{args.seq_len} ({tokens} tokens), "
-          f"{torch.get_num_threads()} threads, {args.clock} clock")
+    print(
+        f"{args.device}: {args.layers} MoE layers, E={args.experts}, k={args.top_k}, d={args.d_model}, "
+        f"V={args.vocab}, {args.batches} batches of {args.batch_size}x{args.seq_len} ({tokens} tokens), "
+        f"{torch.get_num_threads()} threads, {args.clock} clock"
+    )
     for name, t in rows:
         print(f"  {name:<36} {1e3 * t / args.batches:8.2f} ms/batch   ratio {t / base:5.3f}")
 

@@ -45,11 +45,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="leave malloc as it is instead of retaining freed memory as training does")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave malloc as it is instead of retaining freed memory as training does",
+    )
     args = parser.parse_args()
-    allocator = "glibc default" if args.default_allocator else (
-        "retained freed memory" if retain_freed_memory() else "default (not glibc)")
+    allocator = (
+        "glibc default"
+        if args.default_allocator
+        else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
+    )
     cfg = ModelConfig()
     torch.manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
@@ -59,12 +65,16 @@ def main() -> None:
         models[name] = LanguageModel(model_cfg, args.vocab)
     times = step_times(models, tokens, args.steps)
     n = args.batch * args.seq
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n} tokens/step, default ModelConfig, malloc: {allocator}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n} tokens/step, default ModelConfig, malloc: {allocator}"
+    )
     for name, seconds in times.items():
         print(f"  {name:14s} {median(seconds) * 1e3:7.1f} ms/step  {n / median(seconds):9,.0f} tokens/s")
     ratios = [m / d for m, d in zip(times["moe"], times["dense_active"])]
-    print(f"  MoE / dense step time = {median(ratios):.2f} (median of per-step ratios; "
-          f"quartiles {sorted(ratios)[len(ratios) // 4]:.2f}-{sorted(ratios)[3 * len(ratios) // 4]:.2f}; target <= 1.2)")
+    print(
+        f"  MoE / dense step time = {median(ratios):.2f} (median of per-step ratios; "
+        f"quartiles {sorted(ratios)[len(ratios) // 4]:.2f}-{sorted(ratios)[3 * len(ratios) // 4]:.2f}; target <= 1.2)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ def caption(run) -> str:
     """One sentence naming the run behind the figure: data, model size, steps, seed, verdict."""
     cfg, s = run.config, run.summary
     m = s["model"]
-    return (f"Domain x expert routing of a {m['num_moe_layers']}-MoE-layer model (E = {m['num_experts']}, "
-            f"k = {m['top_k']}, router {cfg.get('router', {}).get('kind')}, balance "
-            f"{cfg.get('balance', {}).get('scope')}) trained {cfg.get('trainer', {}).get('max_steps')} steps "
-            f"(seed {cfg.get('seed')}) on the {cfg.get('data', {}).get('source')} corpus "
-            f"({', '.join(s['domains'])}); {s['tokens']['recorded']} validation tokens; "
-            f"report verdict: {s['verdict']['verdict']}.")
+    return (
+        f"Domain x expert routing of a {m['num_moe_layers']}-MoE-layer model (E = {m['num_experts']}, "
+        f"k = {m['top_k']}, router {cfg.get('router', {}).get('kind')}, balance "
+        f"{cfg.get('balance', {}).get('scope')}) trained {cfg.get('trainer', {}).get('max_steps')} steps "
+        f"(seed {cfg.get('seed')}) on the {cfg.get('data', {}).get('source')} corpus "
+        f"({', '.join(s['domains'])}); {s['tokens']['recorded']} validation tokens; "
+        f"report verdict: {s['verdict']['verdict']}."
+    )
 
 
 def main() -> None:

@@ -38,8 +38,13 @@ class BalanceConfig:
     z_coef: float = 0.001
 
 
-def load_balancing_loss(probs_TE: Tensor, indices_TK: Tensor, num_experts: int,
-                        counts_E: Tensor | None = None, num_tokens: float | None = None) -> Tensor:
+def load_balancing_loss(
+    probs_TE: Tensor,
+    indices_TK: Tensor,
+    num_experts: int,
+    counts_E: Tensor | None = None,
+    num_tokens: float | None = None,
+) -> Tensor:
     """Switch/GShard auxiliary loss in MegaBlocks' normalization:
     `E/(k*T) * sum_e count_e * mean_t p[t,e]`, which is 1.0 at perfect balance (uniform probs and
     equal counts) and grows with imbalance (at most E when everything goes to one expert).
@@ -103,7 +108,7 @@ class LoadBalancer:
         self.cfg = cfg
         self.num_experts = num_experts
         self.process_group = process_group
-        self._step_counts: Tensor | None = None   # [L, E] counts this optimizer step (all ranks for global_batch)
+        self._step_counts: Tensor | None = None  # [L, E] counts this optimizer step (all ranks for global_batch)
         self._global_counts: Tensor | None = None  # [L, E] global-batch accumulation buffer
 
     @property
@@ -144,11 +149,14 @@ class LoadBalancer:
             reduced = self._all_reduce(local)
             self._global_counts = reduced if self._global_counts is None else self._global_counts + reduced
             top_k = routings[0].top_k
-            lbl = torch.stack([
-                load_balancing_loss(r.probs, r.indices, self.num_experts, counts_E=c,
-                                    num_tokens=float(c.sum()) / top_k)
-                for r, c in zip(routings, self._global_counts)
-            ]).mean()
+            lbl = torch.stack(
+                [
+                    load_balancing_loss(
+                        r.probs, r.indices, self.num_experts, counts_E=c, num_tokens=float(c.sum()) / top_k
+                    )
+                    for r, c in zip(routings, self._global_counts)
+                ]
+            ).mean()
         total = self.cfg.lbl_coef * lbl + self.cfg.z_coef * z
         return AuxLosses(lbl.detach(), z.detach(), total)
 
@@ -163,8 +171,11 @@ class LoadBalancer:
     def end_step(self) -> Tensor | None:
         """Close one optimizer step: return its [L, E] expert loads summed over micro-steps and
         ranks (None if no MoE forward happened), and reset the accumulation buffers."""
-        counts = self._global_counts if self._global_counts is not None else (
-            None if self._step_counts is None else self._all_reduce(self._step_counts))
+        counts = (
+            self._global_counts
+            if self._global_counts is not None
+            else (None if self._step_counts is None else self._all_reduce(self._step_counts))
+        )
         self._step_counts = None
         self._global_counts = None
         return counts

@@ -113,8 +113,10 @@ def _write_atomic(path: Path, write) -> None:
         cause = _os_error(exc)
         if cause is None:
             raise CheckpointError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
-        raise CheckpointError(f"could not write {path}: {os_error_reason(cause)}; free disk space or fix "
-                              "the directory's permissions, then run the same command again to resume") from exc
+        raise CheckpointError(
+            f"could not write {path}: {os_error_reason(cause)}; free disk space or fix "
+            "the directory's permissions, then run the same command again to resume"
+        ) from exc
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
@@ -123,15 +125,17 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
     previous ones intact. Refuses (CheckpointError) a state holding a non-finite tensor."""
     bad = list(_non_finite({"model": state.get("model"), "optimizer": state.get("optimizer")}))
     if bad:
-        raise CheckpointError(f"refusing to write checkpoint step {step}: {bad[0]} holds non-finite values"
-                              + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
+        raise CheckpointError(
+            f"refusing to write checkpoint step {step}: {bad[0]} holds non-finite values"
+            + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
     _write_atomic(path, lambda f: torch.save(state, f))
     digest = f"{_sha256(path)}  {path.stat().st_size}\n".encode()
     _write_atomic(path.with_name(path.name + _DIGEST_SUFFIX), lambda f: f.write(digest))
-    for old in list_checkpoints(directory)[:-max(1, keep_last)]:
+    for old in list_checkpoints(directory)[: -max(1, keep_last)]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
     return path
@@ -150,12 +154,15 @@ def verify_checkpoint(path: str | Path) -> None:
         raise CheckpointError(f"the digest file {record} is malformed") from exc
     have_size = path.stat().st_size
     if have_size != int(size) or _sha256(path) != want:
-        raise CheckpointError(f"checkpoint {path} does not match the digest recorded when it was written "
-                              f"({record}): the file was modified or damaged after writing")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the digest recorded when it was written "
+            f"({record}): the file was modified or damaged after writing"
+        )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
-                    mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Verify a checkpoint's digest and load it without executing code (`weights_only=True`);
     anything wrong becomes a `CheckpointError` naming the file. mmap: map the tensors from the file
     instead of reading them (for a look at the metadata, e.g. the fingerprint)."""
@@ -168,7 +175,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}). It is corrupted, "
             "truncated or holds objects that loading without code execution refuses: delete it to resume from "
-            f"the previous checkpoint in {path.parent}, or start a new run directory.") from exc
+            f"the previous checkpoint in {path.parent}, or start a new run directory."
+        ) from exc
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path} is not a moe-specialization checkpoint (no model/step entries)")
     return state
@@ -213,8 +221,19 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Trainer fields that decide what a model learns (the rest is bookkeeping: logging, checkpoints,
 # timeouts).
-OPTIMIZATION_FIELDS = ("max_steps", "micro_batch_size", "grad_accum_steps", "lr", "min_lr_ratio", "warmup_steps",
-                       "weight_decay", "beta1", "beta2", "grad_clip", "precision")
+OPTIMIZATION_FIELDS = (
+    "max_steps",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "precision",
+)
 # Fields of the fingerprinted groups that do not change the computation (where caches live, when to
 # warn): left out, and not compared where an older checkpoint recorded them, so that moving the
 # data cache does not refuse a resume.
@@ -230,8 +249,12 @@ def trajectory_fingerprint(cfg: "TrainConfig", model_cfg: "ModelConfig", world_s
     analysis (a checkpoint against its run's config.yaml) compare with `check_fingerprint`."""
     plain = as_plain_dict(cfg)
     fingerprint = {
-        "model": as_plain_dict(model_cfg), "router": plain["router"], "balance": plain["balance"],
-        "data": plain["data"], "seed": cfg.seed, "world_size": world_size,
+        "model": as_plain_dict(model_cfg),
+        "router": plain["router"],
+        "balance": plain["balance"],
+        "data": plain["data"],
+        "seed": cfg.seed,
+        "world_size": world_size,
         **{k: plain["trainer"][k] for k in OPTIMIZATION_FIELDS},
     }
     for dotted in NOT_IN_FINGERPRINT:
@@ -251,13 +274,19 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     # router config of earlier versions listed every kind's fields) cannot have shaped the run; a
     # different kind is caught by router.kind itself.
     retired = {k for k in saved if k.startswith("router.") and k not in current}
-    keys = sorted((set(saved) | set(current)) - NOT_IN_FINGERPRINT - retired
-                  - {k for k in LATER_FINGERPRINT_FIELDS if k not in saved})
+    keys = sorted(
+        (set(saved) | set(current))
+        - NOT_IN_FINGERPRINT
+        - retired
+        - {k for k in LATER_FINGERPRINT_FIELDS if k not in saved}
+    )
     diffs = [f"{k}: checkpoint={saved.get(k)!r} now={current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} was written by a different configuration:\n  " + "\n  ".join(diffs)
-            + "\nResume with the original settings, or start a new run directory (hydra.run.dir=...).")
+            f"checkpoint {path} was written by a different configuration:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the original settings, or start a new run directory (hydra.run.dir=...)."
+        )
 
 
 def latest_checkpoint(run_dir: str | Path, name: str) -> Path | None:
@@ -265,8 +294,9 @@ def latest_checkpoint(run_dir: str | Path, name: str) -> Path | None:
     return files[-1] if files else None
 
 
-def latest_good_checkpoint(run_dir: str | Path, name: str, map_location: str | torch.device = "cpu", *,
-                           mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
+def latest_good_checkpoint(
+    run_dir: str | Path, name: str, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of model `name` that verifies and loads, with its state; newer ones
     that do not are skipped with a warning naming them and the one used. None without checkpoints;
     CheckpointError when every one is bad."""
@@ -279,10 +309,14 @@ def latest_good_checkpoint(run_dir: str | Path, name: str, map_location: str | t
             bad.append(str(exc))
             continue
         if bad:
-            warnings.warn(f"skipped {len(bad)} bad checkpoint(s), resuming from {path}:\n  " + "\n  ".join(bad),
-                          stacklevel=2)
+            warnings.warn(
+                f"skipped {len(bad)} bad checkpoint(s), resuming from {path}:\n  " + "\n  ".join(bad), stacklevel=2
+            )
         return path, state
     if bad:
-        raise CheckpointError(f"no usable checkpoint of {name!r} in {checkpoint_dir(run_dir, name)}:\n  "
-                              + "\n  ".join(bad) + "\nStart a new run directory (hydra.run.dir=...).")
+        raise CheckpointError(
+            f"no usable checkpoint of {name!r} in {checkpoint_dir(run_dir, name)}:\n  "
+            + "\n  ".join(bad)
+            + "\nStart a new run directory (hydra.run.dir=...)."
+        )
     return None

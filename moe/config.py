@@ -156,10 +156,15 @@ def reject_unknown_keys(cfg: DictConfig, schema: type) -> None:
     for key, names in unknown_keys(plain, schema):
         parent, _, leaf = key.rpartition(".")
         close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
-        hint = (f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close
-                else f"valid keys there: {', '.join(sorted(names))}")
-        raise ValueError(f"unknown config key {key!r} ({hint}). Fix the name; a key added with '+' must still be "
-                         "one the schema defines (see conf/ and moe/config.py).")
+        hint = (
+            f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+            if close
+            else f"valid keys there: {', '.join(sorted(names))}"
+        )
+        raise ValueError(
+            f"unknown config key {key!r} ({hint}). Fix the name; a key added with '+' must still be "
+            "one the schema defines (see conf/ and moe/config.py)."
+        )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -178,18 +183,38 @@ def validate(cfg: TrainConfig) -> None:
         ("model.rope_theta", m.rope_theta, finite(m.rope_theta) and m.rope_theta > 0, "a finite number > 0"),
         ("model.init_std", m.init_std, finite(m.init_std) and m.init_std > 0, "a finite number > 0"),
         ("model.dense_width", m.dense_width, m.dense_width is None or m.dense_width >= 1, ">= 1, or null"),
-        ("balance.lbl_coef", cfg.balance.lbl_coef, finite(cfg.balance.lbl_coef) and cfg.balance.lbl_coef >= 0,
-         "a finite number >= 0"),
-        ("balance.z_coef", cfg.balance.z_coef, finite(cfg.balance.z_coef) and cfg.balance.z_coef >= 0,
-         "a finite number >= 0"),
+        (
+            "balance.lbl_coef",
+            cfg.balance.lbl_coef,
+            finite(cfg.balance.lbl_coef) and cfg.balance.lbl_coef >= 0,
+            "a finite number >= 0",
+        ),
+        (
+            "balance.z_coef",
+            cfg.balance.z_coef,
+            finite(cfg.balance.z_coef) and cfg.balance.z_coef >= 0,
+            "a finite number >= 0",
+        ),
         ("trainer.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1, or null for torch's default"),
-        ("trainer.dist_timeout_s", t.dist_timeout_s, finite(t.dist_timeout_s) and t.dist_timeout_s > 0,
-         "a finite number of seconds > 0"),
+        (
+            "trainer.dist_timeout_s",
+            t.dist_timeout_s,
+            finite(t.dist_timeout_s) and t.dist_timeout_s > 0,
+            "a finite number of seconds > 0",
+        ),
     ):
         if not ok:  # also catches nan: every comparison with it is False
             raise ValueError(f"{name}={value} is out of range: it must be {want}")
-    for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
-                 "checkpoint_every", "keep_last", "eval_batch_size"):
+    for name in (
+        "max_steps",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_last",
+        "eval_batch_size",
+    ):
         if getattr(t, name) < 1:
             raise ValueError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
     for name, value, ok, want in (
@@ -211,17 +236,23 @@ def validate(cfg: TrainConfig) -> None:
         if match not in TWIN_MATCHES:
             raise ValueError(f"twin.match contains {match!r}; allowed values: {', '.join(TWIN_MATCHES)}")
     if cfg.backend.name == "megablocks" and (t.device == "cpu" or t.precision == "fp32"):
-        raise ValueError("backend=megablocks runs MegaBlocks' bf16 grouped GEMM on CUDA; got trainer.device="
-                         f"{t.device!r}, trainer.precision={t.precision!r}. Use trainer.device=cuda (or auto) and "
-                         "trainer.precision=bf16 (or auto), or backend=native")
+        raise ValueError(
+            "backend=megablocks runs MegaBlocks' bf16 grouped GEMM on CUDA; got trainer.device="
+            f"{t.device!r}, trainer.precision={t.precision!r}. Use trainer.device=cuda (or auto) and "
+            "trainer.precision=bf16 (or auto), or backend=native"
+        )
     if cfg.twin.only and (cfg.model.ffn != "moe" or not cfg.twin.match):
-        raise ValueError("twin.only=true trains the dense twins of an MoE model without it; it needs model.ffn=moe "
-                         f"and a non-empty twin.match (got ffn={cfg.model.ffn!r}, match={list(cfg.twin.match)})")
+        raise ValueError(
+            "twin.only=true trains the dense twins of an MoE model without it; it needs model.ffn=moe "
+            f"and a non-empty twin.match (got ffn={cfg.model.ffn!r}, match={list(cfg.twin.match)})"
+        )
     if cfg.balance.scope in ADAPTIVE_SCOPES and cfg.model.ffn == "moe" and not router.adapts_to_load:
         adaptive = [kind for kind in router_kinds() if router_spec(kind).adapts_to_load]
-        raise ValueError(f"balance={cfg.balance.scope} balances by letting the router adapt to the load (a selection "
-                         f"bias), which router={cfg.router.kind} does not do; routers that do: {', '.join(f'router={k}' for k in adaptive)}. "
-                         "Use one of those or another balance scope.")
+        raise ValueError(
+            f"balance={cfg.balance.scope} balances by letting the router adapt to the load (a selection "
+            f"bias), which router={cfg.router.kind} does not do; routers that do: {', '.join(f'router={k}' for k in adaptive)}. "
+            "Use one of those or another balance scope."
+        )
 
 
 def models_to_train(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:

@@ -70,8 +70,7 @@ def permute(routing: Routing, max_padding: float | None = 1.0) -> Dispatch:
     counts = torch.bincount(sorted_experts, minlength=num_experts)
     num_kept = slots.numel()
     capacity = int(counts.max()) if num_kept else 0
-    padded = (max_padding is not None and num_kept > 0
-              and num_experts * capacity <= (1 + max_padding) * num_kept)
+    padded = max_padding is not None and num_kept > 0 and num_experts * capacity <= (1 + max_padding) * num_kept
     gates = routing.weights.reshape(-1)
     dropless = num_kept == flat_experts.numel()
 
@@ -83,8 +82,13 @@ def permute(routing: Routing, max_padding: float | None = 1.0) -> Dispatch:
         return slot_row
 
     if not padded:
-        return Dispatch(row_token=slots // top_k, row_gate=gates[slots], counts=counts, capacity=None,
-                        slot_row=slot_rows(torch.arange(num_kept, device=slots.device)))
+        return Dispatch(
+            row_token=slots // top_k,
+            row_gate=gates[slots],
+            counts=counts,
+            capacity=None,
+            slot_row=slot_rows(torch.arange(num_kept, device=slots.device)),
+        )
     starts = torch.cumsum(counts, 0) - counts
     rows = sorted_experts * capacity + (torch.arange(num_kept, device=slots.device) - starts[sorted_experts])
     # Pad rows point at slot T*K, an appended zero gate, and at token 0.
@@ -92,8 +96,7 @@ def permute(routing: Routing, max_padding: float | None = 1.0) -> Dispatch:
     row_slot[rows] = slots
     row_gate = torch.cat([gates, gates.new_zeros(1)])[row_slot]
     row_token = torch.where(row_slot < gates.numel(), row_slot // top_k, 0)
-    return Dispatch(row_token=row_token, row_gate=row_gate, counts=counts, capacity=capacity,
-                    slot_row=slot_rows(rows))
+    return Dispatch(row_token=row_token, row_gate=row_gate, counts=counts, capacity=capacity, slot_row=slot_rows(rows))
 
 
 def _sum_slots(rows_PD: Tensor, slot_row: Tensor, num_tokens: int) -> Tensor:

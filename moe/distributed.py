@@ -73,8 +73,9 @@ def init_distributed(device_name: str, timeout_s: float | None = None) -> DistCo
     device = resolve_device(device_name, local_rank)
     if not dist.is_initialized():
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timeout)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world, timeout=timeout
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return DistContext(rank, world, local_rank, device, timeout_s)
@@ -153,4 +154,5 @@ def collectives_watched(ctx: DistContext) -> Iterator[None]:
             f"{who}: rank {ctx.rank} waited {waited} for the others' part of a collective operation "
             f"({str(exc).splitlines()[0][-200:]}). Check that process (stopped, swapping, stuck on I/O) or its "
             "machine; raise trainer.dist_timeout_s if a step legitimately takes longer. Then rerun the same "
-            "command to resume from the last checkpoint.") from exc
+            "command to resume from the last checkpoint."
+        ) from exc

@@ -37,8 +37,14 @@ def activate(h: Tensor, activation: str) -> Tensor:
 class DenseMLP(nn.Module):
     """The dense twin's FFN: x [.., D] -> [.., D], hidden width F."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", init_std: float = 0.02,
-                 out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         n_in = _check_activation(activation)
         self.activation = activation
@@ -109,8 +115,14 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     supported there); elsewhere a loop of one matmul per expert (`_LoopGroupedMM`), which on CPU
     is as fast as `torch._grouped_mm` (measured in torch 2.13) and, unlike it, has a backward.
     """
-    if (x_AI.is_cuda and hasattr(torch, "_grouped_mm") and x_AI.dtype == torch.bfloat16
-            and w_EIO.dtype == torch.bfloat16 and x_AI.shape[1] % 8 == 0 and w_EIO.shape[2] % 8 == 0):
+    if (
+        x_AI.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x_AI.dtype == torch.bfloat16
+        and w_EIO.dtype == torch.bfloat16
+        and x_AI.shape[1] % 8 == 0
+        and w_EIO.shape[2] % 8 == 0
+    ):
         offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return torch._grouped_mm(x_AI, w_EIO, offs=offsets)
     return _LoopGroupedMM.apply(x_AI, w_EIO, counts_E.tolist())
@@ -123,8 +135,15 @@ class GroupedExperts(nn.Module):
     gated outputs back in place.
     """
 
-    def __init__(self, d_model: int, hidden: int, num_experts: int, activation: str = "swiglu",
-                 init_std: float = 0.02, out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        num_experts: int,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         n_in = _check_activation(activation)
         self.activation = activation

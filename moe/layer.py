@@ -42,6 +42,7 @@ class MoEConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field and the allowed values."""
+
         def fail(field: str, value, allowed: str):
             raise ValueError(f"model.moe.{field}={value!r} is invalid: {allowed}")
 
@@ -126,6 +127,7 @@ def _native_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: floa
 
 def _megablocks_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> nn.Module:
     from moe.megablocks_backend import MegablocksExperts  # MegaBlocks imported only when asked for
+
     return MegablocksExperts(d_model, cfg, init_std=init_std, out_std=out_std)
 
 
@@ -137,8 +139,14 @@ EXPERT_BACKENDS: dict[str, Callable[[int, MoEConfig, float, float | None], nn.Mo
 BACKENDS = tuple(EXPERT_BACKENDS)
 
 
-def build_moe_layer(backend: str, d_model: int, cfg: MoEConfig, router_cfg: RouterConfig, init_std: float = 0.02,
-                    out_std: float | None = None) -> MoELayer:
+def build_moe_layer(
+    backend: str,
+    d_model: int,
+    cfg: MoEConfig,
+    router_cfg: RouterConfig,
+    init_std: float = 0.02,
+    out_std: float | None = None,
+) -> MoELayer:
     """An MoE layer of `cfg`'s sizes: the router `router_cfg` names over the g*E routed experts
     (g*k per token), the experts of `backend` (native | megablocks, the latter CUDA only) and the
     shared experts. Output projections (experts' and shared) are initialized with `out_std`."""
@@ -147,6 +155,9 @@ def build_moe_layer(backend: str, d_model: int, cfg: MoEConfig, router_cfg: Rout
         check_choice("backend", backend, EXPERT_BACKENDS)
     router = build_router(router_cfg, d_model, cfg.routed_experts, cfg.routed_top_k, cfg.capacity_factor)
     experts = EXPERT_BACKENDS[backend](d_model, cfg, init_std, out_std)
-    shared = (DenseMLP(d_model, cfg.num_shared_experts * cfg.routed_width, cfg.activation, init_std, out_std)
-              if cfg.num_shared_experts else None)
+    shared = (
+        DenseMLP(d_model, cfg.num_shared_experts * cfg.routed_width, cfg.activation, init_std, out_std)
+        if cfg.num_shared_experts
+        else None
+    )
     return MoELayer(router, experts, shared)

@@ -39,8 +39,10 @@ def load_model(run_dir: str | Path, name: str, device: str | torch.device = "cpu
     run's config.yaml."""
     found = latest_good_checkpoint(run_dir, name, map_location=device)
     if found is None:
-        raise CheckpointError(f"no checkpoint of model {name!r} under {Path(run_dir) / 'models' / name / 'checkpoints'}; "
-                              "is this a moe-train run directory, and did the model train?")
+        raise CheckpointError(
+            f"no checkpoint of model {name!r} under {Path(run_dir) / 'models' / name / 'checkpoints'}; "
+            "is this a moe-train run directory, and did the model train?"
+        )
     path, state = found
     check_checkpoint_matches_run(Path(run_dir), name, path, state)
     return model_from_state(state, device)

@@ -44,8 +44,10 @@ from moe.routing import Routing
 if TYPE_CHECKING:
     from moe.layer import MoEConfig
 
-INSTALL_HINT = ("pip install 'moe-specialization[megablocks]' on a Linux machine with CUDA (MegaBlocks pins "
-                "torch 2.7.0 and numpy<2.1), or use backend=native")
+INSTALL_HINT = (
+    "pip install 'moe-specialization[megablocks]' on a Linux machine with CUDA (MegaBlocks pins "
+    "torch 2.7.0 and numpy<2.1), or use backend=native"
+)
 _MB_KEYS = ("w1", "v1", "w2")
 
 
@@ -57,16 +59,19 @@ def require_megablocks() -> Any:
     """Import MegaBlocks' dMoE module (`megablocks.layers.dmoe`), or raise BackendUnavailable naming
     what is missing and the fix. Imported lazily: CPU installs never touch MegaBlocks."""
     if not torch.cuda.is_available():
-        raise BackendUnavailable("backend=megablocks needs a CUDA GPU (MegaBlocks' kernels are CUDA-only) and "
-                                 "none is visible; use backend=native on this machine")
+        raise BackendUnavailable(
+            "backend=megablocks needs a CUDA GPU (MegaBlocks' kernels are CUDA-only) and "
+            "none is visible; use backend=native on this machine"
+        )
     try:
         return importlib.import_module("megablocks.layers.dmoe")
     except ImportError as err:
         raise BackendUnavailable(f"backend=megablocks: MegaBlocks is not importable ({err}); {INSTALL_HINT}") from err
 
 
-def megablocks_arguments(d_model: int, cfg: "MoEConfig", *, init_std: float, out_std: float | None,
-                         device: Any = None) -> dict[str, Any]:
+def megablocks_arguments(
+    d_model: int, cfg: "MoEConfig", *, init_std: float, out_std: float | None, device: Any = None
+) -> dict[str, Any]:
     """Keyword arguments of `megablocks.layers.arguments.Arguments` for the routed experts of a
     `moe.layer.MoEConfig` (fine-grained experts included: g*E experts of width f/g, top g*k)."""
     glu = cfg.activation == "swiglu"
@@ -99,6 +104,7 @@ def megablocks_arguments(d_model: int, cfg: "MoEConfig", *, init_std: float, out
 def _normal(std: float) -> Callable[[Tensor], Tensor]:
     def init(t: Tensor) -> Tensor:
         return nn.init.normal_(t, mean=0.0, std=std)
+
     return init
 
 
@@ -139,8 +145,15 @@ class MegablocksExperts(nn.Module):
     the native layout (`w_in [E, D, n*F]`, `w_out [E, F, D]`), converted by hooks both ways.
     """
 
-    def __init__(self, d_model: int, cfg: "MoEConfig", *, init_std: float = 0.02, out_std: float | None = None,
-                 mlp: nn.Module | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: "MoEConfig",
+        *,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+        mlp: nn.Module | None = None,
+    ):
         super().__init__()
         self.activation, self.num_experts = cfg.activation, cfg.routed_experts
         # MegaBlocks' module-level loss lists, drained after every forward in case a MegaBlocks
@@ -153,8 +166,11 @@ class MegablocksExperts(nn.Module):
             self._drain = [mb_moe.clear_load_balancing_loss, getattr(mb_router, "clear_router_zloss", lambda: None)]
             from megablocks.layers.arguments import Arguments
 
-            args = Arguments(**megablocks_arguments(d_model, cfg, init_std=init_std, out_std=out_std,
-                                                    device=torch.cuda.current_device()))
+            args = Arguments(
+                **megablocks_arguments(
+                    d_model, cfg, init_std=init_std, out_std=out_std, device=torch.cuda.current_device()
+                )
+            )
             mlp = dmoe.ParallelDroplessMLP(args)
         self.mlp = mlp
         # Public names since torch 2.5; the private ones (same hook signatures) before.
@@ -189,16 +205,21 @@ class MegablocksExperts(nn.Module):
 
 def _expert_params(module: MegablocksExperts) -> dict[str, str]:
     """MegaBlocks parameter name (w1/v1/w2) -> its name inside `module.mlp`."""
-    return {name.rsplit(".", 1)[-1]: name for name, _ in module.mlp.named_parameters()
-            if name.rsplit(".", 1)[-1] in _MB_KEYS}
+    return {
+        name.rsplit(".", 1)[-1]: name
+        for name, _ in module.mlp.named_parameters()
+        if name.rsplit(".", 1)[-1] in _MB_KEYS
+    }
 
 
 def _to_native_state(module: MegablocksExperts, state: dict, prefix: str, local_metadata: Any) -> None:
     names = _expert_params(module)
     weights = {k: state.pop(f"{prefix}mlp.{n}") for k, n in names.items()}
     for name in [k for k in state if k.startswith(f"{prefix}mlp.")]:
-        raise RuntimeError(f"{name}: MegaBlocks expert state without a native counterpart "
-                           "(biases or expert parallelism are not supported by backend=megablocks)")
+        raise RuntimeError(
+            f"{name}: MegaBlocks expert state without a native counterpart "
+            "(biases or expert parallelism are not supported by backend=megablocks)"
+        )
     state[f"{prefix}w_in"], state[f"{prefix}w_out"] = megablocks_to_native(weights, module.num_experts)
 
 

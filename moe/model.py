@@ -50,8 +50,10 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"model.d_model={self.d_model} must be a multiple of 2*n_heads "
-                             f"(n_heads={self.n_heads}) for rotary embeddings")
+            raise ValueError(
+                f"model.d_model={self.d_model} must be a multiple of 2*n_heads "
+                f"(n_heads={self.n_heads}) for rotary embeddings"
+            )
         self.moe.validate()
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -108,8 +110,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, out_std)
         self.ffn_norm = nn.RMSNorm(cfg.d_model)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.ffn = (build_moe_layer(backend, cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std) if self.is_moe
-                    else DenseMLP(cfg.d_model, cfg.resolved_dense_width, cfg.moe.activation, cfg.init_std, out_std))
+        self.ffn = (
+            build_moe_layer(backend, cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std)
+            if self.is_moe
+            else DenseMLP(cfg.d_model, cfg.resolved_dense_width, cfg.moe.activation, cfg.init_std, out_std)
+        )
 
     def forward(self, x_BSD: Tensor, keys: RouteKeys) -> tuple[Tensor, Routing | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
@@ -132,8 +137,9 @@ class LMOutput:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, router_cfg: RouterConfig | None = None,
-                 backend: str = "native"):
+    def __init__(
+        self, cfg: ModelConfig, vocab_size: int, router_cfg: RouterConfig | None = None, backend: str = "native"
+    ):
         """`backend`: native | megablocks, the MoE layers' expert computation (`moe.layer.build_moe_layer`)."""
         super().__init__()
         cfg.validate()
@@ -153,8 +159,7 @@ class LanguageModel(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
-                domain_BS: Tensor | None = None) -> LMOutput:
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None) -> LMOutput:
         """tokens_BS, targets_BS [B, S] int64; domain_BS [B, S] the tokens' domain labels, read only
         by router=domain (the positive control; learned routers never see it)."""
         x = self.embed(tokens_BS)

@@ -69,8 +69,9 @@ class RoutedModel(Protocol):
     @property
     def blocks(self) -> Sequence[Block]: ...
 
-    def __call__(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
-                 domain_BS: Tensor | None = None) -> "LMOutput": ...
+    def __call__(
+        self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None
+    ) -> "LMOutput": ...
 
 
 def moe_block_indices(model: RoutedModel) -> list[int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+
 @dataclass(frozen=True)
 class RouteKeys:
     """What a fixed router may key on, aligned element for element (shape [B, S], or [T] flattened).
@@ -37,8 +38,11 @@ class RouteKeys:
 
     def flat(self) -> "RouteKeys":
         """The keys flattened to [T], the layout of the router's input x_TD."""
-        return RouteKeys(self.token_ids.reshape(-1), self.previous_ids.reshape(-1),
-                         None if self.domain is None else self.domain.reshape(-1))
+        return RouteKeys(
+            self.token_ids.reshape(-1),
+            self.previous_ids.reshape(-1),
+            None if self.domain is None else self.domain.reshape(-1),
+        )
 
 
 def as_route_keys(keys: "RouteKeys | Tensor | None") -> "RouteKeys | None":

@@ -50,8 +50,10 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[Path]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "an unknown process"
-            raise RunDirLocked(f"{run_dir} is in use by {holder}; wait for it to finish, or give this run "
-                               "another directory (hydra.run.dir=...)") from None
+            raise RunDirLocked(
+                f"{run_dir} is in use by {holder}; wait for it to finish, or give this run "
+                "another directory (hydra.run.dir=...)"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -92,15 +94,20 @@ def check_writable(run_dir: str | Path, model_names: Iterable[str]) -> None:
         dirs = [parent]
     for d in dirs:
         if d.exists() and not d.is_dir():
-            raise RunDirNotWritable(f"{d} is a file where the run keeps a directory; move it away or choose "
-                                    "another run directory (hydra.run.dir=...)")
+            raise RunDirNotWritable(
+                f"{d} is a file where the run keeps a directory; move it away or choose "
+                "another run directory (hydra.run.dir=...)"
+            )
         if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
-            raise RunDirNotWritable(f"cannot write into {d}: {_reason(d)}. Make it writable, or choose another "
-                                    "run directory (hydra.run.dir=...)")
+            raise RunDirNotWritable(
+                f"cannot write into {d}: {_reason(d)}. Make it writable, or choose another "
+                "run directory (hydra.run.dir=...)"
+            )
     for f in files:
         if f.is_file() and not os.access(f, os.W_OK):
-            raise RunDirNotWritable(f"cannot write {f}: {_reason(f)}. Make it writable, or choose another run "
-                                    "directory (hydra.run.dir=...)")
+            raise RunDirNotWritable(
+                f"cannot write {f}: {_reason(f)}. Make it writable, or choose another run directory (hydra.run.dir=...)"
+            )
 
 
 def _reason(path: Path) -> str:

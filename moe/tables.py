@@ -40,9 +40,11 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]], fmt: Ca
     Cells (header included) that are not strings are rendered with `fmt`; a "|" inside any cell
     (as in I(D;E|C)) is escaped to "\\|" so the columns stay aligned, so pass cells unescaped.
     """
+
     def line(cells: Sequence[Any]) -> str:
         text = [(c if isinstance(c, str) else fmt(c)).replace("|", "\\|") for c in cells]
         return "| " + " | ".join(text) + " |"
+
     header = list(header)
     return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows])
 

@@ -49,20 +49,27 @@ HYDRA_SUBDIR = ".hydra"
 def comparison_table(results: dict[str, TrainResult]) -> dict:
     """Per-domain validation loss (nats/token) and perplexity, sizes, throughput of each model."""
     import math
-    return {name: {**asdict(r), "val_ppl": {d: math.exp(v) for d, v in r.val_loss.items()}}
-            for name, r in results.items()}
+
+    return {
+        name: {**asdict(r), "val_ppl": {d: math.exp(v) for d, v in r.val_loss.items()}} for name, r in results.items()
+    }
 
 
 def comparison_markdown(table: dict) -> str:
     names = list(table)
     domains = list(next(iter(table.values()))["val_loss"])
     rows = [[f"val loss {d} (nats)", *(f"{table[n]['val_loss'][d]:.4f}" for n in names)] for d in domains]
-    rows += [[key, *(f"{table[n]['size'][key]:,}" for n in names)]
-             for key in ("total_params", "active_params", "flops_per_token")]
+    rows += [
+        [key, *(f"{table[n]['size'][key]:,}" for n in names)]
+        for key in ("total_params", "active_params", "flops_per_token")
+    ]
     rows.append(["tokens/s", *(f"{table[n]['tokens_per_second']:,.0f}" for n in names)])
     rows.append(["wall (s)", *(f"{table[n]['wall_seconds']:.1f}" for n in names)])
-    return ("# MoE vs dense twins\n\nSame seed, data order and token budget.\n\n"
-            + markdown_table(["", *names], rows) + "\n")
+    return (
+        "# MoE vs dense twins\n\nSame seed, data order and token budget.\n\n"
+        + markdown_table(["", *names], rows)
+        + "\n"
+    )
 
 
 def check_resumable(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
@@ -76,9 +83,13 @@ def check_resumable(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
             check_fingerprint(state["fingerprint"], trajectory_fingerprint(cfg, model_cfg, world_size), path)
 
 
-def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | None = None,
-                   extra_files: Mapping[str, str] | None = None,
-                   after_training: Callable[[Path], object] | None = None) -> dict:
+def run_experiment(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    ctx: DistContext | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    after_training: Callable[[Path], object] | None = None,
+) -> dict:
     """Prepare data, train every model of the experiment, write the comparison, holding the run
     directory's lock on rank 0 (a second run into it stops at once). Returns the comparison table.
 
@@ -91,6 +102,7 @@ def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | Non
     one line naming the path; a rank that stops answering stops it naming the rank."""
     if cfg.backend.name == "megablocks":
         from moe.megablocks_backend import require_megablocks
+
         require_megablocks()  # no GPU or no MegaBlocks: fail before any data or model work
     ctx = ctx or init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     run_dir = Path(run_dir)
@@ -106,8 +118,13 @@ def run_experiment(cfg: TrainConfig, run_dir: str | Path, ctx: DistContext | Non
         raise clear from exc
 
 
-def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext, extra_files: Mapping[str, str],
-                    after_training: Callable[[Path], object] | None) -> dict:
+def _run_experiment(
+    cfg: TrainConfig,
+    run_dir: Path,
+    ctx: DistContext,
+    extra_files: Mapping[str, str],
+    after_training: Callable[[Path], object] | None,
+) -> dict:
     analyze = cfg.analyze and after_training is not None
     if ctx.is_main:
         check_resumable(cfg, run_dir, ctx.world_size)  # before anything is written into the run dir
@@ -115,9 +132,11 @@ def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext, extra_fil
         data = prepare_data(cfg.data, seed=cfg.seed)
         if analyze and cfg.model.ffn == "moe" and not cfg.twin.only and len(data.domains) < 2:
             # The analysis at the end would refuse it: say so before the training, not after.
-            raise ValueError(f"analyze=true, but the corpus has only the domain(s) {data.domains}: domain "
-                             "specialization needs at least two. Add domains, or set analyze=false to train "
-                             "without the analysis.")
+            raise ValueError(
+                f"analyze=true, but the corpus has only the domain(s) {data.domains}: domain "
+                "specialization needs at least two. Add domains, or set analyze=false to train "
+                "without the analysis."
+            )
         data.save(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(as_plain_dict(cfg)))
         for relative, text in extra_files.items():
@@ -126,7 +145,9 @@ def _run_experiment(cfg: TrainConfig, run_dir: Path, ctx: DistContext, extra_fil
     barrier(ctx)
     if not ctx.is_main:
         data = prepare_data(cfg.data, seed=cfg.seed)
-    results = {name: Trainer(cfg, model_cfg, name, data, run_dir, ctx).fit() for name, model_cfg in models_to_train(cfg)}
+    results = {
+        name: Trainer(cfg, model_cfg, name, data, run_dir, ctx).fit() for name, model_cfg in models_to_train(cfg)
+    }
     # Only rank 0 evaluates; every rank returns its table.
     table = broadcast_object(comparison_table(results) if ctx.is_main else None, ctx)
     if ctx.is_main:
@@ -145,9 +166,11 @@ def hydra_files(task_cfg: DictConfig) -> dict[str, str]:
     before the run is validated (a refused resume would otherwise overwrite them); run_experiment
     writes them once the checks pass."""
     hydra_cfg = HydraConfig.instance().cfg  # {hydra: ...}, as Hydra saves it
-    return {f"{HYDRA_SUBDIR}/config.yaml": OmegaConf.to_yaml(task_cfg),
-            f"{HYDRA_SUBDIR}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
-            f"{HYDRA_SUBDIR}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+    return {
+        f"{HYDRA_SUBDIR}/config.yaml": OmegaConf.to_yaml(task_cfg),
+        f"{HYDRA_SUBDIR}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        f"{HYDRA_SUBDIR}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
 
 
 def hydra_app(after_training: Callable[[Path], object] | None = None) -> Callable[[], object]:
@@ -160,10 +183,17 @@ def hydra_app(after_training: Callable[[Path], object] | None = None) -> Callabl
         try:
             run_dir = broadcast_object(HydraConfig.get().runtime.output_dir, ctx)
             if after_training is None and cfg.analyze and cfg.model.ffn == "moe" and not cfg.twin.only and ctx.is_main:
-                print(f"note: python -m moe.train trains and compares only; analyze this run with `moe-analyze "
-                      f"run_dir={run_dir}`, or train with `moe-train`, which analyzes after training")
-            table = run_experiment(cfg, run_dir, ctx, extra_files=hydra_files(dict_cfg) if ctx.is_main else None,
-                                   after_training=after_training)
+                print(
+                    f"note: python -m moe.train trains and compares only; analyze this run with `moe-analyze "
+                    f"run_dir={run_dir}`, or train with `moe-train`, which analyzes after training"
+                )
+            table = run_experiment(
+                cfg,
+                run_dir,
+                ctx,
+                extra_files=hydra_files(dict_cfg) if ctx.is_main else None,
+                after_training=after_training,
+            )
         finally:
             shutdown(ctx)
         first = next(iter(table.values()))

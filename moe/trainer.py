@@ -68,8 +68,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, fused: bool = Fa
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
-def evaluate(model: LanguageModel, val_batches: dict[str, list[Batch]], device: torch.device,
-             autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+def evaluate(
+    model: LanguageModel,
+    val_batches: dict[str, list[Batch]],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
     """Mean next-token loss (nats/token) per domain, and `all` = mean over domains."""
     losses = {}
     with eval_mode(model), torch.no_grad():
@@ -101,8 +105,15 @@ class Trainer:
     """Trains one model on the prepared data. `fit()` resumes from the newest checkpoint in the
     model's directory when there is one."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, name: str, data: PreparedData,
-                 run_dir: str | Path, ctx: DistContext):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+        name: str,
+        data: PreparedData,
+        run_dir: str | Path,
+        ctx: DistContext,
+    ):
         self.cfg, self.t, self.name, self.data, self.ctx = cfg, cfg.trainer, name, data, ctx
         self.run_dir = Path(run_dir)
         self.out_dir = self.run_dir / "models" / name
@@ -115,8 +126,9 @@ class Trainer:
         self.balancer = LoadBalancer(cfg.balance, self.routers[0].num_experts) if self.routers else None
         self.optimizer = build_optimizer(self.model, self.t, fused=self.device.type == "cuda")
         self.fingerprint = trajectory_fingerprint(cfg, model_cfg, ctx.world_size)
-        self.stream = data.train_stream(micro_batch_size=self.t.micro_batch_size, rank=ctx.rank,
-                                        world_size=ctx.world_size)
+        self.stream = data.train_stream(
+            micro_batch_size=self.t.micro_batch_size, rank=ctx.rank, world_size=ctx.world_size
+        )
         self.val_batches = {d: data.val_batches(batch_size=self.t.eval_batch_size, domain=d) for d in data.domains}
         self.step = 0
         self._stop_requested = False
@@ -126,7 +138,8 @@ class Trainer:
             self._forward = torch.compile(self._forward)
         if ctx.enabled:
             self._forward = DistributedDataParallel(
-                self._forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self._forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self._writer = None
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -144,11 +157,20 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-            "data": self.stream.state_dict(), "fingerprint": self.fingerprint, "config": as_plain_dict(self.cfg),
-            "name": self.name, "size": self.size.as_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            "fingerprint": self.fingerprint,
+            "config": as_plain_dict(self.cfg),
+            "name": self.name,
+            "size": self.size.as_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
 
     def save(self) -> Path | None:
@@ -246,13 +268,16 @@ class Trainer:
         if self.t.retain_host_memory:
             retain_freed_memory()
         if self.ctx.is_main:
-            print(f"[{self.name}] params total={self.size.total_params:,} active={self.size.active_params:,} "
-                  f"FLOPs/token={self.size.flops_per_token:,}" + (f" (resumed at step {self.step})" if resumed else ""))
+            print(
+                f"[{self.name}] params total={self.size.total_params:,} active={self.size.active_params:,} "
+                f"FLOPs/token={self.size.flops_per_token:,}" + (f" (resumed at step {self.step})" if resumed else "")
+            )
         tokens_per_step = self.t.micro_batch_size * self.data.seq_len * self.t.grad_accum_steps * self.ctx.world_size
         start_step, start_time = self.step, time.perf_counter()
         progress = None
         if self.t.progress and self.ctx.is_main:
             from tqdm import tqdm
+
             progress = tqdm(total=self.t.max_steps, initial=self.step, desc=self.name, dynamic_ncols=True)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
@@ -273,8 +298,15 @@ class Trainer:
                 self.step += 1
                 step_seconds = time.perf_counter() - step_start
                 if self.step % self.t.log_every == 0 or self.step == self.t.max_steps:
-                    self.log({"step": self.step, "lr": lr, "tokens_per_s": tokens_per_step / step_seconds,
-                              "tokens": self.step * tokens_per_step, **stats})
+                    self.log(
+                        {
+                            "step": self.step,
+                            "lr": lr,
+                            "tokens_per_s": tokens_per_step / step_seconds,
+                            "tokens": self.step * tokens_per_step,
+                            **stats,
+                        }
+                    )
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tokens_per_step / step_seconds:,.0f}")
@@ -282,8 +314,10 @@ class Trainer:
                     self.on_step_end(self)
                 if self._stop_agreed():
                     path = self.save()
-                    raise TrainingInterrupted(f"[{self.name}] stopped at step {self.step}; checkpoint {path} saved. "
-                                              "Run the same command with hydra.run.dir=<this run dir> to resume.")
+                    raise TrainingInterrupted(
+                        f"[{self.name}] stopped at step {self.step}; checkpoint {path} saved. "
+                        "Run the same command with hydra.run.dir=<this run dir> to resume."
+                    )
             val = self._eval_and_log()
             self.save()
         finally:
@@ -296,8 +330,15 @@ class Trainer:
                 self._writer.close()
         wall = time.perf_counter() - start_time
         steps_run = self.step - start_step
-        return TrainResult(self.name, self.step, val, self.size.as_dict(), wall,
-                           steps_run * tokens_per_step / wall if steps_run else 0.0, self.step * tokens_per_step)
+        return TrainResult(
+            self.name,
+            self.step,
+            val,
+            self.size.as_dict(),
+            wall,
+            steps_run * tokens_per_step / wall if steps_run else 0.0,
+            self.step * tokens_per_step,
+        )
 
     def _stop_agreed(self) -> bool:
         if not self.ctx.enabled:
@@ -328,8 +369,9 @@ class Trainer:
                 (loss / accum).backward()
             for key, value in (("loss", loss), ("lm_loss", lm_loss), ("lbl", lbl), ("z_loss", z)):
                 sums[key] += float(value.detach()) / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.t.grad_clip if self.t.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        )
         if not bool(torch.isfinite(grad_norm)):
             self._diverged("the gradient", "gradient norm", float(grad_norm))
         self.optimizer.step()
@@ -358,17 +400,24 @@ class Trainer:
 
     def _diverged(self, where: str, what: str, value: float) -> None:
         """Stop before a non-finite update is applied or saved; name the first bad parameter."""
-        bad = next((n for n, p in self.model.named_parameters()
-                    if (p.grad is not None and not bool(torch.isfinite(p.grad).all())) or not bool(torch.isfinite(p).all())),
-                   None)
+        bad = next(
+            (
+                n
+                for n, p in self.model.named_parameters()
+                if (p.grad is not None and not bool(torch.isfinite(p.grad).all())) or not bool(torch.isfinite(p).all())
+            ),
+            None,
+        )
         last = latest_checkpoint(self.run_dir, self.name)
         fix = "lower trainer.lr or raise trainer.warmup_steps" + (
-            "" if self.t.grad_clip > 0 else ", or enable trainer.grad_clip (e.g. 1.0)")
+            "" if self.t.grad_clip > 0 else ", or enable trainer.grad_clip (e.g. 1.0)"
+        )
         raise TrainingDiverged(
             f"[{self.name}] {what} is {value:.4g} in {where} at step {self.step}"
             + (f"; first non-finite parameter or gradient: {bad}" if bad else "")
             + f". Training stopped before applying it. The last good checkpoint is "
-            f"{last or 'none (no checkpoint written yet)'}; {fix}.")
+            f"{last or 'none (no checkpoint written yet)'}; {fix}."
+        )
 
     def _eval_and_log(self) -> dict[str, float]:
         val = {}

@@ -22,4 +22,5 @@ def compose_train():
     def _compose(*overrides: str):
         with initialize_config_module(config_module="moe.conf", version_base="1.3"):
             return to_train_config(compose(config_name="train", overrides=list(overrides)))
+
     return _compose

@@ -15,51 +15,64 @@ GROUPS = ["model", "router", "balance", "data", "trainer", "backend", "experimen
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
 def test_every_group_option_composes(compose_train, group, option):
-    extra = {("router", "switch"): ["model.moe.top_k=1"], ("balance", "aux_free"): ["router=sigmoid"],
-             ("data", "local"): ["data.local.path=/nonexistent"]}.get((group, option), [])
+    extra = {
+        ("router", "switch"): ["model.moe.top_k=1"],
+        ("balance", "aux_free"): ["router=sigmoid"],
+        ("data", "local"): ["data.local.path=/nonexistent"],
+    }.get((group, option), [])
     cfg = compose_train(f"{group}={option}", *extra)
     assert cfg.model.moe.top_k <= cfg.model.moe.num_experts
 
 
-@pytest.mark.parametrize("override,error,match", [
-    ("model.moe.nmu_experts=4", (ConfigCompositionException, ConfigKeyError), "nmu_experts"),
-    ("model.moe.top_k=9", ValueError, r"model.moe.top_k=9 is invalid: must be <= num_experts=8"),
-    ("router=expert_choicee", ConfigCompositionException, "expert_choicee"),
-    ("trainer.micro_batch_size=zero", (ConfigCompositionException, ValidationError), "micro_batch_size"),
-    ("balance=aux_free", ValueError, "router=sigmoid"),
-    ("model.moe.capacity_factor=0", ValueError, "capacity_factor"),
-    ("twin.match=[half]", ValueError, "twin.match contains 'half'"),
-    ("trainer.lr=-1e-3", ValueError, r"trainer.lr=-0.001 is out of range: it must be a finite number > 0"),
-    ("trainer.lr=nan", ValueError, r"trainer.lr=nan is out of range"),
-    ("trainer.beta1=1.5", ValueError, r"trainer.beta1=1.5 is out of range: it must be in \[0, 1\)"),
-    ("trainer.weight_decay=-1", ValueError, "trainer.weight_decay=-1"),
-    ("trainer.grad_clip=-1", ValueError, "trainer.grad_clip=-1"),
-    ("trainer.warmup_steps=-5", ValueError, "trainer.warmup_steps=-5"),
-    ("trainer.min_lr_ratio=5", ValueError, "trainer.min_lr_ratio=5"),
-    ("router.jitter=5", ValueError, r"router.jitter=5.0 is out of range"),
-    # A key added with `+` is still checked against the schema, at any depth.
-    ("+trainer.max_stepz=5", ValueError,
-     r"unknown config key 'trainer.max_stepz' \(did you mean trainer.max_steps\?\)"),
-    ("+model.moe.nmu=3", ValueError, r"unknown config key 'model.moe.nmu' \(valid keys there: activation, "),
-    ("+seeed=1", ValueError, r"unknown config key 'seeed' \(did you mean seed\?\)"),
-    # Choices and ranges of every group, checked at composition: before any data preparation.
-    ("router.kind=topkk", ValueError, r"router.kind='topkk' is unknown; allowed values: topk, "),
-    ("balance.scope=global", ValueError, r"balance.scope='global' is unknown; allowed values: micro_batch, "),
-    ("balance.lbl_coef=-1", ValueError, r"balance.lbl_coef=-1.0 is out of range: it must be a finite number >= 0"),
-    ("balance.z_coef=nan", ValueError, r"balance.z_coef=nan is out of range"),
-    ("router=sigmoid router.bias_update_rate=inf", ValueError, r"router.bias_update_rate=inf is out of range"),
-    # A field of another router: refused at composition (each router kind has its own config).
-    ("router.hash_seed=3", (ConfigCompositionException, ConfigKeyError), "hash_seed"),
-    ("model.init_std=0", ValueError, r"model.init_std=0.0 is out of range: it must be a finite number > 0"),
-    ("model.rope_theta=-1", ValueError, r"model.rope_theta=-1.0 is out of range"),
-    ("seed=-1", ValueError, r"seed=-1 is out of range: it must be an integer >= 0"),
-    ("trainer.threads=0", ValueError, r"trainer.threads=0 is out of range"),
-    ("trainer.dist_timeout_s=0", ValueError, r"trainer.dist_timeout_s=0.0 is out of range: it must be a finite number "
-                                             r"of seconds > 0"),
-    ("data.val_fraction=nan", ValueError, r"data.val_fraction=nan must lie strictly between 0 and 1"),
-    ("data.max_upsample=0.5", ValueError, r"data.max_upsample=0.5 is out of range: it must be a number >= 1"),
-    ("data.corpus_seed=-2", ValueError, r"data.corpus_seed=-2 is out of range"),
-])
+@pytest.mark.parametrize(
+    "override,error,match",
+    [
+        ("model.moe.nmu_experts=4", (ConfigCompositionException, ConfigKeyError), "nmu_experts"),
+        ("model.moe.top_k=9", ValueError, r"model.moe.top_k=9 is invalid: must be <= num_experts=8"),
+        ("router=expert_choicee", ConfigCompositionException, "expert_choicee"),
+        ("trainer.micro_batch_size=zero", (ConfigCompositionException, ValidationError), "micro_batch_size"),
+        ("balance=aux_free", ValueError, "router=sigmoid"),
+        ("model.moe.capacity_factor=0", ValueError, "capacity_factor"),
+        ("twin.match=[half]", ValueError, "twin.match contains 'half'"),
+        ("trainer.lr=-1e-3", ValueError, r"trainer.lr=-0.001 is out of range: it must be a finite number > 0"),
+        ("trainer.lr=nan", ValueError, r"trainer.lr=nan is out of range"),
+        ("trainer.beta1=1.5", ValueError, r"trainer.beta1=1.5 is out of range: it must be in \[0, 1\)"),
+        ("trainer.weight_decay=-1", ValueError, "trainer.weight_decay=-1"),
+        ("trainer.grad_clip=-1", ValueError, "trainer.grad_clip=-1"),
+        ("trainer.warmup_steps=-5", ValueError, "trainer.warmup_steps=-5"),
+        ("trainer.min_lr_ratio=5", ValueError, "trainer.min_lr_ratio=5"),
+        ("router.jitter=5", ValueError, r"router.jitter=5.0 is out of range"),
+        # A key added with `+` is still checked against the schema, at any depth.
+        (
+            "+trainer.max_stepz=5",
+            ValueError,
+            r"unknown config key 'trainer.max_stepz' \(did you mean trainer.max_steps\?\)",
+        ),
+        ("+model.moe.nmu=3", ValueError, r"unknown config key 'model.moe.nmu' \(valid keys there: activation, "),
+        ("+seeed=1", ValueError, r"unknown config key 'seeed' \(did you mean seed\?\)"),
+        # Choices and ranges of every group, checked at composition: before any data preparation.
+        ("router.kind=topkk", ValueError, r"router.kind='topkk' is unknown; allowed values: topk, "),
+        ("balance.scope=global", ValueError, r"balance.scope='global' is unknown; allowed values: micro_batch, "),
+        ("balance.lbl_coef=-1", ValueError, r"balance.lbl_coef=-1.0 is out of range: it must be a finite number >= 0"),
+        ("balance.z_coef=nan", ValueError, r"balance.z_coef=nan is out of range"),
+        ("router=sigmoid router.bias_update_rate=inf", ValueError, r"router.bias_update_rate=inf is out of range"),
+        # A field of another router: refused at composition (each router kind has its own config).
+        ("router.hash_seed=3", (ConfigCompositionException, ConfigKeyError), "hash_seed"),
+        ("model.init_std=0", ValueError, r"model.init_std=0.0 is out of range: it must be a finite number > 0"),
+        ("model.rope_theta=-1", ValueError, r"model.rope_theta=-1.0 is out of range"),
+        ("seed=-1", ValueError, r"seed=-1 is out of range: it must be an integer >= 0"),
+        ("trainer.threads=0", ValueError, r"trainer.threads=0 is out of range"),
+        (
+            "trainer.dist_timeout_s=0",
+            ValueError,
+            r"trainer.dist_timeout_s=0.0 is out of range: it must be a finite number "
+            r"of seconds > 0",
+        ),
+        ("data.val_fraction=nan", ValueError, r"data.val_fraction=nan must lie strictly between 0 and 1"),
+        ("data.max_upsample=0.5", ValueError, r"data.max_upsample=0.5 is out of range: it must be a number >= 1"),
+        ("data.corpus_seed=-2", ValueError, r"data.corpus_seed=-2 is out of range"),
+    ],
+)
 def test_bad_config_fails_at_composition_with_a_clear_message(compose_train, override, error, match):
     with pytest.raises(error, match=match):
         compose_train(*override.split())
@@ -109,8 +122,9 @@ def test_train_and_analyze_cli_end_to_end(tmp_path):
     table = json.loads((tmp_path / "comparison.json").read_text())
     assert set(table) == {"moe", "dense_active"}
     assert not (tmp_path / "analysis").exists()  # experiment=smoke: analyze=false
-    result = run(["analysis.cli", f"run_dir={tmp_path}", "analysis.n_permutations=20", "analysis.n_bootstrap=20"],
-                 tmp_path)
+    result = run(
+        ["analysis.cli", f"run_dir={tmp_path}", "analysis.n_permutations=20", "analysis.n_bootstrap=20"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["verdict"]["verdict"] in {"specialist", "ensemble", "inconclusive"}
@@ -129,21 +143,39 @@ def test_train_and_analyze_cli_end_to_end(tmp_path):
 def test_the_main_job_trains_then_analyzes_and_moe_train_alone_says_how(tmp_path):
     """`moe-train` is analysis.pipeline (train, then analyze); `python -m moe.train` trains only and
     says so when analyze=true."""
-    result = run(["moe.train", "experiment=smoke", "analyze=true", "trainer.max_steps=2",
-                  f"hydra.run.dir={tmp_path / 'train_only'}"], tmp_path)
+    result = run(
+        [
+            "moe.train",
+            "experiment=smoke",
+            "analyze=true",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={tmp_path / 'train_only'}",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trains and compares only; analyze this run with `moe-analyze" in result.stdout
     assert not (tmp_path / "train_only" / "analysis").exists()
-    result = run(["analysis.pipeline", "experiment=smoke", "analyze=true", f"hydra.run.dir={tmp_path / 'main'}"],
-                 tmp_path)
+    result = run(
+        ["analysis.pipeline", "experiment=smoke", "analyze=true", f"hydra.run.dir={tmp_path / 'main'}"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "main" / "analysis" / "summary.json").is_file()
 
 
 @pytest.mark.slow
 def test_multirun_sweep(tmp_path):
-    result = run(["moe.train", "-m", "experiment=smoke", "balance=micro_batch,global_batch", "twin.match=[]",
-                  f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    result = run(
+        [
+            "moe.train",
+            "-m",
+            "experiment=smoke",
+            "balance=micro_batch,global_batch",
+            "twin.match=[]",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in tmp_path.rglob("comparison.json"))
     assert len(runs) == 2

@@ -62,14 +62,22 @@ def metric_records(run_dir, name="moe"):
 
 def digest(run_dir: Path) -> dict[str, str]:
     """SHA-256 of every file under `run_dir`, by relative path (hidden files included)."""
-    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 def moe_train(*args: str, run_dir: Path, stdout: int = subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moe.train", *args, f"hydra.run.dir={run_dir}"],
-                            cwd=run_dir.parent, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -83,8 +91,14 @@ def error_line(stderr: str) -> str:
 
 
 # --------------------------------------------------------------------------- kill -9, then resume
-KILLED = (*TINY, "trainer.max_steps=30", "trainer.checkpoint_every=1", "trainer.keep_last=2",
-          "trainer.eval_every=1000", "trainer.log_every=1")
+KILLED = (
+    *TINY,
+    "trainer.max_steps=30",
+    "trainer.checkpoint_every=1",
+    "trainer.keep_last=2",
+    "trainer.eval_every=1000",
+    "trainer.log_every=1",
+)
 _TEMP = re.compile(r"^\.step_(\d{8})\.pt.*\.tmp-\d+$")
 
 
@@ -103,8 +117,10 @@ def kill_mid_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, from_step: int, 
             proc.kill()
             proc.wait()
             return max(steps)
-    raise AssertionError(f"no checkpoint write from step {from_step} on was caught; the run ended with "
-                         f"{proc.poll()}: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    raise AssertionError(
+        f"no checkpoint write from step {from_step} on was caught; the run ended with "
+        f"{proc.poll()}: {proc.stderr.read()[-2000:] if proc.stderr else ''}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +178,7 @@ def test_bit_flip_in_the_newest_checkpoint_falls_back_to_the_previous_one(compos
     files = list_checkpoints(tmp_path / "models" / "moe" / "checkpoints")
     newest, previous = files[-1], files[-2]
     data = bytearray(newest.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 64])
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64])
     newest.write_bytes(bytes(data))  # same size, different content
     with pytest.raises(CheckpointError, match="does not match the digest"):
         load_checkpoint(newest)
@@ -196,6 +212,7 @@ def test_nan_gradient_is_never_applied_nor_saved(compose_train, tmp_path):
 
     def poison(grad):  # the loss stays finite; one gradient does not, at step 3
         return grad * float("nan") if trainer.step == 3 else grad
+
     param.register_hook(poison)
     with pytest.raises(TrainingDiverged, match=r"gradient norm is nan .* at step 3.*first non-finite"):
         trainer.fit()
@@ -206,9 +223,16 @@ def test_nan_gradient_is_never_applied_nor_saved(compose_train, tmp_path):
 
 def test_divergence_keeps_a_finite_last_checkpoint_even_with_keep_last_1(compose_train, tmp_path):
     """The issue's recipe: lr=30 without clipping, a checkpoint every step, only the last one kept."""
-    cfg = compose_train(*TINY, "trainer.lr=30", "trainer.grad_clip=0", "trainer.warmup_steps=1",
-                        "trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.max_steps=300",
-                        "trainer.eval_every=1000")
+    cfg = compose_train(
+        *TINY,
+        "trainer.lr=30",
+        "trainer.grad_clip=0",
+        "trainer.warmup_steps=1",
+        "trainer.checkpoint_every=1",
+        "trainer.keep_last=1",
+        "trainer.max_steps=300",
+        "trainer.eval_every=1000",
+    )
     with pytest.raises(TrainingDiverged, match=r"at step (\d+).*The last good checkpoint is .*step_\d+\.pt") as err:
         run_experiment(cfg, tmp_path)
     step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
@@ -271,11 +295,23 @@ def _free_port() -> int:
 @pytest.mark.distributed
 def test_a_stopped_gloo_rank_ends_the_job_within_the_timeout_naming_it():
     timeout_s = 3.0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": "2"}
-    ranks = [subprocess.Popen([sys.executable, "-c", STALL_SCRIPT, str(timeout_s)], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", STALL_SCRIPT, str(timeout_s)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
     try:
         for proc in ranks:
             assert proc.stdout.readline().strip() == "ready"
@@ -357,13 +393,21 @@ def test_one_domain_is_refused_by_the_analysis_and_moe_analyze_creates_nothing(c
     assert not (tmp_path / "refused" / "data").exists()  # refused before anything was written
     run = tmp_path / "run"
     run_experiment(compose_train(*TINY, *one), run)
-    with pytest.raises(ValueError, match=r"has 1 domain\(s\) \['syn00'\]; analyzing domain specialization needs at "
-                                         "least two"):
+    with pytest.raises(
+        ValueError,
+        match=r"has 1 domain\(s\) \['syn00'\]; analyzing domain specialization needs at "
+        "least two",
+    ):
         analyze_run(run)
     # moe-analyze on it fails and leaves the run as it was: no analysis/ directory, no log file.
     # (A run_dir that does not exist fails before Hydra creates anything: tests/test_cli.py.)
     before = digest(run)
-    result = subprocess.run([sys.executable, "-m", "analysis.cli", f"run_dir={run}"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.cli", f"run_dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "needs at least two" in error_line(result.stderr), result.stderr[-2000:]
     assert digest(run) == before and not (run / "analysis").exists()

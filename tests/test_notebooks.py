@@ -30,8 +30,10 @@ ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
 # Small analysis settings: the run dirs are complete but cheap (a few seconds each).
 FAST = AnalysisConfig(n_permutations=20, n_bootstrap=20, knockout_tokens=256, probe_tokens=256)
 # A sweep of balance scope x seed, as `moe-train -m balance=... seed=...` would lay it out.
-JOBS = {"balance=micro_batch,seed=0": ("balance=micro_batch", "seed=0"),
-        "balance=global_batch,seed=1": ("balance=global_batch", "seed=1")}
+JOBS = {
+    "balance=micro_batch,seed=0": ("balance=micro_batch", "seed=0"),
+    "balance=global_batch,seed=1": ("balance=global_batch", "seed=1"),
+}
 
 
 def test_there_are_notebooks():
@@ -75,8 +77,12 @@ def sweep_dir(tmp_path_factory):
     try:
         for job, overrides in JOBS.items():
             with initialize_config_module(config_module="moe.conf", version_base="1.3"):
-                cfg = to_train_config(compose(config_name="train", overrides=[
-                    "experiment=smoke", "analyze=false", "data.val_tokens_per_domain=4096", *overrides]))
+                cfg = to_train_config(
+                    compose(
+                        config_name="train",
+                        overrides=["experiment=smoke", "analyze=false", "data.val_tokens_per_domain=4096", *overrides],
+                    )
+                )
             run_experiment(cfg, root / job)
             analyze_run(root / job, FAST)
     finally:
@@ -111,8 +117,17 @@ def test_sweep_fixture_is_found_as_a_sweep(sweep_dir):
     assert sweep.axes == ["balance.scope", "seed"] and sweep.main_axis == "balance.scope"
 
 
-SPECIALIZATION_FIGURES = {"domain_expert_by_domain", "domain_expert_by_expert", "domain_expert_gate_weighted", "nmi",
-                          "information", "knockout", "cka", "loss_curves", "loss"}
+SPECIALIZATION_FIGURES = {
+    "domain_expert_by_domain",
+    "domain_expert_by_expert",
+    "domain_expert_gate_weighted",
+    "nmi",
+    "information",
+    "knockout",
+    "cka",
+    "loss_curves",
+    "loss",
+}
 SWEEP_FIGURES = {"sweep", "sweep_domain_expert_by_domain", "sweep_domain_expert_by_expert"}
 
 
@@ -123,8 +138,9 @@ def test_specialization_notebook_runs_on_a_run_dir(sweep_dir, tmp_path, kernel_e
     assert saved == SPECIALIZATION_FIGURES
     assert all(p.stat().st_size > 5000 for p in (tmp_path / "figs").glob("*.png"))
     assert png_outputs(nb) == len(SPECIALIZATION_FIGURES)
-    text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.outputs)
+    text = "".join(
+        o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert str(run_dir) in text and "**Verdict:" in text and "## Verdict per layer" in text
     assert "cell 3 has outputs: clear them before committing" in problems(nb)  # the check catches an executed one
 
@@ -133,6 +149,7 @@ def test_sweep_notebook_runs_on_a_multirun_dir(sweep_dir, tmp_path, kernel_env):
     nb = execute("sweep.ipynb", {"sweep_dir": str(sweep_dir), "figures_dir": str(tmp_path / "figs")}, tmp_path)
     assert {p.stem for p in (tmp_path / "figs").glob("*.png")} == SWEEP_FIGURES
     assert png_outputs(nb) == len(SWEEP_FIGURES)
-    text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.outputs)
+    text = "".join(
+        o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert "2 runs under" in text and "scope=global_batch, seed=1" in text

@@ -80,9 +80,12 @@ def test_bonferroni_interval_widens_to_the_family_level():
 
 
 def test_loss_contrasts_pair_each_arm_with_the_baseline_of_its_seed():
-    rows = [{"corpus": "c", "arm": arm, "seed": s, "layer": layer, "loss_moe_all": base + delta}
-            for s, base in ((0, 3.0), (1, 4.0), (2, 5.0)) for layer in (0, 1)
-            for arm, delta in (("hash", 0.0), ("micro_batch", 0.1), ("global_batch", -0.2))]
+    rows = [
+        {"corpus": "c", "arm": arm, "seed": s, "layer": layer, "loss_moe_all": base + delta}
+        for s, base in ((0, 3.0), (1, 4.0), (2, 5.0))
+        for layer in (0, 1)
+        for arm, delta in (("hash", 0.0), ("micro_batch", 0.1), ("global_batch", -0.2))
+    ]
     deltas = {d["arm"]: d for d in loss_contrasts(rows, baseline="hash")}
     assert set(deltas) == {"micro_batch", "global_batch"}
     assert deltas["micro_batch"]["delta"]["mean"] == pytest.approx(0.1)
@@ -92,9 +95,19 @@ def test_loss_contrasts_pair_each_arm_with_the_baseline_of_its_seed():
 
 def test_loss_gaps_are_paired_by_seed():
     # Two seeds whose twins differ a lot but whose MoE is always 0.1 better: the paired gap has no spread.
-    rows = [{"path": f"run{s}", "corpus": "c", "arm": "global_batch", "seed": s, "layer": 0,
-             "loss_moe_all": base - 0.1, "loss_dense_active_all": base, "loss_dense_total_all": base - 0.2}
-            for s, base in ((0, 3.0), (1, 5.0))]
+    rows = [
+        {
+            "path": f"run{s}",
+            "corpus": "c",
+            "arm": "global_batch",
+            "seed": s,
+            "layer": 0,
+            "loss_moe_all": base - 0.1,
+            "loss_dense_active_all": base,
+            "loss_dense_total_all": base - 0.2,
+        }
+        for s, base in ((0, 3.0), (1, 5.0))
+    ]
     rows.append({**rows[0], "layer": 1})  # a second layer of the same run must not count twice
     (gap,) = loss_gaps(rows)
     assert gap["gap_dense_active"]["all"]["n"] == 2
@@ -106,9 +119,19 @@ def test_loss_gaps_are_paired_by_seed():
 
 def test_contrasts_pair_arms_by_seed():
     # Seeds differ a lot; global_batch is always 0.05 above micro_batch: the paired interval is exact.
-    rows = [{"corpus": "c", "arm": arm, "layer": 0, "seed": s, "nmi": base + (0.05 if arm == "global_batch" else 0),
-             "cmi_excess": 0.0, "ko_selectivity": 0.0}
-            for s, base in ((0, 0.1), (1, 0.4), (2, 0.7)) for arm in ("micro_batch", "global_batch")]
+    rows = [
+        {
+            "corpus": "c",
+            "arm": arm,
+            "layer": 0,
+            "seed": s,
+            "nmi": base + (0.05 if arm == "global_batch" else 0),
+            "cmi_excess": 0.0,
+            "ko_selectivity": 0.0,
+        }
+        for s, base in ((0, 0.1), (1, 0.4), (2, 0.7))
+        for arm in ("micro_batch", "global_batch")
+    ]
     rows.append({**rows[-1], "seed": 3})  # no micro_batch partner: left out
     (c,) = paired_contrasts(rows)
     assert (c["arm"], c["baseline"], c["seeds"]) == ("global_batch", "micro_batch", [0, 1, 2])
@@ -155,9 +178,18 @@ def test_two_dense_jobs_for_the_same_twins_are_an_error(smoke_sweep, tmp_path):
 
 
 def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
-    result = _run(["analysis.sweep", f"sweep_dir={smoke_sweep}", "analysis.n_permutations=20",
-                   "analysis.n_bootstrap=20", "analysis.knockout_tokens=512", "analysis.probe_tokens=256",
-                   "trajectory_arms=[global_batch]"], smoke_sweep)
+    result = _run(
+        [
+            "analysis.sweep",
+            f"sweep_dir={smoke_sweep}",
+            "analysis.n_permutations=20",
+            "analysis.n_bootstrap=20",
+            "analysis.knockout_tokens=512",
+            "analysis.probe_tokens=256",
+            "trajectory_arms=[global_batch]",
+        ],
+        smoke_sweep,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = smoke_sweep / "summary"
     sweep = load_sweep(smoke_sweep)
@@ -176,8 +208,9 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
         run = next(r for r in moe_runs if str(r.path) == row["path"])
         twin = dense_by_seed[run.config["seed"]].comparison
         assert float(row["loss_moe_all"]) == pytest.approx(run.comparison["moe"]["val_loss"]["all"])
-        assert float(row["loss_gap"]) == pytest.approx(run.comparison["moe"]["val_loss"]["all"]
-                                                       - twin["dense_active"]["val_loss"]["all"])
+        assert float(row["loss_gap"]) == pytest.approx(
+            run.comparison["moe"]["val_loss"]["all"] - twin["dense_active"]["val_loss"]["all"]
+        )
         layer = run.summary["layers"][int(row["layer"])]
         assert float(row["nmi"]) == pytest.approx(layer["measures"]["nmi"]["value"])
         assert float(row["cmi_high"]) == pytest.approx(layer["measures"]["cmi"]["ci_high"])
@@ -188,15 +221,22 @@ def test_moe_sweep_cli_analyzes_and_aggregates(smoke_sweep):
     assert first["nmi"]["n"] == 2 and first["nmi"]["mean"] == pytest.approx(sum(values) / 2)
     text = (out / "results.md").read_text()
     assert "| synthetic(overlap=0.5) | global_batch | 0 |" in text
-    for name in ("measures_by_arm", "seeds_synthetic_overlap_0.5", "trajectory_synthetic_overlap_0.5_global_batch_seed0"):
+    for name in (
+        "measures_by_arm",
+        "seeds_synthetic_overlap_0.5",
+        "trajectory_synthetic_overlap_0.5_global_batch_seed0",
+    ):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
     # Specialization over training: seed 0's kept checkpoints (steps 2, 4, 6), saturation 1 at the last.
     (curve,) = aggregate["trajectories"]
     assert [p["step"] for p in curve["points"]] == [2, 4, 6]
     assert all(layer["saturation"] == pytest.approx(1.0) for layer in curve["points"][-1]["layers"])
     tokens_per_step = 4 * 2 * run.config["data"]["seq_len"]  # micro-batch 4 x 2 accumulation steps
-    assert [p["tokens_seen"] for p in curve["points"]] == [2 * tokens_per_step, 4 * tokens_per_step,
-                                                           6 * tokens_per_step]
+    assert [p["tokens_seen"] for p in curve["points"]] == [
+        2 * tokens_per_step,
+        4 * tokens_per_step,
+        6 * tokens_per_step,
+    ]
     # The published anchors sit in the same table as the sweep's arms.
     assert "| OLMoE-1B-7B | 15 | top-8 of 64 | 0.443 | 0.216 |" in text
 

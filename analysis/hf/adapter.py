@@ -58,8 +58,10 @@ def _import_transformers():
     try:
         import transformers
     except ImportError as e:
-        raise ImportError("analyzing a Hugging Face model (model=hf:<name>) needs `transformers`: "
-                          "pip install 'moe-specialization[hf]'") from e
+        raise ImportError(
+            "analyzing a Hugging Face model (model=hf:<name>) needs `transformers`: "
+            "pip install 'moe-specialization[hf]'"
+        ) from e
     return transformers
 
 
@@ -125,12 +127,15 @@ def _layout(output: Any) -> _Layout:
         ints = [i for i, t in enumerate(output) if isinstance(t, Tensor) and not t.is_floating_point()]
         if ints:
             shape = output[ints[0]].shape
-            floats = [i for i, t in enumerate(output)
-                      if isinstance(t, Tensor) and t.is_floating_point() and t.shape == shape]
+            floats = [
+                i for i, t in enumerate(output) if isinstance(t, Tensor) and t.is_floating_point() and t.shape == shape
+            ]
             if floats:
                 return _Layout(ints[0], 1 if 1 in floats else floats[0])
-    raise TypeError(f"unrecognized gate output {type(output).__name__}: expected router logits or a tuple "
-                    "holding expert indices and weights")
+    raise TypeError(
+        f"unrecognized gate output {type(output).__name__}: expected router logits or a tuple "
+        "holding expert indices and weights"
+    )
 
 
 class HFMoELayer:
@@ -138,8 +143,7 @@ class HFMoELayer:
     `router` (a `RouterShim`), `experts` (`HFExperts`), `register_forward_pre_hook` (on the
     block's input, which the gate and the experts receive)."""
 
-    def __init__(self, block_index: int, block: nn.Module, rule: RoutingRule, router: RouterShim,
-                 owner: "HFMoEModel"):
+    def __init__(self, block_index: int, block: nn.Module, rule: RoutingRule, router: RouterShim, owner: "HFMoEModel"):
         self.block_index, self.block, self.gate, self.rule, self.router = block_index, block, block.gate, rule, router
         self.experts = HFExperts(block.experts, router.num_experts)
         self._owner = owner
@@ -175,19 +179,26 @@ class HFMoELayer:
                 indices, weights = output[layout.indices_at], output[layout.weights_at]
                 if not self._verified:
                     self._verify(rule, indices, weights)
-        routing = Routing(indices.long(), weights.float(), logits.float(), rule.probs,
-                          torch.ones(indices.shape, dtype=torch.bool, device=indices.device))
+        routing = Routing(
+            indices.long(),
+            weights.float(),
+            logits.float(),
+            rule.probs,
+            torch.ones(indices.shape, dtype=torch.bool, device=indices.device),
+        )
         device = self.router.expert_mask.device
         if routing.indices.device != device:
-            routing = Routing(*(getattr(routing, f.name).to(device, non_blocking=True)
-                                for f in dataclasses.fields(routing)))
+            routing = Routing(
+                *(getattr(routing, f.name).to(device, non_blocking=True) for f in dataclasses.fields(routing))
+            )
         final = self.router(routing)
         self._owner._collect(final)
         if layout.indices_at is None:
             if final is not routing:
                 raise NotImplementedError(
                     "changing single assignments (top-1 knockout) needs a gate that returns its experts and "
-                    "weights (transformers >= 5); this gate returns only logits, from which its block routes")
+                    "weights (transformers >= 5); this gate returns only logits, from which its block routes"
+                )
             return logits if masked else None  # the block routes from the masked logits
         if final is routing and not masked:
             return None  # the gate's output, untouched
@@ -218,7 +229,8 @@ class HFMoELayer:
                 f"the {self._owner.family.name} routing rule ({self.rule.describe()}) does not reproduce the "
                 f"gate of decoder layer {self.block_index} under transformers {version} ({mismatch:.2%} of tokens "
                 "choose other experts, or the weights differ); knockouts would use a wrong rule. "
-                "Update analysis/hf/rules.py for this release.")
+                "Update analysis/hf/rules.py for this release."
+            )
         self._verified = True
 
 
@@ -280,8 +292,7 @@ class HFMoEModel(nn.Module):
         if self._routings is not None:
             self._routings.append(routing)
 
-    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
-                domain_BS: Tensor | None = None) -> LMOutput:
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None) -> LMOutput:
         """domain_BS is accepted for the `LanguageModel` signature and unused (HF routers never see it).
         logits [B, S, V] in the model's dtype; token_loss [B, S] next-token loss (nats, float32,
         computed one row at a time to bound the float32 copy of the logits, on the tokens' device);
@@ -294,8 +305,9 @@ class HFMoEModel(nn.Module):
         if targets_BS is None:
             return LMOutput(logits, None, None, routings)
         targets = targets_BS.to(logits.device)
-        token_loss = torch.stack([F.cross_entropy(logits[b].float(), targets[b], reduction="none")
-                                  for b in range(logits.shape[0])]).to(tokens_BS.device)
+        token_loss = torch.stack(
+            [F.cross_entropy(logits[b].float(), targets[b], reduction="none") for b in range(logits.shape[0])]
+        ).to(tokens_BS.device)
         return LMOutput(logits, token_loss, token_loss.mean(), routings)
 
     def describe(self) -> dict[str, Any]:
@@ -341,6 +353,7 @@ def load_hf_model(name: str, *, device: str = "cpu", dtype: str = "auto", revisi
     kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype
     try:
         import accelerate  # noqa: F401  (lets from_pretrained place weights straight on the device)
+
         has_accelerate = True
     except ImportError:
         has_accelerate = False

@@ -70,22 +70,32 @@ from moe.model import LanguageModel
 from moe.modes import eval_mode
 from moe.validation import check_choice
 
-__all__ = ["EXPORT_FAMILIES", "ExportConfig", "ExportError", "ExportPlan", "ExportResult", "build_hf_model",
-           "export_hf", "plan_export"]
+__all__ = [
+    "EXPORT_FAMILIES",
+    "ExportConfig",
+    "ExportError",
+    "ExportPlan",
+    "ExportResult",
+    "build_hf_model",
+    "export_hf",
+    "plan_export",
+]
 
 EXPORT_FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "glm4_moe": "GLM-4-MoE"}
-_MLA = ("uses multi-head latent attention (a low-rank, RMS-normalized key/value latent and one rotary key "
-        "shared by all heads), which cannot express ordinary multi-head attention")
+_MLA = (
+    "uses multi-head latent attention (a low-rank, RMS-normalized key/value latent and one rotary key "
+    "shared by all heads), which cannot express ordinary multi-head attention"
+)
 # Families the analysis reads (analysis.hf.families) whose attention differs from ours in every setting.
 UNEXPRESSIBLE = {
     "olmoe": "OLMoE always normalizes queries and keys (q_norm, k_norm over the projections); this model's "
-             "attention does not. Its routing rule (softmax top-k, not renormalized) exports exactly as qwen2_moe "
-             "with norm_topk_prob=false",
+    "attention does not. Its routing rule (softmax top-k, not renormalized) exports exactly as qwen2_moe "
+    "with norm_topk_prob=false",
     "qwen3_moe": "Qwen3-MoE always normalizes each head's queries and keys (q_norm, k_norm); this model's "
-                 "attention does not. Its routing rule exports as qwen2_moe (or mixtral)",
+    "attention does not. Its routing rule exports as qwen2_moe (or mixtral)",
     "deepseek_v2": f"DeepSeek-V2 {_MLA}",
     "deepseek_v3": f"DeepSeek-V3 {_MLA}. Its routing rule (sigmoid scores + correction bias, shared experts, dense "
-                   "first layers) with ordinary attention is GLM-4-MoE's: export router=sigmoid models as glm4_moe",
+    "first layers) with ordinary attention is GLM-4-MoE's: export router=sigmoid models as glm4_moe",
 }
 # max_position_embeddings when the run's sequence length is unknown: plain RoPE has no maximum (the
 # logits do not depend on it); generation defaults and caches read it.
@@ -137,11 +147,11 @@ class ExportResult:
 # ----------------------------------------------------------------------------- which family
 _ROUTER_REFUSALS = {
     "expert_choice": "router=expert_choice: each expert picks its tokens across the whole batch (a token gets 0..E "
-                     "experts); in every transformers MoE family each token picks its own top-k experts",
+    "experts); in every transformers MoE family each token picks its own top-k experts",
     "hash": "router=hash: experts are a fixed hash of the token id, not a learned gate; no transformers family "
-            "routes by token id",
+    "routes by token id",
     "prev_hash": "router=prev_hash: experts are a fixed hash of the previous token id, not a learned gate; no "
-                 "transformers family routes that way",
+    "transformers family routes that way",
     "domain": "router=domain reads each token's domain label, which a language model's input does not carry",
     "random": "router=random draws experts at random on every forward; no transformers family does",
 }
@@ -155,17 +165,23 @@ def plan_export(model: LanguageModel, family: str | None = None) -> ExportPlan:
     if family is not None and family in UNEXPRESSIBLE:
         raise ExportError(f"cannot export as {family}: {UNEXPRESSIBLE[family]}")
     if family is not None and family not in EXPORT_FAMILIES:
-        raise ExportError(f"family={family!r} is unknown; exportable families: {', '.join(EXPORT_FAMILIES)} "
-                          "(or none, to choose by the router)")
+        raise ExportError(
+            f"family={family!r} is unknown; exportable families: {', '.join(EXPORT_FAMILIES)} "
+            "(or none, to choose by the router)"
+        )
     cfg = model.cfg
     layers = model.moe_layers
     if not layers:
-        raise ExportError(f"the model has no MoE layer (model.ffn={cfg.ffn!r}): export the MoE model of the run "
-                          "(model=moe); a dense twin is no MoE family's")
+        raise ExportError(
+            f"the model has no MoE layer (model.ffn={cfg.ffn!r}): export the MoE model of the run "
+            "(model=moe); a dense twin is no MoE family's"
+        )
     if not all(isinstance(layer, MoELayer) and isinstance(layer.experts, GroupedExperts) for layer in layers):
-        raise ExportError("cannot export: the MoE layers' experts are not the native backend's "
-                          "(moe.experts.GroupedExperts); load the checkpoint with backend=native "
-                          "(moe.loading.load_model does)")
+        raise ExportError(
+            "cannot export: the MoE layers' experts are not the native backend's "
+            "(moe.experts.GroupedExperts); load the checkpoint with backend=native "
+            "(moe.loading.load_model does)"
+        )
     problems = []
     moe_cfg = cfg.moe
     router = layers[0].router
@@ -175,11 +191,15 @@ def plan_export(model: LanguageModel, family: str | None = None) -> ExportPlan:
     elif kind not in ("topk", "sigmoid"):
         problems.append(f"router {kind} is not one this export knows")
     if moe_cfg.capacity_factor is not None:
-        problems.append(f"model.moe.capacity_factor={moe_cfg.capacity_factor}: overflow tokens are dropped, and no "
-                        "transformers family drops tokens; export a dropless model (capacity_factor=null)")
+        problems.append(
+            f"model.moe.capacity_factor={moe_cfg.capacity_factor}: overflow tokens are dropped, and no "
+            "transformers family drops tokens; export a dropless model (capacity_factor=null)"
+        )
     if moe_cfg.activation != "swiglu":
-        problems.append(f"model.moe.activation={moe_cfg.activation!r}: every transformers MoE family uses SwiGLU "
-                        "experts (silu(gate) * up)")
+        problems.append(
+            f"model.moe.activation={moe_cfg.activation!r}: every transformers MoE family uses SwiGLU "
+            "experts (silu(gate) * up)"
+        )
     if problems:
         raise ExportError("cannot export: " + "; ".join(problems))
     renormalize = bool(router.renormalize)
@@ -187,8 +207,13 @@ def plan_export(model: LanguageModel, family: str | None = None) -> ExportPlan:
     moe_blocks = tuple(bool(block.is_moe) for block in model.blocks)
     if family is None:
         if kind == "sigmoid":
-            family, reason = "glm4_moe", ("sigmoid scores with the aux-loss-free bias: DeepSeek-V3's rule, which "
-                                          "GLM-4-MoE runs with ordinary attention")
+            family, reason = (
+                "glm4_moe",
+                (
+                    "sigmoid scores with the aux-loss-free bias: DeepSeek-V3's rule, which "
+                    "GLM-4-MoE runs with ordinary attention"
+                ),
+            )
         elif renormalize and not shared and all(moe_blocks):
             family, reason = "mixtral", "softmax top-k renormalized, no shared experts, every block MoE"
         else:
@@ -203,12 +228,28 @@ def plan_export(model: LanguageModel, family: str | None = None) -> ExportPlan:
     why_not = _misfits(family, kind, renormalize, shared, moe_blocks, moe_cfg.routed_experts, cfg.moe_every)
     if why_not:
         raise ExportError(f"cannot export as {family} ({EXPORT_FAMILIES[family]}): " + "; ".join(why_not))
-    return ExportPlan(family, reason, moe_cfg.routed_experts, moe_cfg.routed_top_k, moe_cfg.routed_width, shared,
-                      cfg.resolved_dense_width, renormalize, moe_blocks)
+    return ExportPlan(
+        family,
+        reason,
+        moe_cfg.routed_experts,
+        moe_cfg.routed_top_k,
+        moe_cfg.routed_width,
+        shared,
+        cfg.resolved_dense_width,
+        renormalize,
+        moe_blocks,
+    )
 
 
-def _misfits(family: str, kind: str, renormalize: bool, shared: int, moe_blocks: tuple[bool, ...],
-             num_experts: int, moe_every: int) -> list[str]:
+def _misfits(
+    family: str,
+    kind: str,
+    renormalize: bool,
+    shared: int,
+    moe_blocks: tuple[bool, ...],
+    num_experts: int,
+    moe_every: int,
+) -> list[str]:
     out = []
     if family in ("mixtral", "qwen2_moe") and kind != "topk":
         out.append(f"its gate is a softmax top-k; this model's router is {kind}")
@@ -224,48 +265,86 @@ def _misfits(family: str, kind: str, renormalize: bool, shared: int, moe_blocks:
     if family == "glm4_moe":
         k = moe_blocks.index(True)
         if not all(moe_blocks[k:]):
-            out.append(f"dense blocks can only come first (first_k_dense_replace); this model's MoE blocks are "
-                       f"{[i for i, m in enumerate(moe_blocks) if m]} of {len(moe_blocks)}")
+            out.append(
+                f"dense blocks can only come first (first_k_dense_replace); this model's MoE blocks are "
+                f"{[i for i, m in enumerate(moe_blocks) if m]} of {len(moe_blocks)}"
+            )
         if num_experts < 2:
             out.append("its gate scores experts by their top-2 scores, so it needs at least 2 experts")
     return out
 
 
 # ----------------------------------------------------------------------------- config and tensors
-def hf_config(model: LanguageModel, plan: ExportPlan, *, max_position_embeddings: int = DEFAULT_MAX_POSITIONS,
-              eos_token_id: int | None = None) -> Any:
+def hf_config(
+    model: LanguageModel,
+    plan: ExportPlan,
+    *,
+    max_position_embeddings: int = DEFAULT_MAX_POSITIONS,
+    eos_token_id: int | None = None,
+) -> Any:
     """The transformers config of `plan` (field names as in transformers 5's configuration_<family>.py)."""
     transformers = _import_transformers()
     cfg = model.cfg
     common = dict(
-        vocab_size=model.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, hidden_act="silu",
-        max_position_embeddings=max_position_embeddings, initializer_range=cfg.init_std,
-        rms_norm_eps=torch.finfo(torch.float32).eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)}, attention_dropout=0.0,
-        bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None,
+        vocab_size=model.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=cfg.init_std,
+        rms_norm_eps=torch.finfo(torch.float32).eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        attention_dropout=0.0,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
         num_experts_per_tok=plan.top_k,
     )
     if plan.model_type == "mixtral":
-        extra = dict(num_local_experts=plan.num_experts, intermediate_size=plan.expert_width,
-                     head_dim=cfg.d_model // cfg.n_heads, sliding_window=None, router_jitter_noise=0.0)
+        extra = dict(
+            num_local_experts=plan.num_experts,
+            intermediate_size=plan.expert_width,
+            head_dim=cfg.d_model // cfg.n_heads,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+        )
     elif plan.model_type == "qwen2_moe":
-        extra = dict(num_experts=plan.num_experts, moe_intermediate_size=plan.expert_width,
-                     shared_expert_intermediate_size=plan.shared_width, intermediate_size=plan.dense_width,
-                     norm_topk_prob=plan.renormalize, decoder_sparse_step=model.cfg.moe_every, mlp_only_layers=[],
-                     qkv_bias=False, use_sliding_window=False)
+        extra = dict(
+            num_experts=plan.num_experts,
+            moe_intermediate_size=plan.expert_width,
+            shared_expert_intermediate_size=plan.shared_width,
+            intermediate_size=plan.dense_width,
+            norm_topk_prob=plan.renormalize,
+            decoder_sparse_step=model.cfg.moe_every,
+            mlp_only_layers=[],
+            qkv_bias=False,
+            use_sliding_window=False,
+        )
     else:  # glm4_moe
-        extra = dict(n_routed_experts=plan.num_experts, moe_intermediate_size=plan.expert_width,
-                     n_shared_experts=plan.shared_width // plan.expert_width, intermediate_size=plan.dense_width,
-                     first_k_dense_replace=plan.first_dense, n_group=1, topk_group=1,
-                     norm_topk_prob=plan.renormalize, routed_scaling_factor=1.0, use_qk_norm=False,
-                     attention_bias=False, num_mtp_layers=0)
+        extra = dict(
+            n_routed_experts=plan.num_experts,
+            moe_intermediate_size=plan.expert_width,
+            n_shared_experts=plan.shared_width // plan.expert_width,
+            intermediate_size=plan.dense_width,
+            first_k_dense_replace=plan.first_dense,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=plan.renormalize,
+            routed_scaling_factor=1.0,
+            use_qk_norm=False,
+            attention_bias=False,
+            num_mtp_layers=0,
+        )
         extra["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
     config = transformers.AutoConfig.for_model(plan.model_type, **{**common, **extra})
     moe_blocks = tuple(_hf_is_moe(config, plan.model_type, i) for i in range(cfg.n_layers))
     if moe_blocks != plan.moe_blocks:  # a transformers release that places MoE blocks otherwise
-        raise ExportError(f"the {plan.model_type} config places MoE blocks at {moe_blocks}, this model at "
-                          f"{plan.moe_blocks}")
+        raise ExportError(
+            f"the {plan.model_type} config places MoE blocks at {moe_blocks}, this model at {plan.moe_blocks}"
+        )
     return config
 
 
@@ -288,12 +367,17 @@ def _rope_rows(w_RD: Tensor, n_heads: int) -> Tensor:
 def _mlp(prefix: str, mlp: DenseMLP | None, d_model: int, down_scale: float = 1.0) -> dict[str, Tensor]:
     """A SwiGLU MLP's three projections; `mlp` None: the width-0 one that stands for no shared expert."""
     if mlp is None:
-        return {f"{prefix}.gate_proj.weight": torch.zeros(0, d_model),
-                f"{prefix}.up_proj.weight": torch.zeros(0, d_model),
-                f"{prefix}.down_proj.weight": torch.zeros(d_model, 0)}
+        return {
+            f"{prefix}.gate_proj.weight": torch.zeros(0, d_model),
+            f"{prefix}.up_proj.weight": torch.zeros(0, d_model),
+            f"{prefix}.down_proj.weight": torch.zeros(d_model, 0),
+        }
     gate, up = mlp.w_in.chunk(2, dim=-1)  # [D, F] each
-    return {f"{prefix}.gate_proj.weight": gate.t(), f"{prefix}.up_proj.weight": up.t(),
-            f"{prefix}.down_proj.weight": mlp.w_out.t() * down_scale}
+    return {
+        f"{prefix}.gate_proj.weight": gate.t(),
+        f"{prefix}.up_proj.weight": up.t(),
+        f"{prefix}.down_proj.weight": mlp.w_out.t() * down_scale,
+    }
 
 
 def hf_state_dict(model: LanguageModel, plan: ExportPlan, hf_model: torch.nn.Module) -> dict[str, Tensor]:
@@ -305,14 +389,16 @@ def hf_state_dict(model: LanguageModel, plan: ExportPlan, hf_model: torch.nn.Mod
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}"
         qkv = block.attn.qkv.weight
-        out.update({
-            f"{p}.input_layernorm.weight": block.attn_norm.weight,
-            f"{p}.post_attention_layernorm.weight": block.ffn_norm.weight,
-            f"{p}.self_attn.q_proj.weight": _rope_rows(qkv[:d], h),
-            f"{p}.self_attn.k_proj.weight": _rope_rows(qkv[d:2 * d], h),
-            f"{p}.self_attn.v_proj.weight": qkv[2 * d:],
-            f"{p}.self_attn.o_proj.weight": block.attn.proj.weight,
-        })
+        out.update(
+            {
+                f"{p}.input_layernorm.weight": block.attn_norm.weight,
+                f"{p}.post_attention_layernorm.weight": block.ffn_norm.weight,
+                f"{p}.self_attn.q_proj.weight": _rope_rows(qkv[:d], h),
+                f"{p}.self_attn.k_proj.weight": _rope_rows(qkv[d : 2 * d], h),
+                f"{p}.self_attn.v_proj.weight": qkv[2 * d :],
+                f"{p}.self_attn.o_proj.weight": block.attn.proj.weight,
+            }
+        )
         if not block.is_moe:
             out.update(_mlp(f"{p}.mlp", block.ffn, d))
             continue
@@ -321,8 +407,13 @@ def hf_state_dict(model: LanguageModel, plan: ExportPlan, hf_model: torch.nn.Mod
         w_in, w_out = layer.experts.w_in, layer.experts.w_out  # [E, D, 2F], [E, F, D]
         if not getattr(hf_experts, "is_transposed", False):  # transformers 5: [E, 2F, D], [E, D, F]
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
-        out.update({f"{p}.mlp.gate.weight": layer.router.weight,
-                    f"{p}.mlp.experts.gate_up_proj": w_in, f"{p}.mlp.experts.down_proj": w_out})
+        out.update(
+            {
+                f"{p}.mlp.gate.weight": layer.router.weight,
+                f"{p}.mlp.experts.gate_up_proj": w_in,
+                f"{p}.mlp.experts.down_proj": w_out,
+            }
+        )
         if plan.model_type == "glm4_moe":
             out[f"{p}.mlp.gate.e_score_correction_bias"] = layer.router.expert_bias
             out.update(_mlp(f"{p}.mlp.shared_experts", layer.shared, d))
@@ -333,8 +424,13 @@ def hf_state_dict(model: LanguageModel, plan: ExportPlan, hf_model: torch.nn.Mod
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
-def build_hf_model(model: LanguageModel, family: str | None = None, *,
-                   max_position_embeddings: int = DEFAULT_MAX_POSITIONS, eos_token_id: int | None = None):
+def build_hf_model(
+    model: LanguageModel,
+    family: str | None = None,
+    *,
+    max_position_embeddings: int = DEFAULT_MAX_POSITIONS,
+    eos_token_id: int | None = None,
+):
     """(HF model in float32 and eval mode holding `model`'s weights, its ExportPlan). Nothing is written."""
     transformers = _import_transformers()
     plan = plan_export(model, family)
@@ -348,8 +444,10 @@ def build_hf_model(model: LanguageModel, family: str | None = None, *,
         expected.discard("lm_head.weight")  # the embedding, tied
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:  # a transformers release that names or places tensors otherwise
-        raise ExportError(f"the {plan.model_type} model of transformers {transformers.__version__} does not take "
-                          f"this mapping: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ExportError(
+            f"the {plan.model_type} model of transformers {transformers.__version__} does not take "
+            f"this mapping: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     hf_model.load_state_dict(state, strict=False)
     tied = hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
     if model.cfg.tie_embeddings and not tied:
@@ -370,9 +468,11 @@ def _verify(model: LanguageModel, hf_model: torch.nn.Module, plan: ExportPlan) -
     tolerance = 1e-4 * max(1.0, float(ours.abs().max()))
     if not diff <= tolerance:
         version = _import_transformers().__version__
-        raise ExportError(f"the exported {plan.model_type} model's logits differ from the native model's by {diff:.3g} "
-                          f"(tolerance {tolerance:.3g}) under transformers {version}: this release computes the "
-                          "family differently; nothing was written")
+        raise ExportError(
+            f"the exported {plan.model_type} model's logits differ from the native model's by {diff:.3g} "
+            f"(tolerance {tolerance:.3g}) under transformers {version}: this release computes the "
+            "family differently; nothing was written"
+        )
     return diff
 
 
@@ -411,10 +511,18 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ExportError(f"out_dir={out} exists and is not empty; pass a new directory (or overwrite=true)")
 
 
-def export_hf(source: str | Path | LanguageModel, out_dir: str | Path, family: str | None = None, *,
-              model: str = "moe", dtype: str = "float32", tokenizer: Any = None,
-              max_position_embeddings: int | None = None, verify: bool = True,
-              overwrite: bool = False) -> ExportResult:
+def export_hf(
+    source: str | Path | LanguageModel,
+    out_dir: str | Path,
+    family: str | None = None,
+    *,
+    model: str = "moe",
+    dtype: str = "float32",
+    tokenizer: Any = None,
+    max_position_embeddings: int | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+) -> ExportResult:
     """Write `source` (a moe-train run directory, whose newest checkpoint of `model` is taken, or a
     `LanguageModel`) into `out_dir` as config.json + model.safetensors (+ generation_config.json),
     with the run's tokenizer (or `tokenizer`, a `moe.data` tokenizer) when it has one that reads text.
@@ -440,8 +548,9 @@ def export_hf(source: str | Path | LanguageModel, out_dir: str | Path, family: s
             tokenizer = tokenizer if tokenizer is not None else prepared.tokenizer
             max_position_embeddings = max_position_embeddings or prepared.seq_len
     eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-    hf_model, plan = build_hf_model(native, family, eos_token_id=eos,
-                                    max_position_embeddings=max_position_embeddings or DEFAULT_MAX_POSITIONS)
+    hf_model, plan = build_hf_model(
+        native, family, eos_token_id=eos, max_position_embeddings=max_position_embeddings or DEFAULT_MAX_POSITIONS
+    )
     diff = _verify(native, hf_model, plan) if verify else None
     out.mkdir(parents=True, exist_ok=True)
     _cast(hf_model, DTYPES[dtype]).save_pretrained(str(out))  # replaces what an earlier save_pretrained wrote
@@ -469,15 +578,27 @@ def main(dict_cfg: DictConfig) -> None:
     reject_unknown_keys(dict_cfg, ExportConfig)
     cfg: ExportConfig = OmegaConf.to_object(dict_cfg)
     if not cfg.run_dir or not cfg.out_dir:
-        raise ValueError("moe-export needs run_dir=PATH (a moe-train run directory) and out_dir=PATH (where the "
-                         "Hugging Face checkpoint goes)")
+        raise ValueError(
+            "moe-export needs run_dir=PATH (a moe-train run directory) and out_dir=PATH (where the "
+            "Hugging Face checkpoint goes)"
+        )
     check_run_dir(cfg.run_dir)
-    result = export_hf(cfg.run_dir, cfg.out_dir, cfg.family, model=cfg.model, dtype=cfg.dtype, verify=cfg.verify,
-                       overwrite=cfg.overwrite)
-    checked = ("" if result.max_logit_diff is None
-               else f", logits within {result.max_logit_diff:.2g} of the native model")
-    print(f"exported {cfg.run_dir} ({cfg.model}) as {result.family} ({result.model_type}: {result.reason}) to "
-          f"{result.out_dir}{checked}{'' if result.tokenizer else '; no tokenizer (the run has none that reads text)'}")
+    result = export_hf(
+        cfg.run_dir,
+        cfg.out_dir,
+        cfg.family,
+        model=cfg.model,
+        dtype=cfg.dtype,
+        verify=cfg.verify,
+        overwrite=cfg.overwrite,
+    )
+    checked = (
+        "" if result.max_logit_diff is None else f", logits within {result.max_logit_diff:.2g} of the native model"
+    )
+    print(
+        f"exported {cfg.run_dir} ({cfg.model}) as {result.family} ({result.model_type}: {result.reason}) to "
+        f"{result.out_dir}{checked}{'' if result.tokenizer else '; no tokenizer (the run has none that reads text)'}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,21 +36,30 @@ def _no_shared(config: Any) -> None:
 
 
 def _qwen2_shared(config: Any) -> str:
-    return (f"1 shared expert (width {config.shared_expert_intermediate_size}) on every token, scaled per "
-            "token by sigmoid(shared_expert_gate x); not routed, not knocked out")
+    return (
+        f"1 shared expert (width {config.shared_expert_intermediate_size}) on every token, scaled per "
+        "token by sigmoid(shared_expert_gate x); not routed, not knocked out"
+    )
 
 
 def _deepseek_shared(config: Any) -> str | None:
     n = getattr(config, "n_shared_experts", 0) or 0
     if not n:
         return None
-    return (f"{n} shared expert(s) (width {config.moe_intermediate_size} each) on every token, ungated; "
-            "not routed, not knocked out")
+    return (
+        f"{n} shared expert(s) (width {config.moe_intermediate_size} each) on every token, ungated; "
+        "not routed, not knocked out"
+    )
 
 
 def _sigmoid_group_topk(c: Any) -> RoutingRule:
-    return SigmoidGroupTopK(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
-                            normalize=bool(c.norm_topk_prob), scale=float(c.routed_scaling_factor))
+    return SigmoidGroupTopK(
+        top_k=c.num_experts_per_tok,
+        n_group=c.n_group,
+        topk_group=c.topk_group,
+        normalize=bool(c.norm_topk_prob),
+        scale=float(c.routed_scaling_factor),
+    )
 
 
 def _softmax(normalize: Callable[[Any], bool]) -> Callable[[Any], RoutingRule]:
@@ -64,10 +73,15 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3-MoE", _softmax(lambda c: c.norm_topk_prob), _no_shared),
     "deepseek_v2": Family(
         "DeepSeek-V2",
-        lambda c: GroupLimitedSoftmax(top_k=c.num_experts_per_tok, method=c.topk_method or "greedy",
-                                      n_group=c.n_group, topk_group=c.topk_group,
-                                      scale=float(c.routed_scaling_factor)),
-        _deepseek_shared),
+        lambda c: GroupLimitedSoftmax(
+            top_k=c.num_experts_per_tok,
+            method=c.topk_method or "greedy",
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            scale=float(c.routed_scaling_factor),
+        ),
+        _deepseek_shared,
+    ),
     "deepseek_v3": Family("DeepSeek-V3", _sigmoid_group_topk, _deepseek_shared),
     # GLM-4.5: DeepSeek-V3's gate with ordinary attention; what a router=sigmoid model exports to.
     "glm4_moe": Family("GLM-4-MoE", _sigmoid_group_topk, _deepseek_shared),
@@ -78,8 +92,9 @@ def family_of(config: Any) -> Family:
     """The family of a transformers config; ValueError naming the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not a supported MoE family; supported: "
-                         f"{', '.join(sorted(FAMILIES))}")
+        raise ValueError(
+            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[model_type]
 
 

@@ -111,8 +111,9 @@ class GroupLimitedSoftmax:
 
     def __post_init__(self) -> None:
         if self.method not in ("greedy", "group_limited_greedy"):
-            raise ValueError(f"DeepSeek-V2 topk_method={self.method!r} is not supported; "
-                             "known: greedy, group_limited_greedy")
+            raise ValueError(
+                f"DeepSeek-V2 topk_method={self.method!r} is not supported; known: greedy, group_limited_greedy"
+            )
 
     def logits(self, gate: nn.Module, x_TD: Tensor) -> Tensor:
         return F.linear(x_TD.type(torch.float32), _gate_weight(gate).type(torch.float32))
@@ -128,8 +129,11 @@ class GroupLimitedSoftmax:
         return RuleOutput(indices, weights * self.scale, probs)
 
     def describe(self) -> str:
-        groups = (f", limited to the best {self.topk_group} of {self.n_group} groups (group score = max)"
-                  if self.method == "group_limited_greedy" else "")
+        groups = (
+            f", limited to the best {self.topk_group} of {self.n_group} groups (group score = max)"
+            if self.method == "group_limited_greedy"
+            else ""
+        )
         return f"softmax -> top-{self.top_k}{groups}, weights x {self.scale:g}, not renormalized"
 
 
@@ -169,8 +173,10 @@ class SigmoidGroupTopK:
 
     def describe(self) -> str:
         norm = "renormalized over the top-k" if self.normalize else "not renormalized"
-        return (f"sigmoid scores + correction bias -> top-{self.top_k} within the best {self.topk_group} of "
-                f"{self.n_group} groups (group score = sum of its top-2), weights = scores {norm}, x {self.scale:g}")
+        return (
+            f"sigmoid scores + correction bias -> top-{self.top_k} within the best {self.topk_group} of "
+            f"{self.n_group} groups (group score = sum of its top-2), weights = scores {norm}, x {self.scale:g}"
+        )
 
 
 RoutingRule = Union[SoftmaxTopK, GroupLimitedSoftmax, SigmoidGroupTopK]

@@ -24,16 +24,20 @@ def check_local_model_dir(name: str) -> None:
     path = Path(name).expanduser()
     if not (path.exists() or name.startswith(("/", "./", "../", "~")) or name in (".", "..")):
         return
-    fix = ("point model=hf: at a directory written by save_pretrained (config.json, the weights and the "
-           "tokenizer files), or at a Hub name such as allenai/OLMoE-1B-7B-0924")
+    fix = (
+        "point model=hf: at a directory written by save_pretrained (config.json, the weights and the "
+        "tokenizer files), or at a Hub name such as allenai/OLMoE-1B-7B-0924"
+    )
     where = f"model=hf:{name}: {path}"
     if not path.is_dir():
         raise ValueError(f"{where} {'is not a directory' if path.exists() else 'does not exist'}; {fix}")
     if not (path / "config.json").is_file():
         raise ValueError(f"{where} is not a Hugging Face model directory (it has no config.json); {fix}")
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"{where} has a model but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the "
-                         "model's tokenizer into it (tokenizer.save_pretrained(directory))")
+        raise ValueError(
+            f"{where} has a model but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the "
+            "model's tokenizer into it (tokenizer.save_pretrained(directory))"
+        )
 
 
 def hf_data_config(data: DataConfig | Any, name: str) -> DataConfig:
@@ -41,20 +45,33 @@ def hf_data_config(data: DataConfig | Any, name: str) -> DataConfig:
     any other tokenizer than the model's is an error (the model reads only its own ids)."""
     cfg = as_data_config(data)
     if cfg.source == "synthetic":
-        raise ValueError("data=synthetic yields token ids, not text, so a pretrained model's tokenizer cannot "
-                         "read it; use data=builtin, data=local or data=hf")
+        raise ValueError(
+            "data=synthetic yields token ids, not text, so a pretrained model's tokenizer cannot "
+            "read it; use data=builtin, data=local or data=hf"
+        )
     want = f"hf:{name}"
     if cfg.tokenizer == "bpe":
         cfg.tokenizer = want
     elif cfg.tokenizer != want:
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}, but model=hf:{name} reads only its own tokens; "
-                         f"leave data.tokenizer unset (it becomes {want!r})")
+        raise ValueError(
+            f"data.tokenizer={cfg.tokenizer!r}, but model=hf:{name} reads only its own tokens; "
+            f"leave data.tokenizer unset (it becomes {want!r})"
+        )
     return cfg
 
 
-def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg: AnalysisConfig | None = None, *,
-                     batch_size: int = 16, device: str = "cpu", dtype: str = "auto", seed: int = 0,
-                     revision: str | None = None) -> dict[str, Any]:
+def analyze_hf_model(
+    name: str,
+    data: DataConfig | Any,
+    out_dir: str | Path,
+    cfg: AnalysisConfig | None = None,
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "auto",
+    seed: int = 0,
+    revision: str | None = None,
+) -> dict[str, Any]:
     """Load `name` (Hub name or local directory), prepare `data` with its tokenizer (`seed` splits
     the documents), and write the report of its routing on the validation split into `out_dir`
     (report.md, summary.json, routing.npz, figures/, and data/ with the data manifest).
@@ -71,9 +88,18 @@ def analyze_hf_model(name: str, data: DataConfig | Any, out_dir: str | Path, cfg
     model = load_hf_model(name, device=device, dtype=dtype, revision=revision)
     top = max(int(b.tokens.max()) for batches in val.values() for b in batches)
     if top >= model.vocab_size:  # a tokenizer with added tokens the embeddings lack
-        raise ValueError(f"the tokenizer of {name} produced id {top}, outside the model's {model.vocab_size} "
-                         "embedding rows")
+        raise ValueError(
+            f"the tokenizer of {name} produced id {top}, outside the model's {model.vocab_size} embedding rows"
+        )
     out = Path(out_dir)
     prepared.save(out)
-    return analyze_model(model, val, prepared.domains, out, cfg=cfg, model_info=model.describe(),
-                         data_splits=prepared.split_counts(), data_warnings=prepared.manifest.get("warnings"))
+    return analyze_model(
+        model,
+        val,
+        prepared.domains,
+        out,
+        cfg=cfg,
+        model_info=model.describe(),
+        data_splits=prepared.split_counts(),
+        data_warnings=prepared.manifest.get("warnings"),
+    )

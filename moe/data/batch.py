@@ -54,8 +54,9 @@ class Batch:
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "Batch":
         """Copy of the batch on `device` (the four tensors moved together)."""
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in
-                       (self.tokens, self.targets, self.domain, self.doc)))
+        return Batch(
+            *(t.to(device, non_blocking=non_blocking) for t in (self.tokens, self.targets, self.domain, self.doc))
+        )
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy, so `.to("cuda", non_blocking=True)` overlaps the copy with compute."""

@@ -50,8 +50,15 @@ class DomainBudget:
     that would overflow the cap is truncated at a line to fill it exactly, then the domain is full.
     """
 
-    def __init__(self, domain: DomainText, *, max_chars: int | None, max_docs: int | None = None,
-                 max_chars_per_doc: int | None = None, dedupe: bool = False) -> None:
+    def __init__(
+        self,
+        domain: DomainText,
+        *,
+        max_chars: int | None,
+        max_docs: int | None = None,
+        max_chars_per_doc: int | None = None,
+        dedupe: bool = False,
+    ) -> None:
         self.domain = domain
         self.max_chars = max_chars
         self.max_docs = max_docs
@@ -195,10 +202,15 @@ class TextCorpus:
                 for i, doc in enumerate(self.documents):
                     row = {"domain": self.domains[self.doc_domain[i]], "source": doc.source, "text": doc.text}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            write_json(tmp / "corpus.json", {
-                "format": CORPUS_FORMAT, "source": self.source, "sha256": self.sha256,
-                "domains": self.domain_manifest(),
-            })
+            write_json(
+                tmp / "corpus.json",
+                {
+                    "format": CORPUS_FORMAT,
+                    "source": self.source,
+                    "sha256": self.sha256,
+                    "domains": self.domain_manifest(),
+                },
+            )
 
     @classmethod
     def load(cls, directory: Path) -> "TextCorpus":
@@ -207,8 +219,11 @@ class TextCorpus:
         by_name: dict[str, DomainText] = {}
         for name, info in meta["domains"].items():
             by_name[name] = DomainText(
-                name, origin=info["origin"], undecodable_bytes=info["undecodable_bytes"],
-                truncated_documents=info["truncated_documents"], skipped=list(info["skipped"]),
+                name,
+                origin=info["origin"],
+                undecodable_bytes=info["undecodable_bytes"],
+                truncated_documents=info["truncated_documents"],
+                skipped=list(info["skipped"]),
             )
         with open(directory / "documents.jsonl", encoding="utf-8") as f:
             for line in f:
@@ -223,15 +238,14 @@ class TextCorpus:
 class TokenCorpus:
     """Documents that are token ids already (the synthetic source); same interface as TextCorpus."""
 
-    def __init__(self, domains: Sequence[str], docs: Sequence[Sequence[np.ndarray]], *, source: str,
-                 origin: dict[str, str]) -> None:
+    def __init__(
+        self, domains: Sequence[str], docs: Sequence[Sequence[np.ndarray]], *, source: str, origin: dict[str, str]
+    ) -> None:
         order = sorted(range(len(domains)), key=lambda i: domains[i])
         self.source = source
         self.domains = [domains[i] for i in order]
         self.doc_tokens: list[np.ndarray] = [t for i in order for t in docs[i]]
-        self.doc_domain = np.concatenate(
-            [np.full(len(docs[i]), k, dtype=np.int64) for k, i in enumerate(order)]
-        )
+        self.doc_domain = np.concatenate([np.full(len(docs[i]), k, dtype=np.int64) for k, i in enumerate(order)])
         self.sources = [f"{domains[i]}/{j:05d}" for i in order for j in range(len(docs[i]))]
         self._origin = origin
         h = hashlib.sha256(f"token-corpus-v{CORPUS_FORMAT}".encode())

@@ -59,13 +59,19 @@ def prepare_data(cfg: DataConfig | Any, *, seed: int, cache_dir: str | Path | No
 
     weights = mixture_weights(cfg.mixture, domains)
     # Python floats: their repr (hashed here) does not change with the numpy version.
-    fingerprint = stream_fingerprint(FORMAT_VERSION, corpus.sha256, tokenizer.sha256, seed, cfg.seq_len,
-                                     tuple(round(float(w), 12) for w in weights))
+    fingerprint = stream_fingerprint(
+        FORMAT_VERSION, corpus.sha256, tokenizer.sha256, seed, cfg.seq_len, tuple(round(float(w), 12) for w in weights)
+    )
     plan = TrainPlan(store, train_docs, weights, seq_len=cfg.seq_len, seed=seed, fingerprint=fingerprint)
     val = {}
     for d, name in enumerate(domains):
-        val[name] = val_windows(store, val_order[d], seq_len=cfg.seq_len, max_tokens=cfg.val_tokens_per_domain,
-                                min_docs=cfg.min_val_docs_per_domain)
+        val[name] = val_windows(
+            store,
+            val_order[d],
+            seq_len=cfg.seq_len,
+            max_tokens=cfg.val_tokens_per_domain,
+            min_docs=cfg.min_val_docs_per_domain,
+        )
         if val[name][0].shape[0] == 0:
             raise DataError(
                 f"domain {name!r} has {int(store.doc_lengths[val_order[d]].sum())} validation tokens, fewer "
@@ -73,17 +79,33 @@ def prepare_data(cfg: DataConfig | Any, *, seed: int, cache_dir: str | Path | No
             )
     warnings_ = check_val_documents(cfg, corpus, val, val_order) + check_upsampling(cfg, domains, plan)
     sources = corpus.sources if isinstance(corpus, TokenCorpus) else [d.source for d in corpus.documents]
-    documents = [DocumentInfo(i, domains[corpus.doc_domain[i]], sources[i], "val" if is_val[i] else "train")
-                 for i in range(len(sources))]
+    documents = [
+        DocumentInfo(i, domains[corpus.doc_domain[i]], sources[i], "val" if is_val[i] else "train")
+        for i in range(len(sources))
+    ]
     manifest = _manifest(cfg, seed, cache, corpus, directory, tokenizer, store, train_docs, val, weights, fingerprint)
     manifest["warnings"] = warnings_
     texts = None if isinstance(corpus, TokenCorpus) else [d.text for d in corpus.documents]
-    return PreparedData(domains=domains, tokenizer=tokenizer, manifest=manifest, seq_len=cfg.seq_len,
-                        documents=documents, val=val, store=store, plan=plan, texts=texts, corpus_dir=directory)
+    return PreparedData(
+        domains=domains,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        seq_len=cfg.seq_len,
+        documents=documents,
+        val=val,
+        store=store,
+        plan=plan,
+        texts=texts,
+        corpus_dir=directory,
+    )
 
 
-def check_val_documents(cfg: DataConfig, corpus: TextCorpus | TokenCorpus,
-                        val: dict[str, tuple[np.ndarray, np.ndarray]], val_order: list[np.ndarray]) -> list[str]:
+def check_val_documents(
+    cfg: DataConfig,
+    corpus: TextCorpus | TokenCorpus,
+    val: dict[str, tuple[np.ndarray, np.ndarray]],
+    val_order: list[np.ndarray],
+) -> list[str]:
     """Refuse a domain with fewer than 2 documents in its validation set; warn (and return the
     messages, for the manifest) for each domain with fewer than `cfg.min_val_docs_per_domain`."""
     messages = []
@@ -93,13 +115,16 @@ def check_val_documents(cfg: DataConfig, corpus: TextCorpus | TokenCorpus,
             continue
         held = int(val_order[d].size)
         n_docs = int(np.sum(corpus.doc_domain == d))
-        what = (f"domain {name!r} has {used} document(s) in its validation set ({held} of its {n_docs} "
-                f"documents held out)")
+        what = (
+            f"domain {name!r} has {used} document(s) in its validation set ({held} of its {n_docs} documents held out)"
+        )
         fixes = _val_fixes(cfg, corpus, d, used, held, n_docs)
         if used < 2:
             raise DataError(f"{what}; document resampling needs at least 2: {fixes}")
-        message = (f"{what}, fewer than data.min_val_docs_per_domain={cfg.min_val_docs_per_domain}: document-level "
-                   f"statistics (permutation nulls, bootstrap intervals) will be weak. To get more: {fixes}")
+        message = (
+            f"{what}, fewer than data.min_val_docs_per_domain={cfg.min_val_docs_per_domain}: document-level "
+            f"statistics (permutation nulls, bootstrap intervals) will be weak. To get more: {fixes}"
+        )
         warnings.warn(message, ValidationDocumentsWarning, stacklevel=3)
         messages.append(message)
     return messages
@@ -112,10 +137,12 @@ def check_upsampling(cfg: DataConfig, domains: list[str], plan: TrainPlan) -> li
     for name, factor, tokens, weight in zip(domains, plan.upsampling(), plan.train_tokens_by_domain(), plan.weights):
         if factor <= cfg.max_upsample:
             continue
-        message = (f"domain {name!r} has {tokens} train tokens; its mixture weight {weight:.3g} repeats them "
-                   f"{factor:.3g}x per pass over the corpus, more than data.max_upsample={cfg.max_upsample:g}: the "
-                   "model will see the same documents over and over and memorize them. Add text to this domain, "
-                   "lower its weight (data.mixture), or drop it; raise data.max_upsample to accept it.")
+        message = (
+            f"domain {name!r} has {tokens} train tokens; its mixture weight {weight:.3g} repeats them "
+            f"{factor:.3g}x per pass over the corpus, more than data.max_upsample={cfg.max_upsample:g}: the "
+            "model will see the same documents over and over and memorize them. Add text to this domain, "
+            "lower its weight (data.mixture), or drop it; raise data.max_upsample to accept it."
+        )
         warnings.warn(message, UpsamplingWarning, stacklevel=3)
         messages.append(message)
     return messages
@@ -126,36 +153,49 @@ def _val_fixes(cfg: DataConfig, corpus: TextCorpus | TokenCorpus, d: int, used: 
     want = cfg.min_val_docs_per_domain
     fixes = []
     if held > used:
-        fixes.append(f"raise data.val_tokens_per_domain (now {cfg.val_tokens_per_domain}: {held} documents are "
-                     f"held out but only {used} fit)")
+        fixes.append(
+            f"raise data.val_tokens_per_domain (now {cfg.val_tokens_per_domain}: {held} documents are "
+            f"held out but only {used} fit)"
+        )
     if held < want:
         docs_needed = math.ceil(want / cfg.val_fraction)
         if cfg.source == "synthetic":
-            fixes.append(f"raise data.synthetic.tokens_per_domain (now {cfg.synthetic.tokens_per_domain}) or lower "
-                         f"data.synthetic.doc_len (now {cfg.synthetic.doc_len})")
+            fixes.append(
+                f"raise data.synthetic.tokens_per_domain (now {cfg.synthetic.tokens_per_domain}) or lower "
+                f"data.synthetic.doc_len (now {cfg.synthetic.doc_len})"
+            )
         else:
             chars = sum(len(doc.text) for doc, k in zip(corpus.documents, corpus.doc_domain) if k == d)
             cap = cfg.max_chars_per_domain
             capped = cap is not None and chars > cap - scrap_chars(cap)
             if capped:
                 suggest = math.ceil(docs_needed * chars / n_docs / 100_000) * 100_000
-                fixes.append(f"raise data.max_chars_per_domain (now {cfg.max_chars_per_domain}; about {suggest} "
-                             f"takes the {docs_needed} documents that hold out {want} at val_fraction "
-                             f"{cfg.val_fraction})")
+                fixes.append(
+                    f"raise data.max_chars_per_domain (now {cfg.max_chars_per_domain}; about {suggest} "
+                    f"takes the {docs_needed} documents that hold out {want} at val_fraction "
+                    f"{cfg.val_fraction})"
+                )
             if cfg.source == "builtin" and capped:
-                fixes.append(f"lower data.builtin.max_chars_per_doc (now {cfg.builtin.max_chars_per_doc})"
-                             + (" or data.builtin.math_problems_per_doc" if corpus.domains[d] == "math" else ""))
+                fixes.append(
+                    f"lower data.builtin.max_chars_per_doc (now {cfg.builtin.max_chars_per_doc})"
+                    + (" or data.builtin.math_problems_per_doc" if corpus.domains[d] == "math" else "")
+                )
             elif cfg.source == "builtin" and corpus.domains[d] == "legal":
-                fixes.append(f"the legal domain already holds every distinct licence text installed here ({n_docs}); "
-                             f"installing more packages (e.g. the dev extras) adds licences")
+                fixes.append(
+                    f"the legal domain already holds every distinct licence text installed here ({n_docs}); "
+                    f"installing more packages (e.g. the dev extras) adds licences"
+                )
             elif cfg.source == "builtin":
                 fixes.append(f"this domain already holds all its text on this machine ({n_docs} documents)")
             elif cfg.source == "local" and not capped:
-                fixes.append(f"add documents of this domain under data.local.path={cfg.local.path} (about "
-                             f"{docs_needed} are needed)")
+                fixes.append(
+                    f"add documents of this domain under data.local.path={cfg.local.path} (about "
+                    f"{docs_needed} are needed)"
+                )
             elif cfg.source == "hf" and not capped:
-                fixes.append("raise data.hf.max_docs_per_domain or data.hf.max_records if set, or add records of "
-                             "this domain")
+                fixes.append(
+                    "raise data.hf.max_docs_per_domain or data.hf.max_records if set, or add records of this domain"
+                )
         fixes.append(f"raise data.val_fraction (now {cfg.val_fraction}: {held} of {n_docs} documents held out)")
     return "; ".join(fixes) + "."
 
@@ -186,10 +226,16 @@ def _tokenizer(cfg: DataConfig, corpus: TextCorpus, train_docs: np.ndarray, cach
         return PretrainedTokenizer(cfg.tokenizer[3:])
     import tokenizers
 
-    key = hashlib.sha256(json.dumps([
-        corpus.sha256, cfg.vocab_size, hashlib.sha256(train_docs.astype("<i8").tobytes()).hexdigest(),
-        tokenizers.__version__,
-    ]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                corpus.sha256,
+                cfg.vocab_size,
+                hashlib.sha256(train_docs.astype("<i8").tobytes()).hexdigest(),
+                tokenizers.__version__,
+            ]
+        ).encode()
+    ).hexdigest()[:32]
     directory = tokenizer_dir(cache, cfg.vocab_size, key)
     with locked(cache, directory.name):
         if not (directory / "tokenizer.json").exists():
@@ -204,12 +250,13 @@ def _encode(tokenizer: Tokenizer, corpus: TextCorpus, chunk: int = 512) -> list[
     out = []
     texts = [d.text for d in corpus.documents]
     for i in range(0, len(texts), chunk):
-        out.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts[i:i + chunk]))
+        out.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts[i : i + chunk]))
     return out
 
 
-def _token_store(cache: Path, corpus: TextCorpus | TokenCorpus, tokenizer: Tokenizer,
-                 encode: Callable[[], Sequence[np.ndarray]]) -> TokenStore:
+def _token_store(
+    cache: Path, corpus: TextCorpus | TokenCorpus, tokenizer: Tokenizer, encode: Callable[[], Sequence[np.ndarray]]
+) -> TokenStore:
     """The document-major token array of `corpus` under `tokenizer`, from the cache or built."""
     directory = tokens_dir(cache, corpus.sha256, tokenizer.sha256)
     with locked(cache, directory.name):
@@ -225,9 +272,19 @@ def _token_store(cache: Path, corpus: TextCorpus | TokenCorpus, tokenizer: Token
         return TokenStore.load(directory, corpus.doc_domain)
 
 
-def _manifest(cfg: DataConfig, seed: int, cache: Path, corpus: TextCorpus | TokenCorpus, directory: Path | None,
-              tokenizer: Tokenizer, store: TokenStore, train_docs: np.ndarray,
-              val: dict[str, tuple[np.ndarray, np.ndarray]], weights: np.ndarray, fingerprint: str) -> dict:
+def _manifest(
+    cfg: DataConfig,
+    seed: int,
+    cache: Path,
+    corpus: TextCorpus | TokenCorpus,
+    directory: Path | None,
+    tokenizer: Tokenizer,
+    store: TokenStore,
+    train_docs: np.ndarray,
+    val: dict[str, tuple[np.ndarray, np.ndarray]],
+    weights: np.ndarray,
+    fingerprint: str,
+) -> dict:
     import tokenizers
 
     lengths = store.doc_lengths
@@ -240,8 +297,10 @@ def _manifest(cfg: DataConfig, seed: int, cache: Path, corpus: TextCorpus | Toke
         # validation set holds (documents with a token in it, input positions), the numbers a
         # document-level statistic on the validation batches rests on.
         split[name] = {
-            "train_documents": int(tr.size), "val_documents": int(va.size),
-            "train_tokens": int(lengths[tr].sum()), "val_tokens": int(lengths[va].sum()),
+            "train_documents": int(tr.size),
+            "val_documents": int(va.size),
+            "train_tokens": int(lengths[tr].sum()),
+            "val_tokens": int(lengths[va].sum()),
             "val_documents_used": int(np.unique(val[name][1]).size),
             "val_tokens_used": int(val[name][1].size),
         }
@@ -253,14 +312,19 @@ def _manifest(cfg: DataConfig, seed: int, cache: Path, corpus: TextCorpus | Toke
         "domains": corpus.domain_manifest(),
         "split": split,
         "mixture": {name: float(w) for name, w in zip(corpus.domains, weights)},
-        "tokenizer": {**tokenizer.describe(), "requested_vocab_size": cfg.vocab_size,
-                      "trained_on": "train split" if isinstance(tokenizer, BPETokenizer) else None},
+        "tokenizer": {
+            **tokenizer.describe(),
+            "requested_vocab_size": cfg.vocab_size,
+            "trained_on": "train split" if isinstance(tokenizer, BPETokenizer) else None,
+        },
         "total_tokens": int(store.tokens.size),
         "stream_fingerprint": fingerprint,
         "config": asdict(cfg),
         "environment": {
-            "python": platform.python_version(), "platform": platform.platform(),
-            "numpy": np.__version__, "tokenizers": tokenizers.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "numpy": np.__version__,
+            "tokenizers": tokenizers.__version__,
         },
         "cache": {"root": str(cache), "corpus": str(directory) if directory else None},
     }

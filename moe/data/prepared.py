@@ -48,10 +48,20 @@ class PreparedData:
     documents   `DocumentInfo` per document id
     """
 
-    def __init__(self, *, domains: list[str], tokenizer: Tokenizer, manifest: dict, seq_len: int,
-                 documents: list[DocumentInfo], val: dict[str, tuple[np.ndarray, np.ndarray]],
-                 store: TokenStore | None, plan: TrainPlan | None, texts: list[str] | None = None,
-                 corpus_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        domains: list[str],
+        tokenizer: Tokenizer,
+        manifest: dict,
+        seq_len: int,
+        documents: list[DocumentInfo],
+        val: dict[str, tuple[np.ndarray, np.ndarray]],
+        store: TokenStore | None,
+        plan: TrainPlan | None,
+        texts: list[str] | None = None,
+        corpus_dir: Path | None = None,
+    ) -> None:
         self.domains = domains
         self.tokenizer = tokenizer
         self.manifest = manifest
@@ -93,8 +103,10 @@ class PreparedData:
         windows = np.concatenate([self._val[n][0] for n in names]).astype(np.int64)
         docs = np.concatenate([self._val[n][1] for n in names])
         dom = np.concatenate([np.full(self._val[n][1].shape, self.domains.index(n), np.int64) for n in names])
-        return [Batch.from_numpy(windows[i:i + batch_size], dom[i:i + batch_size], docs[i:i + batch_size])
-                for i in range(0, windows.shape[0], batch_size)]
+        return [
+            Batch.from_numpy(windows[i : i + batch_size], dom[i : i + batch_size], docs[i : i + batch_size])
+            for i in range(0, windows.shape[0], batch_size)
+        ]
 
     def split_counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """Documents and tokens per split and domain: {"train"|"val": {domain: {"documents": n,
@@ -121,7 +133,7 @@ class PreparedData:
         if self._store is None:
             raise DataError("document tokens need the token cache; call prepare_data(cfg, seed=...)")
         o = self._store.offsets
-        return self._store.tokens[o[doc]:o[doc + 1] - 1].astype(np.int64)
+        return self._store.tokens[o[doc] : o[doc + 1] - 1].astype(np.int64)
 
     def doc_text(self, doc: int) -> str:
         """The text of document `doc` as it entered the tokenizer (text sources only).
@@ -160,18 +172,23 @@ def load_prepared(run_dir: str | Path, *, cache_dir: str | Path | None = None) -
     root = Path(run_dir)
     directory = root / RUN_SUBDIR if (root / RUN_SUBDIR / "manifest.json").exists() else root
     if not (directory / "manifest.json").exists():
-        raise DataError(f"{root} holds no prepared-data manifest ({RUN_SUBDIR}/manifest.json); "
-                        f"pass the directory a run saved its data into")
+        raise DataError(
+            f"{root} holds no prepared-data manifest ({RUN_SUBDIR}/manifest.json); "
+            f"pass the directory a run saved its data into"
+        )
     manifest = json.loads((directory / "manifest.json").read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{directory} was written by data format {manifest.get('format_version')}, this is "
-                        f"{FORMAT_VERSION}; prepare the data again")
+        raise DataError(
+            f"{directory} was written by data format {manifest.get('format_version')}, this is "
+            f"{FORMAT_VERSION}; prepare the data again"
+        )
     tokenizer = load_tokenizer(directory / "tokenizer")
     domains = sorted(manifest["domains"])
     with np.load(directory / "val.npz") as z:
         val = {name: (z[f"windows_{i}"], z[f"docs_{i}"]) for i, name in enumerate(domains)}
-    documents = [DocumentInfo(int(d), dom, src, sp)
-                 for d, dom, src, sp in json.loads((directory / "documents.json").read_text())]
+    documents = [
+        DocumentInfo(int(d), dom, src, sp) for d, dom, src, sp in json.loads((directory / "documents.json").read_text())
+    ]
     cfg = as_data_config(manifest["config"])
     seq_len = cfg.seq_len
     cache = resolve_cache_dir(cache_dir if cache_dir is not None else manifest["cache"]["root"])
@@ -182,8 +199,22 @@ def load_prepared(run_dir: str | Path, *, cache_dir: str | Path | None = None) -
         store = TokenStore.load(tokens, doc_domain)
         train_docs = np.array([d.doc for d in documents if d.split == "train"], dtype=np.int64)
         weights = mixture_weights(cfg.mixture, domains)  # recomputed exactly as prepare_data did
-        plan = TrainPlan(store, train_docs, weights, seq_len=seq_len, seed=manifest["seed"],
-                         fingerprint=manifest["stream_fingerprint"])
-    return PreparedData(domains=domains, tokenizer=tokenizer, manifest=manifest, seq_len=seq_len,
-                        documents=documents, val=val, store=store, plan=plan,
-                        corpus_dir=corpus_dir(cache, manifest["corpus_sha256"]))
+        plan = TrainPlan(
+            store,
+            train_docs,
+            weights,
+            seq_len=seq_len,
+            seed=manifest["seed"],
+            fingerprint=manifest["stream_fingerprint"],
+        )
+    return PreparedData(
+        domains=domains,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        seq_len=seq_len,
+        documents=documents,
+        val=val,
+        store=store,
+        plan=plan,
+        corpus_dir=corpus_dir(cache, manifest["corpus_sha256"]),
+    )

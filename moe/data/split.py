@@ -8,8 +8,9 @@ from moe.data.corpus import name_salt
 from moe.data.errors import DataError
 
 
-def split_documents(doc_domain: np.ndarray, domains: list[str], *, seed: int,
-                    val_fraction: float) -> tuple[np.ndarray, list[np.ndarray]]:
+def split_documents(
+    doc_domain: np.ndarray, domains: list[str], *, seed: int, val_fraction: float
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Split by document, per domain: round(val_fraction * n) documents (at least 1, at most
     n - 1) go to validation. Returns is_val bool [N_doc] and, per domain, the validation document
     ids in their (seeded) order. Each domain has its own RNG stream, so adding a domain leaves the

@@ -78,8 +78,16 @@ class EpochLayout:
 class TrainPlan:
     """Everything that defines the global train stream (shared by all ranks' `BatchStream`s)."""
 
-    def __init__(self, store: TokenStore, train_docs: np.ndarray, weights: np.ndarray, *, seq_len: int,
-                 seed: int, fingerprint: str) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        train_docs: np.ndarray,
+        weights: np.ndarray,
+        *,
+        seq_len: int,
+        seed: int,
+        fingerprint: str,
+    ) -> None:
         self.store = store
         self.seq_len = seq_len
         self.seed = seed
@@ -190,14 +198,13 @@ class BatchStream:
             if G > layout.n_seq:
                 raise DataError(f"epoch {self._epoch} has {layout.n_seq} sequences, fewer than the global batch {G}")
         start = self._position + self.rank * B
-        rows = layout.seq_order[start:start + B]
+        rows = layout.seq_order[start : start + B]
         self._position += G
         return self.plan.batch(layout, rows)
 
     def state_dict(self) -> dict:
         """Plain, picklable position of the stream (independent of rank and world size)."""
-        return {"version": 1, "epoch": self._epoch, "position": self._position,
-                "fingerprint": self.plan.fingerprint}
+        return {"version": 1, "epoch": self._epoch, "position": self._position, "fingerprint": self.plan.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state` (from `state_dict`, possibly of another rank or world size)."""
@@ -214,8 +221,9 @@ def stream_fingerprint(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def val_windows(store: TokenStore, docs: np.ndarray, *, seq_len: int, max_tokens: int,
-                min_docs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def val_windows(
+    store: TokenStore, docs: np.ndarray, *, seq_len: int, max_tokens: int, min_docs: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Validation sequences of one domain: its held-out documents `docs` (in that order) packed
     back to back, cut into n windows of S+1 tokens with stride S, n * S <= max_tokens.
 
@@ -244,9 +252,9 @@ def val_windows(store: TokenStore, docs: np.ndarray, *, seq_len: int, max_tokens
     parts = []
     for doc, t, length in zip(docs[:k].tolist(), take[:k].tolist(), lengths[:k].tolist()):
         o = int(store.offsets[doc])
-        body = store.tokens[o:o + t]
+        body = store.tokens[o : o + t]
         if t < length:  # a prefix: end it with the document's EOS
-            body = np.concatenate([store.tokens[o:o + t - 1], store.tokens[o + length - 1:o + length]])
+            body = np.concatenate([store.tokens[o : o + t - 1], store.tokens[o + length - 1 : o + length]])
         parts.append(body)
     stream = np.concatenate(parts)[: n * S + 1]
     owner = np.repeat(docs[:k], take[:k])[: n * S + 1]

@@ -108,7 +108,7 @@ class IdTokenizer:
             ids.append(self.eos_id if m.group(1) is None else int(m.group(1)))
             pos = m.end()
         if pos != len(text) or any(i > self.eos_id for i in ids):
-            raise DataError(f"{text[pos:pos + 20]!r} is not synthetic tokens; write ids as <t17> and EOS as <eos>")
+            raise DataError(f"{text[pos : pos + 20]!r} is not synthetic tokens; write ids as <t17> and EOS as <eos>")
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -160,8 +160,13 @@ class PretrainedTokenizer:
         _write_meta(Path(directory), {**self.describe(), "name": self.name})
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "sha256": self.sha256}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "sha256": self.sha256,
+        }
 
 
 Tokenizer = BPETokenizer | IdTokenizer | PretrainedTokenizer

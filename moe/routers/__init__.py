@@ -30,8 +30,9 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def build_router(cfg: RouterConfig, d_model: int, num_experts: int, top_k: int,
-                 capacity_factor: float | None) -> Router:
+def build_router(
+    cfg: RouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> Router:
     """The router `cfg.kind` names, built from its config (a base `RouterConfig` is completed with
     the kind's defaults), for `num_experts` experts, `top_k` per token."""
     cfg = resolve_router_config(cfg)
@@ -41,5 +42,16 @@ def build_router(cfg: RouterConfig, d_model: int, num_experts: int, top_k: int,
     return router
 
 
-__all__ = ["LearnedRouter", "LearnedRouterConfig", "Router", "RouterConfig", "RouterSpec", "build_router",
-           "register_router", "resolve_router_config", "router_config", "router_kinds", "router_spec"]
+__all__ = [
+    "LearnedRouter",
+    "LearnedRouterConfig",
+    "Router",
+    "RouterConfig",
+    "RouterSpec",
+    "build_router",
+    "register_router",
+    "resolve_router_config",
+    "router_config",
+    "router_kinds",
+    "router_spec",
+]

@@ -33,8 +33,10 @@ class LearnedRouterConfig(RouterConfig):
 
     def validate(self) -> None:
         if not 0 <= self.jitter < 1:  # also catches nan
-            raise ValueError(f"router.jitter={self.jitter} is out of range: it must be in [0, 1) (the router's input is "
-                             "scaled by a factor drawn from [1 - jitter, 1 + jitter])")
+            raise ValueError(
+                f"router.jitter={self.jitter} is out of range: it must be in [0, 1) (the router's input is "
+                "scaled by a factor drawn from [1 - jitter, 1 + jitter])"
+            )
 
 
 class Router(nn.Module):
@@ -81,8 +83,7 @@ class Router(nn.Module):
 class LearnedRouter(Router):
     """A linear gate W [E, D] computed in float32 even under bf16 autocast."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                 jitter: float = 0.0):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, jitter: float = 0.0):
         super().__init__(d_model, num_experts, top_k, capacity_factor)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)

@@ -20,8 +20,7 @@ class ExpertChoiceRouter(LearnedRouter):
     LM a token's routing depends on future tokens: a leak, warned about at construction.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                 jitter: float = 0.0):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, jitter: float = 0.0):
         super().__init__(d_model, num_experts, top_k, None, jitter)
         self.choice_capacity_factor = 1.0 if capacity_factor is None else capacity_factor
         warnings.warn(
@@ -34,8 +33,9 @@ class ExpertChoiceRouter(LearnedRouter):
         logits = self.compute_logits(x_TD)
         probs = torch.softmax(self._masked(logits), dim=-1)
         num_tokens = x_TD.shape[0]
-        capacity = min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts,
-                                                   self.choice_capacity_factor))
+        capacity = min(
+            num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, self.choice_capacity_factor)
+        )
         chosen_EC = torch.topk(probs.t(), capacity, dim=-1).indices
         kept = torch.zeros(num_tokens, self.num_experts, dtype=torch.bool, device=x_TD.device)
         kept[chosen_EC, torch.arange(self.num_experts, device=x_TD.device)[:, None]] = True
@@ -45,8 +45,12 @@ class ExpertChoiceRouter(LearnedRouter):
         return Routing(indices.contiguous(), weights, logits, probs, kept)
 
 
-@register_router("expert_choice", LearnedRouterConfig,
-                 summary="experts pick their top-C tokens (Zhou et al. 2022); sees future tokens")
-def build_expert_choice(cfg: LearnedRouterConfig, d_model: int, num_experts: int, top_k: int,
-                        capacity_factor: float | None) -> ExpertChoiceRouter:
+@register_router(
+    "expert_choice",
+    LearnedRouterConfig,
+    summary="experts pick their top-C tokens (Zhou et al. 2022); sees future tokens",
+)
+def build_expert_choice(
+    cfg: LearnedRouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> ExpertChoiceRouter:
     return ExpertChoiceRouter(d_model, num_experts, top_k, capacity_factor, jitter=cfg.jitter)

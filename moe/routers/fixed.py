@@ -60,8 +60,15 @@ class HashRouter(FixedRouter):
     value at a sequence start): a domain-blind router that uses the context, the sweep's control
     that the held-out I(D;E|token) must not mistake for domain specialization."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                 seed: int = 0, key: str = "token"):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float | None,
+        seed: int = 0,
+        key: str = "token",
+    ):
         super().__init__(d_model, num_experts, top_k, capacity_factor)
         if key not in ("token", "previous"):
             raise ValueError(f"HashRouter key must be 'token' or 'previous', got {key!r}")
@@ -93,34 +100,49 @@ class DomainRouter(FixedRouter):
 
     def route(self, x_TD: Tensor, keys_T: RouteKeys | None) -> Routing:
         if keys_T is None or keys_T.domain is None:
-            raise ValueError("router=domain routes by the domain label: call the model with the batch's "
-                             "domain labels (model(tokens, targets, domain))")
+            raise ValueError(
+                "router=domain routes by the domain label: call the model with the batch's "
+                "domain labels (model(tokens, targets, domain))"
+            )
         offsets = torch.arange(self.top_k, device=keys_T.domain.device)
         return self._record((keys_T.domain.long()[:, None] * self.top_k + offsets) % self.num_experts)
 
 
-@register_router("hash", HashRouterConfig, role="control",
-                 summary="a fixed hash of the token id (Hash Layers, Roller et al. 2021)")
-def build_hash(cfg: HashRouterConfig, d_model: int, num_experts: int, top_k: int,
-               capacity_factor: float | None) -> HashRouter:
+@register_router(
+    "hash", HashRouterConfig, role="control", summary="a fixed hash of the token id (Hash Layers, Roller et al. 2021)"
+)
+def build_hash(
+    cfg: HashRouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> HashRouter:
     return HashRouter(d_model, num_experts, top_k, capacity_factor, seed=cfg.hash_seed)
 
 
 @register_router("random", RouterConfig, role="control", summary="uniformly random experts on every forward")
-def build_random(cfg: RouterConfig, d_model: int, num_experts: int, top_k: int,
-                 capacity_factor: float | None) -> RandomRouter:
+def build_random(
+    cfg: RouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> RandomRouter:
     return RandomRouter(d_model, num_experts, top_k, capacity_factor)
 
 
-@register_router("prev_hash", HashRouterConfig, role="control",
-                 summary="a fixed hash of the previous token id (domain-blind, context-using)")
-def build_prev_hash(cfg: HashRouterConfig, d_model: int, num_experts: int, top_k: int,
-                    capacity_factor: float | None) -> HashRouter:
+@register_router(
+    "prev_hash",
+    HashRouterConfig,
+    role="control",
+    summary="a fixed hash of the previous token id (domain-blind, context-using)",
+)
+def build_prev_hash(
+    cfg: HashRouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> HashRouter:
     return HashRouter(d_model, num_experts, top_k, capacity_factor, seed=cfg.hash_seed, key="previous")
 
 
-@register_router("domain", RouterConfig, role="control",
-                 summary="each domain's own fixed experts, read from the domain label (DEMix; positive control)")
-def build_domain(cfg: RouterConfig, d_model: int, num_experts: int, top_k: int,
-                 capacity_factor: float | None) -> DomainRouter:
+@register_router(
+    "domain",
+    RouterConfig,
+    role="control",
+    summary="each domain's own fixed experts, read from the domain label (DEMix; positive control)",
+)
+def build_domain(
+    cfg: RouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> DomainRouter:
     return DomainRouter(d_model, num_experts, top_k, capacity_factor)

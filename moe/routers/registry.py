@@ -38,8 +38,9 @@ class RouterSpec:
 _REGISTRY: dict[str, RouterSpec] = {}
 
 
-def register_router(kind: str, config: type[RouterConfig], *, role: str = "learned", adapts_to_load: bool = False,
-                    summary: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_router(
+    kind: str, config: type[RouterConfig], *, role: str = "learned", adapts_to_load: bool = False, summary: str = ""
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering `build(config, d_model, num_experts, top_k, capacity_factor) -> Router`
     as router `kind`. Registering a kind twice is an error (two modules would fight over it)."""
     if role not in ROLES:

@@ -57,9 +57,21 @@ class SigmoidBiasRouter(LearnedRouter):
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
 
-@register_router("sigmoid", SigmoidRouterConfig, adapts_to_load=True,
-                 summary="sigmoid scores, top-k of scores + an aux-loss-free selection bias (DeepSeek-V3)")
-def build_sigmoid(cfg: SigmoidRouterConfig, d_model: int, num_experts: int, top_k: int,
-                  capacity_factor: float | None) -> SigmoidBiasRouter:
-    return SigmoidBiasRouter(d_model, num_experts, top_k, capacity_factor, jitter=cfg.jitter,
-                             renormalize=cfg.renormalize, bias_update_rate=cfg.bias_update_rate)
+@register_router(
+    "sigmoid",
+    SigmoidRouterConfig,
+    adapts_to_load=True,
+    summary="sigmoid scores, top-k of scores + an aux-loss-free selection bias (DeepSeek-V3)",
+)
+def build_sigmoid(
+    cfg: SigmoidRouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> SigmoidBiasRouter:
+    return SigmoidBiasRouter(
+        d_model,
+        num_experts,
+        top_k,
+        capacity_factor,
+        jitter=cfg.jitter,
+        renormalize=cfg.renormalize,
+        bias_update_rate=cfg.bias_update_rate,
+    )

@@ -36,15 +36,19 @@ class TopKRouter(LearnedRouter):
 
 
 @register_router("topk", TopKRouterConfig, summary="softmax then top-k (Mixtral, OLMoE, Qwen-MoE)")
-def build_topk(cfg: TopKRouterConfig, d_model: int, num_experts: int, top_k: int,
-               capacity_factor: float | None) -> TopKRouter:
+def build_topk(
+    cfg: TopKRouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> TopKRouter:
     return TopKRouter(d_model, num_experts, top_k, capacity_factor, jitter=cfg.jitter, renormalize=cfg.renormalize)
 
 
 @register_router("switch", LearnedRouterConfig, summary="top-1, weighted by the chosen expert's probability (Switch)")
-def build_switch(cfg: LearnedRouterConfig, d_model: int, num_experts: int, top_k: int,
-                 capacity_factor: float | None) -> TopKRouter:
+def build_switch(
+    cfg: LearnedRouterConfig, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> TopKRouter:
     if top_k != 1:
-        raise ValueError(f"router=switch routes each token to one expert; got model.moe.top_k={top_k}. "
-                         "Set model.moe.top_k=1 or use router=topk.")
+        raise ValueError(
+            f"router=switch routes each token to one expert; got model.moe.top_k={top_k}. "
+            "Set model.moe.top_k=1 or use router=topk."
+        )
     return TopKRouter(d_model, num_experts, top_k, capacity_factor, jitter=cfg.jitter, renormalize=False)

@@ -62,11 +62,24 @@ def synthetic_config(overlap: float = 0.3, **synthetic) -> DataConfig:
     return cfg
 
 
-def tiny_model(vocab_size: int, kind: str = "topk", *, n_layers: int = 2, num_experts: int = 4, top_k: int = 2,
-               ffn: str = "moe", seed: int = 0) -> LanguageModel:
+def tiny_model(
+    vocab_size: int,
+    kind: str = "topk",
+    *,
+    n_layers: int = 2,
+    num_experts: int = 4,
+    top_k: int = 2,
+    ffn: str = "moe",
+    seed: int = 0,
+) -> LanguageModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(ffn=ffn, d_model=32, n_layers=n_layers, n_heads=2,
-                      moe=MoEConfig(num_experts=num_experts, top_k=top_k, expert_width=32))
+    cfg = ModelConfig(
+        ffn=ffn,
+        d_model=32,
+        n_layers=n_layers,
+        n_heads=2,
+        moe=MoEConfig(num_experts=num_experts, top_k=top_k, expert_width=32),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # expert choice warns about its causal leak
         return LanguageModel(cfg, vocab_size, RouterConfig(kind=kind))

@@ -11,8 +11,9 @@ from analysis.anchors import COUNTINGS, anchor_rows, anchor_source, load_anchor_
 LN2 = np.log(2.0)
 DOMAINS = ("arxiv", "book", "c4", "github", "wikipedia")
 LAYERS = (0, 7, 15)
-TABLE_IDS = [(model, counting, layer) for model in ("OLMoE-1B-7B", "Mixtral-8x7B")
-             for counting in COUNTINGS for layer in LAYERS]
+TABLE_IDS = [
+    (model, counting, layer) for model in ("OLMoE-1B-7B", "Mixtral-8x7B") for counting in COUNTINGS for layer in LAYERS
+]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ from analysis.calibration import (
 from analysis.verdict import ENSEMBLE, SPECIALIST, VerdictThresholds
 
 
-def make_tokens(seed: int = 0, n_docs: int = 60, doc_len: int = 256, seq_len: int = 128, v: int = 120,
-                n_domains: int = 3) -> ValidationTokens:
+def make_tokens(
+    seed: int = 0, n_docs: int = 60, doc_len: int = 256, seq_len: int = 128, v: int = 120, n_domains: int = 3
+) -> ValidationTokens:
     """Documents of one domain each, over overlapping per-domain vocabularies, packed in rows."""
     rng = np.random.default_rng(seed)
     doc_domain = np.arange(n_docs) % n_domains
@@ -33,8 +34,12 @@ def make_tokens(seed: int = 0, n_docs: int = 60, doc_len: int = 256, seq_len: in
     doc = np.repeat(np.arange(n_docs), doc_len)
     token = (domain * (v // n_domains) + rng.integers(0, v // n_domains + 20, domain.size)) % v
     rows = domain.size // seq_len
-    return ValidationTokens.from_arrays(token.reshape(rows, seq_len), domain.reshape(rows, seq_len),
-                                        doc.reshape(rows, seq_len), [f"d{i}" for i in range(n_domains)])
+    return ValidationTokens.from_arrays(
+        token.reshape(rows, seq_len),
+        domain.reshape(rows, seq_len),
+        doc.reshape(rows, seq_len),
+        [f"d{i}" for i in range(n_domains)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,18 @@ def test_parse_router():
 
 def test_routers_draw_what_they_claim(tokens):
     e, k = 6, 2
-    for name in ("random", "hash", "bigram", "position", "doc_position", "doc_length", "doc:0.5", "mix", "domain:0.3",
-                 "demix"):
+    for name in (
+        "random",
+        "hash",
+        "bigram",
+        "position",
+        "doc_position",
+        "doc_length",
+        "doc:0.5",
+        "mix",
+        "domain:0.3",
+        "demix",
+    ):
         experts = draw_routing(parse_router(name), tokens, e, k, rng=0)
         assert experts.shape == (tokens.size, k) and experts.min() >= 0 and experts.max() < e
         assert (experts[:, 0] != experts[:, 1]).all(), name  # distinct experts per token
@@ -74,8 +89,15 @@ def test_battery_small(tokens):
     """A few replicates: the domain-blind routers (document-keyed at full strength, where the old
     within-token null said specialist in every run) get no specialist call, the domain-aware ones
     always do."""
-    cfg = BatteryConfig(routers=["random", "hash", "doc:1", "doc:0.5", "domain:0.5", "demix"], top_k=[1, 2],
-                        num_experts=6, replicates=4, n_permutations=99, n_bootstrap=99, seed=1)
+    cfg = BatteryConfig(
+        routers=["random", "hash", "doc:1", "doc:0.5", "domain:0.5", "demix"],
+        top_k=[1, 2],
+        num_experts=6,
+        replicates=4,
+        n_permutations=99,
+        n_bootstrap=99,
+        seed=1,
+    )
     rows, expected = run_battery(tokens, cfg)
     assert len(rows) == 6 * 2 * 4
     summary = summarize_battery(rows, expected)
@@ -106,11 +128,26 @@ def test_wilson_interval():
 def test_moe_calibrate_cli(tmp_path):
     out = tmp_path / "cal"
     result = subprocess.run(
-        [sys.executable, "-m", "analysis.calibrate", "data=synthetic", "data.synthetic.tokens_per_domain=12000",
-         "data.val_tokens_per_domain=4096", "data.seq_len=64", f"data.cache_dir={tmp_path / 'cache'}",
-         "battery.routers=[random,doc:1,demix]", "battery.top_k=[1]", "battery.replicates=2",
-         "battery.n_permutations=49", "battery.n_bootstrap=49", f"out_dir={out}"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "analysis.calibrate",
+            "data=synthetic",
+            "data.synthetic.tokens_per_domain=12000",
+            "data.val_tokens_per_domain=4096",
+            "data.seq_len=64",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "battery.routers=[random,doc:1,demix]",
+            "battery.top_k=[1]",
+            "battery.replicates=2",
+            "battery.n_permutations=49",
+            "battery.n_bootstrap=49",
+            f"out_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     text = (out / "calibration.md").read_text()
     assert "## Targets" in text and "doc:1" in text and "documents" in text

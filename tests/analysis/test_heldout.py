@@ -17,8 +17,9 @@ from analysis.information import conditional_mutual_information, entropy, token_
 D, E, K = 3, 6, 2
 
 
-def corpus(rng: np.random.Generator, routing: str, n_docs: int = 36, doc_len: int = 120, v: int = 60,
-           strength: float = 1.0):
+def corpus(
+    rng: np.random.Generator, routing: str, n_docs: int = 36, doc_len: int = 120, v: int = 60, strength: float = 1.0
+):
     """Documents of one domain each; each domain draws tokens from its own (overlapping) range of a
     vocabulary of v ids. routing: "token" (experts by token id only), "doc" (token id plus a random
     expert preference per document, independent of the domain: a topic/style effect), "domain"
@@ -40,15 +41,18 @@ def corpus(rng: np.random.Generator, routing: str, n_docs: int = 36, doc_len: in
 
 
 def heldout(token, domain, doc, experts, seed=0, **kw):
-    return heldout_conditional_information(context_keys(token), domain, doc, experts, D, E, rng=seed,
-                                           n_resamples=300, **kw)
+    return heldout_conditional_information(
+        context_keys(token), domain, doc, experts, D, E, rng=seed, n_resamples=300, **kw
+    )
 
 
 def within_token_shuffle_p(token, domain, experts, rng, n=99) -> float:
     """The old test, as a reference: shuffle domains among the occurrences of each token (as if
     occurrences were independent) and recompute the plug-in I(D;E|T)."""
+
     def cmi(dom):
         return conditional_mutual_information(token_domain_expert_counts(token, dom, experts, token.max() + 1, D, E))
+
     obs = cmi(domain)
     order = np.argsort(token, kind="stable")
     null = []
@@ -156,6 +160,17 @@ def test_too_few_records_leave_cmi_unmeasured_instead_of_failing():
     token = np.arange(n)
     experts = rng.integers(0, 8, (n, 1))
     docs = doc_expert_counts(doc, domain, experts, 4, 8)
-    ev = routing_evidence(docs, 4, 8, token=token, prev_token=np.full(n, -1), domain=domain, doc=doc,
-                          experts=experts, n_permutations=9, n_bootstrap=9, rng=0)
+    ev = routing_evidence(
+        docs,
+        4,
+        8,
+        token=token,
+        prev_token=np.full(n, -1),
+        domain=domain,
+        doc=doc,
+        experts=experts,
+        n_permutations=9,
+        n_bootstrap=9,
+        rng=0,
+    )
     assert ev.cmi is None and "too few records" in ev.cmi_note

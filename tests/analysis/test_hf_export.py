@@ -41,14 +41,29 @@ VOCAB = 97
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 
 
-
-def native(vocab: int = VOCAB, *, kind: str = "topk", renormalize: bool = True, seed: int = 0, n_layers: int = 3,
-           moe_every: int = 1, tie: bool = True, **moe) -> LanguageModel:
+def native(
+    vocab: int = VOCAB,
+    *,
+    kind: str = "topk",
+    renormalize: bool = True,
+    seed: int = 0,
+    n_layers: int = 3,
+    moe_every: int = 1,
+    tie: bool = True,
+    **moe,
+) -> LanguageModel:
     """A tiny native LM whose weights look trained: decisive routing, non-unit norms, logits of order 1-10."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=32, n_layers=n_layers, n_heads=4, moe_every=moe_every, tie_embeddings=tie,
-                      init_std=0.1, rope_theta=500.0,
-                      moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_width": 16, **moe}))
+    cfg = ModelConfig(
+        d_model=32,
+        n_layers=n_layers,
+        n_heads=4,
+        moe_every=moe_every,
+        tie_embeddings=tie,
+        init_std=0.1,
+        rope_theta=500.0,
+        moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_width": 16, **moe}),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # expert choice warns about its causal leak
         fields = {"renormalize": renormalize} if kind in ("topk", "sigmoid") else {}  # the gates that have it
@@ -169,11 +184,18 @@ def test_a_transformers_release_that_computes_otherwise_is_caught_before_writing
 
 # ----------------------------------------------------------------------------- a run directory, both analysis paths
 TEXTS = {
-    "code": ["def add(x, y):\n    return x + y\n", "for i in range(10):\n    print(i * i)\n",
-             "class Stack:\n    def push(self, x):\n        self.items.append(x)\n",
-             "import os\nprint(sorted(os.listdir('.')))\n"],
-    "prose": ["the cat sat on the mat and looked at the rain", "a small dog ran across the field to the children",
-              "old letters tell of summers by the sea and the smell of salt", "she opened the window to the morning"],
+    "code": [
+        "def add(x, y):\n    return x + y\n",
+        "for i in range(10):\n    print(i * i)\n",
+        "class Stack:\n    def push(self, x):\n        self.items.append(x)\n",
+        "import os\nprint(sorted(os.listdir('.')))\n",
+    ],
+    "prose": [
+        "the cat sat on the mat and looked at the rain",
+        "a small dog ran across the field to the children",
+        "old letters tell of summers by the sea and the smell of salt",
+        "she opened the window to the morning",
+    ],
 }
 
 
@@ -188,15 +210,25 @@ def text_run(tmp_path_factory):
         (corpus / domain).mkdir(parents=True)
         for i in range(24):
             (corpus / domain / f"{i}.txt").write_text(f"{texts[i % len(texts)]} ({i})")
-    data_cfg = DataConfig(source="local", seq_len=16, vocab_size=300, val_fraction=0.5, val_tokens_per_domain=320,
-                          min_val_docs_per_domain=2)
+    data_cfg = DataConfig(
+        source="local",
+        seq_len=16,
+        vocab_size=300,
+        val_fraction=0.5,
+        val_tokens_per_domain=320,
+        min_val_docs_per_domain=2,
+    )
     data_cfg.local.path = str(corpus)
     run = root / "run"
     prepared = prepare_data(data_cfg, seed=0)
     prepared.save(run)
     model = native(prepared.vocab_size, kind="sigmoid", num_shared_experts=1, moe_every=2, n_layers=2)
-    state = {"model": model.state_dict(), "step": 1, "fingerprint": {"model": as_plain_dict(model.cfg)},
-             "config": {"router": as_plain_dict(router_config("sigmoid"))}}
+    state = {
+        "model": model.state_dict(),
+        "step": 1,
+        "fingerprint": {"model": as_plain_dict(model.cfg)},
+        "config": {"router": as_plain_dict(router_config("sigmoid"))},
+    }
     save_checkpoint(checkpoint_dir(run, "moe"), 1, state, keep_last=1)
     return run, data_cfg
 
@@ -246,8 +278,9 @@ def test_the_exported_model_is_analyzed_as_the_native_run(text_run, tmp_path):
     export_hf(run, tmp_path / "hf")
     cfg = AnalysisConfig(n_permutations=20, n_bootstrap=20, knockouts=False, probes=False)
     ours = analyze_run(run, cfg, twin=None, batch_size=4, out_dir=tmp_path / "native")
-    theirs = analyze_hf_model(str(tmp_path / "hf"), dataclasses.replace(data_cfg), tmp_path / "exported", cfg,
-                              batch_size=4)
+    theirs = analyze_hf_model(
+        str(tmp_path / "hf"), dataclasses.replace(data_cfg), tmp_path / "exported", cfg, batch_size=4
+    )
     assert theirs["model"]["family"] == "GLM-4-MoE"
     assert ours["domains"] == theirs["domains"] and ours["tokens"] == theirs["tokens"]
     a, b = (RoutingRecords.load(tmp_path / d / "routing.npz") for d in ("native", "exported"))

@@ -36,47 +36,105 @@ from moe.data.batch import Batch  # noqa: E402
 
 VOCAB = 320
 EOS = "<|endoftext|>"
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
 FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
     # Block 1 dense: MoE layers are found by structure, not assumed in every block.
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
-                      mlp_only_layers=[1], shared_expert_intermediate_size=32, norm_topk_prob=False),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+        shared_expert_intermediate_size=32,
+        norm_topk_prob=False,
+    ),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16, norm_topk_prob=True),
-    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                        first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
-                        qk_rope_head_dim=8, v_head_dim=8, topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                        routed_scaling_factor=1.5),
-    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                        first_k_dense_replace=1, num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=16,
-                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
-                        norm_topk_prob=True, routed_scaling_factor=2.5),
+    "deepseek_v2": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+    ),
+    "deepseek_v3": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
     # DeepSeek-V3's gate with ordinary attention (what moe-export writes a router=sigmoid model as).
-    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                     first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1, norm_topk_prob=False,
-                     routed_scaling_factor=1.5, num_mtp_layers=0),
+    "glm4_moe": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        num_mtp_layers=0,
+    ),
 }
 # (device, dtype): float32 checks the rules against float64 references; bf16 is what runs on GPUs.
 PRECISIONS = [
     pytest.param(("cpu", "float32"), id="cpu-fp32"),
     pytest.param(("cpu", "bfloat16"), id="cpu-bf16"),
-    pytest.param(("cuda", "bfloat16"), id="cuda-bf16", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    pytest.param(
+        ("cuda", "bfloat16"),
+        id="cuda-bf16",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
 ]
 DOMAINS = {
-    "prose": ["the cat sat on the mat and looked at the garden while the rain fell softly on the roof",
-              "a small dog ran across the field to meet the children who were walking home from school",
-              "old letters tell of summers by the sea, long evenings and the smell of salt in the air",
-              "she opened the window, and the morning light came in with the sound of birds and bells"],
-    "code": ["def add(x, y):\n    return x + y\n\nfor i in range(10):\n    print(add(i, i * 2))\n",
-             "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
-             "        self.items.append(x)\n",
-             "import os\nfor name in sorted(os.listdir('.')):\n    if name.endswith('.py'):\n        print(name)\n",
-             "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"],
+    "prose": [
+        "the cat sat on the mat and looked at the garden while the rain fell softly on the roof",
+        "a small dog ran across the field to meet the children who were walking home from school",
+        "old letters tell of summers by the sea, long evenings and the smell of salt in the air",
+        "she opened the window, and the morning light came in with the sound of birds and bells",
+    ],
+    "code": [
+        "def add(x, y):\n    return x + y\n\nfor i in range(10):\n    print(add(i, i * 2))\n",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
+        "        self.items.append(x)\n",
+        "import os\nfor name in sorted(os.listdir('.')):\n    if name.endswith('.py'):\n        print(name)\n",
+        "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    ],
 }
-
 
 
 def _tokenizer():
@@ -85,8 +143,9 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOS], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([t for texts in DOMAINS.values() for t in texts], trainer=trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
 
@@ -178,8 +237,10 @@ def test_recorded_routing_is_the_models_own(tiny_paths, model_type, precision):
     batch = _batch()
     tokens = batch.tokens.to(device)
     inputs = {}
-    pre = [layer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-           for i, layer in enumerate(model.moe_layers)]
+    pre = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+        for i, layer in enumerate(model.moe_layers)
+    ]
     with torch.no_grad(), RoutingRecorder(model, num_domains=1) as rec:
         rec.observe(batch)
         out = model.hf(input_ids=tokens, output_router_logits=True)
@@ -217,8 +278,10 @@ def _gate_outputs(model):
     """Per MoE layer, the list its gate's own outputs are appended to (a hook after the adapter's,
     which leaves an unmasked gate's output untouched), and the hook handles."""
     outputs = [[] for _ in model.moe_layers]
-    handles = [layer.gate.register_forward_hook(lambda m, a, o, out=out: out.append(o))
-               for layer, out in zip(model.moe_layers, outputs)]
+    handles = [
+        layer.gate.register_forward_hook(lambda m, a, o, out=out: out.append(o))
+        for layer, out in zip(model.moe_layers, outputs)
+    ]
     return outputs, handles
 
 
@@ -229,8 +292,10 @@ def test_captured_router_scores_are_raw_logits_and_the_rule_picks_the_gates_expe
     gate's input (rows do not sum to 1), and the family's rule on them picks the gate's own experts."""
     model = load_hf_model(str(tiny_paths[model_type]), dtype="float32")
     inputs = {}
-    pre = [layer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-           for i, layer in enumerate(model.moe_layers)]
+    pre = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+        for i, layer in enumerate(model.moe_layers)
+    ]
     gate_out, handles = _gate_outputs(model)
     with torch.no_grad():
         routings = model(_batch(3).tokens).routings
@@ -328,8 +393,10 @@ def test_top1_knockout_drops_each_tokens_highest_gate_expert(tiny_paths):
     pre.remove()
     post.remove()
     assert torch.equal(routing.kept.sum(-1), torch.full((routing.kept.shape[0],), routing.top_k - 1))
-    assert torch.equal(routing.weights.masked_fill(~routing.kept, -1).max(-1).values < routing.weights.max(-1).values,
-                       torch.ones(routing.kept.shape[0], dtype=torch.bool))
+    assert torch.equal(
+        routing.weights.masked_fill(~routing.kept, -1).max(-1).values < routing.weights.max(-1).values,
+        torch.ones(routing.kept.shape[0], dtype=torch.bool),
+    )
     x = captured["x"]
     with torch.no_grad():
         outs = torch.stack([layer.experts.expert_forward(e, x) for e in range(layer.experts.num_experts)])  # [E, T, D]
@@ -411,12 +478,28 @@ def test_moe_analyze_hf_end_to_end(tiny_paths, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_CACHE_DIR": str(tmp_path / "cache")}
     # 128 tokens per domain: enough for the held-out I(D;E|C) to be measured (a context seen 16 times
     # in the training folds) also when counting one expert per token.
-    args = [f"model=hf:{tiny_paths['deepseek_v3']}", "data=local", f"data.local.path={data}", f"out_dir={out}",
-            "data.seq_len=16", "data.val_fraction=0.5", "data.val_tokens_per_domain=128", "batch_size=4",
-            "analysis.n_permutations=10", "analysis.n_bootstrap=10", "analysis.knockout_tokens=32",
-            "analysis.probe_tokens=64"]
-    result = subprocess.run([sys.executable, "-m", "analysis.cli", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    args = [
+        f"model=hf:{tiny_paths['deepseek_v3']}",
+        "data=local",
+        f"data.local.path={data}",
+        f"out_dir={out}",
+        "data.seq_len=16",
+        "data.val_fraction=0.5",
+        "data.val_tokens_per_domain=128",
+        "batch_size=4",
+        "analysis.n_permutations=10",
+        "analysis.n_bootstrap=10",
+        "analysis.knockout_tokens=32",
+        "analysis.probe_tokens=64",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     m = summary["model"]

@@ -359,7 +359,16 @@ def test_numpy_modules_do_not_load_torch():
     import subprocess
     import sys
 
-    modules = ["analysis.records", "analysis.validation", "analysis.information", "analysis.statistics",
-               "analysis.metrics", "analysis.heldout", "moe.loads", "moe.validation", "moe.tables"]
+    modules = [
+        "analysis.records",
+        "analysis.validation",
+        "analysis.information",
+        "analysis.statistics",
+        "analysis.metrics",
+        "analysis.heldout",
+        "moe.loads",
+        "moe.validation",
+        "moe.tables",
+    ]
     code = f"import sys\nimport {', '.join(modules)}\nassert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

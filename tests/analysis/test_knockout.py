@@ -67,8 +67,9 @@ def test_damage_tables_are_full_finite_and_paired(trained_moe, trained_dense, ko
     naive = [(knocked - intact)[domain == d].mean() for d in range(4)]
     np.testing.assert_allclose(moe.damage[1, :, 2], naive, rtol=1e-9, atol=1e-12)
 
-    dense = dense_group_knockouts(trained_dense, ko_batches, 4, blocks=moe.blocks, num_experts=4,
-                                  size_factors=(0.5, 1.0, 2.0), replicates=2)
+    dense = dense_group_knockouts(
+        trained_dense, ko_batches, 4, blocks=moe.blocks, num_experts=4, size_factors=(0.5, 1.0, 2.0), replicates=2
+    )
     f = trained_dense.blocks[0].ffn.w_out.shape[0]
     assert dense.damage.shape == dense.damage_se.shape == (2, 4, 6) and np.isfinite(dense.damage).all()
     assert dense.group_size.tolist() == [[f // 8] * 2 + [f // 4] * 2 + [f // 2] * 2] * 2
@@ -132,7 +133,7 @@ def _naive_layer(layer, x, routing, drop=()):
         for j in range(routing.top_k):
             e = int(routing.indices[t, j])
             if routing.kept[t, j] and e not in drop:
-                y[t] += routing.weights[t, j] * layer.experts.expert_forward(e, x[t:t + 1])[0]
+                y[t] += routing.weights[t, j] * layer.experts.expert_forward(e, x[t : t + 1])[0]
     if layer.shared is not None:
         y = y + layer.shared(x)
     return y
@@ -144,8 +145,9 @@ def test_dropping_an_expert_removes_exactly_its_contribution(kind, make_model, s
     token by token from the intact routing without e's assignments (no re-routing, no
     renormalization); tokens that did not use e are unchanged."""
     model = make_model(synthetic_data.tokenizer.vocab_size, kind, n_layers=1).eval()
-    batch = Batch(*(t[:2] for t in (ko_batches[0].tokens, ko_batches[0].targets, ko_batches[0].domain,
-                                     ko_batches[0].doc)))
+    batch = Batch(
+        *(t[:2] for t in (ko_batches[0].tokens, ko_batches[0].targets, ko_batches[0].domain, ko_batches[0].doc))
+    )
     x, intact, routing = _layer_io(model, batch)
     layer = model.moe_layers[0]
     with torch.no_grad():
@@ -228,10 +230,12 @@ def test_dense_groups_are_seeded_random_groups_of_the_asked_sizes():
 
 
 def test_dense_groups_of_a_layer_do_not_depend_on_the_other_layers(trained_dense, ko_batches):
-    both = dense_group_knockouts(trained_dense, ko_batches[:2], 4, blocks=[0, 1], num_experts=4,
-                                 size_factors=(1.0,), replicates=2, seed=7)
-    one = dense_group_knockouts(trained_dense, ko_batches[:2], 4, blocks=[1], num_experts=4,
-                                size_factors=(1.0,), replicates=2, seed=7)
+    both = dense_group_knockouts(
+        trained_dense, ko_batches[:2], 4, blocks=[0, 1], num_experts=4, size_factors=(1.0,), replicates=2, seed=7
+    )
+    one = dense_group_knockouts(
+        trained_dense, ko_batches[:2], 4, blocks=[1], num_experts=4, size_factors=(1.0,), replicates=2, seed=7
+    )
     assert all(np.array_equal(a, b) for a, b in zip(both.groups[1], one.groups[0]))
     np.testing.assert_allclose(both.damage[1], one.damage[0])
 
@@ -279,7 +283,7 @@ def _naive_cluster_se(values, domain, cluster, d):
     n, mean = v.size, v.mean()
     ids = sorted(set(c.tolist()))
     s = sum((v[c == g] - mean).sum() ** 2 for g in ids)
-    return mean, np.sqrt(len(ids) / (len(ids) - 1) * s / n ** 2)
+    return mean, np.sqrt(len(ids) / (len(ids) - 1) * s / n**2)
 
 
 def test_cluster_mean_se_against_a_naive_loop():
@@ -312,7 +316,7 @@ def test_cluster_se_matches_the_spread_of_simulated_documents():
     """Tokens of one document share an effect: the document-robust se matches the true sd of the
     domain mean (and the per-token formula would be 3x too small)."""
     sim = simulate_damage(200, 0.01, doc_len=64, doc_sd=0.1, rng=2)
-    truth = np.sqrt(0.3 ** 2 / 4096 + 0.1 ** 2 / 64)
+    truth = np.sqrt(0.3**2 / 4096 + 0.1**2 / 64)
     assert sim.damage_se.mean() == pytest.approx(truth, rel=0.05)
     assert sim.damage.std(axis=1, ddof=1).mean() == pytest.approx(truth, rel=0.1)
     assert sim.clusters.tolist() == [64] * 4 and sim.tokens.tolist() == [4096] * 4
@@ -327,8 +331,10 @@ DAMAGES = (0.05, 0.01, 0.003)
 @pytest.fixture(scope="module")
 def simulated():
     """200 units per (profile, mean damage): 4 domains x 4,096 tokens, per-token sd 0.3 nats."""
-    return {(profile, m): simulate_damage(200, m, profile=profile, rng=i)
-            for i, (profile, m) in enumerate((p, m) for p in ("equal", "single") for m in DAMAGES)}
+    return {
+        (profile, m): simulate_damage(200, m, profile=profile, rng=i)
+        for i, (profile, m) in enumerate((p, m) for p in ("equal", "single") for m in DAMAGES)
+    }
 
 
 def test_old_selectivity_drifts_with_the_damage_and_the_corrected_cv_does_not(simulated):
@@ -341,7 +347,7 @@ def test_old_selectivity_drifts_with_the_damage_and_the_corrected_cv_does_not(si
         lower = cv_lower_bound(sim.damage, sim.damage_se)
         assert np.nanquantile(lower, 0.9) == 0.0 and 0.01 <= np.mean(lower > 0) <= 0.12
         # Zero in expectation: the noise-corrected variance excess averages 0.
-        excess = sim.damage.var(axis=0, ddof=1) - (sim.damage_se ** 2).mean(axis=0)
+        excess = sim.damage.var(axis=0, ddof=1) - (sim.damage_se**2).mean(axis=0)
         assert abs(excess.mean()) < 3 * excess.std() / np.sqrt(excess.size)
         _, p = cochran_q(sim.damage, sim.damage_se)
         assert 0.01 < np.mean(p < 0.05) < 0.11  # calibrated at every damage size
@@ -368,11 +374,15 @@ def test_matched_comparison_by_hand():
     se = 1e-3
     experts = np.array([[[0.2, 0.8, 0.0], [0.0, 0.0, 0.0]]])
     dense = np.array([[[0.04, 0.1, 0.16, 0.3], [0.04, 0.1, 0.14, 0.3]]])
-    res = matched_comparison(experts, np.full_like(experts, se), dense, np.full_like(dense, se), factor=2.0,
-                             statistic="cv")
+    res = matched_comparison(
+        experts, np.full_like(experts, se), dense, np.full_like(dense, se), factor=2.0, statistic="cv"
+    )
     np.testing.assert_allclose(res.mean_damage, [[0.1, 0.4, 0.0]])
-    assert res.matched[0].tolist() == [[False, True, True, False], [False, False, False, True],
-                                       [False, False, False, False]]
+    assert res.matched[0].tolist() == [
+        [False, True, True, False],
+        [False, False, False, True],
+        [False, False, False, False],
+    ]
     assert res.n_matched.tolist() == [[2, 1, 0]]
     # Experts hurt one domain of two, the dense groups nearly none: every expert outranks them.
     assert res.percentile[0, :2].tolist() == [1.0, 1.0]
@@ -418,7 +428,9 @@ def test_selectivity_legacy_on_hand_made_damage():
 
 def test_statistics_import_neither_torch_nor_the_model():
     # moe.validation (the shared torch-free error wording) is the one moe module allowed.
-    code = ("import sys, analysis.knockout_stats; "
-            "model = sorted(m for m in sys.modules if m.startswith('moe.') and m != 'moe.validation'); "
-            "assert 'torch' not in sys.modules and not model, model")
+    code = (
+        "import sys, analysis.knockout_stats; "
+        "model = sorted(m for m in sys.modules if m.startswith('moe.') and m != 'moe.validation'); "
+        "assert 'torch' not in sys.modules and not model, model"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

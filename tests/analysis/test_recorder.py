@@ -37,8 +37,9 @@ def mixed_batches(val_by_domain):
 
 @pytest.fixture(scope="module")
 def recording(trained_moe, mixed_batches, synthetic_data):
-    return record_routing(trained_moe, mixed_batches, num_domains=len(synthetic_data.domains),
-                          domains=synthetic_data.domains)
+    return record_routing(
+        trained_moe, mixed_batches, num_domains=len(synthetic_data.domains), domains=synthetic_data.domains
+    )
 
 
 def naive_counts(model, batches, num_domains):
@@ -49,12 +50,21 @@ def naive_counts(model, batches, num_domains):
         routed = [(b, model(b.tokens).routings) for b in batches]
     for layer in range(len(model.moe_layers)):
         E = routed[0][1][layer].num_experts
-        ref = {"domain_expert": np.zeros((num_domains, E)), "cube": np.zeros((V, num_domains, E)),
-               "doc": {}, "pairs": np.zeros((E, E)), "top1": np.zeros(E), "probs": []}
+        ref = {
+            "domain_expert": np.zeros((num_domains, E)),
+            "cube": np.zeros((V, num_domains, E)),
+            "doc": {},
+            "pairs": np.zeros((E, E)),
+            "top1": np.zeros(E),
+            "probs": [],
+        }
         for batch, routings in routed:
             r = routings[layer]
-            tok, dom, doc = (batch.tokens.reshape(-1).numpy(), batch.domain.reshape(-1).numpy(),
-                             batch.doc.reshape(-1).numpy())
+            tok, dom, doc = (
+                batch.tokens.reshape(-1).numpy(),
+                batch.domain.reshape(-1).numpy(),
+                batch.doc.reshape(-1).numpy(),
+            )
             idx, kept, w = r.indices.numpy(), r.kept.numpy(), r.weights.numpy()
             for t in range(idx.shape[0]):
                 chosen = [int(idx[t, j]) for j in range(idx.shape[1]) if kept[t, j]]
@@ -96,9 +106,12 @@ def test_counts_equal_naive_recount_of_returned_routings(trained_moe, mixed_batc
         cube[counts.cube.token, counts.cube.domain, counts.cube.expert] = counts.cube.count
         np.testing.assert_array_equal(cube, ref["cube"])
         np.testing.assert_array_equal(counts.token_expert(), ref["cube"].sum(axis=1))
-        docs = {(int(counts.docs.doc_ids[m]), e): counts.docs.counts[m, e]
-                for m in range(counts.docs.doc_ids.size) for e in range(counts.num_experts)
-                if counts.docs.counts[m, e]}
+        docs = {
+            (int(counts.docs.doc_ids[m]), e): counts.docs.counts[m, e]
+            for m in range(counts.docs.doc_ids.size)
+            for e in range(counts.num_experts)
+            if counts.docs.counts[m, e]
+        }
         assert docs == ref["doc"]
         np.testing.assert_array_equal(counts.pairs, ref["pairs"])
         np.testing.assert_array_equal(counts.top1, ref["top1"])
@@ -129,8 +142,9 @@ def test_metrics_on_records_agree_with_streamed_counts(recording):
         assert float(top1 @ top1) == pytest.approx(consecutive_expert_null(experts, gates=layer.gates))
         joint = contingency(rec.domain, experts, counts.num_domains, counts.num_experts)
         np.testing.assert_array_equal(joint, counts.domain_expert)
-        np.testing.assert_allclose(domain_shares(counts.domain_expert, counts.tokens_per_domain),
-                                   domain_specialization(joint, counts.top_k))
+        np.testing.assert_allclose(
+            domain_shares(counts.domain_expert, counts.tokens_per_domain), domain_specialization(joint, counts.top_k)
+        )
 
 
 def test_records_round_trip_npz(recording, tmp_path, synthetic_data):
@@ -238,8 +252,7 @@ def test_hash_router_on_disjoint_domains_has_domain_info_only_through_tokens(mak
     """overlap = 0: a hash router (a function of the token id) shows domain information, but no
     domain information beyond the token (held-out I(D;E|T) ~ 0, not significant)."""
     model = make_model(disjoint_data.tokenizer.vocab_size, "hash", n_layers=1, top_k=1).eval()
-    batches = interleave_domains({d: disjoint_data.val_batches(batch_size=8, domain=d)
-                                  for d in disjoint_data.domains})
+    batches = interleave_domains({d: disjoint_data.val_batches(batch_size=8, domain=d) for d in disjoint_data.domains})
     rec = record_routing(model, batches, num_domains=4)
     m = measure_layer(rec.layers[0], rec.records, 0, n_permutations=99, n_bootstrap=99, rng=0)
     nmi, cmi = m["measures"]["nmi"], m["measures"]["cmi"]
@@ -257,8 +270,13 @@ def test_routing_forced_to_the_domain_gives_nmi_one(make_model, synthetic_data, 
 
     def force(module, args, routing: Routing) -> Routing:
         idx = current["domain"].reshape(-1, 1)
-        return Routing(idx, torch.ones_like(idx, dtype=torch.float32), routing.logits, routing.probs,
-                       torch.ones_like(idx, dtype=torch.bool))
+        return Routing(
+            idx,
+            torch.ones_like(idx, dtype=torch.float32),
+            routing.logits,
+            routing.probs,
+            torch.ones_like(idx, dtype=torch.bool),
+        )
 
     handle = model.moe_layers[0].router.register_forward_hook(force)
     try:

@@ -35,6 +35,7 @@ def test_register_checks_names():
 @pytest.fixture
 def planted_measure():
     """A toy routing measure, the share of assignments on expert 0, registered for one test."""
+
     def share0(inputs) -> MeasureResult:
         load = inputs.counts.load
         return MeasureResult("share0", float(load[0] / load.sum()), null_mean=1 / inputs.counts.num_experts)
@@ -54,10 +55,15 @@ def test_a_new_measure_flows_everywhere(planted_measure, trained_moe, val_by_dom
     assert entry["value"] == pytest.approx(load[0] / load.sum())
     layer.update(layer=0, block=1, verdict={"verdict": "inconclusive", "rule": "r", "notes": [], "criteria": {}})
     layer["measures"].update(knockout={"value": None}, cka={"value": None})
-    summary = {"model": {"router": "TopK", "blocks": [1], "num_moe_layers": 1, "num_experts": 4, "top_k": 2},
-               "verdict": {"verdict": "inconclusive", "rule": "r"}, "domains": synthetic_data.domains,
-               "tokens": {"recorded": 1, "per_domain": {d: 1 for d in synthetic_data.domains}},
-               "config": {"n_permutations": 19, "n_bootstrap": 19}, "layers": [layer], "files": {}}
+    summary = {
+        "model": {"router": "TopK", "blocks": [1], "num_moe_layers": 1, "num_experts": 4, "top_k": 2},
+        "verdict": {"verdict": "inconclusive", "rule": "r"},
+        "domains": synthetic_data.domains,
+        "tokens": {"recorded": 1, "per_domain": {d: 1 for d in synthetic_data.domains}},
+        "config": {"n_permutations": 19, "n_bootstrap": 19},
+        "layers": [layer],
+        "files": {},
+    }
     assert "expert-0 share" in render_report(summary)
     assert isinstance(plot_measures(summary), Figure)
     assert columns("share0", entry)["share0"] == pytest.approx(entry["value"])
@@ -69,13 +75,18 @@ def test_top1_measures_count_each_tokens_highest_gate_expert(trained_moe, val_by
 
     from analysis.recorder import interleave_domains, record_routing
 
-    rec = record_routing(trained_moe, interleave_domains(val_by_domain), num_domains=len(synthetic_data.domains),
-                         keep_records=True)
+    rec = record_routing(
+        trained_moe, interleave_domains(val_by_domain), num_domains=len(synthetic_data.domains), keep_records=True
+    )
     layer = measure_layer(rec.layers[0], rec.records, 0, n_permutations=19, n_bootstrap=19, rng=0)
     raw = rec.records.layers[0]
     # Reference: a naive loop picking each token's highest-gate kept expert; NMI = I(D;E1) / H(D).
-    top1 = np.array([max((g, -j, e) for j, (e, g, k) in enumerate(zip(es, gs, ks)) if k)[2]
-                     for es, gs, ks in zip(raw.experts, raw.gates, raw.kept)])
+    top1 = np.array(
+        [
+            max((g, -j, e) for j, (e, g, k) in enumerate(zip(es, gs, ks)) if k)[2]
+            for es, gs, ks in zip(raw.experts, raw.gates, raw.kept)
+        ]
+    )
     domain = rec.records.domain
     h_domain = mutual_info_score(domain, domain)
     expected = mutual_info_score(domain, top1) / h_domain

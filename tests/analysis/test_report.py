@@ -25,16 +25,41 @@ from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analysis_cos
 
 FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens=512)
 
-TOP_KEYS = {"format_version", "domains", "model", "config", "tokens", "data_splits", "data_warnings", "comparison",
-            "knockout", "verdict", "layers", "files"}
-LAYER_KEYS = {"layer", "block", "tokens", "assignments", "assignments_per_token", "weighting",
-              "domain_expert_counts", "domain_specialization", "uniform_share", "coactivation",
-              "router_entropy_bits", "measures", "verdict"}
+TOP_KEYS = {
+    "format_version",
+    "domains",
+    "model",
+    "config",
+    "tokens",
+    "data_splits",
+    "data_warnings",
+    "comparison",
+    "knockout",
+    "verdict",
+    "layers",
+    "files",
+}
+LAYER_KEYS = {
+    "layer",
+    "block",
+    "tokens",
+    "assignments",
+    "assignments_per_token",
+    "weighting",
+    "domain_expert_counts",
+    "domain_specialization",
+    "uniform_share",
+    "coactivation",
+    "router_entropy_bits",
+    "measures",
+    "verdict",
+}
 
 
 def _strict_json(path):
     def no_nan(x):
         raise ValueError(f"non-standard JSON constant {x}")
+
     return json.loads(path.read_text(), parse_constant=no_nan)
 
 
@@ -42,8 +67,15 @@ def _strict_json(path):
 def full_run(trained_moe, trained_dense, val_by_domain, synthetic_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
     comparison = {"dense_total": {d: 3.0 for d in synthetic_data.domains}}
-    summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, out, dense_twin=trained_dense,
-                            comparison=comparison, cfg=AnalysisConfig(**FAST))
+    summary = analyze_model(
+        trained_moe,
+        val_by_domain,
+        synthetic_data.domains,
+        out,
+        dense_twin=trained_dense,
+        comparison=comparison,
+        cfg=AnalysisConfig(**FAST),
+    )
     return out, summary
 
 
@@ -101,8 +133,15 @@ def test_analyze_model_writes_report_summary_records_and_figures(full_run, synth
 def test_plots_draw_from_the_saved_summary_and_from_arrays(full_run):
     out, _ = full_run
     summary = _strict_json(out / "summary.json")  # what a notebook reads
-    for plot in (plot_domain_expert_heatmaps, plot_nmi, plot_knockout, plot_cka, plot_loss_comparison, plot_measures,
-                 plot_information):
+    for plot in (
+        plot_domain_expert_heatmaps,
+        plot_nmi,
+        plot_knockout,
+        plot_cka,
+        plot_loss_comparison,
+        plot_measures,
+        plot_information,
+    ):
         assert isinstance(plot(summary), Figure)
     counts = [np.array(layer["domain_expert_counts"]) for layer in summary["layers"]]
     assert isinstance(plot_domain_expert_heatmaps(counts, summary["domains"], top_k=2), Figure)
@@ -121,18 +160,22 @@ def test_nmi_plot_takes_an_interval_that_excludes_its_point(full_run):
     assert isinstance(plot_nmi(summary), Figure)
 
 
-def test_the_announced_cost_is_the_forward_passes_run(trained_moe, trained_dense, val_by_domain, synthetic_data,
-                                                     tmp_path, capsys):
+def test_the_announced_cost_is_the_forward_passes_run(
+    trained_moe, trained_dense, val_by_domain, synthetic_data, tmp_path, capsys
+):
     cfg = AnalysisConfig(**FAST)
     counted = {"moe": 0, "twin": 0}
 
     def counter(name):
         def hook(module, args):
             counted[name] += 1
+
         return hook
 
-    handles = [trained_moe.embed.register_forward_pre_hook(counter("moe")),
-               trained_dense.embed.register_forward_pre_hook(counter("twin"))]
+    handles = [
+        trained_moe.embed.register_forward_pre_hook(counter("moe")),
+        trained_dense.embed.register_forward_pre_hook(counter("twin")),
+    ]
     try:
         analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, dense_twin=trained_dense, cfg=cfg)
     finally:
@@ -159,8 +202,14 @@ def test_progress_bars_only_when_asked_or_on_a_terminal(monkeypatch):
 
 def test_analysis_without_twin_knockouts_or_probes(trained_moe, val_by_domain, synthetic_data, tmp_path):
     cfg = AnalysisConfig(n_permutations=19, n_bootstrap=19, knockouts=False, probes=False, save_records=False)
-    summary = analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, cfg=cfg,
-                            data_warnings=["domain 'syn00' has 19 document(s)"])
+    summary = analyze_model(
+        trained_moe,
+        val_by_domain,
+        synthetic_data.domains,
+        tmp_path,
+        cfg=cfg,
+        data_warnings=["domain 'syn00' has 19 document(s)"],
+    )
     assert "**data warning**: domain 'syn00' has 19 document(s)" in (tmp_path / "report.md").read_text()
     assert summary["knockout"] is None and summary["files"]["records"] is None
     assert not (tmp_path / "routing.npz").exists()

@@ -44,13 +44,31 @@ def layer_entry(i: int, nmi: float) -> dict:
     counts = [[6.0, 2.0, 0.0], [0.0, 2.0, 6.0]]  # 4 tokens per domain, k = 2, E = 3
     crit = {"name": "nmi", "verdict": "specialist", "value": nmi, "threshold": "t", "reason": "r"}
     return {
-        "layer": i, "block": i, "domain_expert_counts": counts,
-        "domain_specialization": (np.array(counts) / 4).tolist(), "uniform_share": 2 / 3,
+        "layer": i,
+        "block": i,
+        "domain_expert_counts": counts,
+        "domain_specialization": (np.array(counts) / 4).tolist(),
+        "uniform_share": 2 / 3,
         "measures": {
-            "nmi": {"value": nmi, "ci_low": nmi - 0.1, "ci_high": nmi + 0.1, "null_mean": 0.01, "p_value": 0.01,
-                    "plugin": nmi + 0.01, "null_q95": 0.02, "docs_per_domain": [31, 40]},
-            "cmi": {"value": 0.18, "ci_low": 0.1, "ci_high": 0.26, "null_mean": 0.0, "p_value": 0.01,
-                    "bits": 0.09, "h_domain_given_context_bits": 0.5},
+            "nmi": {
+                "value": nmi,
+                "ci_low": nmi - 0.1,
+                "ci_high": nmi + 0.1,
+                "null_mean": 0.01,
+                "p_value": 0.01,
+                "plugin": nmi + 0.01,
+                "null_q95": 0.02,
+                "docs_per_domain": [31, 40],
+            },
+            "cmi": {
+                "value": 0.18,
+                "ci_low": 0.1,
+                "ci_high": 0.26,
+                "null_mean": 0.0,
+                "p_value": 0.01,
+                "bits": 0.09,
+                "h_domain_given_context_bits": 0.5,
+            },
             "mi_domain": {"value": 0.5, "corrected": 0.4, "entropy_domain_bits": 1.0},
             "mi_token": {"value": 0.9, "corrected": 0.8},
             "maxvio": {"value": 0.1},
@@ -61,25 +79,35 @@ def layer_entry(i: int, nmi: float) -> dict:
     }
 
 
-def make_run(path: Path, *, seed: int = 0, scope: str = "micro_batch", analyzed: bool = True,
-             nmi: float = 0.5) -> Path:
+def make_run(path: Path, *, seed: int = 0, scope: str = "micro_batch", analyzed: bool = True, nmi: float = 0.5) -> Path:
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(
         f"seed: {seed}\nmodel:\n  moe:\n    num_experts: 3\n    top_k: 2\nbalance:\n  scope: {scope}\n"
-        "router:\n  kind: topk\ntwin:\n  match: [active]\ndata:\n  source: synthetic\ntrainer:\n  max_steps: 4\n")
-    comparison = {name: {"val_loss": {"a": loss, "b": loss + 0.5, "all": loss + 0.25}}
-                  for name, loss in (("moe", 3.0 + seed), ("dense_active", 3.5 + seed))}
+        "router:\n  kind: topk\ntwin:\n  match: [active]\ndata:\n  source: synthetic\ntrainer:\n  max_steps: 4\n"
+    )
+    comparison = {
+        name: {"val_loss": {"a": loss, "b": loss + 0.5, "all": loss + 0.25}}
+        for name, loss in (("moe", 3.0 + seed), ("dense_active", 3.5 + seed))
+    }
     (path / "comparison.json").write_text(json.dumps(comparison))
     for name in comparison:
         (path / "models" / name).mkdir(parents=True)
-        lines = [{"step": 1, "loss": 5.0}, {"step": 2, "val_loss": {"a": 4.0, "b": 4.5, "all": 4.2}},
-                 {"step": 4, "val_loss": {"a": 3.0, "b": 3.5, "all": 3.2}}, {"step": 2, "val_loss": {"a": 3.9}}]
+        lines = [
+            {"step": 1, "loss": 5.0},
+            {"step": 2, "val_loss": {"a": 4.0, "b": 4.5, "all": 4.2}},
+            {"step": 4, "val_loss": {"a": 3.0, "b": 3.5, "all": 3.2}},
+            {"step": 2, "val_loss": {"a": 3.9}},
+        ]
         (path / "models" / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     if analyzed:
-        summary = {"domains": DOMAINS, "model": {"num_moe_layers": 2, "top_k": 2, "num_experts": 3},
-                   "tokens": {"recorded": 8}, "comparison": {n: c["val_loss"] for n, c in comparison.items()},
-                   "verdict": {"verdict": "specialist", "rule": "majority"},
-                   "layers": [layer_entry(0, nmi), layer_entry(1, nmi / 2)]}
+        summary = {
+            "domains": DOMAINS,
+            "model": {"num_moe_layers": 2, "top_k": 2, "num_experts": 3},
+            "tokens": {"recorded": 8},
+            "comparison": {n: c["val_loss"] for n, c in comparison.items()},
+            "verdict": {"verdict": "specialist", "rule": "majority"},
+            "layers": [layer_entry(0, nmi), layer_entry(1, nmi / 2)],
+        }
         (path / "analysis").mkdir()
         (path / "analysis" / "summary.json").write_text(json.dumps(summary))
         (path / "analysis" / "report.md").write_text("# Report\n\nbody\n\n## Figures\n\n![x](figures/x.png)\n")
@@ -129,8 +157,11 @@ def test_val_loss_curves_without_evaluations_is_empty():
 
 def test_find_and_newest_run(sweep, tmp_path):
     runs = find_runs(tmp_path)
-    assert [p.name for p in runs] == ["balance=global_batch,seed=0", "balance=global_batch,seed=1",
-                                      "balance=micro_batch,seed=0"]
+    assert [p.name for p in runs] == [
+        "balance=global_batch,seed=0",
+        "balance=global_batch,seed=1",
+        "balance=micro_batch,seed=0",
+    ]
     newest = sweep / "balance=global_batch,seed=0"
     os.utime(newest / "comparison.json", (2e9, 2e9))
     assert newest_run(tmp_path) == newest
@@ -177,8 +208,16 @@ def test_domain_expert_from_records_counts_kept_assignments_and_gates():
     experts = np.array([[0, 1], [2, 1], [0, 2]])
     gates = np.array([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0]], dtype=np.float32)
     kept = np.array([[True, True], [True, True], [True, False]])
-    records = RoutingRecords(DOMAINS, np.arange(3), np.array([0, 1, 0]), np.arange(3), np.arange(3),
-                             [LayerRecords(experts, gates, kept)], 3, 2)
+    records = RoutingRecords(
+        DOMAINS,
+        np.arange(3),
+        np.array([0, 1, 0]),
+        np.arange(3),
+        np.arange(3),
+        [LayerRecords(experts, gates, kept)],
+        3,
+        2,
+    )
     assert domain_expert_from_records(records, 0).tolist() == [[2, 1, 0], [0, 1, 1]]
     assert domain_expert_from_records(records, -1, "gate").tolist() == [[1.75, 0.25, 0], [0, 0.5, 0.5]]
     with pytest.raises(ValueError, match="out of range"):

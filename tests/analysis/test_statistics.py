@@ -152,6 +152,7 @@ def test_domain_routing_is_significant_and_null_is_consistent():
     assert null.observed == pytest.approx(normalized_mutual_information(contingency(c["domain"], c["experts"], 3, 6)))
     assert null.samples.shape == (199,)
     assert null.mean < null.q95 < null.observed
+
     # any statistic of the joint table can be plugged in
     def total_variation(j):
         return float(np.abs(j / j.sum() - np.outer(j.sum(1), j.sum(0)) / j.sum() ** 2).sum())

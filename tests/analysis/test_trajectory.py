@@ -22,7 +22,8 @@ def test_saturation_matches_a_naive_loop_including_drops():
     now = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
     kept_now, kept_final = rng.random((n, k)) > 0.1, rng.random((n, k)) > 0.1
     assert router_saturation(now, kept_now, final, kept_final) == pytest.approx(
-        naive_saturation(now, kept_now, final, kept_final))
+        naive_saturation(now, kept_now, final, kept_final)
+    )
 
 
 def test_saturation_is_one_at_the_end_and_k_over_e_for_unrelated_routing():

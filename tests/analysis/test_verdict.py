@@ -27,12 +27,12 @@ T = VerdictThresholds()
 @pytest.mark.parametrize(
     "excess, low, high, p, expected",
     [
-        (0.30, 0.25, 0.35, 0.005, SPECIALIST),     # far above chance
-        (0.001, -0.004, 0.012, 0.40, ENSEMBLE),    # at chance, shown negligible
-        (0.012, 0.008, 0.02, 0.005, ENSEMBLE),     # significant but negligible even at the CI top
-        (0.03, 0.00, 0.11, 0.20, INCONCLUSIVE),    # not significant, wide: NOT evidence of an ensemble
-        (0.04, 0.01, 0.12, 0.01, SPECIALIST),      # significant, interval reaching the margin
-        (None, 0.0, 0.1, 0.1, INCONCLUSIVE),       # not measured
+        (0.30, 0.25, 0.35, 0.005, SPECIALIST),  # far above chance
+        (0.001, -0.004, 0.012, 0.40, ENSEMBLE),  # at chance, shown negligible
+        (0.012, 0.008, 0.02, 0.005, ENSEMBLE),  # significant but negligible even at the CI top
+        (0.03, 0.00, 0.11, 0.20, INCONCLUSIVE),  # not significant, wide: NOT evidence of an ensemble
+        (0.04, 0.01, 0.12, 0.01, SPECIALIST),  # significant, interval reaching the margin
+        (None, 0.0, 0.1, 0.1, INCONCLUSIVE),  # not measured
         (float("nan"), 0.0, 0.1, 0.1, INCONCLUSIVE),
     ],
 )
@@ -58,9 +58,9 @@ def test_margins_are_configurable():
     "share, low, high, p, h, expected",
     [
         (0.20, 0.15, 0.25, 0.005, 1.0, SPECIALIST),
-        (-0.01, -0.03, 0.01, 0.9, 1.0, ENSEMBLE),      # held-out gain at or below 0
+        (-0.01, -0.03, 0.01, 0.9, 1.0, ENSEMBLE),  # held-out gain at or below 0
         (0.05, -0.02, 0.12, 0.2, 1.0, INCONCLUSIVE),
-        (0.3, 0.2, 0.4, 0.001, 0.01, INCONCLUSIVE),    # the context determines the domain
+        (0.3, 0.2, 0.4, 0.001, 0.01, INCONCLUSIVE),  # the context determines the domain
         (None, None, None, None, 0.0, INCONCLUSIVE),
     ],
 )
@@ -86,9 +86,9 @@ def test_reported_criteria_do_not_vote():
     "nmi, cmi, expected",
     [
         (SPECIALIST, SPECIALIST, SPECIALIST),
-        (SPECIALIST, ENSEMBLE, ENSEMBLE),        # vocabulary, not domain
+        (SPECIALIST, ENSEMBLE, ENSEMBLE),  # vocabulary, not domain
         (ENSEMBLE, INCONCLUSIVE, ENSEMBLE),
-        (ENSEMBLE, SPECIALIST, INCONCLUSIVE),    # contradiction
+        (ENSEMBLE, SPECIALIST, INCONCLUSIVE),  # contradiction
         (SPECIALIST, INCONCLUSIVE, INCONCLUSIVE),
         (INCONCLUSIVE, INCONCLUSIVE, INCONCLUSIVE),
     ],
@@ -106,16 +106,38 @@ def test_majority():
 
 
 def _specialist_layer(i: int) -> LayerEvidence:
-    return LayerEvidence(layer=i, nmi_excess=0.3, nmi_excess_ci_low=0.25, nmi_excess_ci_high=0.35, nmi_p_value=0.005,
-                         cmi_share=0.2, cmi_share_ci_low=0.15, cmi_share_ci_high=0.25, cmi_p_value=0.005,
-                         h_domain_given_context=1.0, knockout_percentiles=[0.99, 0.97], cka_mean_offdiag=0.2)
+    return LayerEvidence(
+        layer=i,
+        nmi_excess=0.3,
+        nmi_excess_ci_low=0.25,
+        nmi_excess_ci_high=0.35,
+        nmi_p_value=0.005,
+        cmi_share=0.2,
+        cmi_share_ci_low=0.15,
+        cmi_share_ci_high=0.25,
+        cmi_p_value=0.005,
+        h_domain_given_context=1.0,
+        knockout_percentiles=[0.99, 0.97],
+        cka_mean_offdiag=0.2,
+    )
 
 
 def _vocabulary_layer(i: int) -> LayerEvidence:
     """Domain information in routing, all explained by the token (a hash router)."""
-    return LayerEvidence(layer=i, nmi_excess=0.3, nmi_excess_ci_low=0.25, nmi_excess_ci_high=0.35, nmi_p_value=0.005,
-                         cmi_share=0.0, cmi_share_ci_low=-0.001, cmi_share_ci_high=0.001, cmi_p_value=0.9,
-                         h_domain_given_context=1.0, knockout_percentiles=[0.99, 0.98], cka_mean_offdiag=0.9)
+    return LayerEvidence(
+        layer=i,
+        nmi_excess=0.3,
+        nmi_excess_ci_low=0.25,
+        nmi_excess_ci_high=0.35,
+        nmi_p_value=0.005,
+        cmi_share=0.0,
+        cmi_share_ci_low=-0.001,
+        cmi_share_ci_high=0.001,
+        cmi_p_value=0.9,
+        h_domain_given_context=1.0,
+        knockout_percentiles=[0.99, 0.98],
+        cka_mean_offdiag=0.9,
+    )
 
 
 def test_layer_and_model_verdicts():

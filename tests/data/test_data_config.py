@@ -41,8 +41,12 @@ def test_builtin_preset_is_exactly_the_schema_defaults():
 
 
 def test_every_knob_is_documented_in_the_presets():
-    docs = "\n".join(line for p in (CONF / "data").glob("*.yaml") for line in p.read_text().splitlines()
-                     if line.lstrip().startswith("#"))
+    docs = "\n".join(
+        line
+        for p in (CONF / "data").glob("*.yaml")
+        for line in p.read_text().splitlines()
+        if line.lstrip().startswith("#")
+    )
     top = [f.name for f in dataclasses.fields(DataConfig)]
     for name in top:
         assert re.search(rf"#\s+{re.escape(name)}\b", docs), f"data.{name} is not documented in conf/data"
@@ -76,13 +80,16 @@ def test_hydra_composes_each_preset_with_overrides():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("_moe_data_test_root")
         assert as_data_config(cfg.data) == DataConfig()
-        cfg = compose("_moe_data_test_root", overrides=["data=synthetic", "data.synthetic.overlap=0.5", "data.seq_len=32"])
+        cfg = compose(
+            "_moe_data_test_root", overrides=["data=synthetic", "data.synthetic.overlap=0.5", "data.seq_len=32"]
+        )
         data = as_data_config(cfg.data)
         assert data.source == "synthetic" and data.synthetic.overlap == 0.5 and data.seq_len == 32
         cfg = compose("_moe_data_test_root", overrides=["data=hf"])
         assert as_data_config(cfg.data).hf.domain_field == "meta.pile_set_name"
-        cfg = compose("_moe_data_test_root", overrides=["data=local", "data.local.path=/tmp/x",
-                                                        "++data.mixture={a: 2.0, b: 1.0}"])
+        cfg = compose(
+            "_moe_data_test_root", overrides=["data=local", "data.local.path=/tmp/x", "++data.mixture={a: 2.0, b: 1.0}"]
+        )
         assert as_data_config(cfg.data).mixture == {"a": 2.0, "b": 1.0}
         with pytest.raises(Exception, match="seq_length"):
             compose("_moe_data_test_root", overrides=["data.seq_length=3"])

@@ -88,6 +88,7 @@ def _deny_scandir(monkeypatch, denied: pathlib.Path) -> None:
         if pathlib.Path(path) == denied:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
+
     monkeypatch.setattr(os, "scandir", scandir)
 
 
@@ -111,8 +112,9 @@ def test_unreadable_entries_inside_a_domain_are_listed_in_the_manifest(tmp_path,
 def test_unreadable_domain_directory_is_named_as_unreadable(tmp_path, monkeypatch):
     root = _tree(tmp_path / "c", {"x": _good_domain(), "y": _good_domain()})
     _deny_scandir(monkeypatch, root / "y")
-    with pytest.raises(DataFileNotFoundError,
-                       match=r"domain directory .*/y is unreadable \(Permission denied\); fix its permissions"):
+    with pytest.raises(
+        DataFileNotFoundError, match=r"domain directory .*/y is unreadable \(Permission denied\); fix its permissions"
+    ):
         prepare_data(_local(root), seed=0, cache_dir=tmp_path / "cache")
 
 
@@ -159,7 +161,9 @@ def test_file_in_another_encoding(tmp_path):
 def test_missing_record_field(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": GOOD, "domain": "x"}) + "\n" + json.dumps({"txt": GOOD, "domain": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'text' is missing .*\['domain', 'txt'\].*set the field name"):
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:2: field 'text' is missing .*\['domain', 'txt'\].*set the field name"
+    ):
         prepare_data(_local(path), seed=0, cache_dir=tmp_path / "cache")
 
 
@@ -185,14 +189,17 @@ def test_unknown_mixture_domain(tmp_path):
         prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("field,value,pattern", [
-    ("non_utf8", "ignore", r"data\.non_utf8='ignore' is unknown"),
-    ("val_fraction", 1.0, r"data\.val_fraction=1\.0 must lie strictly between 0 and 1"),
-    ("vocab_size", 100, r"data\.vocab_size=100 is below 257"),
-    ("tokenizer", "sentencepiece", r"data\.tokenizer='sentencepiece' is unknown"),
-    ("seq_len", 0, r"data\.seq_len=0 must be a positive"),
-    ("min_val_docs_per_domain", 1, r"data\.min_val_docs_per_domain=1 must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("non_utf8", "ignore", r"data\.non_utf8='ignore' is unknown"),
+        ("val_fraction", 1.0, r"data\.val_fraction=1\.0 must lie strictly between 0 and 1"),
+        ("vocab_size", 100, r"data\.vocab_size=100 is below 257"),
+        ("tokenizer", "sentencepiece", r"data\.tokenizer='sentencepiece' is unknown"),
+        ("seq_len", 0, r"data\.seq_len=0 must be a positive"),
+        ("min_val_docs_per_domain", 1, r"data\.min_val_docs_per_domain=1 must be at least 2"),
+    ],
+)
 def test_bad_settings(tmp_path, field, value, pattern):
     cfg = DataConfig()
     setattr(cfg, field, value)

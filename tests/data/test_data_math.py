@@ -39,11 +39,16 @@ def check(module: str, q: str, a: str) -> None:
     if module in ("arithmetic__add_or_sub", "arithmetic__add_sub_fractions"):
         assert _binary(q) == F(a)
     elif module == "arithmetic__mul":
-        m = re.match(rf"^(?:What is {NUM} times|Multiply {NUM} and|Calculate {NUM}\*|What is the product of {NUM} and) ?{NUM}[.?]$", q)
+        m = re.match(
+            rf"^(?:What is {NUM} times|Multiply {NUM} and|Calculate {NUM}\*|What is the product of {NUM} and) ?{NUM}[.?]$",
+            q,
+        )
         nums = [g for g in m.groups() if g is not None]
         assert F(nums[0]) * F(nums[1]) == F(a)
     elif module == "arithmetic__div":
-        m = re.match(rf"^(?:Divide {NUM} by|What is {NUM} divided by|Calculate {NUM}/|{NUM} divided by) ?{NUM}[.?]?$", q)
+        m = re.match(
+            rf"^(?:Divide {NUM} by|What is {NUM} divided by|Calculate {NUM}/|{NUM} divided by) ?{NUM}[.?]?$", q
+        )
         nums = [g for g in m.groups() if g is not None]
         assert F(nums[0]) / F(nums[1]) == F(a)
     elif module == "arithmetic__mixed":
@@ -57,11 +62,16 @@ def check(module: str, q: str, a: str) -> None:
         assert _ev(lhs, **{var: int(a) + 1}) != _ev(rhs, **{var: int(a) + 1})  # unique solution
     elif module == "algebra__linear_2d":
         m = re.match(r"^Solve (.+) = (-?\d+), (.+) = (-?\d+) for (\w)\.$", q)
-        eqs = [sympy.Eq(sympy.sympify(m.group(1)), int(m.group(2))), sympy.Eq(sympy.sympify(m.group(3)), int(m.group(4)))]
+        eqs = [
+            sympy.Eq(sympy.sympify(m.group(1)), int(m.group(2))),
+            sympy.Eq(sympy.sympify(m.group(3)), int(m.group(4))),
+        ]
         sol = sympy.solve(eqs, dict=True)
         assert len(sol) == 1 and sol[0][sympy.Symbol(m.group(5))] == int(a)
     elif module == "calculus__differentiate":
-        m = re.search(r"(?:the (second |third )?derivative of |Differentiate )(.+?)(?: with respect to (\w)| wrt (\w))?[.?]$", q)
+        m = re.search(
+            r"(?:the (second |third )?derivative of |Differentiate )(.+?)(?: with respect to (\w)| wrt (\w))?[.?]$", q
+        )
         order = {None: 1, "second ": 2, "third ": 3}[m.group(1)]
         body = m.group(2)
         fm = re.match(r"^(\w)\((\w)\)$", body)

@@ -33,8 +33,14 @@ def _docs(domain: str, n: int, seed: int = 0) -> list[str]:
 
 def _cfg(**kw) -> DataConfig:
     # Half of a handful of documents held out: the 2 that document resampling needs at least.
-    cfg = DataConfig(seq_len=16, vocab_size=300, val_fraction=0.5, val_tokens_per_domain=64, max_chars_per_domain=None,
-                     min_val_docs_per_domain=2)
+    cfg = DataConfig(
+        seq_len=16,
+        vocab_size=300,
+        val_fraction=0.5,
+        val_tokens_per_domain=64,
+        max_chars_per_domain=None,
+        min_val_docs_per_domain=2,
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -63,7 +69,12 @@ def test_local_directory_one_subdir_per_domain(tmp_path):
         assert sorted(got[domain]) == sorted(_docs(domain, 4))
     info = data.manifest["domains"]["numbers"]
     assert info["documents"] == 4 and any("image.png" in s for s in info["skipped"])
-    assert sorted(info["sources"]) == ["numbers/doc0.txt", "numbers/doc2.txt", "numbers/sub/doc1.txt", "numbers/sub/doc3.txt"]
+    assert sorted(info["sources"]) == [
+        "numbers/doc0.txt",
+        "numbers/doc2.txt",
+        "numbers/sub/doc1.txt",
+        "numbers/sub/doc3.txt",
+    ]
     batch = next(data.train_stream(micro_batch_size=4))
     assert batch.tokens.shape == (4, 16)
 
@@ -156,8 +167,13 @@ def test_local_cap_draws_a_random_sample_seeded_by_corpus_seed(tmp_path, form):
     from moe.data.sources.local import load_local
 
     n, per_doc = 60, 800
-    texts = {d: [f"{d} {i:03d} " + " ".join(WORDS[d][(i + j) % 10] for j in range(150))[:per_doc - 10] + "\n"
-                 for i in range(n)] for d in ("animals", "numbers")}
+    texts = {
+        d: [
+            f"{d} {i:03d} " + " ".join(WORDS[d][(i + j) % 10] for j in range(150))[: per_doc - 10] + "\n"
+            for i in range(n)
+        ]
+        for d in ("animals", "numbers")
+    }
     if form == "dir":
         for d, docs in texts.items():
             (tmp_path / "corpus" / d).mkdir(parents=True)
@@ -246,7 +262,9 @@ def test_hf_one_dataset_per_domain(tmp_path, datasets_offline):
     cfg = _cfg(source="hf")
     cfg.hf.streaming = False  # the non-streaming path builds Arrow files: keep them in tmp_path
     cfg.hf.cache_dir = str(tmp_path / "hf")
-    cfg.hf.domains = {d: HFDomainSpec(path="json", data_files=[str(tmp_path / f"{d}.jsonl")]) for d in ("animals", "colours")}
+    cfg.hf.domains = {
+        d: HFDomainSpec(path="json", data_files=[str(tmp_path / f"{d}.jsonl")]) for d in ("animals", "colours")
+    }
     data = prepare_data(cfg, seed=0, cache_dir=tmp_path / "cache")
     got = _texts_by_domain(data)
     assert data.domains == ["animals", "colours"]
@@ -254,8 +272,9 @@ def test_hf_one_dataset_per_domain(tmp_path, datasets_offline):
 
 
 def _synthetic(overlap: float, tmp_path, **kw) -> DataConfig:
-    cfg = DataConfig(source="synthetic", seq_len=32, val_fraction=0.2, val_tokens_per_domain=256,
-                     min_val_docs_per_domain=2)
+    cfg = DataConfig(
+        source="synthetic", seq_len=32, val_fraction=0.2, val_tokens_per_domain=256, min_val_docs_per_domain=2
+    )
     cfg.synthetic.num_domains, cfg.synthetic.vocab_size, cfg.synthetic.overlap = 3, 60, overlap
     cfg.synthetic.tokens_per_domain, cfg.synthetic.doc_len = 12_000, 100
     for k, v in kw.items():
@@ -326,8 +345,9 @@ def test_registry_lists_every_source_with_its_module_and_preset():
 
     assert SOURCES == source_names()
     assert source_names()[:4] == ("builtin", "synthetic", "local", "hf")
-    shipped = sorted(p.stem for p in (Path(sources.__file__).parent).glob("*.py")
-                     if p.stem not in ("__init__", "math_gen"))
+    shipped = sorted(
+        p.stem for p in (Path(sources.__file__).parent).glob("*.py") if p.stem not in ("__init__", "math_gen")
+    )
     assert sorted(source_names()) == shipped
     for name in source_names():
         source = get_source(name)
@@ -369,9 +389,15 @@ def test_a_registered_source_is_used_by_load_corpus_and_prepare_data(registry, t
     @register_source("toy", validate=_validate)
     def load_toy(cfg: DataConfig) -> TextCorpus:
         calls.append("load")
-        return TextCorpus([DomainText(name, [Document(f"{name}/{i}", text)
-                                             for i, text in enumerate(_docs(name, 4, seed=cfg.corpus_seed))])
-                           for name in ("animals", "numbers")], source="toy")
+        return TextCorpus(
+            [
+                DomainText(
+                    name, [Document(f"{name}/{i}", text) for i, text in enumerate(_docs(name, 4, seed=cfg.corpus_seed))]
+                )
+                for name in ("animals", "numbers")
+            ],
+            source="toy",
+        )
 
     from moe.data.config import SOURCES
 

@@ -86,9 +86,9 @@ def test_labels_name_the_document_each_token_came_from(builtin_data):
                 full = np.concatenate([data.doc_tokens(d), [eos]])
                 run = tokens[row, s:e]
                 # A validation document may enter as a prefix that ends with its EOS (val_windows).
-                assert _is_subarray(run, full) or (info.split == "val" and run[-1] == eos and (
-                    run.size == 1 or _is_subarray(run[:-1], full[:-1]))), \
-                    "tokens labelled with a document must be a slice of it"
+                assert _is_subarray(run, full) or (
+                    info.split == "val" and run[-1] == eos and (run.size == 1 or _is_subarray(run[:-1], full[:-1]))
+                ), "tokens labelled with a document must be a slice of it"
                 if e < tokens.shape[1]:  # the run ends inside the row: it ends with that doc's EOS
                     assert run[-1] == eos
                 text = data.doc_text(d)
@@ -102,7 +102,9 @@ def test_labels_name_the_document_each_token_came_from(builtin_data):
 
 def test_documents_decode_to_their_text(builtin_data):
     for info in builtin_data.documents[::7]:
-        assert builtin_data.tokenizer.decode(builtin_data.doc_tokens(info.doc).tolist()) == builtin_data.doc_text(info.doc)
+        assert builtin_data.tokenizer.decode(builtin_data.doc_tokens(info.doc).tolist()) == builtin_data.doc_text(
+            info.doc
+        )
 
 
 def test_no_document_in_both_splits(builtin_data):
@@ -201,11 +203,15 @@ def test_a_domain_upsampled_beyond_the_limit_is_warned_about(builtin_cache, smal
     """code gets 3/4 of the stream but holds ~1/4 of the text: ~3 copies per pass, over a limit of 1.5
     (the default, 10, stays silent); the warning reaches the manifest."""
     cfg = small_cfg(mixture={"code": 3.0, "math": 1.0}, max_upsample=1.5)
-    with pytest.warns(UpsamplingWarning, match=r"domain 'code' has \d+ train tokens; .* repeats them [23]\.\d+x .* "
-                                               r"data.max_upsample=1.5"):
+    with pytest.warns(
+        UpsamplingWarning,
+        match=r"domain 'code' has \d+ train tokens; .* repeats them [23]\.\d+x .* "
+        r"data.max_upsample=1.5",
+    ):
         data = prepare_data(cfg, seed=0, cache_dir=builtin_cache)
     assert [w for w in data.manifest["warnings"] if "max_upsample" in w] == [
-        w for w in data.manifest["warnings"] if w.startswith("domain 'code'")]
+        w for w in data.manifest["warnings"] if w.startswith("domain 'code'")
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UpsamplingWarning)
         prepare_data(small_cfg(mixture={"code": 3.0, "math": 1.0}), seed=0, cache_dir=builtin_cache)
@@ -252,6 +258,8 @@ def test_save_and_load_from_run_dir(builtin_data, builtin_cache, tmp_path):
     assert_same_batches(take(again, 2), take(original, 2))
     # Without it (another machine) validation still works; the train stream says what to do.
     bare = load_prepared(tmp_path / "run", cache_dir=tmp_path / "empty-cache")
-    assert_same_batches(bare.val_batches(batch_size=8, domain="math"), builtin_data.val_batches(batch_size=8, domain="math"))
+    assert_same_batches(
+        bare.val_batches(batch_size=8, domain="math"), builtin_data.val_batches(batch_size=8, domain="math")
+    )
     with pytest.raises(DataError, match="prepare_data"):
         bare.train_stream(micro_batch_size=2)

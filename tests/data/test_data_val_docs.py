@@ -26,7 +26,7 @@ def _store(lengths) -> TokenStore:
 
 def _packed(store: TokenStore, docs, S: int, max_tokens: int):
     """Reference: whole documents back to back, n windows of S+1 with stride S, n*S <= max_tokens."""
-    stream = np.concatenate([store.tokens[store.offsets[d]:store.offsets[d + 1]] for d in docs])
+    stream = np.concatenate([store.tokens[store.offsets[d] : store.offsets[d + 1]] for d in docs])
     owner = np.concatenate([np.full(store.offsets[d + 1] - store.offsets[d], d) for d in docs])
     n = min(max_tokens // S, (stream.size - 1) // S)
     pos = np.arange(n)[:, None] * S + np.arange(S + 1)
@@ -79,8 +79,14 @@ def _local_corpus(root, n_docs: int, words: int = 60) -> None:
 
 
 def _cfg(root, **kw) -> DataConfig:
-    cfg = DataConfig(source="local", seq_len=16, vocab_size=300, val_fraction=0.25, val_tokens_per_domain=4096,
-                     max_chars_per_domain=None)
+    cfg = DataConfig(
+        source="local",
+        seq_len=16,
+        vocab_size=300,
+        val_fraction=0.25,
+        val_tokens_per_domain=4096,
+        max_chars_per_domain=None,
+    )
     cfg.local.path = str(root)
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -96,8 +102,11 @@ def _prepare(cfg, cache):
 
 def test_one_validation_document_is_refused(tmp_path):
     _local_corpus(tmp_path / "c", 4)  # 0.25 * 4 = 1 held out
-    with pytest.raises(DataError, match=r"domain 'birds' has 1 document\(s\) in its validation set .*needs at least 2"
-                                        r".*add documents of this domain under data\.local\.path=.*data\.val_fraction"):
+    with pytest.raises(
+        DataError,
+        match=r"domain 'birds' has 1 document\(s\) in its validation set .*needs at least 2"
+        r".*add documents of this domain under data\.local\.path=.*data\.val_fraction",
+    ):
         prepare_data(_cfg(tmp_path / "c"), seed=0, cache_dir=tmp_path / "cache")
 
 
@@ -122,8 +131,9 @@ def test_a_small_token_budget_is_named(tmp_path):
     cfg = _cfg(tmp_path / "c", val_tokens_per_domain=64, min_val_docs_per_domain=8)
     data, messages = _prepare(cfg, tmp_path / "cache")
     assert {c["documents"] for c in data.split_counts()["val"].values()} == {3}  # 65 tokens, 17 per document
-    assert len(messages) == 2 and all("data.val_tokens_per_domain (now 64: 10 documents are held out but only 3 fit)"
-                                      in m for m in messages)
+    assert len(messages) == 2 and all(
+        "data.val_tokens_per_domain (now 64: 10 documents are held out but only 3 fit)" in m for m in messages
+    )
     assert all("data.val_fraction" not in m for m in messages)  # enough are held out
 
 

@@ -69,8 +69,9 @@ def test_sequence_scope_averages_per_sequence_losses():
     idx = probs.topk(K).indices
     balancer = LoadBalancer(BalanceConfig(scope="sequence", lbl_coef=1.0, z_coef=0.0), E)
     got = balancer.aux_losses([record(probs, idx)], seq_len=S).lbl
-    expected = torch.stack([load_balancing_loss(probs[b * S:(b + 1) * S], idx[b * S:(b + 1) * S], E)
-                            for b in range(B)]).mean()
+    expected = torch.stack(
+        [load_balancing_loss(probs[b * S : (b + 1) * S], idx[b * S : (b + 1) * S], E) for b in range(B)]
+    ).mean()
     torch.testing.assert_close(got, expected)
 
 
@@ -120,16 +121,16 @@ def _global_batch_worker(rank, world, port, probs, idx, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         T = probs.shape[0] // world
-        local_p = probs[rank * T:(rank + 1) * T].clone().requires_grad_(True)
+        local_p = probs[rank * T : (rank + 1) * T].clone().requires_grad_(True)
         balancer = LoadBalancer(BalanceConfig(scope="global_batch", lbl_coef=1.0), E)
-        lbl = balancer.aux_losses([record(local_p, idx[rank * T:(rank + 1) * T])], T).lbl
+        lbl = balancer.aux_losses([record(local_p, idx[rank * T : (rank + 1) * T])], T).lbl
         # the reported value is detached; recompute with the reduced counts to get the gradient
         counts = balancer.end_step()[0]
-        value = load_balancing_loss(local_p, idx[rank * T:(rank + 1) * T], E, counts_E=counts,
-                                    num_tokens=float(counts.sum()) / K)
+        value = load_balancing_loss(
+            local_p, idx[rank * T : (rank + 1) * T], E, counts_E=counts, num_tokens=float(counts.sum()) / K
+        )
         value.backward()
-        out[rank] = torch.cat([lbl.reshape(1), value.detach().reshape(1), counts.float(),
-                               local_p.grad.reshape(-1)])
+        out[rank] = torch.cat([lbl.reshape(1), value.detach().reshape(1), counts.float(), local_p.grad.reshape(-1)])
     finally:
         dist.destroy_process_group()
 
@@ -142,8 +143,9 @@ def test_global_batch_counts_reduced_over_two_gloo_ranks_give_the_concatenated_l
     idx = torch.randint(0, E, (world * T, 1)).repeat(1, K)
     idx[:, 1] = (idx[:, 0] + 1 + torch.randint(0, E - 1, (world * T,))) % E
     out = torch.zeros(world, 2 + E + T * E).share_memory_()
-    mp.start_processes(_global_batch_worker, args=(world, _free_port(), probs, idx, out), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        _global_batch_worker, args=(world, _free_port(), probs, idx, out), nprocs=world, start_method="spawn"
+    )
     full_p = probs.clone().requires_grad_(True)
     full = load_balancing_loss(full_p, idx, E)
     (full * world).backward()  # DDP averages gradients of per-rank losses; compare sums
@@ -151,8 +153,8 @@ def test_global_batch_counts_reduced_over_two_gloo_ranks_give_the_concatenated_l
     torch.testing.assert_close(rank_lbl.mean(), full.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out[:, 1], rank_lbl)
     counts = torch.bincount(idx.reshape(-1), minlength=E).float()
-    assert torch.equal(out[0, 2:2 + E], counts) and torch.equal(out[1, 2:2 + E], counts)
-    grads = out[:, 2 + E:].reshape(world * T, E)
+    assert torch.equal(out[0, 2 : 2 + E], counts) and torch.equal(out[1, 2 : 2 + E], counts)
+    grads = out[:, 2 + E :].reshape(world * T, E)
     torch.testing.assert_close(grads, full_p.grad, rtol=1e-5, atol=1e-7)
 
 

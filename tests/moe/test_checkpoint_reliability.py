@@ -23,7 +23,7 @@ from moe.run_lock import RunDirNotWritable, write_error
 
 
 def test_orphaned_temp_files_are_removed_and_live_ones_kept(tmp_path):
-    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    dead = 2**22 + 12345  # above the default pid_max: no such process
     orphan = tmp_path / f".step_00000004.pt.tmp-{dead}"
     live = tmp_path / f".step_00000006.pt.tmp-{os.getpid()}"
     for p in (orphan, live):
@@ -36,6 +36,7 @@ def test_checkpoint_loading_executes_no_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
     path = tmp_path / "step_00000001.pt"
     torch.save({"model": {}, "step": 1, "payload": Evil()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
     with pytest.raises(CheckpointError, match="unreadable"):
@@ -49,8 +50,12 @@ def test_fingerprint_covers_the_computation_and_nothing_else(compose_train, tmp_
     base = compose_train("experiment=smoke")
     fp = trajectory_fingerprint(base, base.model, 1)
     assert "cache_dir" not in fp["data"] and "max_upsample" not in fp["data"] and fp["precision"] == "auto"
-    for override in ("data.cache_dir=/elsewhere", "data.max_upsample=100", "trainer.dist_timeout_s=5",
-                     "trainer.checkpoint_every=7"):
+    for override in (
+        "data.cache_dir=/elsewhere",
+        "data.max_upsample=100",
+        "trainer.dist_timeout_s=5",
+        "trainer.checkpoint_every=7",
+    ):
         cfg = compose_train("experiment=smoke", override)
         check_fingerprint(fp, trajectory_fingerprint(cfg, cfg.model, 1), tmp_path / "x.pt")
     older = {**fp, "data": {**fp["data"], "cache_dir": "/old/cache"}}

@@ -37,8 +37,11 @@ def test_layouts_match_naive_loop(max_padding, drop, skew, F):
     if max_padding == 100.0:
         assert dispatch.capacity is not None
     assert int(dispatch.counts.sum()) == int(routing.kept.sum())
-    y = combine(experts.compute_rows(gather_rows(x, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity),
-                dispatch, T)
+    y = combine(
+        experts.compute_rows(gather_rows(x, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity),
+        dispatch,
+        T,
+    )
 
     ref = torch.zeros_like(x)
     for t in range(T):
@@ -76,8 +79,9 @@ def test_gather_combine_without_scatter_equal_the_scatter_add_path(max_padding):
 
 def test_no_tokens():
     probs = torch.full((0, E), 1 / E)
-    routing = Routing(torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K), probs, probs,
-                      torch.ones(0, K, dtype=torch.bool))
+    routing = Routing(
+        torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K), probs, probs, torch.ones(0, K, dtype=torch.bool)
+    )
     dispatch = permute(routing)
     assert combine(gather_rows(torch.zeros(0, D), dispatch), dispatch, 0).shape == (0, D)
 

@@ -18,8 +18,13 @@ D = 16
 
 def make_layer(kind="topk", num_experts=4, top_k=2, capacity_factor=None, seed=0, **moe):
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=num_experts, top_k=1 if kind == "switch" else top_k, expert_width=24,
-                    capacity_factor=capacity_factor, **moe)
+    cfg = MoEConfig(
+        num_experts=num_experts,
+        top_k=1 if kind == "switch" else top_k,
+        expert_width=24,
+        capacity_factor=capacity_factor,
+        **moe,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer = build_moe_layer("native", D, cfg, RouterConfig(kind=kind)).double()
@@ -145,13 +150,16 @@ def test_fine_grained_and_shared_sizes():
     assert dense_twin_width(cfg, "total") == 16 * 8 + 8
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("top_k", 9, "top_k=9.*num_experts=8"),
-    ("top_k", 0, "top_k=0"),
-    ("capacity_factor", 0.0, "capacity_factor"),
-    ("granularity", 3, "granularity=3.*divide expert_width"),
-    ("activation", "relu", "activation.*swiglu"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("top_k", 9, "top_k=9.*num_experts=8"),
+        ("top_k", 0, "top_k=0"),
+        ("capacity_factor", 0.0, "capacity_factor"),
+        ("granularity", 3, "granularity=3.*divide expert_width"),
+        ("activation", "relu", "activation.*swiglu"),
+    ],
+)
 def test_bad_config_raises_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         build_moe_layer("native", D, MoEConfig(**{field: value}), RouterConfig())

@@ -72,7 +72,12 @@ def layers(activation="swiglu", **moe):
 def test_arguments_map_fine_grained_sizes_and_switch_off_megablocks_losses():
     cfg = MoEConfig(num_experts=8, top_k=2, expert_width=256, granularity=4)
     args = megablocks_arguments(128, cfg, init_std=0.02, out_std=0.005)
-    assert (args["hidden_size"], args["ffn_hidden_size"], args["moe_num_experts"], args["moe_top_k"]) == (128, 64, 32, 8)
+    assert (args["hidden_size"], args["ffn_hidden_size"], args["moe_num_experts"], args["moe_top_k"]) == (
+        128,
+        64,
+        32,
+        8,
+    )
     assert args["mlp_type"] == "glu" and args["mlp_impl"] == "grouped" and args["activation_fn"] is F.silu
     # Its loss lists are never filled: our losses come from the routing record.
     assert args["moe_loss_weight"] == 0 and args["moe_zloss_weight"] == 0
@@ -117,7 +122,9 @@ def test_layer_equals_the_native_layer_with_the_same_weights(moe):
     (y2 * g).sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-12)
     assert torch.allclose(native.router.weight.grad, mb.router.weight.grad, atol=1e-12)
-    w_in_grad, w_out_grad = megablocks_to_native({n.rsplit(".")[-1]: p.grad for n, p in mb.experts.mlp.named_parameters()}, 4)
+    w_in_grad, w_out_grad = megablocks_to_native(
+        {n.rsplit(".")[-1]: p.grad for n, p in mb.experts.mlp.named_parameters()}, 4
+    )
     assert torch.allclose(native.experts.w_in.grad, w_in_grad) and torch.allclose(native.experts.w_out.grad, w_out_grad)
 
 
@@ -191,8 +198,13 @@ def test_unknown_backend_is_named():
 
 
 # ----------------------------------------------------------------------------- GPU only
-@pytest.mark.parametrize("cfg", [MoEConfig(num_experts=8, top_k=2, expert_width=256),
-                                 MoEConfig(num_experts=8, top_k=2, expert_width=512, granularity=4)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MoEConfig(num_experts=8, top_k=2, expert_width=256),
+        MoEConfig(num_experts=8, top_k=2, expert_width=512, granularity=4),
+    ],
+)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_MEGABLOCKS, reason="needs CUDA and megablocks")
 def test_megablocks_matches_native_at_bf16_tolerance(cfg):
@@ -207,6 +219,7 @@ def test_megablocks_matches_native_at_bf16_tolerance(cfg):
         y2, routing2 = mb(x)
     assert torch.equal(routing.indices, routing2.indices)
     import megablocks.layers.moe as mb_moe
+
     assert mb.training and len(mb_moe.get_load_balancing_loss()) == 0  # nothing left in its global list
     scale = y.float().abs().mean()
     assert (y.float() - y2.float()).abs().mean() / scale < 2e-2
@@ -227,8 +240,17 @@ def test_our_balancing_loss_equals_megablocks_own():
     E, k, T = 8, 2, 1024
     probs = torch.softmax(torch.randn(T, E, device="cuda"), -1)
     weights, indices = probs.topk(k, dim=-1)
-    args = Arguments(hidden_size=64, ffn_hidden_size=128, moe_num_experts=E, moe_top_k=k, moe_loss_weight=1.0,
-                     num_layers=1, mlp_impl="grouped", bf16=False, fp16=False)
+    args = Arguments(
+        hidden_size=64,
+        ffn_hidden_size=128,
+        moe_num_experts=E,
+        moe_top_k=k,
+        moe_loss_weight=1.0,
+        num_layers=1,
+        mlp_impl="grouped",
+        bf16=False,
+        fp16=False,
+    )
     mb_moe.clear_load_balancing_loss()
     mb_moe.save_load_balancing_loss((torch.bincount(indices.flatten(), minlength=E), probs))
     theirs = mb_moe.batched_load_balancing_loss(args)

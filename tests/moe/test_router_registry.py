@@ -61,7 +61,8 @@ class _FirstExperts(Router):
 def first_router():
     """Registers the test router as kind `first` for one test."""
     register_router("first", _FirstConfig, summary="test router")(
-        lambda cfg, d, e, k, cf: _FirstExperts(d, e, k, cf, offset=cfg.offset))
+        lambda cfg, d, e, k, cf: _FirstExperts(d, e, k, cf, offset=cfg.offset)
+    )
     yield "first"
     registry._REGISTRY.pop("first")
 
@@ -78,8 +79,9 @@ def test_every_builtin_kind_builds_from_its_own_config_and_carries_its_kind():
 
 def test_a_router_registered_in_one_place_trains_in_a_model(first_router):
     cfg = router_config(first_router, offset=1)
-    model = LanguageModel(ModelConfig(d_model=D, n_layers=1, n_heads=2, moe=MoEConfig(num_experts=E, top_k=K,
-                                                                                      expert_width=8)), 11, cfg)
+    model = LanguageModel(
+        ModelConfig(d_model=D, n_layers=1, n_heads=2, moe=MoEConfig(num_experts=E, top_k=K, expert_width=8)), 11, cfg
+    )
     out = model(torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5)))
     assert out.routings[0].indices.tolist()[0] == [1, 2]
     out.loss.backward()
@@ -147,8 +149,9 @@ def test_the_sigmoid_router_adapts_in_after_step_and_the_others_ignore_it():
 
 
 def test_models_and_layers_satisfy_the_protocols_the_analysis_reads():
-    model = LanguageModel(ModelConfig(d_model=D, n_layers=2, n_heads=2, moe=MoEConfig(num_experts=E, top_k=K,
-                                                                                      expert_width=8)), 11)
+    model = LanguageModel(
+        ModelConfig(d_model=D, n_layers=2, n_heads=2, moe=MoEConfig(num_experts=E, top_k=K, expert_width=8)), 11
+    )
     assert isinstance(model, RoutedModel)
     assert all(isinstance(layer, RoutedLayer) for layer in model.moe_layers)
     assert moe_block_indices(model) == [0, 1]
@@ -161,8 +164,13 @@ def test_moe_never_imports_analysis():
     offenders = []
     for path in Path(__file__).resolve().parents[2].joinpath("moe").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name}: {n}" for n in names if n == "analysis" or n.startswith("analysis.")]
     assert offenders == []
 

@@ -150,7 +150,7 @@ def test_random_router_is_balanced_in_expectation():
     counts = router(torch.randn(n, D)).kept_counts().double()
     expected = n * K / E
     # binomial std per expert ~ sqrt(n*K/E); allow 5 sigma
-    assert (counts - expected).abs().max() < 5 * expected ** 0.5
+    assert (counts - expected).abs().max() < 5 * expected**0.5
 
 
 def test_knocked_out_expert_is_never_selected_and_learned_routers_reroute():

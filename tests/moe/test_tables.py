@@ -11,17 +11,13 @@ from moe.tables import format_number, markdown_table, to_jsonable, write_json
 
 def test_markdown_table_layout_and_escaping():
     table = markdown_table(["domain", "I(D;E|C)"], [["code", "0.5"], ["a|b", "–"]])
-    assert table == ("| domain | I(D;E\\|C) |\n"
-                     "|---|---|\n"
-                     "| code | 0.5 |\n"
-                     "| a\\|b | – |")
+    assert table == ("| domain | I(D;E\\|C) |\n|---|---|\n| code | 0.5 |\n| a\\|b | – |")
 
 
 def test_markdown_table_formats_non_strings_with_fmt():
     rows = [[1, 0.123456, None, float("nan"), 12345.0]]
     assert markdown_table(list("abcde"), rows).splitlines()[2] == "| 1 | 0.123456 | None | nan | 12345.0 |"
-    assert markdown_table(list("abcde"), rows, fmt=format_number).splitlines()[2] == \
-        "| 1 | 0.123 | – | – | 1.234e+04 |"
+    assert markdown_table(list("abcde"), rows, fmt=format_number).splitlines()[2] == "| 1 | 0.123 | – | – | 1.234e+04 |"
     assert markdown_table(["x"], []) == "| x |\n|---|"
 
 

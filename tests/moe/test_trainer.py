@@ -73,6 +73,7 @@ def test_nan_loss_stops_naming_step_and_component_and_keeps_checkpoint(compose_t
     def poisoned(tokens, targets, domain=None):  # the LM loss blows up at step 5
         out = forward(tokens, targets, domain)
         return dataclasses.replace(out, loss=out.loss * float("nan")) if trainer.step == 5 else out
+
     trainer._forward = poisoned
     with pytest.raises(TrainingDiverged, match=r"lm_loss is nan in micro-step 0 at step 5.*step_00000004\.pt"):
         trainer.fit()
@@ -84,7 +85,9 @@ def test_nan_loss_stops_naming_step_and_component_and_keeps_checkpoint(compose_t
 def test_checkpoint_from_another_config_is_refused(compose_train, tmp_path):
     make_trainer(compose_train(*SMOKE), tmp_path).fit()
     other = compose_train(*SMOKE, "model.moe.num_experts=8")
-    with pytest.raises(CheckpointError, match=r"(?s)different configuration.*model.moe.num_experts: checkpoint=4 now=8"):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)different configuration.*model.moe.num_experts: checkpoint=4 now=8"
+    ):
         make_trainer(other, tmp_path).fit()
 
 
@@ -117,12 +120,30 @@ def test_two_gloo_ranks_match_one_process_with_global_batch_balance(tmp_path):
     common = ["experiment=smoke", "balance=global_batch", "trainer.device=cpu", "router=topk"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "moe.train", *common, "trainer.micro_batch_size=4",
-                    f"hydra.run.dir={single}"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "moe.train", *common, "trainer.micro_batch_size=4", f"hydra.run.dir={single}"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     ddp = tmp_path / "ddp"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "moe.train", *common, "trainer.micro_batch_size=2", f"hydra.run.dir={ddp}"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "moe.train",
+            *common,
+            "trainer.micro_batch_size=2",
+            f"hydra.run.dir={ddp}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     a, b = losses(single), losses(ddp)
     assert a.keys() == b.keys()
     for step in a:

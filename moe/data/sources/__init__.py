@@ -56,8 +56,9 @@ class Source:
 _REGISTRY: dict[str, Source] = {}
 
 
-def register_source(name: str, *, validate: Callable[[DataConfig], None] | None = None,
-                    text: bool = True) -> Callable[[Loader], Loader]:
+def register_source(
+    name: str, *, validate: Callable[[DataConfig], None] | None = None, text: bool = True
+) -> Callable[[Loader], Loader]:
     """Decorator: register the decorated loader as source `name` (the loader is returned unchanged).
 
     A second loader under a name already taken, or under the name of one of the package's sources
@@ -68,8 +69,9 @@ def register_source(name: str, *, validate: Callable[[DataConfig], None] | None 
         old = _REGISTRY.get(name)
         owner = _qualname(old.load) if old is not None else _MODULES.get(name)
         if owner is not None and owner not in (_qualname(load), getattr(load, "__module__", None)):
-            raise ValueError(f"data source {name!r} is already registered by {owner}; "
-                             f"{_qualname(load)} cannot take the name")
+            raise ValueError(
+                f"data source {name!r} is already registered by {owner}; {_qualname(load)} cannot take the name"
+            )
         _REGISTRY[name] = Source(name, load, validate, text)
         return load
 

@@ -38,8 +38,7 @@ from moe.data.errors import DataError
 from moe.data.sources import math_gen, register_source
 from moe.data.text import decode_text
 
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "test", "tests",
-              "idle_test", "ensurepip"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data", "test", "tests", "idle_test", "ensurepip"}
 _LICENCE_NAME = re.compile(r"^(LICEN[SC]E|COPYING|NOTICE)", re.IGNORECASE)
 
 
@@ -76,8 +75,9 @@ def _read(path: Path, policy: str, domain: DomainText, source: str) -> tuple[str
         return None
 
 
-def _fill_from_files(domain: DomainText, budget: DomainBudget, files: Iterable[Path], root: Path,
-                     prefix: str, policy: str) -> None:
+def _fill_from_files(
+    domain: DomainText, budget: DomainBudget, files: Iterable[Path], root: Path, prefix: str, policy: str
+) -> None:
     for path in files:
         source = f"{prefix}/{path.relative_to(root).as_posix()}"
         got = _read(path, policy, domain, source)
@@ -88,8 +88,9 @@ def _fill_from_files(domain: DomainText, budget: DomainBudget, files: Iterable[P
 def _code(cfg: DataConfig) -> DomainText:
     root = stdlib_dir()
     domain = DomainText("code", origin=f"Python {sysconfig.get_python_version()} stdlib at {root}")
-    budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain,
-                          max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True)
+    budget = DomainBudget(
+        domain, max_chars=cfg.max_chars_per_domain, max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True
+    )
     files = seeded_order(_stdlib_python_files(root), cfg.corpus_seed, "code")
     _fill_from_files(domain, budget, files, root, "stdlib", cfg.non_utf8)
     return domain
@@ -100,8 +101,9 @@ def _prose(cfg: DataConfig) -> DomainText:
 
     root = stdlib_dir()
     domain = DomainText("prose", origin=f"pydoc_data.topics of Python {sysconfig.get_python_version()}")
-    budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain,
-                          max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True)
+    budget = DomainBudget(
+        domain, max_chars=cfg.max_chars_per_domain, max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True
+    )
     for key in seeded_order(sorted(topics), cfg.corpus_seed, "prose"):
         if not budget.add(f"pydoc-topics/{key}", topics[key]):
             return domain
@@ -162,8 +164,9 @@ def _licence_files() -> Iterator[tuple[Path, Path, str]]:
 
 def _legal(cfg: DataConfig) -> DomainText:
     domain = DomainText("legal", origin=f"licence files of Python and site-packages {[str(s) for s in site_dirs()]}")
-    budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain,
-                          max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True)
+    budget = DomainBudget(
+        domain, max_chars=cfg.max_chars_per_domain, max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True
+    )
     # Read every candidate first: deduplication must see all copies before the seeded pick, or
     # which copy of a licence survives would depend on the cap.
     unique: dict[str, tuple[str, str, int]] = {}
@@ -206,15 +209,20 @@ def _c(cfg: DataConfig) -> DomainText:
             f"development package (e.g. python3-dev) or drop 'c' from data.builtin.domains"
         )
     domain = DomainText("c", origin=f"CPython headers at {root}")
-    budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain,
-                          max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True)
+    budget = DomainBudget(
+        domain, max_chars=cfg.max_chars_per_domain, max_chars_per_doc=cfg.builtin.max_chars_per_doc, dedupe=True
+    )
     files = seeded_order(sorted(p for p in root.rglob("*.h") if p.is_file()), cfg.corpus_seed, "c")
     _fill_from_files(domain, budget, files, root, "include", cfg.non_utf8)
     return domain
 
 
 _DOMAINS: dict[str, Callable[[DataConfig], DomainText]] = {
-    "c": _c, "code": _code, "legal": _legal, "math": _math, "prose": _prose,
+    "c": _c,
+    "code": _code,
+    "legal": _legal,
+    "math": _math,
+    "prose": _prose,
 }
 
 
@@ -223,8 +231,7 @@ def validate(cfg: DataConfig) -> None:
     unknown = sorted(set(cfg.builtin.domains) - set(BUILTIN_DOMAINS))
     if unknown or not cfg.builtin.domains:
         raise DataError(
-            f"data.builtin.domains={list(cfg.builtin.domains)} must be a non-empty subset of "
-            f"{list(BUILTIN_DOMAINS)}"
+            f"data.builtin.domains={list(cfg.builtin.domains)} must be a non-empty subset of {list(BUILTIN_DOMAINS)}"
         )
     if cfg.builtin.max_chars_per_doc < 1 or cfg.builtin.math_problems_per_doc < 1:
         raise DataError("data.builtin.max_chars_per_doc and math_problems_per_doc must be positive")

@@ -40,8 +40,9 @@ def _datasets():
     return datasets
 
 
-def _open(spec: HFDomainSpec, *, streaming: bool, cache_dir: str | None, what: str, seed: int,
-          shuffle_buffer: int | None) -> Iterable[dict]:
+def _open(
+    spec: HFDomainSpec, *, streaming: bool, cache_dir: str | None, what: str, seed: int, shuffle_buffer: int | None
+) -> Iterable[dict]:
     if not spec.path:
         raise DataError(f"{what}.path is not set; name a dataset (e.g. 'monology/pile-uncopyrighted' or 'json')")
     datasets = _datasets()
@@ -51,12 +52,19 @@ def _open(spec: HFDomainSpec, *, streaming: bool, cache_dir: str | None, what: s
         if "://" not in f and not any(c in f for c in "*?[") and not Path(f).expanduser().exists():
             raise DataFileNotFoundError(f"{what}.data_files entry {f!r} does not exist; fix the path")
     try:
-        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, data_files=files,
-                                   revision=spec.revision, streaming=streaming,
-                                   cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None)
+        ds = datasets.load_dataset(
+            spec.path,
+            spec.name,
+            split=spec.split,
+            data_files=files,
+            revision=spec.revision,
+            streaming=streaming,
+            cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None,
+        )
     except FileNotFoundError as e:
-        raise DataFileNotFoundError(f"{what}: dataset {spec.path!r} not found ({e}); check the name/path "
-                                    f"and network access") from e
+        raise DataFileNotFoundError(
+            f"{what}: dataset {spec.path!r} not found ({e}); check the name/path and network access"
+        ) from e
     except (ValueError, KeyError) as e:
         raise DataError(f"{what}: cannot load {spec.path!r} (name={spec.name!r}, split={spec.split!r}): {e}") from e
     if not shuffle_buffer:
@@ -98,8 +106,14 @@ def load_hf(cfg: DataConfig) -> TextCorpus:
             what = f"data.hf.domains.{name}"
             domain = DomainText(name, origin=f"hf:{spec.path} name={spec.name} split={spec.split}")
             budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain, max_docs=h.max_docs_per_domain)
-            records = _open(spec, streaming=h.streaming, cache_dir=h.cache_dir, what=what,
-                            seed=_seed(cfg.corpus_seed, name), shuffle_buffer=h.shuffle_buffer)
+            records = _open(
+                spec,
+                streaming=h.streaming,
+                cache_dir=h.cache_dir,
+                what=what,
+                seed=_seed(cfg.corpus_seed, name),
+                shuffle_buffer=h.shuffle_buffer,
+            )
             for i, record in enumerate(records):
                 if not budget.add(f"{name}/{i}", _text(record, field, f"{what} record {i}")):
                     break
@@ -113,8 +127,14 @@ def load_hf(cfg: DataConfig) -> TextCorpus:
     spec = HFDomainSpec(path=h.path, name=h.name, split=h.split, data_files=h.data_files, revision=h.revision)
     keep = set(h.include_domains) if h.include_domains else None
     budgets: dict[str, DomainBudget] = {}
-    records = _open(spec, streaming=h.streaming, cache_dir=h.cache_dir, what="data.hf",
-                    seed=_seed(cfg.corpus_seed, "hf"), shuffle_buffer=h.shuffle_buffer)
+    records = _open(
+        spec,
+        streaming=h.streaming,
+        cache_dir=h.cache_dir,
+        what="data.hf",
+        seed=_seed(cfg.corpus_seed, "hf"),
+        shuffle_buffer=h.shuffle_buffer,
+    )
     for i, record in enumerate(records):
         if h.max_records is not None and i >= h.max_records:
             break
@@ -125,8 +145,11 @@ def load_hf(cfg: DataConfig) -> TextCorpus:
         if keep is not None and label not in keep:
             continue
         if label not in budgets:
-            budgets[label] = DomainBudget(DomainText(label, origin=f"hf:{h.path} {h.domain_field}={label!r}"),
-                                          max_chars=cfg.max_chars_per_domain, max_docs=h.max_docs_per_domain)
+            budgets[label] = DomainBudget(
+                DomainText(label, origin=f"hf:{h.path} {h.domain_field}={label!r}"),
+                max_chars=cfg.max_chars_per_domain,
+                max_docs=h.max_docs_per_domain,
+            )
         budgets[label].add(f"{label}/{i}", _text(record, h.text_field, where))
         if keep is not None and len(budgets) == len(keep) and all(b.full for b in budgets.values()):
             break  # every kept domain is full: a streaming read stops here
@@ -155,8 +178,12 @@ def request_key(cfg: DataConfig) -> str:
     hf.pop("cache_dir")  # where datasets caches does not change the text
     # corpus_seed orders the records (hf.shuffle_buffer), so it picks the documents of a capped domain.
     payload = {
-        "format": CORPUS_FORMAT, "hf": hf, "max_chars_per_domain": cfg.max_chars_per_domain,
-        "non_utf8": cfg.non_utf8, "files": files, "corpus_seed": cfg.corpus_seed,
+        "format": CORPUS_FORMAT,
+        "hf": hf,
+        "max_chars_per_domain": cfg.max_chars_per_domain,
+        "non_utf8": cfg.non_utf8,
+        "files": files,
+        "corpus_seed": cfg.corpus_seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -171,4 +198,10 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    return obj if obj is None or isinstance(obj, (str, int, float, bool)) else os.fspath(obj) if isinstance(obj, Path) else str(obj)
+    return (
+        obj
+        if obj is None or isinstance(obj, (str, int, float, bool))
+        else os.fspath(obj)
+        if isinstance(obj, Path)
+        else str(obj)
+    )

@@ -49,8 +49,10 @@ def load_local(cfg: DataConfig) -> TextCorpus:
         fmt = _detect(root)
     if fmt == "dir":
         return _load_dir(cfg, root)
-    files = [root] if root.is_file() else sorted(
-        p for p in root.iterdir() if p.is_file() and _RECORD_SUFFIXES.get(p.suffix.lower()) == fmt
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(p for p in root.iterdir() if p.is_file() and _RECORD_SUFFIXES.get(p.suffix.lower()) == fmt)
     )
     if not files:
         raise DataError(f"{root} holds no {fmt} files; set data.local.format to match the files")
@@ -66,8 +68,11 @@ def _detect(root: Path) -> str:
                 f"with one sub-directory per domain, or at record files"
             )
         return fmt
-    kinds = {_RECORD_SUFFIXES[p.suffix.lower()] for p in root.iterdir()
-             if p.is_file() and p.suffix.lower() in _RECORD_SUFFIXES}
+    kinds = {
+        _RECORD_SUFFIXES[p.suffix.lower()]
+        for p in root.iterdir()
+        if p.is_file() and p.suffix.lower() in _RECORD_SUFFIXES
+    }
     if len(kinds) > 1:
         raise DataError(f"{root} mixes JSONL and Parquet files; set data.local.format to the one to read")
     return kinds.pop() if kinds else "dir"
@@ -96,8 +101,11 @@ def _load_dir(cfg: DataConfig, root: Path) -> TextCorpus:
             raise DataError(
                 f"domain directory {d} has no files with extensions {sorted(exts)}; add documents to it, remove it, "
                 f"or extend data.local.extensions"
-                + (f" (and fix the permissions of what could not be read: {'; '.join(unreadable[:3])})"
-                   if unreadable else "")
+                + (
+                    f" (and fix the permissions of what could not be read: {'; '.join(unreadable[:3])})"
+                    if unreadable
+                    else ""
+                )
             )
         budget = DomainBudget(domain, max_chars=cfg.max_chars_per_domain)
         for p in seeded_order(files, cfg.corpus_seed, f"local/{d.name}"):
@@ -130,8 +138,9 @@ def _domain_files(d: Path, exts: set[str], skipped: list[str]) -> list[Path]:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as e:
             if directory == d:
-                raise DataFileNotFoundError(f"domain directory {d} is unreadable ({e.strerror}); fix its permissions "
-                                            "or remove it") from e
+                raise DataFileNotFoundError(
+                    f"domain directory {d} is unreadable ({e.strerror}); fix its permissions or remove it"
+                ) from e
             skipped.append(f"{rel}: unreadable directory ({e.strerror})")
             return
         for entry in entries:
@@ -204,9 +213,13 @@ def _load_records(cfg: DataConfig, root: Path, files: list[Path], fmt: str) -> T
             domain = get_field(record, lc.domain_field, where=where)
             text = get_field(record, lc.text_field, where=where)
             if not isinstance(domain, str) or not domain:
-                raise DataError(f"{where}: domain field {lc.domain_field!r} is {domain!r}; it must be a non-empty string")
+                raise DataError(
+                    f"{where}: domain field {lc.domain_field!r} is {domain!r}; it must be a non-empty string"
+                )
             if not isinstance(text, str):
-                raise DataError(f"{where}: text field {lc.text_field!r} is a {type(text).__name__}; it must be a string")
+                raise DataError(
+                    f"{where}: text field {lc.text_field!r} is a {type(text).__name__}; it must be a string"
+                )
             texts[domain].append((f"{path.name}:{where.rsplit(':', 1)[1]}", text, bad))
     if not texts:
         raise DataError(f"{root} holds no records; add records or point data.local.path elsewhere")

@@ -94,29 +94,45 @@ def _prime_factors(n: int) -> list[int]:
 def arithmetic_add_or_sub(rng: random.Random) -> Problem:
     if rng.random() < 0.3:  # decimals, exact because both are scaled integers
         places = rng.randint(1, 3)
-        a, b = rng.randint(-10**(places + 2), 10**(places + 2)), rng.randint(-10**(places + 2), 10**(places + 2))
+        a, b = (
+            rng.randint(-(10 ** (places + 2)), 10 ** (places + 2)),
+            rng.randint(-(10 ** (places + 2)), 10 ** (places + 2)),
+        )
         A, B = _dec(a, places), _dec(b, places)
         if rng.random() < 0.5:
             return rng.choice([f"What is {A} + {B}?", f"Add {A} and {B}.", f"Sum {A} and {B}."]), _dec(a + b, places)
-        return rng.choice([f"What is {A} - {B}?", f"Subtract {B} from {A}.", f"Calculate {A} - {B}."]), _dec(a - b, places)
+        return rng.choice([f"What is {A} - {B}?", f"Subtract {B} from {A}.", f"Calculate {A} - {B}."]), _dec(
+            a - b, places
+        )
     a, b = _int(rng), _int(rng)
     if rng.random() < 0.5:
-        return rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Calculate {a} + {b}.", f"Sum {a} and {b}."]), str(a + b)
-    return rng.choice([f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Calculate {a} - {b}.", f"What is {a} minus {b}?"]), str(a - b)
+        return rng.choice(
+            [f"What is {a} + {b}?", f"Add {a} and {b}.", f"Calculate {a} + {b}.", f"Sum {a} and {b}."]
+        ), str(a + b)
+    return rng.choice(
+        [f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Calculate {a} - {b}.", f"What is {a} minus {b}?"]
+    ), str(a - b)
 
 
 def arithmetic_mul(rng: random.Random) -> Problem:
     a, b = rng.randint(-999, 999), rng.randint(-99, 99)
-    return rng.choice([f"What is {a} times {b}?", f"Multiply {a} and {b}.", f"Calculate {a}*{b}.",
-                       f"What is the product of {a} and {b}?"]), str(a * b)
+    return rng.choice(
+        [
+            f"What is {a} times {b}?",
+            f"Multiply {a} and {b}.",
+            f"Calculate {a}*{b}.",
+            f"What is the product of {a} and {b}?",
+        ]
+    ), str(a * b)
 
 
 def arithmetic_div(rng: random.Random) -> Problem:
     b = _nonzero(rng, -60, 60)
     q = rng.randint(-400, 400)
     a = q * b
-    return rng.choice([f"Divide {a} by {b}.", f"What is {a} divided by {b}?", f"Calculate {a}/{b}.",
-                       f"{a} divided by {b}"]), str(q)
+    return rng.choice(
+        [f"Divide {a} by {b}.", f"What is {a} divided by {b}?", f"Calculate {a}/{b}.", f"{a} divided by {b}"]
+    ), str(q)
 
 
 def _expr(rng: random.Random, depth: int) -> tuple[str, Fraction, bool]:
@@ -139,8 +155,7 @@ def arithmetic_mixed(rng: random.Random) -> Problem:
     s, v, compound = _expr(rng, rng.randint(2, 3))
     while not compound:
         s, v, compound = _expr(rng, rng.randint(2, 3))
-    return rng.choice([f"Evaluate {s}.", f"What is the value of {s}?", f"Calculate {s}.",
-                       f"What is {s}?"]), _num(v)
+    return rng.choice([f"Evaluate {s}.", f"What is the value of {s}?", f"Calculate {s}.", f"What is {s}?"]), _num(v)
 
 
 def fractions_add_or_sub(rng: random.Random) -> Problem:
@@ -192,12 +207,14 @@ def calculus_differentiate(rng: random.Random) -> Problem:
     nth = {1: "", 2: "second ", 3: "third "}[order]
     f = rng.choice("fghjkmnpqrstuvwz")
     p = _poly(coeffs, v)
-    q = rng.choice([
-        f"Let {f}({v}) = {p}. What is the {nth}derivative of {f}({v})?",
-        f"What is the {nth}derivative of {p} wrt {v}?",
-        f"Find the {nth}derivative of {p} with respect to {v}.",
-        f"Differentiate {p} with respect to {v}." if order == 1 else f"Find the {nth}derivative of {p}.",
-    ])
+    q = rng.choice(
+        [
+            f"Let {f}({v}) = {p}. What is the {nth}derivative of {f}({v})?",
+            f"What is the {nth}derivative of {p} wrt {v}?",
+            f"Find the {nth}derivative of {p} with respect to {v}.",
+            f"Differentiate {p} with respect to {v}." if order == 1 else f"Find the {nth}derivative of {p}.",
+        ]
+    )
     return q, _poly(deriv, v)
 
 
@@ -209,30 +226,43 @@ def polynomials_evaluate(rng: random.Random) -> Problem:
     coeffs[deg] = _nonzero(rng, -9, 9)
     at = rng.randint(-8, 8)
     value = sum(c * at**k for k, c in coeffs.items())
-    return rng.choice([f"Let {f}({v}) = {_poly(coeffs, v)}. What is {f}({at})?",
-                       f"Let {f}({v}) = {_poly(coeffs, v)}. Calculate {f}({at}).",
-                       f"Let {f}({v}) = {_poly(coeffs, v)}. Give {f}({at})."]), str(value)
+    return rng.choice(
+        [
+            f"Let {f}({v}) = {_poly(coeffs, v)}. What is {f}({at})?",
+            f"Let {f}({v}) = {_poly(coeffs, v)}. Calculate {f}({at}).",
+            f"Let {f}({v}) = {_poly(coeffs, v)}. Give {f}({at}).",
+        ]
+    ), str(value)
 
 
 def numbers_gcd(rng: random.Random) -> Problem:
     g = rng.randint(1, 60)
     a, b = g * rng.randint(1, 80), g * rng.randint(1, 80)
-    return rng.choice([f"What is the greatest common divisor of {a} and {b}?",
-                       f"Calculate the highest common factor of {a} and {b}.",
-                       f"What is the greatest common factor of {a} and {b}?"]), str(math.gcd(a, b))
+    return rng.choice(
+        [
+            f"What is the greatest common divisor of {a} and {b}?",
+            f"Calculate the highest common factor of {a} and {b}.",
+            f"What is the greatest common factor of {a} and {b}?",
+        ]
+    ), str(math.gcd(a, b))
 
 
 def numbers_lcm(rng: random.Random) -> Problem:
     a, b = rng.randint(2, 150), rng.randint(2, 150)
-    return rng.choice([f"What is the lowest common multiple of {a} and {b}?",
-                       f"Calculate the least common multiple of {a} and {b}.",
-                       f"What is the smallest common multiple of {a} and {b}?"]), str(a * b // math.gcd(a, b))
+    return rng.choice(
+        [
+            f"What is the lowest common multiple of {a} and {b}?",
+            f"Calculate the least common multiple of {a} and {b}.",
+            f"What is the smallest common multiple of {a} and {b}?",
+        ]
+    ), str(a * b // math.gcd(a, b))
 
 
 def numbers_remainder(rng: random.Random) -> Problem:
     a, b = rng.randint(10, 100000), rng.randint(2, 500)
-    return rng.choice([f"What is the remainder when {a} is divided by {b}?",
-                       f"Calculate the remainder when {a} is divided by {b}."]), str(a % b)
+    return rng.choice(
+        [f"What is the remainder when {a} is divided by {b}?", f"Calculate the remainder when {a} is divided by {b}."]
+    ), str(a % b)
 
 
 def numbers_is_prime(rng: random.Random) -> Problem:
@@ -246,8 +276,9 @@ def numbers_is_prime(rng: random.Random) -> Problem:
 
 def numbers_prime_factors(rng: random.Random) -> Problem:
     n = rng.randint(4, 50000)
-    return rng.choice([f"What are the prime factors of {n}?", f"List the prime factors of {n}."]), \
-        ", ".join(map(str, _prime_factors(n)))
+    return rng.choice([f"What are the prime factors of {n}?", f"List the prime factors of {n}."]), ", ".join(
+        map(str, _prime_factors(n))
+    )
 
 
 def numbers_place_value(rng: random.Random) -> Problem:
@@ -259,7 +290,7 @@ def numbers_place_value(rng: random.Random) -> Problem:
 def numbers_round(rng: random.Random) -> Problem:
     k = rng.randint(1, 4)
     while True:
-        n = rng.randint(-10**7, 10**7)
+        n = rng.randint(-(10**7), 10**7)
         if 2 * (n % 10**k) != 10**k:  # no ties, so the answer does not depend on a tie rule
             break
     nearest = {1: "ten", 2: "one hundred", 3: "one thousand", 4: "ten thousand"}[k]
@@ -289,8 +320,11 @@ def comparison_sort(rng: random.Random) -> Problem:
     vals = rng.sample(range(-500, 500), rng.randint(3, 6))
     desc = rng.random() < 0.5
     listed = ", ".join(map(str, vals))
-    q = (f"Sort {listed} in descending order." if desc else
-         rng.choice([f"Sort {listed} in ascending order.", f"Put {listed} in increasing order."]))
+    q = (
+        f"Sort {listed} in descending order."
+        if desc
+        else rng.choice([f"Sort {listed} in ascending order.", f"Put {listed} in increasing order."])
+    )
     return q, ", ".join(map(str, sorted(vals, reverse=desc)))
 
 
@@ -341,8 +375,9 @@ def format_problems(problems: list[Problem]) -> str:
     return "".join(f"{q}\n{a}\n\n" for q, a in problems)
 
 
-def generate_documents(seed: int, *, max_chars: int | None, problems_per_doc: int,
-                       max_docs: int = 100_000) -> Iterator[tuple[str, str]]:
+def generate_documents(
+    seed: int, *, max_chars: int | None, problems_per_doc: int, max_docs: int = 100_000
+) -> Iterator[tuple[str, str]]:
     """Yield (source id, text) problem sets until `max_chars` characters (the last set is cut
     short at a whole problem so the total stays within the cap)."""
     total = 0

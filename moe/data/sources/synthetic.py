@@ -75,8 +75,9 @@ def build_process(cfg: SyntheticSourceConfig, seed: int) -> MarkovProcess:
     for d, (lo, hi) in enumerate(blocks):
         private_next[d] = np.stack([lo + rng.choice(hi - lo, size=Kp, replace=False) for _ in range(V)])
         private_prob[d] = rng.dirichlet(np.full(Kp, 0.5), size=V)
-    return MarkovProcess(shared_next.astype(np.int64), shared_prob, private_next, private_prob, blocks,
-                         float(cfg.overlap))
+    return MarkovProcess(
+        shared_next.astype(np.int64), shared_prob, private_next, private_prob, blocks, float(cfg.overlap)
+    )
 
 
 def _sample_next(rng: np.random.Generator, state: np.ndarray, nxt: np.ndarray, prob: np.ndarray) -> np.ndarray:
@@ -114,8 +115,7 @@ def validate(cfg: DataConfig) -> None:
         raise DataError(f"data.synthetic.overlap={s.overlap} must lie in [0, 1]")
     if s.num_domains < 1 or s.vocab_size < s.num_domains:
         raise DataError(
-            f"data.synthetic needs num_domains >= 1 and vocab_size >= num_domains "
-            f"(got {s.num_domains}, {s.vocab_size})"
+            f"data.synthetic needs num_domains >= 1 and vocab_size >= num_domains (got {s.num_domains}, {s.vocab_size})"
         )
     if s.vocab_size > 65535:
         raise DataError("data.synthetic.vocab_size must be at most 65535")
@@ -148,6 +148,8 @@ def load_synthetic(cfg: DataConfig) -> TokenCorpus:
         if len(lengths) >= 2 and lengths[-1] < 2:  # fold a 1-token tail into the previous document
             lengths[-2] += lengths.pop()
         docs.append(sample_domain(process, d, np.asarray(lengths), rng))
-    origin = {n: f"markov(vocab={s.vocab_size}, overlap={s.overlap}, branching={s.branching}, "
-                 f"corpus_seed={cfg.corpus_seed})" for n in names}
+    origin = {
+        n: f"markov(vocab={s.vocab_size}, overlap={s.overlap}, branching={s.branching}, corpus_seed={cfg.corpus_seed})"
+        for n in names
+    }
     return TokenCorpus(names, docs, source="synthetic", origin=origin)
