@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypedDict
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 

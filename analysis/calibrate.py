@@ -23,9 +23,10 @@ import csv
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -52,12 +53,12 @@ __all__ = ["CalibrateConfig", "validation_tokens", "write_calibration"]
 @dataclass
 class CalibrateConfig:
     # Validation data: a moe-train run directory (its data/), or else the `data` source prepared here.
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0  # of the data's document split (as moe-train's seed)
     batch_size: int = 64
     # Where calibration.md goes; null = the Hydra run directory.
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     battery: BatteryConfig = field(default_factory=BatteryConfig)
 
 

@@ -35,8 +35,9 @@ Legend: N tokens, K top-k, E experts, D domains, M documents, S sequence length.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class ValidationTokens:
     @classmethod
     def from_arrays(
         cls, tokens_BS: np.ndarray, domain_BS: np.ndarray, doc_BS: np.ndarray, domains: Sequence[str]
-    ) -> "ValidationTokens":
+    ) -> ValidationTokens:
         """From sequences [B, S] of token ids, domain ids and document ids."""
         t = np.asarray(tokens_BS, dtype=np.int64)
         if t.ndim != 2 or np.shape(domain_BS) != t.shape or np.shape(doc_BS) != t.shape:
@@ -127,7 +128,7 @@ class ValidationTokens:
         )
 
     @classmethod
-    def from_batches(cls, batches: Iterable[Any], domains: Sequence[str]) -> "ValidationTokens":
+    def from_batches(cls, batches: Iterable[Any], domains: Sequence[str]) -> ValidationTokens:
         """From `moe.data.batch.Batch`es (tokens, domain, doc [B, S] tensors)."""
         batches = list(batches)
         if not batches:

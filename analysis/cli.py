@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -36,24 +35,24 @@ _NEEDS_RUN_DIR = (
 
 @dataclass
 class AnalyzeConfig:
-    run_dir: Optional[str] = None  # a moe-train run directory (required unless model=hf:...)
+    run_dir: str | None = None  # a moe-train run directory (required unless model=hf:...)
     # A model of the run (moe, dense_active, ...), or hf:<Hub name or local path> for a pretrained one.
     model: str = "moe"
-    twin: Optional[str] = "dense_active"  # dense control for knockouts; null = none (run_dir only)
+    twin: str | None = "dense_active"  # dense control for knockouts; null = none (run_dir only)
     # A run that trained the twins without the MoE (twin.only=true, as a sweep's `dense` arm does);
     # null = the twin comes from run_dir.
-    twin_run: Optional[str] = None
+    twin_run: str | None = None
     batch_size: int = 16
     device: str = "cpu"
     # Where the report goes; null = <run_dir>/analysis, or for model=hf:... the Hydra run directory.
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     # model=hf:... only. The domain-labelled text (its tokenizer becomes the model's; tokens per domain:
     # data.val_tokens_per_domain), the seed of its document split, the weights' dtype (auto = bfloat16
     # on CUDA, float32 on CPU; float32 | bfloat16 | float16) and an optional Hub revision.
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     dtype: str = "auto"
-    revision: Optional[str] = None
+    revision: str | None = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
@@ -72,7 +71,7 @@ def check_run_dir(run_dir: str) -> None:
         )
 
 
-def analyze_dir(model: str, run_dir: Optional[str], out_dir: Optional[str], fallback: str) -> str:
+def analyze_dir(model: str, run_dir: str | None, out_dir: str | None, fallback: str) -> str:
     """The Hydra run directory of moe-analyze: out_dir, else <run_dir>/analysis, else (model=hf:...)
     `fallback`. A missing or wrong run_dir, or a local model=hf: directory that is not a model, fails
     here, before Hydra creates any directory."""

@@ -37,9 +37,9 @@ Every context manager restores the model on exit, also when the forward raises.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -35,8 +35,8 @@ the domain axis second to last: damage [..., G, U].
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats

@@ -26,12 +26,14 @@ Legend as in `moe/__init__.py`: N tokens, K slots, E experts, G domains, V vocab
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from analysis.heldout import HeldoutInformation, TooFewRecords, context_keys, heldout_conditional_information
 from analysis.information import (
     DocCounts,
     conditional_mutual_information,
@@ -48,7 +50,6 @@ from analysis.metrics import (
     max_violation,
     vocabulary_specialization,
 )
-from analysis.heldout import HeldoutInformation, TooFewRecords, context_keys, heldout_conditional_information
 from analysis.records import RoutingRecords
 from analysis.registry import MEASURES, Measure, MeasureResult, register
 from analysis.statistics import SpecializationResult, summarize_specialization

@@ -19,8 +19,9 @@ variable, and "1/D" on a colour bar is one over the number of domains).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm

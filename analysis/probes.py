@@ -13,7 +13,7 @@ they compute different functions (necessary, not sufficient, for specialization)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 __all__ = ["progress", "progress_bars", "progress_enabled"]
 

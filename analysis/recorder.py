@@ -35,8 +35,8 @@ Hooks return None, so recording cannot change the model's outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -434,7 +434,7 @@ class RoutingRecorder:
         self._doc_domain = KeyCounter(None, self.device)
         self._labels: list[_BatchContext] = []
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self) -> RoutingRecorder:
         for i, layer in enumerate(self._layers):
             self._handles.append(layer.router.register_forward_hook(self._hook(i)))
         return self

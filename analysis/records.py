@@ -70,7 +70,7 @@ class RoutingRecords:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "RoutingRecords":
+    def load(cls, path: str | Path) -> RoutingRecords:
         """Read a file written by `save`; ValueError for another format version."""
         with np.load(path) as z:
             version = int(z["format_version"])

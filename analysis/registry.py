@@ -17,8 +17,9 @@ for every registered measure in registry order. Adding a measure is one `registe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["MEASURES", "Measure", "MeasureResult", "columns", "register"]
 

@@ -68,9 +68,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -85,11 +86,11 @@ from analysis.knockout import (
 )
 from analysis.knockout_stats import heterogeneity, matched_comparison
 from analysis.measures import cka_result, knockout_result, measure_layer
-from analysis.registry import MEASURES
 from analysis.plots import save_figures
 from analysis.probes import expert_cka, mean_offdiagonal
 from analysis.progress import progress_bars
 from analysis.recorder import interleave_domains, record_routing, take_tokens
+from analysis.registry import MEASURES
 from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
 from moe.data.batch import Batch
 from moe.tables import format_number, markdown_table, to_jsonable, write_json
@@ -143,7 +144,7 @@ class AnalysisConfig:
     seed: int = 0
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
     # Progress bars of recording and knockouts: None = when stderr is a terminal (or MOE_PROGRESS=1/0).
-    progress: Optional[bool] = None
+    progress: bool | None = None
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -20,9 +20,10 @@ sub-directories are the jobs). Only reading and reshaping here: the measures liv
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -31,7 +32,8 @@ from analysis.information import contingency
 from analysis.measures import MEASURES
 from analysis.records import RoutingRecords
 from analysis.registry import columns
-from moe.tables import format_number, markdown_table as _markdown_table
+from moe.tables import format_number
+from moe.tables import markdown_table as _markdown_table
 from moe.validation import check_choice
 
 __all__ = [

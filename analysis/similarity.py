@@ -17,7 +17,7 @@ dissimilar" in a redundancy report.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

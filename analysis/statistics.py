@@ -25,8 +25,8 @@ R resamples (replicates); in I(D;E) and H(D), D is the domain variable, not a sh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

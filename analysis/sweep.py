@@ -28,9 +28,10 @@ import importlib.resources
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import hydra
 import numpy as np
@@ -38,18 +39,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from scipy import stats
 
+from analysis.anchors import anchor_rows, anchor_source
 from analysis.measures import MEASURES as REGISTRY
 from analysis.plots import plot_arm_intervals, plot_sweep, save_figure
 from analysis.progress import progress
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run, training_identity
 from analysis.runs import ACTIVE_TWIN, Run, Sweep, load_run, load_sweep, loss_gap, sweep_rows
-from analysis.anchors import anchor_rows, anchor_source
 from analysis.trajectory import plot_trajectory, specialization_over_training, write_trajectory
-from moe.checkpoint import checkpoint_dir, list_checkpoints
-from moe.tables import markdown_table, write_json
 from moe.balance import ADAPTIVE_SCOPES
+from moe.checkpoint import checkpoint_dir, list_checkpoints
 from moe.routers import RouterConfig, router_kinds, router_spec
+from moe.tables import markdown_table, write_json
 
 __all__ = [
     "ARMS",

@@ -18,8 +18,9 @@ Keep the checkpoints you want to see (`trainer.keep_last` at least max_steps / c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -30,9 +31,9 @@ from analysis.recorder import interleave_domains, record_routing
 from analysis.records import RoutingRecords
 from analysis.report import AnalysisConfig
 from analysis.run import require_domains
-from moe.loading import model_from_state
 from moe.checkpoint import CheckpointError, checkpoint_dir, list_checkpoints, load_checkpoint
 from moe.data import load_prepared
+from moe.loading import model_from_state
 from moe.tables import write_json
 
 __all__ = [

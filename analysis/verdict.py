@@ -44,8 +44,9 @@ is the majority of its layers' verdicts (ties -> inconclusive).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 
+from analysis.heldout import context_keys, heldout_conditional_information
 from analysis.information import (
     assignment_weights,
     conditional_mutual_information,
@@ -31,7 +32,6 @@ from analysis.information import (
     token_domain_expert_counts,
 )
 from analysis.metrics import coactivation, consecutive_expert_rate, domain_specialization
-from analysis.heldout import context_keys, heldout_conditional_information
 from analysis.statistics import bootstrap_ci, permutation_null
 
 

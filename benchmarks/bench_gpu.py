@@ -68,12 +68,12 @@ def main() -> None:
         flops = 3 * 2 * args.tokens * active
         rows = {
             "dense (k*f)": cuda_seconds(dense, x, args.repeats),
-            "native": cuda_seconds(lambda t: native(t)[0], x, args.repeats),
+            "native": cuda_seconds(lambda t, native=native: native(t)[0], x, args.repeats),
         }
         try:
             mb = build_moe_layer("megablocks", d, cfg, RouterConfig()).cuda()
             mb.load_state_dict(native.state_dict())
-            rows["megablocks"] = cuda_seconds(lambda t: mb(t)[0], x, args.repeats)
+            rows["megablocks"] = cuda_seconds(lambda t, mb=mb: mb(t)[0], x, args.repeats)
         except Exception as err:  # the benchmark still reports the native numbers
             print(f"  megablocks unavailable: {err}")
         print(f"E={cfg.num_experts} k={cfg.top_k} d={d} f={cfg.expert_width}: {active:,} active params/token")

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from moe.host_memory import retain_freed_memory
-
 from moe.dispatch import combine, gather_rows, permute
 from moe.experts import DenseMLP, activate
+from moe.host_memory import retain_freed_memory
 from moe.layer import MoEConfig, MoELayer, build_moe_layer
 from moe.routers import RouterConfig
 from moe.routing import Routing
@@ -116,7 +115,8 @@ def main() -> None:
         else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
     )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median, malloc: {allocator}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median, "
+        f"malloc: {allocator}"
     )
     for shape in SHAPES:
         d_model = shape.pop("d_model")
@@ -127,7 +127,7 @@ def main() -> None:
         x = torch.randn(args.tokens, d_model, requires_grad=True)
         fns = {
             "dense (width k*f)": dense,
-            "native MoE": lambda v: layer(v)[0],
+            "native MoE": lambda v, layer=layer: layer(v)[0],
             "naive per-expert loop": naive_loop(layer),
         }
         hf = hf_block(layer, cfg, d_model)
@@ -139,7 +139,7 @@ def main() -> None:
         # floor: gathering and scattering the T*k token copies, forward and backward
         with torch.no_grad():
             dispatch = permute(layer.router(x))
-        fns["gather+combine only"] = lambda v: combine(gather_rows(v, dispatch), dispatch, len(v))
+        fns["gather+combine only"] = lambda v, dispatch=dispatch: combine(gather_rows(v, dispatch), dispatch, len(v))
         results = timed(fns, x, args.repeats)
         base = results["dense (width k*f)"]
         print(f"\nE={cfg.num_experts} k={cfg.top_k} d={d_model} f={cfg.expert_width}")

@@ -11,9 +11,8 @@ import time
 
 import torch
 
-from moe.host_memory import retain_freed_memory
-
 from moe.config import TrainerConfig
+from moe.host_memory import retain_freed_memory
 from moe.model import LanguageModel, ModelConfig, dense_twin
 from moe.trainer import build_optimizer
 
@@ -66,7 +65,8 @@ def main() -> None:
     times = step_times(models, tokens, args.steps)
     n = args.batch * args.seq
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n} tokens/step, default ModelConfig, malloc: {allocator}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n} tokens/step, default ModelConfig, "
+        f"malloc: {allocator}"
     )
     for name, seconds in times.items():
         print(f"  {name:14s} {median(seconds) * 1e3:7.1f} ms/step  {n / median(seconds):9,.0f} tokens/s")

@@ -19,8 +19,9 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -243,7 +244,7 @@ NOT_IN_FINGERPRINT = frozenset({"data.cache_dir", "data.hf.cache_dir", "data.max
 LATER_FINGERPRINT_FIELDS = frozenset({"precision"})
 
 
-def trajectory_fingerprint(cfg: "TrainConfig", model_cfg: "ModelConfig", world_size: int) -> dict[str, Any]:
+def trajectory_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it: model, router, balance,
     data, seed, world size and optimization. The one definition both the trainer (at resume) and the
     analysis (a checkpoint against its run's config.yaml) compare with `check_fingerprint`."""

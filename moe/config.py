@@ -9,8 +9,9 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -46,7 +47,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
-    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    threads: int | None = None  # torch CPU threads; null = torch's default
     # Keep freed CPU buffers for the next step instead of returning them to the OS (glibc only;
     # see moe/host_memory.py): the MoE's T*k-row buffers otherwise page-fault in afresh each step.
     retain_host_memory: bool = True
@@ -67,7 +68,7 @@ class TrainerConfig:
 class TwinConfig:
     """Dense twins trained beside the MoE on the same data order, seed and token budget."""
 
-    match: List[str] = field(default_factory=lambda: ["active"])  # subset of: active, total
+    match: list[str] = field(default_factory=lambda: ["active"])  # subset of: active, total
     # Train the twins without the MoE: a sweep trains them once per (data, seed) in their own job
     # instead of beside every MoE variant (`moe-sweep` pairs them up again).
     only: bool = False
@@ -250,7 +251,8 @@ def validate(cfg: TrainConfig) -> None:
         adaptive = [kind for kind in router_kinds() if router_spec(kind).adapts_to_load]
         raise ValueError(
             f"balance={cfg.balance.scope} balances by letting the router adapt to the load (a selection "
-            f"bias), which router={cfg.router.kind} does not do; routers that do: {', '.join(f'router={k}' for k in adaptive)}. "
+            f"bias), which router={cfg.router.kind} does not do; routers that do: "
+            f"{', '.join(f'router={k}' for k in adaptive)}. "
             "Use one of those or another balance scope."
         )
 

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from moe.routing import Routing
 
-
 # Padding pays while its wasted rows cost less than the ragged layout's loop of E matmuls. Measured
 # on a 2-core CPU (torch 2.13, 4096 tokens, fwd+bwd, padded/ragged time): E=8 d=256 f=512: 0.99 at
 # 3% extra rows, 1.09 at 18%, 1.31 at 41%; E=8 d=128 f=256: 0.92 at 3%, 1.05 at 18%; E=64 d=256

@@ -10,9 +10,9 @@ exist once, here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from typing import Callable, Protocol
+from typing import Protocol
 
 from torch import Tensor, nn
 

@@ -31,7 +31,8 @@ Install: `pip install 'moe-specialization[megablocks]'`. MegaBlocks pins its tor
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ def require_megablocks() -> Any:
 
 
 def megablocks_arguments(
-    d_model: int, cfg: "MoEConfig", *, init_std: float, out_std: float | None, device: Any = None
+    d_model: int, cfg: MoEConfig, *, init_std: float, out_std: float | None, device: Any = None
 ) -> dict[str, Any]:
     """Keyword arguments of `megablocks.layers.arguments.Arguments` for the routed experts of a
     `moe.layer.MoEConfig` (fine-grained experts included: g*E experts of width f/g, top g*k)."""
@@ -148,7 +149,7 @@ class MegablocksExperts(nn.Module):
     def __init__(
         self,
         d_model: int,
-        cfg: "MoEConfig",
+        cfg: MoEConfig,
         *,
         init_std: float = 0.02,
         out_std: float | None = None,
@@ -161,7 +162,8 @@ class MegablocksExperts(nn.Module):
         self._drain: list[Callable[[], None]] = []
         if mlp is None:
             dmoe = require_megablocks()
-            from megablocks.layers import moe as mb_moe, router as mb_router
+            from megablocks.layers import moe as mb_moe
+            from megablocks.layers import router as mb_router
 
             self._drain = [mb_moe.clear_load_balancing_loss, getattr(mb_router, "clear_router_zloss", lambda: None)]
             from megablocks.layers.arguments import Arguments

@@ -8,7 +8,8 @@ so a fourth implementation needs no change there. Shapes follow the legend of `m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from moe.model import LMOutput
-    from moe.routing import Routing
 
 
 @runtime_checkable
@@ -28,7 +28,7 @@ class RouterLike(Protocol):
     num_experts: int
     top_k: int
 
-    def register_forward_hook(self, hook: Callable[..., Any]) -> "RemovableHandle": ...
+    def register_forward_hook(self, hook: Callable[..., Any]) -> RemovableHandle: ...
 
 
 @runtime_checkable
@@ -48,7 +48,7 @@ class RoutedLayer(Protocol):
     router: RouterLike
     experts: ExpertBank
 
-    def register_forward_pre_hook(self, hook: Callable[..., Any]) -> "RemovableHandle": ...
+    def register_forward_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle: ...
 
 
 class Block(Protocol):
@@ -71,7 +71,7 @@ class RoutedModel(Protocol):
 
     def __call__(
         self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None
-    ) -> "LMOutput": ...
+    ) -> LMOutput: ...
 
 
 def moe_block_indices(model: RoutedModel) -> list[int]:

@@ -30,13 +30,13 @@ class RouteKeys:
     domain: Tensor | None = None
 
     @classmethod
-    def from_tokens(cls, token_ids: Tensor, domain: Tensor | None = None) -> "RouteKeys":
+    def from_tokens(cls, token_ids: Tensor, domain: Tensor | None = None) -> RouteKeys:
         """Keys of token ids [B, S] (or one sequence [S]); previous tokens shift along the last dim."""
         previous = torch.full_like(token_ids, -1)
         previous[..., 1:] = token_ids[..., :-1]
         return cls(token_ids, previous, domain)
 
-    def flat(self) -> "RouteKeys":
+    def flat(self) -> RouteKeys:
         """The keys flattened to [T], the layout of the router's input x_TD."""
         return RouteKeys(
             self.token_ids.reshape(-1),
@@ -45,7 +45,7 @@ class RouteKeys:
         )
 
 
-def as_route_keys(keys: "RouteKeys | Tensor | None") -> "RouteKeys | None":
+def as_route_keys(keys: RouteKeys | Tensor | None) -> RouteKeys | None:
     """`RouteKeys`, or token ids [B, S] / [T] taken as such (previous tokens along the last dim)."""
     return RouteKeys.from_tokens(keys) if isinstance(keys, Tensor) else keys
 

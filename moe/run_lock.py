@@ -17,8 +17,8 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 __all__ = ["RunDirLocked", "RunDirNotWritable", "check_writable", "os_error_reason", "run_dir_lock", "write_error"]
 

@@ -24,9 +24,9 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Mapping
 
 import hydra
 from hydra.core.hydra_config import HydraConfig

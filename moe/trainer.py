@@ -13,9 +13,10 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.balance import LoadBalancer, max_violation
-from moe.modes import eval_mode
 from moe.checkpoint import (
     check_fingerprint,
     checkpoint_dir,
@@ -34,11 +34,12 @@ from moe.checkpoint import (
     trajectory_fingerprint,
 )
 from moe.config import TrainConfig, TrainerConfig, as_plain_dict
-from moe.host_memory import retain_freed_memory
-from moe.run_lock import write_error
 from moe.data import Batch, PreparedData
 from moe.distributed import DistContext, all_reduce_mean, barrier
+from moe.host_memory import retain_freed_memory
 from moe.model import LanguageModel, ModelConfig, model_size
+from moe.modes import eval_mode
+from moe.run_lock import write_error
 
 
 class TrainingDiverged(RuntimeError):
@@ -132,7 +133,7 @@ class Trainer:
         self.val_batches = {d: data.val_batches(batch_size=self.t.eval_batch_size, domain=d) for d in data.domains}
         self.step = 0
         self._stop_requested = False
-        self.on_step_end: Callable[["Trainer"], None] | None = None
+        self.on_step_end: Callable[[Trainer], None] | None = None
         self._forward = self.model
         if self.t.compile:
             self._forward = torch.compile(self._forward)

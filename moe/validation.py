@@ -8,7 +8,8 @@ For example:
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["check_choice"]
 

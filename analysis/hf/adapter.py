@@ -143,7 +143,7 @@ class HFMoELayer:
     `router` (a `RouterShim`), `experts` (`HFExperts`), `register_forward_pre_hook` (on the
     block's input, which the gate and the experts receive)."""
 
-    def __init__(self, block_index: int, block: nn.Module, rule: RoutingRule, router: RouterShim, owner: "HFMoEModel"):
+    def __init__(self, block_index: int, block: nn.Module, rule: RoutingRule, router: RouterShim, owner: HFMoEModel):
         self.block_index, self.block, self.gate, self.rule, self.router = block_index, block, block.gate, rule, router
         self.experts = HFExperts(block.experts, router.num_experts)
         self._owner = owner

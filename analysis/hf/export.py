@@ -54,7 +54,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import torch
@@ -538,8 +538,8 @@ def export_hf(
     if isinstance(source, LanguageModel):
         native = source
     else:
-        from moe.loading import load_model
         from moe.data import load_prepared
+        from moe.loading import load_model
 
         run_dir = Path(source)
         native = load_model(run_dir, model, "cpu")
@@ -561,10 +561,10 @@ def export_hf(
 # ----------------------------------------------------------------------------- command line
 @dataclass
 class ExportConfig:
-    run_dir: Optional[str] = None  # a moe-train run directory (required)
-    out_dir: Optional[str] = None  # where the HF checkpoint goes (required; new or empty)
+    run_dir: str | None = None  # a moe-train run directory (required)
+    out_dir: str | None = None  # where the HF checkpoint goes (required; new or empty)
     model: str = "moe"  # the model of the run to export
-    family: Optional[str] = None  # mixtral | qwen2_moe | glm4_moe; null = chosen by the router
+    family: str | None = None  # mixtral | qwen2_moe | glm4_moe; null = chosen by the router
     dtype: str = "float32"  # of the saved weights: float32 | bfloat16 | float16
     verify: bool = True  # compare the HF model's logits with the native model's before writing
     overwrite: bool = False  # write into a non-empty out_dir (the checkpoint's files are replaced)

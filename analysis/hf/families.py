@@ -9,8 +9,9 @@ Qwen-MoE's `mlp_only_layers` and `decoder_sparse_step`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 

@@ -27,7 +27,6 @@ or the sigmoid scores normalized over experts (DeepSeek-V3, as `moe.routing.Sigm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -179,4 +178,4 @@ class SigmoidGroupTopK:
         )
 
 
-RoutingRule = Union[SoftmaxTopK, GroupLimitedSoftmax, SigmoidGroupTopK]
+RoutingRule = SoftmaxTopK | GroupLimitedSoftmax | SigmoidGroupTopK

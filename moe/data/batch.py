@@ -33,7 +33,7 @@ class Batch:
                 raise ValueError(f"Batch.{name} has shape {tuple(getattr(self, name).shape)}, tokens {tuple(shape)}")
 
     @classmethod
-    def from_numpy(cls, window_BS1: np.ndarray, domain_BS: np.ndarray, doc_BS: np.ndarray) -> "Batch":
+    def from_numpy(cls, window_BS1: np.ndarray, domain_BS: np.ndarray, doc_BS: np.ndarray) -> Batch:
         """Build from a token window [B, S+1] (inputs = [:, :-1], targets = [:, 1:]) and labels [B, S]."""
         window = torch.from_numpy(np.ascontiguousarray(window_BS1, dtype=np.int64))
         return cls(
@@ -52,12 +52,12 @@ class Batch:
     def num_tokens(self) -> int:
         return self.tokens.numel()
 
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """Copy of the batch on `device` (the four tensors moved together)."""
         return Batch(
             *(t.to(device, non_blocking=non_blocking) for t in (self.tokens, self.targets, self.domain, self.doc))
         )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copy, so `.to("cuda", non_blocking=True)` overlaps the copy with compute."""
         return Batch(*(t.pin_memory() for t in (self.tokens, self.targets, self.domain, self.doc)))

@@ -18,9 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def corpus_dir(cache: Path, corpus_sha: str) -> Path:

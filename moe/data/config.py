@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from moe.data.errors import DataError
 from moe.validation import check_choice
@@ -44,7 +44,7 @@ class BuiltinSourceConfig:
     # as pydoc topics), legal (licence texts of Python and installed packages), math (generated
     # DeepMind-Mathematics-style questions and answers), c (CPython C headers; needs the include
     # directory, which some distributions ship only in a -dev package, hence not a default).
-    domains: List[str] = field(default_factory=lambda: ["code", "legal", "math", "prose"])
+    domains: list[str] = field(default_factory=lambda: ["code", "legal", "math", "prose"])
     # A file longer than this is truncated at a line boundary, so one large file (the stdlib has
     # 200 KB modules) cannot fill a whole domain, and every domain has enough documents for
     # document-level statistics (see min_val_docs_per_domain): at 3 KB the default domain cap holds
@@ -79,7 +79,7 @@ class LocalSourceConfig:
     """Text on local disk: one sub-directory per domain, or JSONL / Parquet records."""
 
     # A directory or a single .jsonl/.parquet file. Required for source=local.
-    path: Optional[str] = None
+    path: str | None = None
     # auto: a file by its extension; a directory holding .jsonl/.parquet files at its top level is
     # read as records, any other directory as one sub-directory per domain.
     format: str = "auto"
@@ -87,7 +87,7 @@ class LocalSourceConfig:
     text_field: str = "text"
     domain_field: str = "domain"
     # Files read in the directory form; others are ignored (and listed in the manifest).
-    extensions: List[str] = field(
+    extensions: list[str] = field(
         default_factory=lambda: [".txt", ".md", ".rst", ".tex", ".py", ".c", ".h", ".cpp", ".js", ".java"]
     )
 
@@ -96,44 +96,44 @@ class LocalSourceConfig:
 class HFDomainSpec:
     """One domain taken from its own Hugging Face dataset (the `hf.domains` mapping)."""
 
-    path: Optional[str] = None  # dataset name on the Hub, or a builder such as "json"
-    name: Optional[str] = None  # dataset configuration
+    path: str | None = None  # dataset name on the Hub, or a builder such as "json"
+    name: str | None = None  # dataset configuration
     split: str = "train"
-    data_files: Optional[List[str]] = None
-    revision: Optional[str] = None
-    text_field: Optional[str] = None  # None: use hf.text_field
+    data_files: list[str] | None = None
+    revision: str | None = None
+    text_field: str | None = None  # None: use hf.text_field
 
 
 @dataclass
 class HFSourceConfig:
     """Hugging Face `datasets`: one dataset with a domain field, or one dataset per domain."""
 
-    path: Optional[str] = None
-    name: Optional[str] = None
+    path: str | None = None
+    name: str | None = None
     split: str = "train"
-    data_files: Optional[List[str]] = None
+    data_files: list[str] | None = None
     # Pin a dataset revision so a cached corpus cannot silently differ from the remote one.
-    revision: Optional[str] = None
+    revision: str | None = None
     text_field: str = "text"
     # Dotted path of the domain label in each record, e.g. "meta.pile_set_name" for the Pile.
-    domain_field: Optional[str] = None
+    domain_field: str | None = None
     # With domain_field: keep only these domains (None keeps every label seen).
-    include_domains: Optional[List[str]] = None
+    include_domains: list[str] | None = None
     # Alternative to domain_field: domain name -> dataset spec (empty: not used). A dict by default
     # for the same reason as DataConfig.mixture.
-    domains: Optional[Dict[str, HFDomainSpec]] = field(default_factory=dict)
+    domains: dict[str, HFDomainSpec] | None = field(default_factory=dict)
     streaming: bool = True
     # Where `datasets` keeps downloads and Arrow files (None: its default, $HF_DATASETS_CACHE).
-    cache_dir: Optional[str] = None
-    max_docs_per_domain: Optional[int] = None
+    cache_dir: str | None = None
+    max_docs_per_domain: int | None = None
     # With domain_field: stop reading after this many records (None: until every kept domain is
     # full, or the dataset ends).
-    max_records: Optional[int] = None
+    max_records: int | None = None
     # Records are drawn in a random order seeded by corpus_seed, so a capped domain is a random
     # sample, not the dataset's first records: a downloaded dataset is permuted exactly, a streamed
     # one is shuffled by shard order and through a buffer of this many records (read ahead).
     # null or 0: the dataset's own order.
-    shuffle_buffer: Optional[int] = 10_000
+    shuffle_buffer: int | None = 10_000
 
 
 @dataclass
@@ -168,7 +168,7 @@ class DataConfig:
     # contributes equally whatever its size. Unlisted domains get weight 0 (still validated on).
     # An empty dict rather than None by default: Hydra cannot override a None-valued dict from the
     # command line at all, while an empty one takes `++data.mixture={code: 3, math: 1}`.
-    mixture: Optional[Dict[str, float]] = field(default_factory=dict)
+    mixture: dict[str, float] | None = field(default_factory=dict)
     # Warn (and note in the manifest) when the mixture repeats a domain's train text more than this
     # many times per pass over the corpus: a tiny domain given an equal share is seen hundreds of
     # times, and the model memorizes it rather than learning it. A warning only; it does not change
@@ -178,7 +178,7 @@ class DataConfig:
     # corpus (~2.2 MB: prose and legal hold less, all there is) quick to prepare on a laptop CPU
     # (~4 s, then cached) with >= 150 documents per domain. conf/data/local.yaml and hf.yaml set
     # larger caps: their documents are longer.
-    max_chars_per_domain: Optional[int] = 800_000
+    max_chars_per_domain: int | None = 800_000
     # Bytes that are not UTF-8 inside otherwise good text: "replace" with U+FFFD or "skip" (drop)
     # them. Either way they are counted in the manifest. Files that are not text at all fail.
     non_utf8: str = "replace"
@@ -186,7 +186,7 @@ class DataConfig:
     corpus_seed: int = 0
     # Where prepared corpora, tokenizers and token arrays are cached. None: $MOE_CACHE_DIR, else
     # ~/.cache/moe-specialization.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     builtin: BuiltinSourceConfig = field(default_factory=BuiltinSourceConfig)
     synthetic: SyntheticSourceConfig = field(default_factory=SyntheticSourceConfig)
     local: LocalSourceConfig = field(default_factory=LocalSourceConfig)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -132,7 +132,7 @@ def name_salt(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
-def _doc_hash_update(h: "hashlib._Hash", payload: bytes) -> None:
+def _doc_hash_update(h: hashlib._Hash, payload: bytes) -> None:
     # Length-prefixed so that moving a boundary between two documents changes the hash.
     h.update(len(payload).to_bytes(8, "little"))
     h.update(payload)
@@ -213,7 +213,7 @@ class TextCorpus:
             )
 
     @classmethod
-    def load(cls, directory: Path) -> "TextCorpus":
+    def load(cls, directory: Path) -> TextCorpus:
         """Read a corpus written by `save`, checking its hash."""
         meta = json.loads((directory / "corpus.json").read_text())
         by_name: dict[str, DomainText] = {}

@@ -18,10 +18,10 @@ from moe.data.cache import corpus_dir, tokens_dir, write_json
 from moe.data.config import as_data_config, resolve_cache_dir
 from moe.data.corpus import TextCorpus
 from moe.data.errors import DataError
-from moe.validation import check_choice
 from moe.data.split import mixture_weights
 from moe.data.stream import BatchStream, TokenStore, TrainPlan
 from moe.data.tokenizer import Tokenizer, load_tokenizer
+from moe.validation import check_choice
 
 FORMAT_VERSION = 1
 RUN_SUBDIR = "data"

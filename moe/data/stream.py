@@ -38,7 +38,7 @@ class TokenStore:
     doc_domain: np.ndarray
 
     @classmethod
-    def load(cls, directory: Path, doc_domain: np.ndarray) -> "TokenStore":
+    def load(cls, directory: Path, doc_domain: np.ndarray) -> TokenStore:
         """Open tokens.npy / offsets.npy of a cache entry. The tokens are memory-mapped: ranks on one
         machine share the pages, and opening is instant at any corpus size."""
         tokens = np.load(directory / "tokens.npy", mmap_mode="r")
@@ -186,7 +186,7 @@ class BatchStream:
     def epoch(self) -> int:
         return self._epoch
 
-    def __iter__(self) -> "BatchStream":
+    def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> Batch:

@@ -9,7 +9,8 @@ legacy 8-bit encodings of non-Latin scripts) is refused with a `DataError`.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from moe.data.errors import DataError
 

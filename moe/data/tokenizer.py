@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from moe.data.errors import DataError
 
@@ -42,7 +42,7 @@ class BPETokenizer:
         self.sha256: str = hashlib.sha256(tok.to_str().encode()).hexdigest()
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Sequence[str], vocab_size: int) -> BPETokenizer:
         """Train on `texts` (the train split). The vocabulary may come out smaller than
         `vocab_size` when the text has fewer mergeable pairs; `vocab_size` tells the truth."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,7 +80,7 @@ class BPETokenizer:
         _write_meta(directory, self.describe())
 
     @classmethod
-    def load(cls, directory: str | Path) -> "BPETokenizer":
+    def load(cls, directory: str | Path) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_file(str(Path(directory) / "tokenizer.json")))

@@ -23,8 +23,10 @@ from moe.routers.registry import (
 )
 
 # The built-in routers register themselves on import, in this order (that of `router_kinds`); any
-# other module of the package (a router a user added) after them.
-from moe.routers import topk, expert_choice, sigmoid, fixed  # noqa: E402,F401,I001
+# other module of the package (a router a user added) after them. The order is kept from isort.
+# isort: off
+from moe.routers import topk, expert_choice, sigmoid, fixed  # noqa: F401
+# isort: on
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -5,8 +5,9 @@ YAML file in conf/router/ selecting it); nothing else changes."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from moe.routers.base import RouterConfig
 from moe.validation import check_choice

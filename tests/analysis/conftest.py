@@ -7,8 +7,8 @@ models of width 32 with 4 experts, 50 AdamW steps (about a second each on one CP
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import torch

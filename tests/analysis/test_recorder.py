@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import analysis.recorder as recorder_mod
-from analysis.information import contingency, conditional_mutual_information
+from analysis.information import conditional_mutual_information, contingency
 from analysis.measures import coactivation_from_pairs, domain_shares, measure_layer
 from analysis.metrics import (
     coactivation,
@@ -202,7 +202,7 @@ def test_recorder_used_directly_has_no_losses(trained_moe, mixed_batches):
     recording = rec.result()
     assert recording.loss_sum is None and recording.loss_tokens is None
     with pytest.raises(ValueError, match="no losses.*record_routing"):
-        recording.domain_loss
+        _ = recording.domain_loss
     assert recording.layers[0].tokens == sum(b.num_tokens for b in mixed_batches[:2])
 
 

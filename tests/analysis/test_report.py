@@ -19,8 +19,8 @@ from analysis.plots import (
     plot_measures,
     plot_nmi,
 )
-from analysis.records import RoutingRecords
 from analysis.progress import progress, progress_bars
+from analysis.records import RoutingRecords
 from analysis.report import SUMMARY_FORMAT_VERSION, AnalysisConfig, analysis_cost, analyze_model
 
 FAST = dict(n_permutations=49, n_bootstrap=49, knockout_tokens=256, probe_tokens=512)

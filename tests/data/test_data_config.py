@@ -6,7 +6,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
@@ -68,7 +68,7 @@ def test_misspelt_key_fails_at_composition():
 @dataclass
 class _Root:
     # A stand-in for TrainConfig: `data: DataConfig` filled from the `data` group.
-    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"data": "builtin"}])
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"data": "builtin"}])
     data: DataConfig = field(default_factory=DataConfig)
 
 

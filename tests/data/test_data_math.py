@@ -40,7 +40,8 @@ def check(module: str, q: str, a: str) -> None:
         assert _binary(q) == F(a)
     elif module == "arithmetic__mul":
         m = re.match(
-            rf"^(?:What is {NUM} times|Multiply {NUM} and|Calculate {NUM}\*|What is the product of {NUM} and) ?{NUM}[.?]$",
+            rf"^(?:What is {NUM} times|Multiply {NUM} and|Calculate {NUM}\*|What is the product of {NUM} and)"
+            rf" ?{NUM}[.?]$",
             q,
         )
         nums = [g for g in m.groups() if g is not None]

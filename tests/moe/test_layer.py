@@ -9,9 +9,9 @@ from moe.experts import DenseMLP, activate
 from moe.layer import MoEConfig, MoELayer, build_moe_layer
 from moe.routers import RouterConfig, router_kinds
 from moe.routing import RouteKeys
+from moe.sizing import dense_twin_width, layer_size
 
 ROUTER_KINDS = router_kinds()
-from moe.sizing import dense_twin_width, layer_size
 
 D = 16
 

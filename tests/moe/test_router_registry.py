@@ -22,12 +22,12 @@ from moe.routers import (
     RouterConfig,
     build_router,
     register_router,
+    registry,
     resolve_router_config,
     router_config,
     router_kinds,
     router_spec,
 )
-from moe.routers import registry
 from moe.routing import RouteKeys, Routing
 
 D, E, K = 8, 4, 2

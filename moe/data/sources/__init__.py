@@ -17,8 +17,9 @@ seed plays no part: it only splits and orders the corpus later).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Union
 
 from moe.data.errors import DataError
 

@@ -29,8 +29,8 @@ import os
 import re
 import sysconfig
 import tokenize
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from moe.data.config import BUILTIN_DOMAINS, DataConfig
 from moe.data.corpus import DomainBudget, DomainText, TextCorpus, normalized_hash, seeded_order

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from moe.data.config import DataConfig, HFDomainSpec
 from moe.data.corpus import CORPUS_FORMAT, DomainBudget, DomainText, TextCorpus, name_salt

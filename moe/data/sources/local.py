@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from moe.data.config import LOCAL_FORMATS, DataConfig
 from moe.data.corpus import DomainBudget, DomainText, TextCorpus, seeded_order
