@@ -343,6 +343,14 @@ def judge_replicate(
         rng=rng,
     )
     nmi, cmi = ev.nmi, ev.cmi
+    # No cmi when the records are too few for the held-out estimate (`ev.cmi_note` says why): its
+    # criterion abstains, as in moe-analyze, and the row carries nan.
+    nan = float("nan")
+    share, share_low, share_high, p_value, h_domain_given_context, bits = (
+        (nan,) * 6
+        if cmi is None
+        else (cmi.share, cmi.share_ci_low, cmi.share_ci_high, cmi.p_value, cmi.h_domain_given_context, cmi.estimate)
+    )
     layer = judge_layer(
         LayerEvidence(
             layer=0,
@@ -350,11 +358,11 @@ def judge_replicate(
             nmi_excess_ci_low=nmi.excess_ci_low,
             nmi_excess_ci_high=nmi.excess_ci_high,
             nmi_p_value=nmi.p_value,
-            cmi_share=cmi.share,
-            cmi_share_ci_low=cmi.share_ci_low,
-            cmi_share_ci_high=cmi.share_ci_high,
-            cmi_p_value=cmi.p_value,
-            h_domain_given_context=cmi.h_domain_given_context,
+            cmi_share=share,
+            cmi_share_ci_low=share_low,
+            cmi_share_ci_high=share_high,
+            cmi_p_value=p_value,
+            h_domain_given_context=h_domain_given_context,
         ),
         cfg.thresholds,
     )
@@ -365,10 +373,10 @@ def judge_replicate(
         "nmi_p": nmi.p_value,
         "nmi_null_q95": nmi.null_q95,
         "nmi_plugin": nmi.observed,
-        "cmi_share": cmi.share,
-        "cmi_share_ci_high": cmi.share_ci_high,
-        "cmi_p": cmi.p_value,
-        "cmi_bits": cmi.estimate,
+        "cmi_share": share,
+        "cmi_share_ci_high": share_high,
+        "cmi_p": p_value,
+        "cmi_bits": bits,
         "nmi": by_name["nmi"],
         "cmi": by_name["cmi"],
         "verdict": layer.verdict,

@@ -21,7 +21,7 @@ from analysis.calibration import (
     summarize_battery,
     wilson_interval,
 )
-from analysis.verdict import ENSEMBLE, SPECIALIST, VerdictThresholds
+from analysis.verdict import ENSEMBLE, INCONCLUSIVE, SPECIALIST, VerdictThresholds
 
 
 def make_tokens(
@@ -153,3 +153,21 @@ def test_moe_calibrate_cli(tmp_path):
     assert "## Targets" in text and "doc:1" in text and "documents" in text
     assert (out / "figures" / "calibration_power.png").stat().st_size > 1000
     assert (out / "calibration" / "rows.csv").read_text().count("\n") == 1 + 3 * 2
+
+
+def test_a_replicate_without_a_measurable_cmi_abstains():
+    """Every token id occurs once, so no context reaches the held-out estimate's minimum support:
+    the cmi criterion is inconclusive (as in moe-analyze) and the battery goes on (it raised
+    AttributeError on the missing estimate)."""
+    n_docs, doc_len, n_domains = 12, 32, 2
+    n = n_docs * doc_len
+    domain = np.repeat(np.arange(n_docs) % n_domains, doc_len)
+    doc = np.repeat(np.arange(n_docs), doc_len)
+    tokens = ValidationTokens.from_arrays(
+        np.arange(n).reshape(-1, doc_len), domain.reshape(-1, doc_len), doc.reshape(-1, doc_len), ["a", "b"]
+    )
+    cfg = BatteryConfig(routers=["hash"], top_k=[1], num_experts=4, replicates=2, n_permutations=19, n_bootstrap=19)
+    rows, expected = run_battery(tokens, cfg)
+    assert [r["cmi"] for r in rows] == [INCONCLUSIVE, INCONCLUSIVE]
+    assert all(np.isnan(r["cmi_share"]) for r in rows)
+    assert np.isnan(summarize_battery(rows, expected)[0]["cmi_share_mean"])
