@@ -30,7 +30,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from analysis.calibration import (
     DOMAIN_AWARE,
@@ -44,6 +44,7 @@ from analysis.calibration import (
 )
 from analysis.cli import register_app_configs
 from analysis.verdict import ENSEMBLE, SPECIALIST
+from moe.config import config_object
 from moe.data import DataConfig
 from moe.tables import format_number, markdown_table, write_json
 
@@ -336,7 +337,7 @@ register_app_configs("calibrate", CalibrateConfig)
 
 @hydra.main(version_base="1.3", config_path=None, config_name="calibrate")
 def main(dict_cfg: DictConfig) -> float:
-    cfg: CalibrateConfig = OmegaConf.to_object(dict_cfg)
+    cfg = config_object(CalibrateConfig, dict_cfg)
     out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
     tokens = validation_tokens(cfg)
     start = time.time()

@@ -205,6 +205,12 @@ def _own_experts(tokens: ValidationTokens, n_experts: int, top_k: int, rng: np.r
     return np.argsort(-scores, axis=1)[:, :top_k]
 
 
+def _strength(spec: RouterSpec) -> float:
+    if spec.strength is None:
+        raise ValueError(f"router {spec.kind!r} needs a strength: {spec.kind}:<strength in [0, 1]>")
+    return spec.strength
+
+
 def draw_routing(
     spec: RouterSpec, tokens: ValidationTokens, n_experts: int, top_k: int, rng: np.random.Generator | int
 ) -> np.ndarray:
@@ -212,7 +218,7 @@ def draw_routing(
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must lie in [1, E={n_experts}], got {top_k}")
     gen = np.random.default_rng(rng)
-    n, kind, s = tokens.size, spec.kind, spec.strength
+    n, kind = tokens.size, spec.kind
     hashed = lambda: _keyed(tokens.token, n_experts, top_k, gen)  # noqa: E731
     position_bucket = tokens.position * 16 // max(tokens.seq_len, 1)
     if kind == "random":
@@ -230,7 +236,7 @@ def draw_routing(
         edges = np.quantile(length, np.linspace(0, 1, 9)[1:-1])
         return _keyed(np.searchsorted(edges, length, side="right"), n_experts, top_k, gen)
     if kind == "doc":
-        return _pick(gen.random(n) < s, _keyed(tokens.doc, n_experts, top_k, gen), hashed())
+        return _pick(gen.random(n) < _strength(spec), _keyed(tokens.doc, n_experts, top_k, gen), hashed())
     if kind == "mix":
         rules = np.stack(
             [
@@ -245,7 +251,7 @@ def draw_routing(
         return _own_experts(tokens, n_experts, top_k, gen)
     if kind in ("domain", "domain_hash"):
         base = _random(n, n_experts, top_k, gen) if kind == "domain" else hashed()
-        return _pick(gen.random(n) < s, _own_experts(tokens, n_experts, top_k, gen), base)
+        return _pick(gen.random(n) < _strength(spec), _own_experts(tokens, n_experts, top_k, gen), base)
     raise ValueError(f"unknown router kind {kind!r}")
 
 
@@ -420,8 +426,7 @@ def run_battery(
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(cfg.workers) as pool:
-            results = pool.imap(_run_cell, jobs)
-            results = [_note(i, len(jobs), r, progress) for i, r in enumerate(results)]
+            results = [_note(i, len(jobs), r, progress) for i, r in enumerate(pool.imap(_run_cell, jobs))]
     else:
         results = [_note(i, len(jobs), _run_cell(job), progress) for i, job in enumerate(jobs)]
     rows = [row for cell_rows, _ in results for row in cell_rows]
@@ -488,7 +493,7 @@ def check_targets(
             if worst is None
             else {"rate": worst[f"{c}_{SPECIALIST}"], "router": worst["router"], "top_k": worst["top_k"]}
         )
-    power = {}
+    power: dict[int, float | None] = {}
     for k in sorted({s["top_k"] for s in summary}):
         curve = sorted(
             (

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from analysis.report import AnalysisConfig
 from analysis.run import analyze_run
-from moe.config import reject_unknown_keys
+from moe.config import config_object, reject_unknown_keys
 from moe.data import DataConfig
 
 HF_PREFIX = "hf:"
@@ -136,7 +136,7 @@ def main(dict_cfg: DictConfig) -> float:
 
 def _analyze(dict_cfg: DictConfig) -> float:
     reject_unknown_keys(dict_cfg, AnalyzeConfig)
-    cfg: AnalyzeConfig = OmegaConf.to_object(dict_cfg)
+    cfg = config_object(AnalyzeConfig, dict_cfg)
     if cfg.model.startswith(HF_PREFIX):
         from analysis.hf.run import analyze_hf_model
 

@@ -36,7 +36,9 @@ domain, expert and context variables, not shapes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,6 +200,11 @@ def _fit_domain_offsets(
     return beta
 
 
+def _slot_sum(per_slot: Iterable[np.ndarray]) -> np.ndarray:
+    """The elementwise sum of one array per routing slot (at least one); `sum()` would start from 0."""
+    return functools.reduce(operator.add, per_slot)
+
+
 def heldout_conditional_information(
     contexts: Sequence[np.ndarray],
     domain: np.ndarray,
@@ -270,7 +277,7 @@ def heldout_conditional_information(
     for g, parent in zip(groups, parents):
         size = n_folds * parent.size * e_n
         cell = (fold * parent.size + g) * e_n  # np.bincount: np.add.at is far slower on 1e7 records
-        c = sum(np.bincount(cell + ex[:, j], weights=w[:, j], minlength=size) for j in range(ex.shape[1]))
+        c = _slot_sum(np.bincount(cell + ex[:, j], weights=w[:, j], minlength=size) for j in range(ex.shape[1]))
         c = c.reshape(n_folds, parent.size, e_n)
         per_fold.append(c.sum(axis=0, keepdims=True) - c)
 
@@ -297,7 +304,7 @@ def heldout_conditional_information(
         grp_dom = np.zeros(n_cd, dtype=np.int64)
         grp_dom[cd] = d[train]
         grp_w = np.bincount(cd, weights=w[train].sum(axis=1), minlength=n_cd)
-        target = sum(
+        target = _slot_sum(
             np.bincount(d[train] * e_n + ex[train, j], weights=w[train, j], minlength=n_domains * e_n)
             for j in range(ex.shape[1])
         ).reshape(n_domains, e_n)

@@ -24,6 +24,7 @@ the Miller-Madow correction and `analysis.statistics` gives permutation nulls an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -208,11 +209,13 @@ def joint_from_docs(doc_domain: np.ndarray, counts: np.ndarray, n_domains: int) 
     return one_hot.T @ c
 
 
-class TokenDomainExpertCounts(NamedTuple):
+@dataclass(frozen=True)
+class TokenDomainExpertCounts:
     """Sparse token x domain x expert table: only the observed cells are stored.
 
     token, domain, expert [cells] int64 (cell coordinates, sorted by (token, domain, expert));
-    count [cells] float64 > 0; shape (V, G, E).
+    count [cells] float64 > 0; shape (V, G, E). (A dataclass, not a NamedTuple: `count` would
+    shadow tuple.count.)
     """
 
     token: np.ndarray
@@ -237,9 +240,9 @@ def _key_counts(keys: list[np.ndarray], weights: list[np.ndarray | None], size: 
         if all(w is None for w in weights)
         else np.concatenate([np.ones(k.size) if w is None else w for k, w in zip(keys, weights)])
     )
-    acc = np.bincount(inv.reshape(-1), weights=ws, minlength=uniq.size)
-    keep = acc > 0
-    return uniq[keep], acc[keep]
+    counts = np.bincount(inv.reshape(-1), weights=ws, minlength=uniq.size)
+    keep = counts > 0
+    return uniq[keep], counts[keep]
 
 
 def token_domain_expert_counts(

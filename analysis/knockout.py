@@ -43,12 +43,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from analysis.knockout_stats import cluster_mean_se
 from analysis.progress import progress
 from moe.data.batch import Batch
 from moe.experts import DenseMLP
+from moe.model import LanguageModel
 from moe.modes import eval_mode
 from moe.protocols import RoutedLayer, RoutedModel, moe_block_indices
 from moe.routing import Routing
@@ -118,7 +118,7 @@ class KnockoutResult:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _device(model: nn.Module) -> torch.device:
+def _device(model: RoutedModel) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -142,13 +142,13 @@ def domain_losses(model: RoutedModel, batches: Sequence[Batch], num_domains: int
     with eval_mode(model):
         for batch in batches:
             batch = batch.to(device)
-            loss = model(batch.tokens, batch.targets, batch.domain).token_loss.reshape(-1).double()
+            loss = model(batch.tokens, batch.targets, batch.domain).require_token_loss().reshape(-1).double()
             dom = batch.domain.reshape(-1)
             total.index_add_(0, dom, loss)
             count.index_add_(0, dom, torch.ones_like(loss))
-    total, count = total.cpu().numpy(), count.cpu().numpy()
+    total_G, count_G = total.cpu().numpy(), count.cpu().numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan), count.astype(np.int64)
+        return np.where(count_G > 0, total_G / np.maximum(count_G, 1), np.nan), count_G.astype(np.int64)
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def token_losses(model: RoutedModel, batches: Sequence[Batch], *, seed: int = 0)
     with eval_mode(model), _seeded(seed, device):
         for batch in batches:
             batch = batch.to(device)
-            out.append(model(batch.tokens, batch.targets, batch.domain).token_loss.reshape(-1).double())
+            out.append(model(batch.tokens, batch.targets, batch.domain).require_token_loss().reshape(-1).double())
     if not out:
         return np.zeros(0)
     return torch.cat(out).cpu().numpy()
@@ -175,12 +175,12 @@ def _labels(batches: Sequence[Batch], cluster: str) -> tuple[np.ndarray, np.ndar
     if cluster == "doc":
         ids = np.concatenate([b.doc.reshape(-1).cpu().numpy() for b in batches]).astype(np.int64)
     else:
-        ids, start = [], 0
+        rows_ids, start = [], 0
         for b in batches:
             rows, seq = b.tokens.shape
-            ids.append(np.repeat(np.arange(start, start + rows), seq))
+            rows_ids.append(np.repeat(np.arange(start, start + rows), seq))
             start += rows
-        ids = np.concatenate(ids).astype(np.int64)
+        ids = np.concatenate(rows_ids).astype(np.int64)
     return domain, ids
 
 
@@ -307,11 +307,13 @@ def top1_dropped(layer: RoutedLayer) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- damage matrices
-def _dense_mlps(dense_model: nn.Module, blocks: Sequence[int]) -> list[DenseMLP]:
-    mlps = [dense_model.blocks[b].ffn for b in blocks]
-    for b, mlp in zip(blocks, mlps):
+def _dense_mlps(dense_model: LanguageModel, blocks: Sequence[int]) -> list[DenseMLP]:
+    mlps = []
+    for b in blocks:
+        mlp = dense_model.blocks[b].ffn
         if not isinstance(mlp, DenseMLP):
             raise TypeError(f"block {b} of the dense twin holds a {type(mlp).__name__}, not a DenseMLP")
+        mlps.append(mlp)
     return mlps
 
 
@@ -342,7 +344,7 @@ def expert_knockouts(
 
 
 def dense_group_knockouts(
-    dense_model: nn.Module,
+    dense_model: LanguageModel,
     batches: Sequence[Batch],
     num_domains: int,
     *,

@@ -152,6 +152,8 @@ def routing_evidence(
     )
     cmi, note = None, None
     if token is not None:
+        if domain is None or doc is None or experts is None:
+            raise ValueError("routing_evidence: token needs domain, doc and experts too (for the held-out I(D;E|C))")
         keys = context_keys(token, prev_token if context == "bigram" else None)
         try:
             cmi = heldout_conditional_information(

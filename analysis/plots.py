@@ -19,7 +19,7 @@ variable, and "1/D" on a colour bar is one over the number of domains).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +393,7 @@ def plot_loss_comparison(source: Summary | Mapping[str, Mapping[str, float]]) ->
     """Per-domain validation loss (nats) of each model, as points side by side per domain (a dot
     plot: the differences between twins are small next to the loss itself, which bars would hide).
     `source` is a summary (its "comparison") or a mapping model name -> {domain: loss}."""
-    comparison = source["comparison"] if "comparison" in source else source
+    comparison: Mapping[str, Any] = source["comparison"] if "comparison" in source else source
     models = [m for m in comparison if comparison[m]]
     if not models:
         raise ValueError("no losses to compare")
@@ -507,7 +507,7 @@ def plot_sweep(
 
     for ax, metric in zip(axes, metrics):
         if metric == "loss_gap":
-            seen = {}
+            seen: dict[Any, Mapping[str, Any]] = {}
             for r in rows:
                 seen.setdefault(r["run"], r)
             for r in seen.values():
@@ -610,7 +610,11 @@ def save_figures(summary: Summary, out_dir: str | Path, dpi: int = 110) -> dict[
     """Write every figure the summary supports as `out_dir/<name>.png`; returns name -> file name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"domain_expert": plot_domain_expert_heatmaps, "nmi": plot_nmi, "measures": plot_measures}
+    makers: dict[str, Callable[[Summary], Figure]] = {
+        "domain_expert": plot_domain_expert_heatmaps,
+        "nmi": plot_nmi,
+        "measures": plot_measures,
+    }
     if any(layer["measures"]["knockout"].get("damage") is not None for layer in summary["layers"]):
         makers["knockout"] = plot_knockout
     if any(layer["measures"]["cka"].get("matrix") is not None for layer in summary["layers"]):

@@ -35,8 +35,9 @@ Hooks return None, so recording cannot change the model's outputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class KeyCounter:
     def __init__(self, size: int | None = None, device: torch.device | str = "cpu"):
         self.size = size
         self.device = torch.device(device)
-        f64 = dict(dtype=torch.float64, device=self.device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=self.device)  # torch factory kwargs
         self._dense = torch.zeros(size, **f64) if size is not None and size <= _DENSE_KEYS else None
         self._keys = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._sums = torch.zeros(0, **f64)
@@ -227,10 +228,11 @@ class _BatchContext:
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(token, domain, doc) [T] int64 on `device`."""
         if device not in self._on:
-            self._on[device] = tuple(
+            token, domain, doc = (
                 t.detach().reshape(-1).to(device, torch.int64, non_blocking=True)
                 for t in (self.batch.tokens, self.batch.domain, self.batch.doc)
             )
+            self._on[device] = (token, domain, doc)
         return self._on[device]
 
 
@@ -259,7 +261,7 @@ class _Accumulator:
         self.num_layers, self.num_experts, self.top_k, self.num_domains = n, e, top_k, d
         self.vocab_size, self.gate_weighted = vocab_size, gate_weighted
         self.keep_records, self.device = keep_records, device
-        f64 = dict(dtype=torch.float64, device=device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=device)  # torch factory kwargs
         # Keys: cube ((l*V + token)*G + domain)*E + expert; docs (doc*L + l)*E + expert.
         self.cube = KeyCounter(n * vocab_size * d * e, device)
         self.cube_counts = KeyCounter(n * vocab_size * d * e, device) if gate_weighted else None
@@ -315,7 +317,8 @@ class _Accumulator:
         if self.keep_records:
             small = torch.int16 if e <= torch.iinfo(torch.int16).max else torch.int32
             # Asynchronous copies: the host reads them only after `RoutingRecorder.result` synchronizes.
-            self.records.append(tuple(t.to("cpu", non_blocking=True) for t in (idx.to(small), gates, kept)))
+            idx_c, gates_c, kept_c = (t.to("cpu", non_blocking=True) for t in (idx.to(small), gates, kept))
+            self.records.append((idx_c, gates_c, kept_c))
 
     def counts(self, doc_ids: np.ndarray, doc_domain: np.ndarray) -> list[LayerCounts]:
         n, e, d, v = self.num_layers, self.num_experts, self.num_domains, self.vocab_size
@@ -370,14 +373,12 @@ def _split_cube(counter: KeyCounter, n: int, v: int, d: int, e: int) -> list[Tok
     rest, domain = np.divmod(rest, d)
     layer, token = np.divmod(rest, v)
     bounds = np.searchsorted(layer, np.arange(n + 1))  # keys are sorted, so layers are contiguous
-    return [
-        TokenDomainExpertCounts(*(a[bounds[l] : bounds[l + 1]] for a in (token, domain, expert, sums)), (v, d, e))
-        for l in range(n)
-    ]
+    layers = (slice(bounds[l], bounds[l + 1]) for l in range(n))
+    return [TokenDomainExpertCounts(token[s], domain[s], expert[s], sums[s], (v, d, e)) for s in layers]
 
 
 # ----------------------------------------------------------------------------- the recorder
-def _model_device(model: nn.Module) -> torch.device:
+def _model_device(model: RoutedModel) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -478,7 +479,7 @@ class RoutingRecorder:
             self._fresh[index] = False
             self._pending[index] = routing
             if not any(self._fresh):  # the forward's last MoE layer: count all L at once
-                self._acc.add(self._pending, ctx)
+                self._acc.add([r for r in self._pending if r is not None], ctx)  # all L layers fired
                 self._pending = [None] * len(self._layers)
 
         return hook
@@ -540,13 +541,13 @@ def record_routing(
             model, num_domains, gate_weighted=gate_weighted, keep_records=keep_records, domains=domains
         ) as rec,
     ):
-        total = len(batches) if hasattr(batches, "__len__") else None
+        total = len(batches) if isinstance(batches, Sized) else None
         for batch in progress(batches, desc="recording routing", total=total):
             rec.observe(batch)
             on_device = batch.to(device, non_blocking=True)
             out = model(on_device.tokens, on_device.targets, on_device.domain)
             dom = on_device.domain.reshape(-1)
-            loss_sum.index_add_(0, dom, out.token_loss.reshape(-1).double())
+            loss_sum.index_add_(0, dom, out.require_token_loss().reshape(-1).double())
             loss_tokens.index_add_(0, dom, torch.ones_like(dom, dtype=torch.float64))
             seen += batch.num_tokens
             if max_tokens is not None and seen >= max_tokens:

@@ -74,7 +74,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from analysis.knockout import (
     INTERVENTIONS,
@@ -93,6 +92,8 @@ from analysis.recorder import interleave_domains, record_routing, take_tokens
 from analysis.registry import MEASURES
 from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
 from moe.data.batch import Batch
+from moe.model import LanguageModel
+from moe.protocols import RoutedModel
 from moe.tables import format_number, markdown_table, to_jsonable, write_json
 
 __all__ = [
@@ -148,7 +149,7 @@ class AnalysisConfig:
 
 
 # ----------------------------------------------------------------------------- pipeline
-def _check_inputs(model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], domains: Sequence[str]) -> None:
+def _check_inputs(model: RoutedModel, val_batches: Mapping[str, Sequence[Batch]], domains: Sequence[str]) -> None:
     if not getattr(model, "moe_layers", None):
         raise ValueError("analyze_model needs an MoE model (model.moe_layers is empty)")
     unknown = sorted(set(val_batches) - set(domains))
@@ -189,6 +190,7 @@ def _knockout_entries(
         else matched_comparison(moe.damage, moe.damage_se, dense.damage, dense.damage_se, factor=factor)
     )
     dense_het = None if dense is None else heterogeneity(dense.damage, dense.damage_se)
+    dense_sizes = None if dense is None else dense.group_size
     out = []
     for l in range(moe.damage.shape[0]):
         pct = None if matched is None else matched.percentile[l]
@@ -204,7 +206,7 @@ def _knockout_entries(
             "dense_damage": None if dense is None else dense.damage[l],
             "dense_mean_damage": None if dense_het is None else dense_het.mean_damage[l],
             "dense_cv": None if dense_het is None else dense_het.cv[l],
-            "dense_group_size": None if dense is None else dense.group_size[l],
+            "dense_group_size": None if dense_sizes is None else dense_sizes[l],
             "dense_cv_median": (
                 float(np.nanmedian(dense_het.cv[l]))
                 if dense_het is not None and np.isfinite(dense_het.cv[l]).any()
@@ -237,7 +239,7 @@ def _evidence(index: int, layer: Mapping[str, Any]) -> LayerEvidence:
 
 
 def analysis_cost(
-    model: nn.Module, val_batches: Mapping[str, Sequence[Batch]], cfg: AnalysisConfig, has_twin: bool
+    model: RoutedModel, val_batches: Mapping[str, Sequence[Batch]], cfg: AnalysisConfig, has_twin: bool
 ) -> dict[str, dict[str, int]]:
     """What `analyze_model` will run, before it runs: per stage {"passes": forward passes of one
     batch, "tokens": tokens they process}. Stages: recording (each validation batch once), twin_loss,
@@ -278,12 +280,12 @@ def describe_cost(cost: Mapping[str, Mapping[str, int]]) -> str:
 
 
 def analyze_model(
-    model: nn.Module,
+    model: RoutedModel,
     val_batches: Mapping[str, Sequence[Batch]],
     domains: Sequence[str],
     out_dir: str | Path,
     *,
-    dense_twin: nn.Module | None = None,
+    dense_twin: LanguageModel | None = None,
     comparison: Mapping[str, Mapping[str, float]] | None = None,
     cfg: AnalysisConfig | None = None,
     model_info: Mapping[str, Any] | None = None,
@@ -325,12 +327,12 @@ def analyze_model(
 
 
 def _analyze_model(
-    model: nn.Module,
+    model: RoutedModel,
     val_batches: Mapping[str, Sequence[Batch]],
     domains: list[str],
     out_dir: str | Path,
     *,
-    dense_twin: nn.Module | None,
+    dense_twin: LanguageModel | None,
     comparison: Mapping[str, Mapping[str, float]] | None,
     cfg: AnalysisConfig,
     model_info: Mapping[str, Any] | None,
@@ -345,6 +347,9 @@ def _analyze_model(
     recording = record_routing(
         model, stream, num_domains=n_dom, domains=domains, gate_weighted=cfg.gate_weighted, keep_records=True
     )
+    loss_tokens = recording.loss_tokens
+    if loss_tokens is None:  # record_routing always sums the losses
+        raise RuntimeError("record_routing returned a recording without losses")
     rngs = np.random.default_rng(cfg.seed).spawn(len(recording.layers))
     layers = []
     for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
@@ -361,7 +366,7 @@ def _analyze_model(
         measured["measures"].update(knockout=knockout_result(None).as_dict(), cka=cka_result(None, math.nan).as_dict())
         layers.append({"layer": i, "block": recording.blocks[i], **measured})
 
-    summary_ko = None
+    summary_ko: dict[str, Any] | None = None
     ko_tokens = None
     if cfg.knockouts:
         ko_stream = _stream(val_batches, cfg.knockout_tokens, cfg.mix_domains)
@@ -434,8 +439,8 @@ def _analyze_model(
         },
         "config": dataclasses.asdict(cfg),
         "tokens": {
-            "recorded": int(recording.loss_tokens.sum()),
-            "per_domain": _by_domain(recording.loss_tokens, domains),
+            "recorded": int(loss_tokens.sum()),
+            "per_domain": _by_domain(loss_tokens, domains),
             "documents_per_domain": {
                 d: int(n) for d, n in zip(domains, layers[0]["measures"]["nmi"]["docs_per_domain"])
             },

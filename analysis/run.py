@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from analysis.report import AnalysisConfig, analyze_model
 from moe.checkpoint import OPTIMIZATION_FIELDS, CheckpointError, latest_checkpoint
+from moe.config import config_dict
 from moe.data import load_prepared
 from moe.loading import load_model
 
@@ -36,7 +37,7 @@ def training_identity(run_dir: Path) -> dict[str, Any]:
     for f in (config_file, manifest_file):
         if not f.is_file():
             raise CheckpointError(f"{f} does not exist: {run_dir} is not a complete moe-train run directory")
-    config = OmegaConf.to_container(OmegaConf.load(config_file))
+    config = config_dict(OmegaConf.load(config_file))
     trainer = config.get("trainer", {})
     return {
         "data stream (data/manifest.json stream_fingerprint: corpus, tokenizer, split, seed)": json.loads(

@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -96,6 +96,15 @@ class Run:
         return RoutingRecords.load(path)
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as plain data (what `moe.config.config_dict` does; not imported, as
+    moe.config imports the model and this module stays torch-free)."""
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a mapping")
+    return cast(dict[str, Any], config)  # OmegaConf types keys as any DictKeyType; config keys are str
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -130,7 +139,7 @@ def load_run(run_dir: str | Path, *, need_summary: bool = True) -> Run:
     metrics = {p.parent.name: _read_jsonl(p) for p in sorted(path.glob("models/*/metrics.jsonl"))}
     return Run(
         path=path,
-        config=OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {},
+        config=_read_config(config_file) if config_file.is_file() else {},
         comparison=json.loads(comparison_file.read_text()) if comparison_file.is_file() else None,
         summary=json.loads(summary_file.read_text()) if summary_file.is_file() else None,
         metrics=metrics,

@@ -97,10 +97,11 @@ def cka_matrix(representations: Sequence[np.ndarray]) -> np.ndarray:
     for i, r in enumerate(reps):
         if np.shape(r)[0] != n:
             raise ValueError(f"representation {i} has {np.shape(r)[0]} rows, expected {n} (same inputs)")
-    units = [_centered_unit(r, f"representations[{i}]") for i, r in enumerate(reps)]
-    e = len(units)
+    centered = [_centered_unit(r, f"representations[{i}]") for i, r in enumerate(reps)]
+    e = len(centered)
     out = np.full((e, e), np.nan)
-    ok = [i for i, u in enumerate(units) if u is not None]
+    units = {i: u for i, u in enumerate(centered) if u is not None}  # the representations with variance
+    ok = list(units)
     if not ok:
         return out
     max_p = max(units[i].shape[1] for i in ok)

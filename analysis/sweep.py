@@ -49,6 +49,7 @@ from analysis.runs import ACTIVE_TWIN, Run, Sweep, load_run, load_sweep, loss_ga
 from analysis.trajectory import plot_trajectory, specialization_over_training, write_trajectory
 from moe.balance import ADAPTIVE_SCOPES
 from moe.checkpoint import checkpoint_dir, list_checkpoints
+from moe.config import config_object
 from moe.routers import RouterConfig, router_kinds, router_spec
 from moe.tables import markdown_table, write_json
 
@@ -823,7 +824,7 @@ _register()
 
 @hydra.main(version_base="1.3", config_path=None, config_name="sweep")
 def main(dict_cfg: DictConfig) -> None:
-    cfg: SweepReportConfig = OmegaConf.to_object(dict_cfg)
+    cfg = config_object(SweepReportConfig, dict_cfg)
     sweep = load_sweep(cfg.sweep_dir)
     analyze_sweep(sweep, cfg.analysis, reanalyze=cfg.reanalyze, batch_size=cfg.batch_size, device=cfg.device)
     trajectories = sweep_trajectories(

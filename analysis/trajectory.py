@@ -28,7 +28,6 @@ from matplotlib.figure import Figure
 from analysis.measures import MEASURES, layer_inputs
 from analysis.progress import progress
 from analysis.recorder import interleave_domains, record_routing
-from analysis.records import RoutingRecords
 from analysis.report import AnalysisConfig
 from analysis.run import require_domains
 from moe.checkpoint import CheckpointError, checkpoint_dir, list_checkpoints, load_checkpoint
@@ -108,18 +107,20 @@ def specialization_over_training(
             gate_weighted=cfg.gate_weighted,
             keep_records=True,
         )
+        if recording.records is None:
+            raise RuntimeError("record_routing(keep_records=True) returned no records")
         tokens_seen = int(state["step"]) * _tokens_per_step(state["config"], state["fingerprint"].get("world_size", 1))
-        recorded.append((int(state["step"]), tokens_seen, recording))
+        recorded.append((int(state["step"]), tokens_seen, recording, recording.records))
         del model, state
-    final: RoutingRecords = recorded[-1][2].records
+    final = recorded[-1][3]
     points = []
-    for step, tokens_seen, recording in recorded:
+    for step, tokens_seen, recording, records in recorded:
         rngs = np.random.default_rng(cfg.seed).spawn(len(recording.layers))
         layers = []
         for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
             inputs = layer_inputs(
                 counts,
-                recording.records,
+                records,
                 i,
                 n_permutations=cfg.n_permutations,
                 n_bootstrap=cfg.n_bootstrap,
@@ -129,8 +130,11 @@ def specialization_over_training(
             )
             entry: dict[str, Any] = {"layer": i}
             for measure in TRAJECTORY_MEASURES:
-                entry[measure] = MEASURES[measure].compute(inputs).as_dict()
-            now, last = recording.records.layers[i], final.layers[i]
+                compute = MEASURES[measure].compute
+                if compute is None:
+                    raise ValueError(f"measure {measure!r} is computed from the model, not from the routing records")
+                entry[measure] = compute(inputs).as_dict()
+            now, last = records.layers[i], final.layers[i]
             entry["saturation"] = router_saturation(now.experts, now.kept, last.experts, last.kept)
             layers.append(entry)
         points.append({"step": step, "tokens_seen": tokens_seen, "layers": layers})

@@ -170,8 +170,11 @@ class ModelVerdict:
         }
 
 
-def _missing(*values: Any) -> bool:
-    return any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values)
+def _measured(*values: float | None) -> tuple[float, ...] | None:
+    """`values` when every one was measured; None when any is missing (None, or a nan/inf float)."""
+    if any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values):
+        return None
+    return tuple(v for v in values if v is not None)
 
 
 def _g(x: float) -> str:
@@ -209,8 +212,10 @@ def judge_nmi(
         f"excess = NMI - null mean; specialist: p < {_g(t.alpha)} and CI top >= {_g(t.nmi_margin)}; "
         f"ensemble: CI top < {_g(t.nmi_margin)}"
     )
-    if _missing(excess, ci_low, ci_high, p_value):
+    measured = _measured(excess, ci_low, ci_high, p_value)
+    if measured is None:
         return Criterion("nmi", INCONCLUSIVE, None, rule, "NMI or its interval/null not measured")
+    excess, ci_low, ci_high, p_value = measured
     verdict = judge_effect(ci_high, p_value, t.nmi_margin, t.alpha)
     numbers = f"NMI - null = {_g(excess)} [{_g(ci_low)}, {_g(ci_high)}], p = {_g(p_value)}"
     return Criterion("nmi", verdict, float(excess), rule, f"{_WHY[verdict]} ({numbers})")
@@ -230,10 +235,12 @@ def judge_cmi(
         f"share = held-out I(D;E|C) / H(D|C); specialist: p < {_g(t.alpha)} and CI top >= "
         f"{_g(t.cmi_margin)}; ensemble: CI top < {_g(t.cmi_margin)}"
     )
-    if _missing(share, ci_low, ci_high, p_value, h_domain_given_context):
+    measured = _measured(share, ci_low, ci_high, p_value, h_domain_given_context)
+    if measured is None:
         if h_domain_given_context is not None and h_domain_given_context < t.min_h_domain_given_context:
             return _cmi_abstains(h_domain_given_context, rule, t)
         return Criterion("cmi", INCONCLUSIVE, None, rule, "the held-out I(D;E|C) was not measured")
+    share, ci_low, ci_high, p_value, h_domain_given_context = measured
     if h_domain_given_context < t.min_h_domain_given_context:
         return _cmi_abstains(h_domain_given_context, rule, t)
     verdict = judge_effect(ci_high, p_value, t.cmi_margin, t.alpha)
@@ -291,7 +298,7 @@ def judge_cka(mean_offdiag: float | None, t: VerdictThresholds | None = None) ->
     """Mean off-diagonal CKA between experts: redundancy (reported; does not vote)."""
     t = t or VerdictThresholds()
     rule = f"mean CKA >= {_g(t.cka_ensemble)} points to ensemble (near copies); reported, not voting"
-    if _missing(mean_offdiag):
+    if mean_offdiag is None or _measured(mean_offdiag) is None:
         return Criterion("cka", INCONCLUSIVE, None, rule, "expert CKA not measured", votes=False)
     if mean_offdiag >= t.cka_ensemble:
         verdict, why = ENSEMBLE, "experts compute near-identical functions"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import re
 import warnings
@@ -41,10 +42,10 @@ _DIGEST_SUFFIX = ".sha256"
 def _numpy_safe_globals() -> list[Any]:
     """What `weights_only` loading must allow for numpy's RNG state (an ndarray of uint32)."""
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(RuntimeError):
@@ -60,8 +61,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    files = [p for p in directory.iterdir() if _STEP_FILE.search(p.name)]
-    return sorted(files, key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
+    found = [(p, m) for p in directory.iterdir() if (m := _STEP_FILE.search(p.name))]
+    return [p for p, _ in sorted(found, key=lambda pm: int(pm[1].group(1)))]
 
 
 def _non_finite(tree: Any, prefix: str = "") -> Iterator[str]:
@@ -89,11 +90,12 @@ def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind `exc`: itself, or one in its cause/context chain. torch.save reports a
     full disk as `RuntimeError: ... unexpected pos 218816 vs 218704`, with the ENOSPC behind it."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno is not None:
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
     return None
 
 
@@ -187,7 +189,7 @@ def remove_orphaned_temp_files(directory: str | Path) -> list[Path]:
     """Delete the temporary files of checkpoint writes whose process is gone (killed mid-write);
     returns them. A temporary file of a live process is left alone."""
     directory = Path(directory)
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():

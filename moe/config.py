@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -110,16 +110,38 @@ def to_train_config(cfg: DictConfig | TrainConfig, *, stored: bool = False) -> T
     earlier versions that its kind never read: they are dropped). The router section becomes its
     kind's own config class (`moe.routers`)."""
     if isinstance(cfg, DictConfig):
-        router = OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else {}
-        rest = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "router"])
+        router = config_dict(cfg.router, resolve=True) if "router" in cfg else {}
+        rest = OmegaConf.masked_copy(cfg, [str(key) for key in cfg if key != "router"])
         reject_unknown_keys(rest, TrainConfig)
         router_cfg = resolve_router_config(router, stored=stored)
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), rest))
-        cfg.router = router_cfg
+        train_cfg = config_object(TrainConfig, OmegaConf.merge(OmegaConf.structured(TrainConfig), rest))
+        train_cfg.router = router_cfg
     else:
-        cfg.router = resolve_router_config(cfg.router)
-    validate(cfg)
-    return cfg
+        train_cfg = cfg
+        train_cfg.router = resolve_router_config(cfg.router)
+    validate(train_cfg)
+    return train_cfg
+
+
+T = TypeVar("T")
+
+
+def config_object(schema: type[T], cfg: Any) -> T:
+    """`OmegaConf.to_object` of a config built on the dataclass `schema`, typed as one (OmegaConf's
+    return type covers every kind of node); TypeError when it is something else."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, schema):
+        raise TypeError(f"the config is a {type(obj).__name__}, not a {schema.__name__}")
+    return obj
+
+
+def config_dict(cfg: Any, *, resolve: bool = False) -> dict[str, Any]:
+    """`OmegaConf.to_container` of a mapping node (a loaded YAML file, a config section) as a dict;
+    TypeError for a list or a scalar."""
+    data = OmegaConf.to_container(cfg, resolve=resolve)
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a mapping, got a {type(data).__name__}")
+    return cast(dict[str, Any], data)  # OmegaConf types keys as any DictKeyType; config keys are str
 
 
 def _schema_of(hint: Any) -> Any:
@@ -268,4 +290,4 @@ def models_to_train(cfg: TrainConfig) -> list[tuple[str, ModelConfig]]:
 
 def as_plain_dict(cfg: Any) -> dict[str, Any]:
     """Any config dataclass (TrainConfig, ModelConfig, ...) as plain, YAML/JSON-ready data."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return config_dict(OmegaConf.structured(cfg), resolve=True)

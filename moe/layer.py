@@ -10,7 +10,7 @@ exist once, here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,7 +79,11 @@ class MoEConfig:
 
 
 class ExpertsBackend(Protocol):
-    """The routed experts of one layer: all of them on the kept assignments of a routing record."""
+    """The routed experts of one layer: all of them on the kept assignments of a routing record
+    (an nn.Module)."""
+
+    @property
+    def num_experts(self) -> int: ...
 
     def __call__(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """x_TD [T, D] -> sum over each token's kept slots of gate * expert(x) [T, D]."""
@@ -88,6 +92,8 @@ class ExpertsBackend(Protocol):
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """One expert, ungated, on any rows [N, D] -> [N, D] (probes)."""
         ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 class MoELayer(nn.Module):
@@ -98,7 +104,11 @@ class MoELayer(nn.Module):
     `experts.w_out` (every backend saves the native layout), `shared.*`.
     """
 
-    def __init__(self, router: Router, experts: nn.Module, shared: DenseMLP | None = None):
+    router: Router
+    experts: ExpertsBackend  # an nn.Module
+    shared: DenseMLP | None
+
+    def __init__(self, router: Router, experts: ExpertsBackend, shared: DenseMLP | None = None):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -121,18 +131,18 @@ class MoELayer(nn.Module):
         return y_TD.view_as(x), routing
 
 
-def _native_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> nn.Module:
+def _native_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> ExpertsBackend:
     return GroupedExperts(d_model, cfg.routed_width, cfg.routed_experts, cfg.activation, init_std, out_std)
 
 
-def _megablocks_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> nn.Module:
+def _megablocks_experts(d_model: int, cfg: MoEConfig, init_std: float, out_std: float | None) -> ExpertsBackend:
     from moe.megablocks_backend import MegablocksExperts  # MegaBlocks imported only when asked for
 
     return MegablocksExperts(d_model, cfg, init_std=init_std, out_std=out_std)
 
 
 # backend.name -> builder of the routed experts (d_model, MoEConfig, init_std, out_std) -> module.
-EXPERT_BACKENDS: dict[str, Callable[[int, MoEConfig, float, float | None], nn.Module]] = {
+EXPERT_BACKENDS: dict[str, Callable[[int, MoEConfig, float, float | None], ExpertsBackend]] = {
     "native": _native_experts,
     "megablocks": _megablocks_experts,
 }

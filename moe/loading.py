@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from moe.checkpoint import CheckpointError, check_fingerprint, latest_good_checkpoint, trajectory_fingerprint
-from moe.config import models_to_train, to_train_config
+from moe.config import config_object, models_to_train, to_train_config
 from moe.model import LanguageModel, ModelConfig
 from moe.routers import resolve_router_config
 
@@ -23,7 +23,10 @@ def check_checkpoint_matches_run(run_dir: Path, name: str, path: Path, state: di
     if not config_file.is_file():
         return
     try:
-        cfg = to_train_config(OmegaConf.load(config_file), stored=True)
+        run_cfg = OmegaConf.load(config_file)
+        if not isinstance(run_cfg, DictConfig):
+            raise TypeError(f"it holds a {type(run_cfg).__name__}, not a mapping")
+        cfg = to_train_config(run_cfg, stored=True)
     except Exception as exc:  # an older or hand-edited config.yaml: load what is there, unchecked
         warnings.warn(f"cannot check {path} against {config_file} ({exc}); loading it unchecked", stacklevel=3)
         return
@@ -50,7 +53,9 @@ def load_model(run_dir: str | Path, name: str, device: str | torch.device = "cpu
 
 def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> LanguageModel:
     """The model a loaded checkpoint (`moe.checkpoint.load_checkpoint`) holds, in eval mode."""
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["fingerprint"]["model"]))
+    model_cfg = config_object(
+        ModelConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), state["fingerprint"]["model"])
+    )
     router_cfg = resolve_router_config(state["config"]["router"], stored=True)
     vocab_size = state["model"]["embed.weight"].shape[0]
     model = LanguageModel(model_cfg, vocab_size, router_cfg).to(device)

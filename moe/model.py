@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,8 @@ def dense_twin(cfg: ModelConfig, match: str) -> ModelConfig:
 
 
 class RotaryEmbedding(nn.Module):
+    inv_freq: Tensor  # [d/2] buffer
+
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -110,7 +114,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, out_std)
         self.ffn_norm = nn.RMSNorm(cfg.d_model)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.ffn = (
+        self.ffn: MoELayer | DenseMLP = (
             build_moe_layer(backend, cfg.d_model, cfg.moe, router_cfg, cfg.init_std, out_std)
             if self.is_moe
             else DenseMLP(cfg.d_model, cfg.resolved_dense_width, cfg.moe.activation, cfg.init_std, out_std)
@@ -125,6 +129,17 @@ class Block(nn.Module):
         return x_BSD + h, routing
 
 
+class BlockList(Protocol):
+    """What `LanguageModel.blocks` is to a type checker: an nn.ModuleList of `Block`s (torch types
+    the items of an nn.ModuleList as Module)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Block]: ...
+
+    def __getitem__(self, index: int) -> Block: ...
+
+
 @dataclass(frozen=True)
 class LMOutput:
     """logits [B, S, V]; token_loss [B, S] (nats, None without targets); loss = its mean;
@@ -134,6 +149,12 @@ class LMOutput:
     token_loss: Tensor | None
     loss: Tensor | None
     routings: list[Routing]
+
+    def require_token_loss(self) -> Tensor:
+        """`token_loss` [B, S] of a forward given targets; ValueError for one without."""
+        if self.token_loss is None:
+            raise ValueError("no token loss: the forward was given no targets")
+        return self.token_loss
 
 
 class LanguageModel(nn.Module):
@@ -147,7 +168,9 @@ class LanguageModel(nn.Module):
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, router_cfg or RouterConfig(), i, backend) for i in range(cfg.n_layers))
+        self.blocks = cast(
+            BlockList, nn.ModuleList(Block(cfg, router_cfg or RouterConfig(), i, backend) for i in range(cfg.n_layers))
+        )
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -157,7 +180,7 @@ class LanguageModel(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if b.is_moe]
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None) -> LMOutput:
         """tokens_BS, targets_BS [B, S] int64; domain_BS [B, S] the tokens' domain labels, read only

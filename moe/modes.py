@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-from torch import nn
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["eval_mode"]
 
 
+class HasMode(Protocol):
+    """A module's train/eval switch (nn.Module, or a protocol of one such as `RoutedModel`)."""
+
+    training: bool
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+M = TypeVar("M", bound=HasMode)
+
+
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(module: M) -> Iterator[M]:
     """Put `module` in eval mode for the block and restore its previous `training` flag on exit,
     also when the block raises. Yields the module.
 

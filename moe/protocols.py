@@ -8,10 +8,11 @@ so a fourth implementation needs no change there. Shapes follow the legend of `m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor
+from torch.nn import Parameter
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -35,6 +36,9 @@ class RouterLike(Protocol):
 class ExpertBank(Protocol):
     """The routed experts of one layer, each callable on its own."""
 
+    @property
+    def num_experts(self) -> int: ...
+
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         """Expert `expert` applied to N rows x_ND [N, D] -> [N, D] (no gate weight)."""
         ...
@@ -45,14 +49,30 @@ class RoutedLayer(Protocol):
     """One MoE layer: its router, its experts, and a pre-hook on the layer input (the hidden
     state both the router and the experts receive)."""
 
-    router: RouterLike
-    experts: ExpertBank
+    @property
+    def router(self) -> RouterLike: ...
+
+    @property
+    def experts(self) -> ExpertBank: ...
 
     def register_forward_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle: ...
 
 
 class Block(Protocol):
-    is_moe: bool  # the block's feed-forward is a routed layer
+    @property
+    def is_moe(self) -> bool:
+        """The block's feed-forward is a routed layer."""
+        ...
+
+
+class Blocks(Protocol):
+    """The blocks of a model in depth order (a list, an nn.ModuleList)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Block]: ...
+
+    def __getitem__(self, index: int) -> Block: ...
 
 
 @runtime_checkable
@@ -60,6 +80,7 @@ class RoutedModel(Protocol):
     """A causal LM whose MoE layers the analysis can record, knock out and probe."""
 
     vocab_size: int
+    training: bool  # as nn.Module: the analysis switches the model to eval mode and back
 
     @property
     def moe_layers(self) -> Sequence[RoutedLayer]:
@@ -67,7 +88,13 @@ class RoutedModel(Protocol):
         ...
 
     @property
-    def blocks(self) -> Sequence[Block]: ...
+    def blocks(self) -> Blocks: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
     def __call__(
         self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None
@@ -83,4 +110,4 @@ def moe_block_indices(model: RoutedModel) -> list[int]:
     return blocks
 
 
-__all__ = ["Block", "ExpertBank", "RoutedLayer", "RoutedModel", "RouterLike", "moe_block_indices"]
+__all__ = ["Block", "Blocks", "ExpertBank", "RoutedLayer", "RoutedModel", "RouterLike", "moe_block_indices"]

@@ -122,6 +122,8 @@ def _reason(path: Path) -> str:
 
 def os_error_reason(exc: OSError) -> str:
     """The system's reason with its errno name, e.g. "No space left on device [ENOSPC]"."""
+    if exc.errno is None:
+        raise ValueError(f"os_error_reason needs an OSError with an errno, got {exc!r}")
     return f"{exc.strerror or os.strerror(exc.errno)} [{errno.errorcode.get(exc.errno, exc.errno)}]"
 
 

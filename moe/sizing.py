@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moe.experts import DenseMLP
-from moe.layer import MoEConfig, MoELayer
+from moe.layer import ExpertsBackend, MoEConfig, MoELayer
 from moe.validation import check_choice
 
 TWIN_MATCHES = ("active", "total")
@@ -36,7 +36,7 @@ def dense_twin_width(cfg: MoEConfig, match: str) -> int:
     return experts * cfg.routed_width + shared
 
 
-def _count(module: nn.Module | None) -> int:
+def _count(module: nn.Module | ExpertsBackend | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 

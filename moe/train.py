@@ -154,7 +154,7 @@ def _run_experiment(
         write_json(run_dir / "comparison.json", table, indent=2)
         (run_dir / "comparison.md").write_text(comparison_markdown(table))
         print(comparison_markdown(table))
-        if analyze and "moe" in table:
+        if analyze and after_training is not None and "moe" in table:
             after_training(run_dir)
     barrier(ctx)
     return table
@@ -169,7 +169,7 @@ def hydra_files(task_cfg: DictConfig) -> dict[str, str]:
     return {
         f"{HYDRA_SUBDIR}/config.yaml": OmegaConf.to_yaml(task_cfg),
         f"{HYDRA_SUBDIR}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
-        f"{HYDRA_SUBDIR}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+        f"{HYDRA_SUBDIR}/overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task),
     }
 
 

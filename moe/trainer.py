@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.balance import LoadBalancer, max_violation
@@ -40,6 +41,9 @@ from moe.host_memory import retain_freed_memory
 from moe.model import LanguageModel, ModelConfig, model_size
 from moe.modes import eval_mode
 from moe.run_lock import write_error
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,14 +138,17 @@ class Trainer:
         self.step = 0
         self._stop_requested = False
         self.on_step_end: Callable[[Trainer], None] | None = None
-        self._forward = self.model
+        forward: nn.Module = self.model
         if self.t.compile:
-            self._forward = torch.compile(self._forward)
+            # torch.compile of a module returns a module (an OptimizedModule); its stub says a callable.
+            forward = cast(nn.Module, torch.compile(forward))
+        self._ddp: DistributedDataParallel | None = None
         if ctx.enabled:
-            self._forward = DistributedDataParallel(
-                self._forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            forward = self._ddp = DistributedDataParallel(
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self._writer = None
+        self._forward = forward
+        self._writer: SummaryWriter | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -354,8 +361,8 @@ class Trainer:
         dropped = 0
         for micro in range(accum):
             batch = next(self.stream).to(self.device)
-            sync = micro == accum - 1 or not self.ctx.enabled
-            with contextlib.nullcontext() if sync else self._forward.no_sync():
+            # Under DDP the gradients are all-reduced on the last micro-step only.
+            with self._ddp.no_sync() if self._ddp is not None and micro < accum - 1 else contextlib.nullcontext():
                 with self.autocast():
                     out = self._forward(batch.tokens, batch.targets, batch.domain)
                 lm_loss = out.loss
@@ -386,6 +393,8 @@ class Trainer:
         stats["grad_norm"] = float(grad_norm)
         if self.balancer is not None:
             loads = self.balancer.end_step()
+            if loads is None:  # there is a balancer only when the model has MoE layers
+                raise RuntimeError("no MoE layer routed a token in this step: nothing to balance")
             if self.balancer.adapts_routers:
                 for router, load in zip(self.routers, loads):
                     router.after_step(load)

@@ -37,17 +37,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.hf.families import Family, family_of, moe_blocks
+from analysis.hf.families import Family, family_of, module_attr, moe_blocks, tensor_attr
 from analysis.hf.rules import RoutingRule, RuleOutput
 from moe.model import LMOutput
 from moe.routing import Routing
 from moe.validation import check_choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["HFExperts", "HFMoELayer", "HFMoEModel", "RouterShim", "load_hf_model", "resolve_dtype", "wrap_hf_model"]
 
@@ -73,6 +76,8 @@ class RouterShim(nn.Module):
     gate's hook calls it with the layer's `Routing`, so forward hooks registered on it see the
     record and may return a replacement, which the gate hook then applies.
     """
+
+    expert_mask: Tensor  # [E] bool buffer
 
     def __init__(self, num_experts: int, top_k: int, description: str):
         super().__init__()
@@ -100,11 +105,16 @@ class HFExperts:
     def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
         m = self.module
         if hasattr(m, "gate_up_proj"):
-            gate_up, down = m.gate_up_proj[expert], m.down_proj[expert]
+            gate_up, down = tensor_attr(m, "gate_up_proj")[expert], tensor_attr(m, "down_proj")[expert]
             if getattr(m, "is_transposed", False):
                 gate_up, down = gate_up.t(), down.t()
             gate, up = F.linear(x_ND, gate_up).chunk(2, dim=-1)
-            return F.linear(m.act_fn(gate) * up, down)
+            act_fn = m.act_fn
+            if not callable(act_fn):
+                raise TypeError(f"{type(m).__name__}.act_fn is a {type(act_fn).__name__}, not callable")
+            return F.linear(act_fn(gate) * up, down)
+        if not isinstance(m, nn.ModuleList):
+            raise TypeError(f"{type(m).__name__}: expected fused expert weights (gate_up_proj) or a ModuleList")
         return m[expert](x_ND)
 
 
@@ -144,8 +154,9 @@ class HFMoELayer:
     block's input, which the gate and the experts receive)."""
 
     def __init__(self, block_index: int, block: nn.Module, rule: RoutingRule, router: RouterShim, owner: HFMoEModel):
-        self.block_index, self.block, self.gate, self.rule, self.router = block_index, block, block.gate, rule, router
-        self.experts = HFExperts(block.experts, router.num_experts)
+        self.block_index, self.block, self.rule, self.router = block_index, block, rule, router
+        self.gate = module_attr(block, "gate")
+        self.experts = HFExperts(module_attr(block, "experts"), router.num_experts)
         self._owner = owner
         self._layout: _Layout | None = None
         self._verified = False
@@ -208,10 +219,13 @@ class HFMoELayer:
     def _rewrite(output: Any, layout: _Layout, routing: Routing) -> Any:
         """The gate's output with its experts and weights replaced by `routing`'s (dropped slots
         weigh 0), in the gate's own dtypes and devices."""
+        indices_at, weights_at = layout.indices_at, layout.weights_at
+        if indices_at is None or weights_at is None:
+            raise ValueError("a gate output of bare logits holds no experts and weights to replace")
         out = list(output)
-        old_i, old_w = out[layout.indices_at], out[layout.weights_at]
-        out[layout.indices_at] = routing.indices.to(old_i.device, old_i.dtype)
-        out[layout.weights_at] = (routing.weights * routing.kept).to(old_w.device, old_w.dtype)
+        old_i, old_w = out[indices_at], out[weights_at]
+        out[indices_at] = routing.indices.to(old_i.device, old_i.dtype)
+        out[weights_at] = (routing.weights * routing.kept).to(old_w.device, old_w.dtype)
         return type(output)(out)
 
     def _verify(self, rule: RuleOutput, indices: Tensor, weights: Tensor) -> None:
@@ -249,13 +263,17 @@ class HFMoEModel(nn.Module):
     restores the HF model. The `RouterShim`s live on the input embeddings' device, so the routing
     records of a model sharded over devices land on one."""
 
-    def __init__(self, hf_model: nn.Module, name: str | None = None):
+    def __init__(self, hf_model: PreTrainedModel, name: str | None = None):
         super().__init__()
         self.hf = hf_model
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.family: Family = family_of(hf_model.config)
         config = hf_model.config
         embeddings = hf_model.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding):
+            raise TypeError(
+                f"{type(hf_model).__name__}'s input embeddings are a {type(embeddings).__name__}, not nn.Embedding"
+            )
         self.vocab_size = int(embeddings.num_embeddings)
         device = embeddings.weight.device
         found = moe_blocks(hf_model)
@@ -268,7 +286,7 @@ class HFMoEModel(nn.Module):
         for i, block in found:
             if block is None:
                 continue
-            num_experts = int(block.gate.weight.shape[0])
+            num_experts = int(tensor_attr(module_attr(block, "gate"), "weight").shape[0])
             shim = RouterShim(num_experts, rule.top_k, rule.describe()).to(device)
             shims.append(shim)
             layers.append(HFMoELayer(i, block, rule, shim, self))
@@ -327,7 +345,7 @@ class HFMoEModel(nn.Module):
         }
 
 
-def wrap_hf_model(hf_model: nn.Module, name: str | None = None) -> HFMoEModel:
+def wrap_hf_model(hf_model: PreTrainedModel, name: str | None = None) -> HFMoEModel:
     """Attach the routing adapter to an already loaded HF MoE model (put it in eval mode)."""
     return HFMoEModel(hf_model, name).eval()
 

@@ -54,21 +54,27 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from analysis.cli import check_run_dir, register_app_configs
 from analysis.hf.adapter import DTYPES, _import_transformers
-from moe.config import reject_unknown_keys
+from analysis.hf.families import decoder_layers, module_attr
+from moe.config import config_object, reject_unknown_keys
 from moe.experts import DenseMLP, GroupedExperts
 from moe.layer import MoELayer
 from moe.model import LanguageModel
 from moe.modes import eval_mode
+from moe.routers import LearnedRouter
+from moe.routers.sigmoid import SigmoidBiasRouter
 from moe.validation import check_choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "EXPORT_FAMILIES",
@@ -285,7 +291,7 @@ def hf_config(
     """The transformers config of `plan` (field names as in transformers 5's configuration_<family>.py)."""
     transformers = _import_transformers()
     cfg = model.cfg
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=model.vocab_size,
         hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layers,
@@ -303,6 +309,7 @@ def hf_config(
         pad_token_id=None,
         num_experts_per_tok=plan.top_k,
     )
+    extra: dict[str, Any]
     if plan.model_type == "mixtral":
         extra = dict(
             num_local_experts=plan.num_experts,
@@ -399,23 +406,29 @@ def hf_state_dict(model: LanguageModel, plan: ExportPlan, hf_model: torch.nn.Mod
                 f"{p}.self_attn.o_proj.weight": block.attn.proj.weight,
             }
         )
-        if not block.is_moe:
-            out.update(_mlp(f"{p}.mlp", block.ffn, d))
+        layer = block.ffn
+        if isinstance(layer, DenseMLP):
+            out.update(_mlp(f"{p}.mlp", layer, d))
             continue
-        layer: MoELayer = block.ffn
-        hf_experts = hf_model.model.layers[i].mlp.experts
-        w_in, w_out = layer.experts.w_in, layer.experts.w_out  # [E, D, 2F], [E, F, D]
+        experts, router = layer.experts, layer.router
+        if not isinstance(experts, GroupedExperts) or not isinstance(router, LearnedRouter):
+            raise ExportError(f"block {i}: native experts and a learned router are needed (see plan_export)")
+        hf_experts = module_attr(module_attr(decoder_layers(hf_model)[i], "mlp"), "experts")
+        w_in: Tensor = experts.w_in  # [E, D, 2F]
+        w_out: Tensor = experts.w_out  # [E, F, D]
         if not getattr(hf_experts, "is_transposed", False):  # transformers 5: [E, 2F, D], [E, D, F]
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
         out.update(
             {
-                f"{p}.mlp.gate.weight": layer.router.weight,
+                f"{p}.mlp.gate.weight": router.weight,
                 f"{p}.mlp.experts.gate_up_proj": w_in,
                 f"{p}.mlp.experts.down_proj": w_out,
             }
         )
         if plan.model_type == "glm4_moe":
-            out[f"{p}.mlp.gate.e_score_correction_bias"] = layer.router.expert_bias
+            if not isinstance(router, SigmoidBiasRouter):
+                raise ExportError(f"block {i}: glm4_moe takes the sigmoid router's correction bias (see plan_export)")
+            out[f"{p}.mlp.gate.e_score_correction_bias"] = router.expert_bias
             out.update(_mlp(f"{p}.mlp.shared_experts", layer.shared, d))
         elif plan.model_type == "qwen2_moe":
             # sigmoid(0) = 0.5 exactly, and doubling is exact: the gated shared expert equals ours.
@@ -491,12 +504,13 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> bool:
     return False
 
 
-def _cast(hf_model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def _cast(hf_model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """`hf_model` in `dtype`, except the tensors its family keeps in float32 whatever the dtype
     (`_keep_in_fp32_modules_strict`; GLM-4-MoE: the correction bias, which decides the routing, and
     in recent releases the gate weight)."""
     keep = tuple(getattr(hf_model, "_keep_in_fp32_modules_strict", None) or ())
-    hf_model.to(dtype)
+    # transformers' wrapper of PreTrainedModel.to mistypes its arguments; it is nn.Module.to.
+    cast(torch.nn.Module, hf_model).to(dtype)
     for name, tensor in [*hf_model.named_parameters(), *hf_model.named_buffers()]:
         if any(k in name for k in keep) and tensor.is_floating_point():
             tensor.data = tensor.data.float()
@@ -576,7 +590,7 @@ register_app_configs("export", ExportConfig)
 @hydra.main(version_base="1.3", config_path=None, config_name="export")
 def main(dict_cfg: DictConfig) -> None:
     reject_unknown_keys(dict_cfg, ExportConfig)
-    cfg: ExportConfig = OmegaConf.to_object(dict_cfg)
+    cfg = config_object(ExportConfig, dict_cfg)
     if not cfg.run_dir or not cfg.out_dir:
         raise ValueError(
             "moe-export needs run_dir=PATH (a moe-train run directory) and out_dir=PATH (where the "

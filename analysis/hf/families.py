@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from analysis.hf.rules import GroupLimitedSoftmax, RoutingRule, SigmoidGroupTopK, SoftmaxTopK
 
-__all__ = ["FAMILIES", "Family", "family_of", "moe_blocks"]
+__all__ = ["FAMILIES", "Family", "decoder_layers", "family_of", "module_attr", "moe_blocks", "tensor_attr"]
 
 _MLP_ATTRS = ("mlp", "block_sparse_moe")
 
@@ -99,14 +99,21 @@ def family_of(config: Any) -> Family:
     return FAMILIES[model_type]
 
 
-def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module | None]]:
-    """(decoder layer index, its MoE block or None for a dense layer) for every decoder layer."""
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (`model.model.layers`)."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no `model.layers`; not a supported decoder-only MoE model")
-    out = []
-    for i, layer in enumerate(layers):
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}'s `model.layers` is a {type(layers).__name__}, not a ModuleList")
+    return layers
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module | None]]:
+    """(decoder layer index, its MoE block or None for a dense layer) for every decoder layer."""
+    out: list[tuple[int, nn.Module | None]] = []
+    for i, layer in enumerate(decoder_layers(model)):
         block = None
         for attr in _MLP_ATTRS:
             mlp = getattr(layer, attr, None)
@@ -115,3 +122,19 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module | None]]:
                 break
         out.append((i, block))
     return out
+
+
+def module_attr(owner: nn.Module, name: str) -> nn.Module:
+    """`owner.<name>`, a submodule of a transformers module (TypeError naming it otherwise)."""
+    value = getattr(owner, name)
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{type(owner).__name__}.{name} is a {type(value).__name__}, not a module")
+    return value
+
+
+def tensor_attr(owner: nn.Module, name: str) -> Tensor:
+    """`owner.<name>`, a parameter or buffer of a transformers module (TypeError naming it otherwise)."""
+    value = getattr(owner, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(owner).__name__}.{name} is a {type(value).__name__}, not a tensor")
+    return value

@@ -121,9 +121,12 @@ class GroupLimitedSoftmax:
         probs = logits_TE.softmax(dim=-1, dtype=torch.float32)
         scores = probs
         if self.method == "group_limited_greedy":
+            n_group, topk_group = self.n_group, self.topk_group
+            if n_group is None or topk_group is None:
+                raise ValueError("DeepSeek-V2 topk_method=group_limited_greedy needs n_group and topk_group")
             e = scores.shape[-1]
-            group_scores = scores.view(-1, self.n_group, e // self.n_group).max(dim=-1).values
-            scores = scores.masked_fill(~_group_mask(scores, group_scores, self.topk_group), 0.0)
+            group_scores = scores.view(-1, n_group, e // n_group).max(dim=-1).values
+            scores = scores.masked_fill(~_group_mask(scores, group_scores, topk_group), 0.0)
         weights, indices = torch.topk(_masked(scores, mask), k=self.top_k, dim=-1, sorted=False)
         return RuleOutput(indices, weights * self.scale, probs)
 

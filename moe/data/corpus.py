@@ -89,9 +89,9 @@ class DomainBudget:
                 self.chars = self.max_chars
                 return False
             limit = left if limit is None else min(limit, left)
-        truncated = limit is not None and len(text) > limit
-        if truncated:
-            text = truncate_at_line(text, limit)
+        truncated = False
+        if limit is not None and len(text) > limit:
+            text, truncated = truncate_at_line(text, limit), True
         if self._seen is not None:
             key = normalized_hash(text)
             if key in self._seen:

@@ -165,7 +165,7 @@ def _val_fixes(cfg: DataConfig, corpus: TextCorpus | TokenCorpus, d: int, used: 
                 f"raise data.synthetic.tokens_per_domain (now {cfg.synthetic.tokens_per_domain}) or lower "
                 f"data.synthetic.doc_len (now {cfg.synthetic.doc_len})"
             )
-        else:
+        elif isinstance(corpus, TextCorpus):  # the text sources (a token corpus has no text to measure)
             chars = sum(len(doc.text) for doc, k in zip(corpus.documents, corpus.doc_domain) if k == d)
             cap = cfg.max_chars_per_domain
             capped = cap is not None and chars > cap - scrap_chars(cap)
@@ -248,7 +248,7 @@ def _tokenizer(cfg: DataConfig, corpus: TextCorpus, train_docs: np.ndarray, cach
 
 def _encode(tokenizer: Tokenizer, corpus: TextCorpus, chunk: int = 512) -> list[np.ndarray]:
     """Token ids per document (chunks bound the memory of the intermediate Python lists)."""
-    out = []
+    out: list[np.ndarray] = []
     texts = [d.text for d in corpus.documents]
     for i in range(0, len(texts), chunk):
         out.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts[i : i + chunk]))

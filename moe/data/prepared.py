@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,8 @@ class PreparedData:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "manifest.json", self.manifest)
         write_json(out / "documents.json", [[d.doc, d.domain, d.source, d.split] for d in self.documents])
-        arrays = {}
+        # Any: np.savez also takes allow_pickle: bool, so mypy checks a **dict of arrays against that too.
+        arrays: dict[str, Any] = {}
         for i, name in enumerate(self.domains):
             arrays[f"windows_{i}"], arrays[f"docs_{i}"] = self._val[name]
         np.savez(out / "val.npz", **arrays)

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 from moe.data.errors import DataError
 
@@ -153,7 +154,8 @@ class PretrainedTokenizer:
         return [list(ids) for ids in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        # transformers types decode() as str | list[str] (for batched input); flat ids give one str.
+        return cast(str, self._tok.decode([int(i) for i in ids]))
 
     def save(self, directory: str | Path) -> None:
         self._tok.save_pretrained(str(directory))

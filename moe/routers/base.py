@@ -48,6 +48,7 @@ class Router(nn.Module):
     """
 
     kind: str = ""  # set by `moe.routers.build_router` to the registered kind
+    expert_mask: Tensor  # [E] bool buffer
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None):
         super().__init__()

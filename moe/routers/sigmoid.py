@@ -33,6 +33,8 @@ class SigmoidBiasRouter(LearnedRouter):
     is s normalized over experts (the form DeepSeek-V3's complementary sequence-wise loss uses).
     """
 
+    expert_bias: Tensor  # [E] buffer
+
     def __init__(self, *args, renormalize: bool = True, bias_update_rate: float = 1e-3, **kwargs):
         super().__init__(*args, **kwargs)
         self.renormalize = renormalize

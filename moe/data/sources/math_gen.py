@@ -12,6 +12,7 @@ arguments, so any document can be regenerated on its own.
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -135,6 +136,14 @@ def arithmetic_div(rng: random.Random) -> Problem:
     ), str(q)
 
 
+_OPS: dict[str, Callable[[Fraction, Fraction], Fraction]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+}
+
+
 def _expr(rng: random.Random, depth: int) -> tuple[str, Fraction, bool]:
     """A random arithmetic expression (Python syntax), its exact value, and whether it is compound
     (so a parent puts it in parentheses)."""
@@ -146,7 +155,7 @@ def _expr(rng: random.Random, depth: int) -> tuple[str, Fraction, bool]:
     op = rng.choice("+-*/")
     if op == "/" and rv == 0:
         op = "*"
-    val = {"+": lv + rv, "-": lv - rv, "*": lv * rv, "/": lv / rv if rv else None}[op]
+    val = _OPS[op](lv, rv)
     ls, rs = (f"({ls})" if lc else ls), (f"({rs})" if rc else rs)
     return f"{ls} {op} {rs}", val, True
 
@@ -385,7 +394,7 @@ def generate_documents(
         module, problems = problem_set(seed, index, problems_per_doc)
         text = format_problems(problems)
         if max_chars is not None and total + len(text) > max_chars:
-            keep = []
+            keep: list[Problem] = []
             for qa in problems:
                 if total + len(format_problems(keep + [qa])) > max_chars:
                     break

@@ -83,7 +83,7 @@ def build_process(cfg: SyntheticSourceConfig, seed: int) -> MarkovProcess:
 def _sample_next(rng: np.random.Generator, state: np.ndarray, nxt: np.ndarray, prob: np.ndarray) -> np.ndarray:
     """One step for a batch of chains: state [N] -> next state [N] (inverse-CDF on K successors)."""
     cdf = np.cumsum(prob[state], axis=1)
-    k = (rng.random(state.shape[0])[:, None] > cdf).sum(axis=1)
+    k = (rng.random(len(state))[:, None] > cdf).sum(axis=1)
     k = np.minimum(k, nxt.shape[1] - 1)  # guards the rounding of cdf[-1] slightly below 1
     return nxt[state, k]
 
