@@ -55,8 +55,8 @@ from analysis.registry import MEASURES, Measure, MeasureResult, register
 from analysis.statistics import SpecializationResult, summarize_specialization
 from moe.validation import check_choice
 
-if TYPE_CHECKING:  # the recorder imports torch; this module stays pure numpy
-    from analysis.recorder import LayerCounts
+if TYPE_CHECKING:  # the counts import torch; this module stays pure numpy
+    from analysis.counts import LayerCounts
 
 CONTEXTS = ("token", "bigram")
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import analysis.recorder as recorder_mod
+import analysis.counts as counts_mod
+from analysis.counts import KeyCounter
 from analysis.information import conditional_mutual_information, contingency
 from analysis.measures import coactivation_from_pairs, domain_shares, measure_layer
 from analysis.metrics import (
@@ -20,7 +21,6 @@ from analysis.metrics import (
     mean_router_entropy,
 )
 from analysis.recorder import (
-    KeyCounter,
     RoutingRecorder,
     interleave_domains,
     record_routing,
@@ -223,7 +223,7 @@ def test_dense_model_is_refused(trained_dense):
 
 @pytest.mark.parametrize("size", [50, None])
 def test_key_counter_dense_and_sparse_agree(size, monkeypatch):
-    monkeypatch.setattr(recorder_mod, "_SPARSE_FLUSH", 7)  # force several merges
+    monkeypatch.setattr(counts_mod, "_SPARSE_FLUSH", 7)  # force several merges
     rng = np.random.default_rng(0)
     counter = KeyCounter(size)
     ref = np.zeros(50)
