@@ -12,8 +12,16 @@ The measures (`analysis.registry`), in report order:
     vocabulary     OLMoE vocabulary specialization
     consecutive    top-1 agreement of adjacent tokens of one document, against sum_e p_e^2
     maxvio         load imbalance on the validation tokens
+    committee_overlap  mean pairwise Jaccard overlap across domains of the smallest expert sets that
+                   carry half of each domain's routing mass, against its document null
+                   (`analysis.committees`; low and below the null: disjoint committees, specialist)
     knockout       (model) median over experts of the percentile among damage-matched dense groups
     cka            (model) mean off-diagonal linear CKA between experts
+    probe_info     (model) domain information in the router's input, bits per token, from a held-out
+                   linear probe (`analysis.probe_information`), with routing_use = I(D;E) / it
+
+Across the layers, `analysis.paths` measures I(D; path) of each token's sequence of experts
+(`analysis.report` puts it in summary["paths"], not per layer).
 
 `measure_layer` takes a layer's `LayerCounts` (and the raw records, for the held-out I(D;E|C)) and
 returns the layer's descriptive tables plus `measures: {name: result}`; the knockout and CKA
@@ -33,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from analysis.committees import committee_evidence
 from analysis.heldout import HeldoutInformation, TooFewRecords, context_keys, heldout_conditional_information
 from analysis.information import (
     DocCounts,
@@ -372,6 +381,18 @@ def _maxvio(inputs: LayerInputs) -> MeasureResult:
     )
 
 
+def _committee_overlap(inputs: LayerInputs) -> MeasureResult:
+    c = inputs.counts
+    return committee_evidence(
+        c.docs,
+        c.num_domains,
+        n_permutations=inputs.n_permutations,
+        n_bootstrap=inputs.n_bootstrap,
+        confidence=inputs.confidence,
+        rng=inputs.seed,
+    ).as_measure_result()
+
+
 def knockout_result(entry: Mapping[str, Any] | None) -> MeasureResult:
     """The knockout measure from `analysis.report`'s per-layer knockout entry: the median over
     experts of each expert's percentile among the dense twin's damage-matched unit groups."""
@@ -427,6 +448,14 @@ for _m in (
     ),
     Measure("maxvio", "MaxVio", "load imbalance on the validation tokens", "ratio", _maxvio),
     Measure(
+        "committee_overlap",
+        "committee overlap",
+        "mean Jaccard overlap across domains of the expert sets carrying half of each domain's routing mass",
+        "Jaccard",
+        _committee_overlap,
+        "ensemble",
+    ),
+    Measure(
         "knockout",
         "KO percentile",
         "median expert percentile among damage-matched dense unit groups",
@@ -435,6 +464,13 @@ for _m in (
         "specialist",
     ),
     Measure("cka", "expert CKA", "mean off-diagonal linear CKA between experts", "CKA", None, "ensemble"),
+    Measure(
+        "probe_info",
+        "probe bits",
+        "domain information in the router's input: held-out linear probe, H(D) minus its cross-entropy",
+        "bits per token",
+        None,
+    ),
 ):
     register(_m)
 

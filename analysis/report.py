@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.information import entropy
 from analysis.knockout import (
     INTERVENTIONS,
     KnockoutResult,
@@ -85,11 +86,15 @@ from analysis.knockout import (
 )
 from analysis.knockout_stats import heterogeneity, matched_comparison
 from analysis.measures import cka_result, knockout_result, measure_layer
+from analysis.paths import MODES as PATH_MODES
+from analysis.paths import path_information
 from analysis.plots import save_figures
-from analysis.probes import expert_cka, mean_offdiagonal
+from analysis.probe_information import probe_domain_information
+from analysis.probes import capture_layer_inputs, expert_cka, mean_offdiagonal
 from analysis.progress import progress_bars
 from analysis.recorder import interleave_domains, record_routing, take_tokens
-from analysis.registry import MEASURES
+from analysis.records import RoutingRecords
+from analysis.registry import MEASURES, MeasureResult
 from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
 from moe.data.batch import Batch
 from moe.model import LanguageModel
@@ -133,6 +138,12 @@ class AnalysisConfig:
     damage_match_factor: float = 2.0
     # Probe tokens (all domains together) on which every expert runs for the CKA matrix.
     probe_tokens: int = 2048
+    # Validation tokens (all domains together) whose router inputs train and score the held-out
+    # linear probe of the domain (`probe_info`, with `probes`), cross-fitted over documents.
+    probe_info_tokens: int = 32768
+    # I(D; path) of each token's sequence of experts across the MoE layers (summary["paths"]):
+    # top-1 paths and kept-expert-set paths; needs two or more MoE layers.
+    paths: bool = True
     # Weight information tables by gate values instead of one count per kept assignment.
     gate_weighted: bool = False
     knockouts: bool = True
@@ -244,7 +255,8 @@ def analysis_cost(
     """What `analyze_model` will run, before it runs: per stage {"passes": forward passes of one
     batch, "tokens": tokens they process}. Stages: recording (each validation batch once), twin_loss,
     knockouts ((L*E + 1) + (L + 1) evaluations of the knockout stream: experts and top-1, each with an
-    intact pass), dense_knockouts ((L*U + 1) of the twin, U groups per layer) and probes."""
+    intact pass), dense_knockouts ((L*U + 1) of the twin, U groups per layer), probes (expert CKA) and
+    probe_info (the router inputs of the domain probe)."""
     stream = _stream(val_batches, None, cfg.mix_domains)
     tokens = sum(b.num_tokens for b in stream)
     cost = {"recording": {"passes": len(stream), "tokens": tokens}}
@@ -262,13 +274,23 @@ def analysis_cost(
             cost["dense_knockouts"] = {"passes": evals * len(ko), "tokens": evals * ko_tokens}
     if cfg.probes:
         per_domain = max(1, math.ceil(cfg.probe_tokens / max(len(val_batches), 1)))
-        passes, seen = 0, 0
-        for batch in _stream(val_batches, per_domain, cfg.mix_domains):
-            if seen >= cfg.probe_tokens:
-                break
-            passes, seen = passes + 1, seen + batch.num_tokens
-        cost["probes"] = {"passes": passes, "tokens": seen}
+        cost["probes"] = _passes_until(_stream(val_batches, per_domain, cfg.mix_domains), cfg.probe_tokens)
+        cost["probe_info"] = _passes_until(
+            _stream(val_batches, max(1, math.ceil(cfg.probe_info_tokens / max(len(val_batches), 1))), cfg.mix_domains),
+            cfg.probe_info_tokens,
+        )
     return cost
+
+
+def _passes_until(batches: Sequence[Batch], max_tokens: int) -> dict[str, int]:
+    """{"passes", "tokens"} of forward passes over `batches` until `max_tokens` tokens are seen (as
+    `analysis.probes.capture_layer_inputs` runs them)."""
+    passes, seen = 0, 0
+    for batch in batches:
+        if seen >= max_tokens:
+            break
+        passes, seen = passes + 1, seen + batch.num_tokens
+    return {"passes": passes, "tokens": seen}
 
 
 def describe_cost(cost: Mapping[str, Mapping[str, int]]) -> str:
@@ -350,7 +372,9 @@ def _analyze_model(
     loss_tokens = recording.loss_tokens
     if loss_tokens is None:  # record_routing always sums the losses
         raise RuntimeError("record_routing returned a recording without losses")
-    rngs = np.random.default_rng(cfg.seed).spawn(len(recording.layers))
+    # One stream per layer, then one for the cross-layer paths and one for the probes (spawned children
+    # are numbered, so the layers' streams do not depend on how many follow them).
+    *rngs, path_rng, probe_rng = np.random.default_rng(cfg.seed).spawn(len(recording.layers) + 2)
     layers = []
     for i, (counts, rng) in enumerate(zip(recording.layers, rngs)):
         measured = measure_layer(
@@ -363,8 +387,14 @@ def _analyze_model(
             context=cfg.context,
             rng=rng,
         )
-        measured["measures"].update(knockout=knockout_result(None).as_dict(), cka=cka_result(None, math.nan).as_dict())
+        measured["measures"].update(
+            knockout=knockout_result(None).as_dict(),
+            cka=cka_result(None, math.nan).as_dict(),
+            probe_info=_skipped("probe_info", "analysis.probes=false" if not cfg.probes else "not computed"),
+        )
         layers.append({"layer": i, "block": recording.blocks[i], **measured})
+
+    paths = _paths(recording.records, n_dom, cfg, path_rng)
 
     summary_ko: dict[str, Any] | None = None
     ko_tokens = None
@@ -411,6 +441,8 @@ def _analyze_model(
         probe_tokens = min(cfg.probe_tokens, sum(b.num_tokens for b in probe_stream))
         for layer, m in zip(layers, cka):
             layer["measures"]["cka"] = cka_result(m, mean_offdiagonal(m)).as_dict()
+        for layer, result in zip(layers, _probe_info(model, val_batches, layers, n_dom, cfg, probe_rng)):
+            layer["measures"]["probe_info"] = result
 
     # Verdicts read the same numbers the report shows (after the JSON round of nan -> None).
     layers = to_jsonable(layers)
@@ -453,6 +485,7 @@ def _analyze_model(
         "knockout": summary_ko,
         "verdict": {"verdict": model_verdict.verdict, "rule": model_verdict.rule, "counts": model_verdict.counts},
         "layers": layers,
+        "paths": paths,
         "files": {"report": "report.md", "summary": "summary.json", "records": None, "figures": {}},
     }
     summary = to_jsonable(summary)
@@ -464,6 +497,71 @@ def _analyze_model(
     write_json(out / "summary.json", summary, indent=1)
     (out / "report.md").write_text(render_report(summary))
     return summary
+
+
+def _skipped(name: str, note: str) -> dict[str, Any]:
+    return MeasureResult(name, None, details={"note": note}).as_dict()
+
+
+def _paths(records: RoutingRecords | None, n_dom: int, cfg: AnalysisConfig, rng: np.random.Generator) -> dict | None:
+    """summary["paths"]: {mode: the path measure's dict} over all MoE layers, or None (one layer, no
+    records, or analysis.paths=false)."""
+    if not cfg.paths or records is None or len(records.layers) < 2:
+        return None
+    out = {}
+    for mode, mode_rng in zip(PATH_MODES, rng.spawn(len(PATH_MODES))):
+        info = path_information(
+            records,
+            n_dom,
+            mode=mode,
+            n_permutations=cfg.n_permutations,
+            n_bootstrap=cfg.n_bootstrap,
+            confidence=cfg.confidence,
+            context=cfg.context,
+            rng=mode_rng,
+        )
+        out[mode] = info.as_measure_result().as_dict()
+    return out
+
+
+def _probe_info(
+    model: RoutedModel,
+    val_batches: Mapping[str, Sequence[Batch]],
+    layers: Sequence[Mapping[str, Any]],
+    n_dom: int,
+    cfg: AnalysisConfig,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """Per layer, the `probe_info` measure: the held-out linear probe of the domain from the layer's
+    router input on up to `cfg.probe_info_tokens` validation tokens, with routing_use against the
+    layer's top-1 I(D;E) (Miller-Madow, bits per token, over all recorded tokens)."""
+    per_domain = max(1, math.ceil(cfg.probe_info_tokens / max(len(val_batches), 1)))
+    batches = _stream(val_batches, per_domain, cfg.mix_domains)
+    inputs = capture_layer_inputs(model, batches, max_tokens=cfg.probe_info_tokens)
+    n = inputs[0].shape[0]
+    domain = np.concatenate([b.domain.reshape(-1).numpy() for b in batches])[:n]
+    doc = np.concatenate([b.doc.reshape(-1).numpy() for b in batches])[:n]
+    results = []
+    for layer, x, layer_rng in zip(layers, inputs, rng.spawn(len(inputs))):
+        try:
+            probe = probe_domain_information(
+                x.float().cpu().numpy(),
+                domain,
+                doc,
+                n_dom,
+                rng=layer_rng,
+                n_bootstrap=cfg.n_bootstrap,
+                confidence=cfg.confidence,
+            )
+        except ValueError as err:  # too few documents per domain for the folds
+            results.append(_skipped("probe_info", f"probe not fitted: {err}"))
+            continue
+        top1 = layer["measures"].get("nmi_top1") or {}
+        h_domain = entropy(np.asarray(layer["domain_expert_counts"], dtype=np.float64).sum(axis=1))
+        corrected = top1.get("corrected")
+        i_bits = None if corrected is None else float(corrected) * h_domain
+        results.append(probe.as_measure_result(i_bits).as_dict())
+    return results
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -481,6 +579,41 @@ def _measure_cell(entry: Mapping[str, Any] | None) -> str:
     elif entry.get("null_mean") is not None:
         text += f" vs {_f(entry['null_mean'])}"
     return text
+
+
+def _paths_section(paths: Mapping[str, Any] | None, layers: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The report's "Paths across layers" section (none without summary["paths"])."""
+    if not paths:
+        return []
+    rows = []
+    for mode, entry in paths.items():
+        heldout = entry.get("heldout_share")
+        rows.append(
+            [
+                mode,
+                _measure_cell(entry),
+                entry.get("plugin"),
+                entry.get("null_q95"),
+                entry.get("bits"),
+                entry.get("n_paths"),
+                entry.get("tokens_per_path"),
+                "–" if heldout is None else _f(heldout),
+            ]
+        )
+    header = ["path", "NMI − null", "NMI plug-in", "null q95", "I(D;path) (bits)", "distinct paths", "tokens/path"]
+    per_layer = ", ".join(_f(x) for x in (paths.get("top1") or {}).get("per_layer_nmi") or [])
+    return [
+        "",
+        "## Paths across layers",
+        "",
+        markdown_table(header + ["held-out share"], rows, fmt=_f),
+        "",
+        "Each token's path is its sequence of experts through the MoE layers (top1: the highest-gate kept "
+        "expert of each layer; topk: each layer's kept set). Only observed paths enter the table; the plug-in "
+        "bias grows with the number of distinct paths and is removed with the document-permutation null, so "
+        "with few tokens per path an excess near 0 means not measurable rather than absent."
+        + (f" Per-layer top-1 NMI − null of the same tokens: {per_layer}." if per_layer else ""),
+    ]
 
 
 def render_report(summary: Mapping[str, Any]) -> str:
@@ -555,6 +688,34 @@ def render_report(summary: Mapping[str, Any]) -> str:
         f"routing beyond the context C = {layers[0]['measures']['cmi'].get('context', 'token')}, over the "
         "Miller-Madow H(D|C) (`analysis.heldout`).",
     ]
+    if "committee_overlap" in shown:
+        lines += [
+            "",
+            "Committees (half of each domain's routing mass): "
+            + "; ".join(
+                f"layer {layer['layer']}: sizes "
+                + ", ".join(
+                    f"{d} {n}" for d, n in zip(summary["domains"], layer["measures"]["committee_overlap"]["sizes"])
+                )
+                for layer in layers
+                if layer["measures"]["committee_overlap"].get("sizes") is not None
+            )
+            + ". Small, disjoint committees (overlap below its document null) read as specialists; one shared "
+            "committee (overlap near 1, not below the null) as an ensemble.",
+        ]
+    if "probe_info" in shown:
+        uses = [
+            f"layer {layer['layer']}: {_f(layer['measures']['probe_info'].get('routing_use'))}"
+            for layer in layers
+            if layer["measures"]["probe_info"].get("value") is not None
+        ]
+        lines += [
+            "",
+            "Probe bits: the domain information a held-out linear probe reads from the router's input; routing "
+            "carries I(D;E) (top-1, Miller-Madow) of it: " + "; ".join(uses) + ". A router that uses little of "
+            "a strongly domain-coded input behaves like an ensemble even when I(D;E) is above its null.",
+        ]
+    lines += _paths_section(summary.get("paths"), layers)
 
     if any(
         layer["measures"]["knockout"]["value"] is not None or layer["measures"]["cka"]["value"] is not None

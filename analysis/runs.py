@@ -30,11 +30,16 @@ from omegaconf import OmegaConf
 
 from analysis.information import contingency
 from analysis.measures import MEASURES
+from analysis.paths import MODES as PATH_MODES
+from analysis.paths import PATH_MEASURES
 from analysis.records import RoutingRecords
 from analysis.registry import columns
 from moe.tables import format_number
 from moe.tables import markdown_table as _markdown_table
 from moe.validation import check_choice
+
+# summary["paths"] mode -> the name of its columns in the sweep rows.
+PATH_COLUMNS = {mode: measure.name for mode, measure in zip(PATH_MODES, PATH_MEASURES)}
 
 __all__ = [
     "Run",
@@ -339,7 +344,8 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
     nmi_top1, cmi_top1, mi_domain, mi_token, vocabulary, consecutive, maxvio, knockout, cka); nmi_plugin,
     nmi_null_q95, nmi_top1_plugin (the plug-in NMI counting each token's top-1 expert),
     docs_min (fewest validation documents of a domain), cmi_bits, dense_cv (median damage CV of the
-    twin's unit groups);
+    twin's unit groups), routing_use (I(D;E) over the probe's bits), committee_size (mean committee
+    size); the run's path measures path_nmi, path_nmi_topk (and their _low/_high/_p) on each layer row;
     loss_moe, loss_dense (the active-matched twin), loss_gap = `loss_gap` (MoE minus the active twin,
     nats/token, all domains; negative = the MoE is better). Missing numbers are nan.
     """
@@ -356,6 +362,7 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
             "loss_gap": loss_gap(comp),
         }
         layers = (run.summary or {}).get("layers") or [None]
+        paths = (run.summary or {}).get("paths") or {}
         for layer in layers:
             if layer is None:
                 rows.append({**base, "layer": None, "verdict": None})
@@ -364,6 +371,8 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
             row = {**base, "layer": layer["layer"], "verdict": layer["verdict"]["verdict"]}
             for name in MEASURES:
                 row.update(columns(name, m.get(name)))
+            for mode, name in PATH_COLUMNS.items():  # the run's cross-layer measure, on each of its rows
+                row.update(columns(name, paths.get(mode)))
             row.update(
                 {
                     "nmi_plugin": _nan(m["nmi"].get("plugin")),
@@ -372,6 +381,8 @@ def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
                     "docs_min": min(m["nmi"].get("docs_per_domain") or [0]),
                     "cmi_bits": _nan(m["cmi"].get("bits")),
                     "dense_cv": _nan((m.get("knockout") or {}).get("dense_cv_median")),
+                    "routing_use": _nan((m.get("probe_info") or {}).get("routing_use")),
+                    "committee_size": _nan((m.get("committee_overlap") or {}).get("mean_size")),
                 }
             )
             rows.append(row)

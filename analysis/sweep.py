@@ -41,6 +41,7 @@ from scipy import stats
 
 from analysis.anchors import anchor_rows, anchor_source
 from analysis.measures import MEASURES as REGISTRY
+from analysis.paths import PATH_MEASURES
 from analysis.plots import plot_arm_intervals, plot_sweep, save_figure
 from analysis.progress import progress
 from analysis.report import AnalysisConfig
@@ -86,6 +87,9 @@ MEASURES = {
     "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
     "dense_cv": "median noise-corrected damage CV of the active twin's random unit groups",
     "docs_min": "fewest validation documents of a domain",
+    **{m.name: m.description for m in PATH_MEASURES},
+    "routing_use": "I(D;E) (top-1) over the probe's bits: the share of the input's domain information routing carries",
+    "committee_size": "mean size of the expert sets carrying half of each domain's routing mass",
 }
 TWINS = ("dense_active", "dense_total")
 

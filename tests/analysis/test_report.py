@@ -38,6 +38,7 @@ TOP_KEYS = {
     "verdict",
     "layers",
     "files",
+    "paths",
 }
 LAYER_KEYS = {
     "layer",
@@ -125,6 +126,19 @@ def test_analyze_model_writes_report_summary_records_and_figures(full_run, synth
     for m in MEASURES.values():  # the report's table loops over the registry
         assert m.label in report
 
+    # Issue 22's measures: committees and the router-input probe per layer, paths across the layers.
+    for layer in summary["layers"]:
+        committee = layer["measures"]["committee_overlap"]
+        assert len(committee["sizes"]) == 4 and 0 <= committee["value"] <= 1
+        probe = layer["measures"]["probe_info"]
+        assert probe["value"] is not None and probe["h_domain_bits"] == pytest.approx(2.0, abs=0.05)
+        assert probe["routing_use"] is None or probe["routing_use"] >= 0
+    for mode in ("top1", "topk"):
+        path = summary["paths"][mode]
+        assert path["layers"] == [0, 1] and path["n_paths"] >= 1 and path["ci_low"] <= path["value"] <= path["ci_high"]
+        assert len(path["per_layer_nmi"]) == 2
+    assert "## Paths across layers" in report and "Committees (half of each domain's routing mass)" in report
+
     records = RoutingRecords.load(out / "routing.npz")
     assert records.token.size == summary["tokens"]["recorded"] == 4 * 1024
     assert records.domains == synthetic_data.domains
@@ -182,7 +196,7 @@ def test_the_announced_cost_is_the_forward_passes_run(
         for h in handles:
             h.remove()
     cost = analysis_cost(trained_moe, val_by_domain, cfg, has_twin=True)
-    assert counted["moe"] == sum(cost[k]["passes"] for k in ("recording", "knockouts", "probes"))
+    assert counted["moe"] == sum(cost[k]["passes"] for k in ("recording", "knockouts", "probes", "probe_info"))
     assert counted["twin"] == cost["twin_loss"]["passes"] + cost["dense_knockouts"]["passes"]
     assert f"{sum(c['passes'] for c in cost.values()):,} forward passes" in capsys.readouterr().out
 

@@ -107,6 +107,7 @@ def make_run(path: Path, *, seed: int = 0, scope: str = "micro_batch", analyzed:
             "comparison": {n: c["val_loss"] for n, c in comparison.items()},
             "verdict": {"verdict": "specialist", "rule": "majority"},
             "layers": [layer_entry(0, nmi), layer_entry(1, nmi / 2)],
+            "paths": {"top1": {"value": nmi + 0.1, "ci_low": nmi, "ci_high": nmi + 0.2, "p_value": 0.01}},
         }
         (path / "analysis").mkdir()
         (path / "analysis" / "summary.json").write_text(json.dumps(summary))
@@ -190,6 +191,9 @@ def test_load_sweep_axes_labels_and_rows(sweep):
     assert first["loss_gap"] == pytest.approx(-0.5) and first["cmi"] == 0.18
     assert first["cmi_low"] == 0.1 and first["docs_min"] == 31 and np.isnan(first["vocabulary"])
     assert np.isnan(first["dense_cv"]) and first["verdict"] == "specialist"
+    # The run's cross-layer path measure is on each of its layer rows; a mode it lacks is nan.
+    assert rows[0]["path_nmi"] == rows[1]["path_nmi"] == pytest.approx(0.3) and rows[0]["path_nmi_low"] == 0.2
+    assert np.isnan(rows[0]["path_nmi_topk"]) and np.isnan(rows[0]["routing_use"])
     bare = rows[2]
     assert bare["layer"] is None and bare["seed"] == 1 and bare["loss_gap"] == pytest.approx(-0.5)
     table = markdown_table(rows, ["label", "layer", "nmi", "dense_cv"])
