@@ -529,6 +529,47 @@ def render_results(
             ],
         )
     )
+    if any(np.isfinite(m[name]["mean"]) for m in measures for name in ("committee_overlap", "path_nmi", "probe_info")):
+        lines += [
+            "",
+            "### Committees, the router's input, and paths",
+            "",
+            "Committee overlap: mean Jaccard overlap across domains of the expert sets carrying half of each "
+            "domain's routing mass (low: disjoint committees); probe bits: domain information a held-out linear "
+            "probe reads from the router's input; routing use: the layer's top-1 I(D;E) over those bits; path NMI − "
+            "null: I(D; path)/H(D) of the tokens' expert paths through all layers minus its document null (one "
+            "value per run, repeated on its layers). None of them votes in the verdict.",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                [
+                    "corpus",
+                    "arm",
+                    "layer",
+                    "committee overlap",
+                    "mean committee size",
+                    "probe bits",
+                    "routing use",
+                    "path NMI − null (top-1)",
+                    "path NMI − null (top-k sets)",
+                ],
+                [
+                    [
+                        m["corpus"],
+                        m["arm"],
+                        str(m["layer"]),
+                        _ci(m["committee_overlap"]),
+                        _ci(m["committee_size"], 1),
+                        _ci(m["probe_info"]),
+                        _ci(m["routing_use"]),
+                        _ci(m["path_nmi"]),
+                        _ci(m["path_nmi_topk"]),
+                    ]
+                    for m in measures
+                ],
+            )
+        )
     if contrasts:
         base = contrasts[0]["baseline"]
         family = contrasts[0]["nmi"].get("family", 1)
