@@ -700,8 +700,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
                 for layer in layers
                 if layer["measures"]["committee_overlap"].get("sizes") is not None
             )
-            + ". Small, disjoint committees (overlap below its document null) read as specialists; one shared "
-            "committee (overlap near 1, not below the null) as an ensemble.",
+            + ". Disjoint committees (overlap below its document null) show domain information in routing, "
+            "vocabulary included (token-keyed routing gets them too: docs/calibration.md); one shared committee "
+            "(overlap near 1, not below the null) reads as an ensemble.",
         ]
     if "probe_info" in shown:
         uses = [
