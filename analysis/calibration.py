@@ -61,15 +61,18 @@ from typing import Any
 import numpy as np
 
 from analysis.committees import committee_evidence
+from analysis.heldout import HeldoutInformation
 from analysis.information import contingency, doc_expert_counts, entropy, normalized_mutual_information
 from analysis.measures import previous_tokens, routing_evidence
 from analysis.paths import path_information
 from analysis.probe_information import probe_domain_information
 from analysis.records import LayerRecords, RoutingRecords
+from analysis.statistics import SpecializationResult
 from analysis.verdict import (
     ENSEMBLE,
     SPECIALIST,
     LayerEvidence,
+    LayerVerdict,
     VerdictThresholds,
     judge_knockout,
     judge_layer,
@@ -379,6 +382,44 @@ class BatteryConfig:
     thresholds: VerdictThresholds = field(default_factory=VerdictThresholds)
 
 
+def _routing_verdict(
+    nmi: SpecializationResult, held: HeldoutInformation | None, thresholds: VerdictThresholds
+) -> tuple[LayerVerdict, tuple[float, float, float, float, float, float]]:
+    """The layer verdict of an NMI result and a held-out estimate (a layer's or a path's), and the
+    held-out numbers (share, its interval, p, H(D|C), bits); all nan without a held-out estimate
+    (too few records), whose criterion then abstains, as in moe-analyze."""
+    nan = float("nan")
+    numbers = (
+        (nan,) * 6
+        if held is None
+        else (
+            held.share,
+            held.share_ci_low,
+            held.share_ci_high,
+            held.p_value,
+            held.h_domain_given_context,
+            held.estimate,
+        )
+    )
+    share, share_low, share_high, p_value, h_dc, _ = numbers
+    verdict = judge_layer(
+        LayerEvidence(
+            layer=0,
+            nmi_excess=nmi.excess,
+            nmi_excess_ci_low=nmi.excess_ci_low,
+            nmi_excess_ci_high=nmi.excess_ci_high,
+            nmi_p_value=nmi.p_value,
+            cmi_share=share,
+            cmi_share_ci_low=share_low,
+            cmi_share_ci_high=share_high,
+            cmi_p_value=p_value,
+            h_domain_given_context=h_dc,
+        ),
+        thresholds,
+    )
+    return verdict, numbers
+
+
 def judge_replicate(
     tokens: ValidationTokens, experts: np.ndarray, cfg: BatteryConfig, rng: np.random.Generator | int
 ) -> dict[str, Any]:
@@ -404,27 +445,7 @@ def judge_replicate(
     nmi, cmi = ev.nmi, ev.cmi
     # No cmi when the records are too few for the held-out estimate (`ev.cmi_note` says why): its
     # criterion abstains, as in moe-analyze, and the row carries nan.
-    nan = float("nan")
-    share, share_low, share_high, p_value, h_domain_given_context, bits = (
-        (nan,) * 6
-        if cmi is None
-        else (cmi.share, cmi.share_ci_low, cmi.share_ci_high, cmi.p_value, cmi.h_domain_given_context, cmi.estimate)
-    )
-    layer = judge_layer(
-        LayerEvidence(
-            layer=0,
-            nmi_excess=nmi.excess,
-            nmi_excess_ci_low=nmi.excess_ci_low,
-            nmi_excess_ci_high=nmi.excess_ci_high,
-            nmi_p_value=nmi.p_value,
-            cmi_share=share,
-            cmi_share_ci_low=share_low,
-            cmi_share_ci_high=share_high,
-            cmi_p_value=p_value,
-            h_domain_given_context=h_domain_given_context,
-        ),
-        cfg.thresholds,
-    )
+    layer, (share, share_low, share_high, p_value, _, bits) = _routing_verdict(nmi, cmi, cfg.thresholds)
     by_name = {c.name: c.verdict for c in layer.criteria}
     return {
         "nmi_excess": nmi.excess,
@@ -932,34 +953,7 @@ def judge_path_replicate(
         max_heldout_paths=max(256, n_exp ** len(layers)),
     )
     nmi, held = res.nmi, res.heldout
-    nan = float("nan")
-    share, share_low, share_high, p_value, h_dc, bits = (
-        (nan,) * 6
-        if held is None
-        else (
-            held.share,
-            held.share_ci_low,
-            held.share_ci_high,
-            held.p_value,
-            held.h_domain_given_context,
-            held.estimate,
-        )
-    )
-    verdict = judge_layer(
-        LayerEvidence(
-            layer=0,
-            nmi_excess=nmi.excess,
-            nmi_excess_ci_low=nmi.excess_ci_low,
-            nmi_excess_ci_high=nmi.excess_ci_high,
-            nmi_p_value=nmi.p_value,
-            cmi_share=share,
-            cmi_share_ci_low=share_low,
-            cmi_share_ci_high=share_high,
-            cmi_p_value=p_value,
-            h_domain_given_context=h_dc,
-        ),
-        cfg.thresholds,
-    )
+    verdict, (share, share_low, share_high, p_value, _, bits) = _routing_verdict(nmi, held, cfg.thresholds)
     by_name = {c.name: c.verdict for c in verdict.criteria}
     row: dict[str, Any] = {
         "path_nmi_excess": nmi.excess,

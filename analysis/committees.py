@@ -47,13 +47,14 @@ import numpy as np
 from analysis.information import DocCounts, joint_from_docs
 from analysis.registry import MeasureResult
 from analysis.statistics import (
+    check_doc_counts,
     joints_from_doc_labels,
     joints_from_doc_weights,
     p_value,
     permute_doc_domains,
     stratified_doc_bootstrap,
 )
-from analysis.validation import RngLike, as_labels, as_rng, as_table, positive_int
+from analysis.validation import RngLike, as_rng, as_table, positive_int
 
 __all__ = [
     "CommitteeResult",
@@ -287,14 +288,7 @@ def committee_evidence(
     q = _check_mass(mass)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    counts = np.asarray(docs.counts, dtype=np.float64)
-    if counts.ndim != 2:
-        raise ValueError(f"docs.counts must be [M, E], got shape {counts.shape}")
-    dd = as_labels("doc_domain", docs.doc_domain, n_domains)
-    if dd.shape[0] != counts.shape[0]:
-        raise ValueError(f"docs.doc_domain has {dd.shape[0]} documents, counts has {counts.shape[0]}")
-    if counts.shape[0] < 2:
-        raise ValueError("resampling needs at least 2 documents")
+    dd, counts = check_doc_counts(docs, n_domains)
     joint = as_table(joint_from_docs(dd, counts, n_domains), ndim=2, name="joint")
     null_rng, boot_rng = as_rng(rng).spawn(2)  # independent streams: the result ignores call order
 

@@ -39,6 +39,7 @@ from analysis.information import (
 from analysis.validation import RngLike, as_labels, as_rng, positive_int
 
 __all__ = [
+    "check_doc_counts",
     "BootstrapInterval",
     "NullDistribution",
     "SpecializationResult",
@@ -59,7 +60,9 @@ Statistic = Callable[[np.ndarray], float]
 _CHUNK_CELLS = 1 << 22
 
 
-def _check_docs(docs: DocCounts, n_domains: int) -> tuple[np.ndarray, np.ndarray]:
+def check_doc_counts(docs: DocCounts, n_domains: int) -> tuple[np.ndarray, np.ndarray]:
+    """(doc_domain [M] int64, counts [M, E] float64) of `docs`, checked: 2-D counts, one domain id in
+    [0, G) per document, at least 2 documents (the nulls and bootstraps resample documents)."""
     counts = np.asarray(docs.counts, dtype=np.float64)
     if counts.ndim != 2:
         raise ValueError(f"docs.counts must be [M, E], got shape {counts.shape}")
@@ -252,7 +255,7 @@ def permutation_null(
     samples and the p-value (1 + #{null >= observed}) / (1 + R). Uniform or domain-independent
     routing gives p ~ Uniform(0, 1).
     """
-    dd, counts = _check_docs(docs, n_domains)
+    dd, counts = check_doc_counts(docs, n_domains)
     observed = float(statistic(joint_from_docs(dd, counts, n_domains)))
     labels = permute_doc_domains(dd, n_permutations, rng)
     joints = joints_from_doc_labels(labels, counts, n_domains)
@@ -280,7 +283,7 @@ def bootstrap_ci(
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    dd, counts = _check_docs(docs, n_domains)
+    dd, counts = check_doc_counts(docs, n_domains)
     estimate = float(statistic(joint_from_docs(dd, counts, n_domains)))
     weights = stratified_doc_bootstrap(dd, n_resamples, rng)
     joints = joints_from_doc_weights(weights, dd, counts, n_domains)
@@ -303,7 +306,7 @@ def summarize_specialization(
     """NMI of the domain x expert table above its document-permutation null, with its Miller-Madow
     value and the bias-corrected, domain-stratified document-bootstrap interval (see
     `SpecializationResult`)."""
-    dd, counts = _check_docs(docs, n_domains)
+    dd, counts = check_doc_counts(docs, n_domains)
     joint = joint_from_docs(dd, counts, n_domains)
     null_rng, boot_rng = as_rng(rng).spawn(2)  # independent streams: the result ignores call order
     null = permutation_null(docs, n_domains, n_permutations=n_permutations, rng=null_rng)
