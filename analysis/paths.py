@@ -85,16 +85,15 @@ __all__ = [
 ]
 
 PathMode = Literal["top1", "topk"]
-MODES: tuple[str, ...] = ("top1", "topk")
 CONTEXTS: tuple[str, ...] = ("token", "bigram")
 _LN2 = math.log(2.0)
 _NONE = -1  # the "no kept expert" symbol (top1) and the padding of a kept set (topk)
 
-# The measures this module computes, for the report's tables. Not registered here: they are
-# computed over the layers together (not by a per-layer `compute`), and where they are registered
-# and printed is the report's decision.
-PATH_MEASURES: tuple[Measure, ...] = (
-    Measure(
+# The measure of each path mode, for the report's tables (and the names of its columns). Not
+# registered here: they are computed over the layers together (not by a per-layer `compute`), and
+# where they are registered and printed is the report's decision.
+PATH_MEASURES: dict[str, Measure] = {
+    "top1": Measure(
         "path_nmi",
         "path NMI − null",
         "NMI = I(D;path)/H(D) of the tokens' top-1 expert paths through the layers, minus its document-null mean",
@@ -102,7 +101,7 @@ PATH_MEASURES: tuple[Measure, ...] = (
         None,
         "specialist",
     ),
-    Measure(
+    "topk": Measure(
         "path_nmi_topk",
         "path NMI − null (top-k sets)",
         "NMI = I(D;path)/H(D) of the tokens' kept-expert-set paths through the layers, minus its document-null mean",
@@ -110,7 +109,8 @@ PATH_MEASURES: tuple[Measure, ...] = (
         None,
         "specialist",
     ),
-)
+}
+MODES: tuple[str, ...] = tuple(PATH_MEASURES)  # "top1", "topk"
 
 
 # ----------------------------------------------------------------------------- path ids
@@ -318,7 +318,7 @@ class PathInformation:
 
     @property
     def name(self) -> str:
-        return "path_nmi" if self.mode == "top1" else "path_nmi_topk"
+        return PATH_MEASURES[self.mode].name
 
     def as_measure_result(self) -> MeasureResult:
         """The registry's result: value = NMI - null mean, its interval, null mean and p-value, and

@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 
 from analysis.information import contingency
 from analysis.measures import MEASURES
-from analysis.paths import MODES as PATH_MODES
 from analysis.paths import PATH_MEASURES
 from analysis.records import RoutingRecords
 from analysis.registry import columns
@@ -39,7 +38,7 @@ from moe.tables import markdown_table as _markdown_table
 from moe.validation import check_choice
 
 # summary["paths"] mode -> the name of its columns in the sweep rows.
-PATH_COLUMNS = {mode: measure.name for mode, measure in zip(PATH_MODES, PATH_MEASURES)}
+PATH_COLUMNS = {mode: measure.name for mode, measure in PATH_MEASURES.items()}
 
 __all__ = [
     "Run",

@@ -87,7 +87,7 @@ MEASURES = {
     "cmi_bits": "held-out I(D;E|C) (bits per assignment)",
     "dense_cv": "median noise-corrected damage CV of the active twin's random unit groups",
     "docs_min": "fewest validation documents of a domain",
-    **{m.name: m.description for m in PATH_MEASURES},
+    **{m.name: m.description for m in PATH_MEASURES.values()},
     "routing_use": "I(D;E) (top-1) over the probe's bits: the share of the input's domain information routing carries",
     "committee_size": "mean size of the expert sets carrying half of each domain's routing mass",
 }
