@@ -269,10 +269,25 @@ def trajectory_fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, world_size:
     return fingerprint
 
 
+def _layout_free(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat fingerprint with `world_size` and `grad_accum_steps` folded into their product,
+    `micro_batches_per_step`: the ranks and the accumulation shape a step only through the
+    micro-batches it takes (each `micro_batch_size` sequences, fixed slices of one stream), so a run
+    resumes at another world size with grad_accum_steps scaled to keep the product. Not under
+    global_batch balancing, whose counts accumulate over the micro-steps in order."""
+    if flat.get("balance.scope") == "global_batch" or not {"world_size", "grad_accum_steps"} <= flat.keys():
+        return flat
+    flat = dict(flat)
+    flat["micro_batches_per_step (world_size x grad_accum_steps)"] = flat.pop("world_size") * flat.pop(
+        "grad_accum_steps"
+    )
+    return flat
+
+
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume from a checkpoint whose trajectory-defining config differs; the message
     names every differing field (dotted)."""
-    saved, current = _flatten(saved), _flatten(current)
+    saved, current = _layout_free(_flatten(saved)), _layout_free(_flatten(current))
     # A router field the checkpoint recorded and the current router kind does not have (the flat
     # router config of earlier versions listed every kind's fields) cannot have shaped the run; a
     # different kind is caught by router.kind itself.

@@ -21,6 +21,7 @@ from moe.data import DataConfig
 from moe.data.config import validate as validate_data
 from moe.layer import BACKENDS
 from moe.model import ModelConfig, dense_twin
+from moe.parallel import ParallelConfig
 from moe.routers import RouterConfig, resolve_router_config, router_kinds, router_spec
 from moe.sizing import TWIN_MATCHES
 from moe.validation import check_choice
@@ -62,6 +63,8 @@ class TrainerConfig:
     dist_timeout_s: float = 600.0
     tensorboard: bool = True
     progress: bool = True  # tqdm bar
+    # The layout over the ranks of a torchrun launch: DDP, FSDP2, expert parallelism (moe/parallel.py).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass
@@ -218,6 +221,7 @@ def validate(cfg: TrainConfig) -> None:
             finite(cfg.balance.z_coef) and cfg.balance.z_coef >= 0,
             "a finite number >= 0",
         ),
+        ("trainer.parallel.ep", t.parallel.ep, t.parallel.ep >= 1, "an integer >= 1"),
         ("trainer.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1, or null for torch's default"),
         (
             "trainer.dist_timeout_s",

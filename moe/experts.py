@@ -174,12 +174,13 @@ class GroupedExperts(nn.Module):
         gate_P1 = gate_P.to(x_PD.dtype).unsqueeze(-1)
         # The gate is linear in the output, so scale whichever of hidden (F) and output (D) is narrower.
         gate_hidden = w_out.shape[1] < w_out.shape[2]
+        n_experts = w_in.shape[0]  # the experts held here (this rank's, under expert parallelism)
         if capacity is not None:
-            h_PF = activate(torch.bmm(x_PD.view(self.num_experts, capacity, -1), w_in), self.activation)
+            h_PF = activate(torch.bmm(x_PD.view(n_experts, capacity, -1), w_in), self.activation)
             h_PF = h_PF.view(x_PD.shape[0], -1)
             if gate_hidden:
                 h_PF = h_PF * gate_P1
-            y_PD = torch.bmm(h_PF.view(self.num_experts, capacity, -1), w_out).view(x_PD.shape)
+            y_PD = torch.bmm(h_PF.view(n_experts, capacity, -1), w_out).view(x_PD.shape)
         else:
             h_PF = activate(grouped_mm(x_PD, w_in, counts_E), self.activation)
             if gate_hidden:

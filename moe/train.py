@@ -36,6 +36,7 @@ from moe.checkpoint import check_fingerprint, latest_good_checkpoint, trajectory
 from moe.config import TrainConfig, as_plain_dict, models_to_train, register_configs, to_train_config
 from moe.data import prepare_data
 from moe.distributed import DistContext, barrier, broadcast_object, collectives_watched, init_distributed, shutdown
+from moe.parallel import check_parallel
 from moe.run_lock import check_writable, run_dir_lock, write_error
 from moe.tables import markdown_table, write_json
 from moe.trainer import Trainer, TrainResult
@@ -105,6 +106,13 @@ def run_experiment(
 
         require_megablocks()  # no GPU or no MegaBlocks: fail before any data or model work
     ctx = ctx or init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    check_parallel(
+        cfg.trainer.parallel,
+        ctx.world_size,
+        routed_experts=cfg.model.moe.routed_experts,
+        backend=cfg.backend.name,
+        compile=cfg.trainer.compile,
+    )
     run_dir = Path(run_dir)
     try:
         if ctx.is_main:  # before the lock file is created, so a read-only run dir fails here, clearly

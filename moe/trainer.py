@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from moe.balance import LoadBalancer, max_violation
 from moe.checkpoint import (
@@ -40,6 +39,7 @@ from moe.distributed import DistContext, all_reduce_mean, barrier
 from moe.host_memory import retain_freed_memory
 from moe.model import LanguageModel, ModelConfig, model_size
 from moe.modes import eval_mode
+from moe.parallel import Parallelism, local_tensor
 from moe.run_lock import write_error
 
 if TYPE_CHECKING:
@@ -129,6 +129,13 @@ class Trainer:
         self.size = model_size(self.model, data.seq_len)
         self.routers = [layer.router for layer in self.model.moe_layers]
         self.balancer = LoadBalancer(cfg.balance, self.routers[0].num_experts) if self.routers else None
+        forward: nn.Module = self.model
+        if self.t.compile:
+            # torch.compile of a module returns a module (an OptimizedModule); its stub says a callable.
+            forward = cast(nn.Module, torch.compile(forward))
+        # Shards the model in place (experts over the ep ranks, FSDP2): before the optimizer sees it.
+        self.parallel = Parallelism(self.t.parallel, ctx)
+        self._forward = self.parallel.wrap(self.model, forward)
         self.optimizer = build_optimizer(self.model, self.t, fused=self.device.type == "cuda")
         self.fingerprint = trajectory_fingerprint(cfg, model_cfg, ctx.world_size)
         self.stream = data.train_stream(
@@ -138,16 +145,6 @@ class Trainer:
         self.step = 0
         self._stop_requested = False
         self.on_step_end: Callable[[Trainer], None] | None = None
-        forward: nn.Module = self.model
-        if self.t.compile:
-            # torch.compile of a module returns a module (an OptimizedModule); its stub says a callable.
-            forward = cast(nn.Module, torch.compile(forward))
-        self._ddp: DistributedDataParallel | None = None
-        if ctx.enabled:
-            forward = self._ddp = DistributedDataParallel(
-                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self._forward = forward
         self._writer: SummaryWriter | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -164,9 +161,12 @@ class Trainer:
         self._stop_requested = True
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint, in the consolidated one-process layout whatever the parallel layout (a
+        collective when the model is sharded: every rank calls it)."""
+        model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": self.step,
             "data": self.stream.state_dict(),
             "fingerprint": self.fingerprint,
@@ -183,8 +183,9 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        state = self.state_dict()
         if self.ctx.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), self.t.keep_last)
+            path = save_checkpoint(self.ckpt_dir, self.step, state, self.t.keep_last)
         barrier(self.ctx)
         return path
 
@@ -200,8 +201,7 @@ class Trainer:
             return False
         path, state = found
         check_fingerprint(state["fingerprint"], self.fingerprint, path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
         rng = state["rng"]
@@ -361,8 +361,8 @@ class Trainer:
         dropped = 0
         for micro in range(accum):
             batch = next(self.stream).to(self.device)
-            # Under DDP the gradients are all-reduced on the last micro-step only.
-            with self._ddp.no_sync() if self._ddp is not None and micro < accum - 1 else contextlib.nullcontext():
+            # Gradients are reduced over the ranks on the last micro-step only.
+            with self.parallel.micro_step(last=micro == accum - 1):
                 with self.autocast():
                     out = self._forward(batch.tokens, batch.targets, batch.domain)
                 lm_loss = out.loss
@@ -377,14 +377,14 @@ class Trainer:
                 (loss / accum).backward()
             for key, value in (("loss", loss), ("lm_loss", lm_loss), ("lbl", lbl), ("z_loss", z)):
                 sums[key] += float(value.detach()) / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        grad_norm = self.parallel.finish_gradients(
+            list(self.model.parameters()), self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
         )
         if not bool(torch.isfinite(grad_norm)):
             self._diverged("the gradient", "gradient norm", float(grad_norm))
         self.optimizer.step()
         # One sum per tensor and one sync: nan/inf anywhere makes the total non-finite.
-        if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in self.model.parameters()]).sum())):
+        if not bool(torch.isfinite(torch.stack([local_tensor(p).sum() for p in self.model.parameters()]).sum())):
             self._diverged("the parameters after the optimizer step", "a parameter", float("nan"))
         self.optimizer.zero_grad(set_to_none=True)
         # One collective for all scalars rather than one per metric.
@@ -414,7 +414,8 @@ class Trainer:
             (
                 n
                 for n, p in self.model.named_parameters()
-                if (p.grad is not None and not bool(torch.isfinite(p.grad).all())) or not bool(torch.isfinite(p).all())
+                if (p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()))
+                or not bool(torch.isfinite(local_tensor(p)).all())
             ),
             None,
         )
@@ -431,7 +432,8 @@ class Trainer:
 
     def _eval_and_log(self) -> dict[str, float]:
         val = {}
-        if self.ctx.is_main:
+        # A sharded model's forward is a collective: then every rank evaluates (the same batches).
+        if self.ctx.is_main or self.parallel.sharded:
             val = evaluate(self.model, self.val_batches, self.device, self.autocast)
             self.log({"step": self.step, "val_loss": val})
         barrier(self.ctx)

@@ -72,3 +72,23 @@ def test_write_errors_become_one_line_naming_the_path(tmp_path):
     denied = write_error(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "m.jsonl")), tmp_path)
     assert str(denied).startswith(f"{tmp_path / 'm.jsonl'}: Permission denied [EACCES]; fix its permissions")
     assert write_error(FileNotFoundError(errno.ENOENT, "No such file"), tmp_path) is None  # not a write problem
+
+
+def test_a_run_resumes_at_another_world_size_with_the_same_micro_batches_per_step(compose_train, tmp_path):
+    """world_size x grad_accum_steps (the micro-batches of a step) must match, not each factor;
+    global_batch balancing, whose counts accumulate over the micro-steps in order, needs both."""
+    saved_cfg = compose_train("experiment=smoke", "trainer.grad_accum_steps=1")
+    saved = trajectory_fingerprint(saved_cfg, saved_cfg.model, 4)
+    for world, accum in ((2, 2), (1, 4)):
+        cfg = compose_train("experiment=smoke", f"trainer.grad_accum_steps={accum}")
+        check_fingerprint(saved, trajectory_fingerprint(cfg, cfg.model, world), tmp_path / "x.pt")
+    cfg = compose_train("experiment=smoke", "trainer.grad_accum_steps=1")
+    with pytest.raises(
+        CheckpointError, match=r"micro_batches_per_step \(world_size x grad_accum_steps\): checkpoint=4 now=2"
+    ):
+        check_fingerprint(saved, trajectory_fingerprint(cfg, cfg.model, 2), tmp_path / "x.pt")
+    global_cfg = compose_train("experiment=smoke", "balance=global_batch", "trainer.grad_accum_steps=1")
+    global_saved = trajectory_fingerprint(global_cfg, global_cfg.model, 4)
+    cfg = compose_train("experiment=smoke", "balance=global_batch", "trainer.grad_accum_steps=2")
+    with pytest.raises(CheckpointError, match="world_size: checkpoint=4 now=2"):
+        check_fingerprint(global_saved, trajectory_fingerprint(cfg, cfg.model, 2), tmp_path / "x.pt")
