@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +35,12 @@ if TYPE_CHECKING:
     from moe.config import TrainConfig
     from moe.model import ModelConfig
 
-_STEP_FILE = re.compile(r"step_(\d{8})\.pt$")
+# A consolidated checkpoint is a file step_<8 digits>.pt; a sharded one a directory step_<8 digits>.dcp
+# (moe.sharded_checkpoint).
+_STEP_FILE = re.compile(r"step_(\d{8})\.(?:pt|dcp)$")
 _TEMP_FILE = re.compile(r"^\.(step_\d{8}\.pt(?:\.sha256)?)\.tmp-(\d+)$")
 _DIGEST_SUFFIX = ".sha256"
+SHARDED_SUFFIX = ".dcp"
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -57,7 +61,7 @@ def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint files in `directory`, oldest step first."""
+    """Checkpoints in `directory` (consolidated files and sharded directories), oldest step first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -138,10 +142,18 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
     _write_atomic(path, lambda f: torch.save(state, f))
     digest = f"{_sha256(path)}  {path.stat().st_size}\n".encode()
     _write_atomic(path.with_name(path.name + _DIGEST_SUFFIX), lambda f: f.write(digest))
-    for old in list_checkpoints(directory)[: -max(1, keep_last)]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
+    prune_checkpoints(directory, keep_last)
     return path
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` (at least one) checkpoints of either layout."""
+    for old in list_checkpoints(directory)[: -max(1, keep_last)]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -164,25 +176,55 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False, tensors: bool = True
 ) -> dict[str, Any]:
     """Verify a checkpoint's digest and load it without executing code (`weights_only=True`);
     anything wrong becomes a `CheckpointError` naming the file. mmap: map the tensors from the file
-    instead of reading them (for a look at the metadata, e.g. the fingerprint)."""
+    instead of reading them (for a look at the metadata, e.g. the fingerprint). A sharded checkpoint
+    (a step_*.dcp directory) is read whole into this process (`moe.sharded_checkpoint`), or with
+    `tensors=False` its trainer state only (no "model" or "optimizer": the trainer reads its shards)."""
     path = Path(path)
+    if path.suffix == SHARDED_SUFFIX:
+        return _load_sharded_checkpoint(path, tensors)
     verify_checkpoint(path)
+    state = safe_load(path, map_location, mmap=mmap)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path} is not a moe-specialization checkpoint (no model/step entries)")
+    return state
+
+
+def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict[str, Any]:
+    from moe.sharded_checkpoint import TRAINER_FILE, consolidated_state
+
+    missing = [name for name in (".metadata", TRAINER_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"sharded checkpoint {path} lacks {', '.join(missing)}: it is incomplete or damaged. Delete it to "
+            f"resume from the previous checkpoint in {path.parent}, or start a new run directory."
+        )
+    state = safe_load(path / TRAINER_FILE)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path / TRAINER_FILE} is not a moe-specialization trainer state (no step entry)")
+    if not tensors:
+        return state
+    try:
+        return {**state, **consolidated_state(path)}
+    except Exception as exc:
+        raise CheckpointError(f"sharded checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def safe_load(path: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """torch.load without executing code (tensors, containers, numbers and numpy's RNG state only);
+    CheckpointError naming the file when it cannot be read."""
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for truncated / foreign files
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}). It is corrupted, "
             "truncated or holds objects that loading without code execution refuses: delete it to resume from "
             f"the previous checkpoint in {path.parent}, or start a new run directory."
         ) from exc
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise CheckpointError(f"{path} is not a moe-specialization checkpoint (no model/step entries)")
-    return state
 
 
 def remove_orphaned_temp_files(directory: str | Path) -> list[Path]:
@@ -313,7 +355,12 @@ def latest_checkpoint(run_dir: str | Path, name: str) -> Path | None:
 
 
 def latest_good_checkpoint(
-    run_dir: str | Path, name: str, map_location: str | torch.device = "cpu", *, mmap: bool = False
+    run_dir: str | Path,
+    name: str,
+    map_location: str | torch.device = "cpu",
+    *,
+    mmap: bool = False,
+    tensors: bool = True,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of model `name` that verifies and loads, with its state; newer ones
     that do not are skipped with a warning naming them and the one used. None without checkpoints;
@@ -322,7 +369,7 @@ def latest_good_checkpoint(
     bad: list[str] = []
     for path in reversed(files):
         try:
-            state = load_checkpoint(path, map_location, mmap=mmap)
+            state = load_checkpoint(path, map_location, mmap=mmap, tensors=tensors)
         except CheckpointError as exc:
             bad.append(str(exc))
             continue

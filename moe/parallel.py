@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.distributed import DistContext
 from moe.expert_parallel import ExpertParallelExperts
 from moe.experts import GroupedExperts
+from moe.validation import check_choice
 
 if TYPE_CHECKING:
     from moe.model import LanguageModel
@@ -49,12 +51,20 @@ class ParallelConfig:
     ep: int = 1
     # Shard parameters, gradients and optimizer state over all ranks (FSDP2) instead of DDP.
     fsdp: bool = False
+    # consolidated: rank 0 writes one file of the whole state (step_N.pt); sharded: every rank writes
+    # its parts through torch.distributed.checkpoint (step_N.dcp/, moe/sharded_checkpoint.py). The
+    # last checkpoint of a training is consolidated either way (the analysis reads it).
+    checkpoint: str = "consolidated"
+
+
+CHECKPOINT_LAYOUTS = ("consolidated", "sharded")
 
 
 def check_parallel(cfg: ParallelConfig, world_size: int, *, routed_experts: int, backend: str, compile: bool) -> None:
     """Refuse a layout this launch cannot run, before anything is built; the message names the fix."""
     if cfg.ep < 1:
         raise ValueError(f"trainer.parallel.ep={cfg.ep} must be >= 1")
+    check_choice("trainer.parallel.checkpoint", cfg.checkpoint, CHECKPOINT_LAYOUTS)
     if (cfg.ep > 1 or cfg.fsdp) and world_size == 1:
         raise ValueError(
             f"trainer.parallel.ep={cfg.ep} fsdp={cfg.fsdp} shards the model over processes, but this is one "
@@ -92,10 +102,10 @@ class Parallelism:
         self.ep_group: dist.ProcessGroup | None = None
         self.dp_group: dist.ProcessGroup | None = None  # the ranks that hold the same experts
         self.world_mesh = None
+        self.mesh: DeviceMesh | None = None  # (dp, ep)
         if ctx.enabled and (cfg.ep > 1 or cfg.fsdp):
-            from torch.distributed.device_mesh import init_device_mesh
-
             mesh = init_device_mesh(ctx.device.type, (ctx.world_size // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
+            self.mesh = mesh
             self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp")
             self.world_mesh = init_device_mesh(ctx.device.type, (ctx.world_size,)) if cfg.fsdp else None
         self.ddp: DistributedDataParallel | None = None
@@ -249,6 +259,12 @@ class Parallelism:
             if name in self.expert_params and index in state:
                 state[index] = {k: fn(name, v) if _is_per_element(v) else v for k, v in state[index].items()}
         return model_state, {**optim_state, "state": state}
+
+    def expert_dtensor(self, local: Tensor) -> DTensor:
+        """This rank's rows [E/ep, ...] of an expert-parallel tensor as the layer's [E, ...] tensor they
+        are part of (replicated over dp, row blocks over ep): how sharded checkpoints save them. A
+        view: loading into it writes this rank's rows."""
+        return DTensor.from_local(local, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
     def gather_experts(self, local: Tensor) -> Tensor:
         """[E/ep, ...] on each rank of the ep group -> [E, ...] in rank order."""

@@ -78,7 +78,8 @@ def check_resumable(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
     in the run dir, before config.yaml and data/ are rewritten: a refused resume leaves the run's
     own files as they were."""
     for name, model_cfg in models_to_train(cfg):
-        found = latest_good_checkpoint(run_dir, name, mmap=True)  # the fingerprint only: map, do not read
+        # The fingerprint only: map a file, do not read it; a sharded checkpoint's trainer state only.
+        found = latest_good_checkpoint(run_dir, name, mmap=True, tensors=False)
         if found is not None:
             path, state = found
             check_fingerprint(state["fingerprint"], trajectory_fingerprint(cfg, model_cfg, world_size), path)

@@ -25,10 +25,12 @@ from torch import nn
 
 from moe.balance import LoadBalancer, max_violation
 from moe.checkpoint import (
+    SHARDED_SUFFIX,
     check_fingerprint,
     checkpoint_dir,
     latest_checkpoint,
     latest_good_checkpoint,
+    prune_checkpoints,
     remove_orphaned_temp_files,
     save_checkpoint,
     trajectory_fingerprint,
@@ -41,6 +43,7 @@ from moe.model import LanguageModel, ModelConfig, model_size
 from moe.modes import eval_mode
 from moe.parallel import Parallelism, local_tensor
 from moe.run_lock import write_error
+from moe.sharded_checkpoint import load_sharded, save_sharded, sharded_state
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -164,9 +167,11 @@ class Trainer:
         """The checkpoint, in the consolidated one-process layout whatever the parallel layout (a
         collective when the model is sharded: every rank calls it)."""
         model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state, **self._trainer_state()}
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the model and optimizer states."""
         return {
-            "model": model_state,
-            "optimizer": optimizer_state,
             "step": self.step,
             "data": self.stream.state_dict(),
             "fingerprint": self.fingerprint,
@@ -181,13 +186,25 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path | None:
-        path = None
+    def save(self, final: bool = False) -> Path | None:
+        """Write a checkpoint of this step (a collective); the final one is always consolidated."""
+        if self.t.parallel.checkpoint == "sharded" and not final:
+            path = save_sharded(
+                self.ckpt_dir / f"step_{self.step:08d}{SHARDED_SUFFIX}",
+                sharded_state(self.model, self.optimizer, self.parallel),
+                self._trainer_state(),
+                self.parallel,
+            )
+            if self.ctx.is_main:
+                prune_checkpoints(self.ckpt_dir, self.t.keep_last)
+            barrier(self.ctx)
+            return path
+        consolidated = None
         state = self.state_dict()
         if self.ctx.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.step, state, self.t.keep_last)
+            consolidated = save_checkpoint(self.ckpt_dir, self.step, state, self.t.keep_last)
         barrier(self.ctx)
-        return path
+        return consolidated
 
     def restore(self) -> bool:
         """Load the newest good checkpoint of this model, if any (a corrupted newer one is skipped with
@@ -195,13 +212,16 @@ class Trainer:
         if self.ctx.is_main:
             for orphan in remove_orphaned_temp_files(self.ckpt_dir):
                 print(f"[{self.name}] removed {orphan}, left by a checkpoint write that was killed")
-        found = latest_good_checkpoint(self.run_dir, self.name, map_location=self.device)
+        found = latest_good_checkpoint(self.run_dir, self.name, map_location=self.device, tensors=False)
         if found is None:
             self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
             return False
         path, state = found
         check_fingerprint(state["fingerprint"], self.fingerprint, path)
-        self.parallel.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        if path.suffix == SHARDED_SUFFIX:
+            load_sharded(path, self.model, self.optimizer, self.parallel)
+        else:
+            self.parallel.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
         rng = state["rng"]
@@ -327,7 +347,7 @@ class Trainer:
                         "Run the same command with hydra.run.dir=<this run dir> to resume."
                     )
             val = self._eval_and_log()
-            self.save()
+            self.save(final=True)
         finally:
             for sig, handler in previous.items():
                 with contextlib.suppress(ValueError, TypeError):

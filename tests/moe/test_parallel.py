@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moe.balance import load_balancing_loss
-from moe.checkpoint import latest_checkpoint
+from moe.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, load_checkpoint
 from moe.parallel import ParallelConfig, check_parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -164,16 +164,17 @@ def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sharded_run_saved_at_four_ranks_resumes_at_two_and_one(tmp_path):
-    """An ep=2 x dp=2 run and an FSDP2 run train the same losses and weights as one process on
-    the same global batch, write the one-process checkpoint layout, and a run saved at four ranks
-    continues at two (ep=2, two micro-steps per rank) and at one (four micro-steps) as it did."""
-    single = tmp_path / "single"
-    train(single, 1, "trainer.micro_batch_size=1", "trainer.grad_accum_steps=4")
-    four = tmp_path / "four"
-    train(four, 4, "trainer.micro_batch_size=1", "trainer.parallel.ep=2")
-    fsdp = tmp_path / "fsdp"
-    train(fsdp, 2, "trainer.micro_batch_size=1", "trainer.grad_accum_steps=2", "trainer.parallel.fsdp=true")
+def test_sharded_runs_match_one_process_and_resume_at_other_world_sizes(tmp_path):
+    """An ep=2 x dp=2 run (sharded checkpoints) and an FSDP2 run (consolidated ones) train the losses
+    and weights of one process on the same global batch. Saved at step 3, each continues as it did
+    at another world size and layout with the same micro-batches per step: the sharded checkpoint
+    at 2 ranks (ep=2) and at 1, the consolidated one at 4 (FSDP2 x ep=2). A sharded checkpoint
+    reads whole in one process as the one-process checkpoint of that step."""
+    one = ["trainer.micro_batch_size=1"]
+    single, four, fsdp = tmp_path / "single", tmp_path / "four", tmp_path / "fsdp"
+    train(single, 1, *one, "trainer.grad_accum_steps=4")
+    train(four, 4, *one, "trainer.parallel.ep=2", "trainer.parallel.checkpoint=sharded")
+    train(fsdp, 2, *one, "trainer.grad_accum_steps=2", "trainer.parallel.fsdp=true")
     want, want_model = step_losses(single), final_model(single)
     for run in (four, fsdp):
         assert step_losses(run) == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -181,13 +182,22 @@ def test_sharded_run_saved_at_four_ranks_resumes_at_two_and_one(tmp_path):
         assert got.keys() == want_model.keys()
         for name, value in want_model.items():
             torch.testing.assert_close(got[name], value, rtol=1e-3, atol=2e-4)
+    sharded = checkpoint_dir(four, "moe") / "step_00000003.dcp"
+    assert sorted(p.name for p in list_checkpoints(checkpoint_dir(four, "moe"))) == [sharded.name, "step_00000006.pt"]
+    step3 = load_checkpoint(checkpoint_dir(single, "moe") / "step_00000003.pt")["model"]
+    whole = load_checkpoint(sharded)["model"]
+    assert whole.keys() == step3.keys()
+    for name, value in step3.items():
+        torch.testing.assert_close(whole[name], value, rtol=1e-3, atol=2e-4)
 
-    for nproc, overrides in (
-        (2, ["trainer.grad_accum_steps=2", "trainer.parallel.ep=2"]),
-        (1, ["trainer.grad_accum_steps=4"]),
-    ):
-        resumed = tmp_path / f"resumed_at_{nproc}"
-        shutil.copytree(four, resumed)
-        (resumed / "models" / "moe" / "checkpoints" / "step_00000006.pt").unlink()  # back to step 3
-        assert "(resumed at step 3)" in train(resumed, nproc, "trainer.micro_batch_size=1", *overrides)
-        assert step_losses(resumed) == pytest.approx(step_losses(four), rel=1e-4, abs=1e-5)
+    resumes = [
+        (four, 2, ["trainer.grad_accum_steps=2", "trainer.parallel.ep=2"]),
+        (four, 1, ["trainer.grad_accum_steps=4"]),
+        (fsdp, 4, ["trainer.parallel.ep=2", "trainer.parallel.fsdp=true"]),
+    ]
+    for saved, nproc, overrides in resumes:
+        resumed = tmp_path / f"{saved.name}_resumed_at_{nproc}"
+        shutil.copytree(saved, resumed)
+        (checkpoint_dir(resumed, "moe") / "step_00000006.pt").unlink()  # back to step 3
+        assert "(resumed at step 3)" in train(resumed, nproc, *one, *overrides)
+        assert step_losses(resumed) == pytest.approx(want, rel=1e-4, abs=1e-5)
