@@ -45,6 +45,11 @@ def reference(case: str, world: int) -> dict:
     optimizer = worker.build_optimizer(model, tcfg)
     rows = worker.ROWS_PER_RANK
     record: dict = {"loss": [], "lbl": []}
+    with torch.no_grad():  # the whole global batch as one micro-batch: what a layout must not change
+        whole = model(*worker.global_batch(world, 0)).routings
+        record["lbl_whole_batch"] = float(
+            torch.stack([load_balancing_loss(r.probs, r.indices, balancer.num_experts) for r in whole]).mean()
+        )
     for step in range(2):
         tokens, targets = worker.global_batch(world, step)
         outs = [model(tokens[r * rows : (r + 1) * rows], targets[r * rows : (r + 1) * rows]) for r in range(world)]
@@ -52,7 +57,7 @@ def reference(case: str, world: int) -> dict:
         total = sum(out.loss + aux for out, (aux, _) in zip(outs, lbls)) / world
         total.backward()
         record["loss"].append([float(out.loss.detach()) for out in outs])
-        record["lbl"].append([float(lbl) for _, lbl in lbls])
+        record["lbl"].append([float(lbl.detach()) for _, lbl in lbls])
         if step == 0:
             record["routing"] = [[(r.indices, r.kept, r.weights.detach()) for r in out.routings] for out in outs]
         max_norm = tcfg.grad_clip or float("inf")
@@ -118,8 +123,13 @@ def assert_matches(got: list[dict], want: dict, world: int) -> None:
 )
 def test_parallel_layout_matches_one_process(tmp_path, nproc, ep, fsdp):
     results = launch(tmp_path, nproc, ep, fsdp)
-    for case in worker.CASES:
-        assert_matches(results[case], reference(case, nproc), nproc)
+    wants = {case: reference(case, nproc) for case in worker.CASES}
+    for case, want in wants.items():
+        assert_matches(results[case], want, nproc)
+    # Global-batch balancing keeps its scale at any layout (unlike Megatron-Core's, NVIDIA/Megatron-LM
+    # #3672): the ranks' mean loss is the loss of the whole global batch on one process.
+    mean_lbl = sum(r["lbl"][0] for r in results["topk_global"]) / nproc
+    assert mean_lbl == pytest.approx(wants["topk_global"]["lbl_whole_batch"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
