@@ -513,6 +513,11 @@ def test_moe_analyze_hf_end_to_end(tiny_paths, tmp_path):
         assert m["cmi"]["bits"] is not None
         assert len(m["knockout"]["damage"]) == 2 and len(m["knockout"]["damage"][0]) == 8
         assert layer["coactivation"]["matrix"] and m["cka"]["matrix"]
+        # Issue 22's measures on a Hugging Face model: committees, the router-input probe.
+        assert m["committee_overlap"]["value"] is not None and len(m["committee_overlap"]["sizes"]) == 2
+        assert m["probe_info"]["value"] is not None and m["probe_info"]["routing_use"] is not None
+    assert set(summary["paths"]) == {"top1", "topk"}  # the expert paths through both MoE blocks
+    assert all(p["value"] is not None and p["layers"] == [0, 1] for p in summary["paths"].values())
     assert (out / "routing.npz").exists() and (out / "data" / "manifest.json").exists()
     assert all((out / path).exists() for path in summary["files"]["figures"].values())
     assert str(tiny_paths["deepseek_v3"]) in (out / "report.md").read_text()
