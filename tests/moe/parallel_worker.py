@@ -1,12 +1,12 @@
 """One rank of the expert-parallel equivalence test (tests/moe/test_parallel.py), launched by torchrun.
 
-For every case of `CASES` it builds the model from the seed, takes this rank's rows of a fixed
-global batch, and runs two optimizer steps under the layout `ep`, `fsdp`: it records, on rank 0,
+For every layout given (`ep:fsdp`, e.g. `2:0`) and every case of `CASES` it builds the model from
+the seed, takes this rank's rows of a fixed global batch, and runs two optimizer steps: it records, on rank 0,
 every rank's losses, routing record and balancing loss, every parameter's full gradient after the
 first step's synchronization and clipping, and the second step's losses. The test repeats the
 same steps in one process, without any parallel code, and compares.
 
-    torchrun --nproc_per_node=N tests/moe/parallel_worker.py <out.pt> <ep> <fsdp 0|1>
+    torchrun --nproc_per_node=N tests/moe/parallel_worker.py <out.pt> <ep:fsdp> [<ep:fsdp> ...]
 """
 
 from __future__ import annotations
@@ -59,10 +59,21 @@ def build(case: str) -> tuple[LanguageModel, LoadBalancer, TrainerConfig]:
     return model, balancer, TrainerConfig(lr=0.02, grad_clip=clip, warmup_steps=0)
 
 
-def main(out: str, ep: int, fsdp: bool) -> None:
+def main(out: str, layouts: list[str]) -> None:
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    results = {}
+    for layout in layouts:
+        ep, fsdp = (int(x) for x in layout.split(":"))
+        results[layout] = run_layout(ep, bool(fsdp))
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def run_layout(ep: int, fsdp: bool) -> dict[str, list[dict]]:
+    """{case: every rank's record} of the two steps under one layout."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     ctx = DistContext(rank, world, 0, torch.device("cpu"))
     results = {}
     for case in CASES:
@@ -99,9 +110,7 @@ def main(out: str, ep: int, fsdp: bool) -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, record)
         results[case] = gathered
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+    return results
 
 
 def full_grads(model: torch.nn.Module, parallel: Parallelism) -> dict[str, torch.Tensor]:
@@ -120,4 +129,4 @@ def full_grads(model: torch.nn.Module, parallel: Parallelism) -> dict[str, torch
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    main(sys.argv[1], sys.argv[2:])

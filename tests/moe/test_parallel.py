@@ -28,13 +28,11 @@ import parallel_worker as worker  # noqa: E402
 WORKER = Path(__file__).parent / "parallel_worker.py"
 
 
-def launch(tmp_path: Path, nproc: int, ep: int, fsdp: bool) -> dict:
-    out = tmp_path / f"ep{ep}_fsdp{int(fsdp)}_n{nproc}.pt"
+def launch(tmp_path: Path, nproc: int, layouts: list[str]) -> dict:
+    out = tmp_path / f"n{nproc}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(
-        [*cmd, str(WORKER), str(out), str(ep), str(int(fsdp))], env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([*cmd, str(WORKER), str(out), *layouts], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
@@ -117,19 +115,22 @@ def assert_matches(got: list[dict], want: dict, world: int) -> None:
         )
 
 
+# Layouts "ep:fsdp" per world size: EP=2, FSDP2 alone; EP=2 x DP=2, EP=4, FSDP2 x EP=2.
+LAYOUTS = {2: ["2:0", "1:1"], 4: ["2:0", "4:0", "2:1"]}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    ("nproc", "ep", "fsdp"), [(2, 2, False), (4, 2, False), (4, 4, False), (2, 1, True), (4, 2, True)]
-)
-def test_parallel_layout_matches_one_process(tmp_path, nproc, ep, fsdp):
-    results = launch(tmp_path, nproc, ep, fsdp)
+@pytest.mark.parametrize("nproc", sorted(LAYOUTS))
+def test_parallel_layouts_match_one_process(tmp_path, nproc):
+    results = launch(tmp_path, nproc, LAYOUTS[nproc])
     wants = {case: reference(case, nproc) for case in worker.CASES}
-    for case, want in wants.items():
-        assert_matches(results[case], want, nproc)
-    # Global-batch balancing keeps its scale at any layout (unlike Megatron-Core's, NVIDIA/Megatron-LM
-    # #3672): the ranks' mean loss is the loss of the whole global batch on one process.
-    mean_lbl = sum(r["lbl"][0] for r in results["topk_global"]) / nproc
-    assert mean_lbl == pytest.approx(wants["topk_global"]["lbl_whole_batch"], rel=1e-5)
+    for layout in LAYOUTS[nproc]:
+        for case, want in wants.items():
+            assert_matches(results[layout][case], want, nproc)
+        # Global-batch balancing keeps its scale at any layout (unlike Megatron-Core's,
+        # NVIDIA/Megatron-LM #3672): the ranks' mean loss is the whole global batch's on one process.
+        mean_lbl = sum(r["lbl"][0] for r in results[layout]["topk_global"]) / nproc
+        assert mean_lbl == pytest.approx(wants["topk_global"]["lbl_whole_batch"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
