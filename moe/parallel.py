@@ -23,9 +23,9 @@ and `moe-analyze` reads any run.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -196,8 +196,10 @@ class Parallelism:
 
     # -- the consolidated checkpoint layout ---------------------------------------------------------
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """(model state dict, optimizer state dict) as one process would have them. A collective:
-        every rank calls it; every rank gets the full state."""
+        """(model state dict, optimizer state dict) as one process would have them, on rank 0 (the
+        other ranks get empty dicts). A collective: every rank calls it. FSDP2 gathers into rank 0's
+        CPU memory and the experts gather to rank 0 only; where even that does not fit, use
+        `trainer.parallel.checkpoint=sharded`."""
         if self.trivial:
             return model.state_dict(), optimizer.state_dict()
         model_state: dict[str, Any]
@@ -209,15 +211,22 @@ class Parallelism:
                 get_optimizer_state_dict,
             )
 
-            options = StateDictOptions(full_state_dict=True)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_state = dict(get_model_state_dict(model, options=options))
-            optim_state = _index_keyed(get_optimizer_state_dict(model, optimizer, options=options), model, optimizer)
+            optim_state = cast(dict[str, Any], get_optimizer_state_dict(model, optimizer, options=options))
+            if self.ctx.is_main:
+                optim_state = _index_keyed(optim_state, model, optimizer)
         else:
             model_state, optim_state = dict(model.state_dict()), optimizer.state_dict()
-        if self.expert_params:
-            model_state, optim_state = self._map_experts(
-                model, optimizer, model_state, optim_state, lambda _, t: self.gather_experts(t)
-            )
+        experts = self._gather_experts(optimizer)
+        if not self.ctx.is_main:
+            return {}, {}
+        index_of = {name: i for i, name in _param_index_names(model, optimizer).items()}
+        optim_state = {**optim_state, "state": dict(optim_state["state"])}
+        for name, (weights, moments) in experts.items():
+            model_state[name] = weights
+            if moments:
+                optim_state["state"][index_of[name]] = {**optim_state["state"][index_of[name]], **moments}
         return model_state, optim_state
 
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict):
@@ -227,7 +236,7 @@ class Parallelism:
             optimizer.load_state_dict(optim_state)
             return
         if self.expert_params:
-            model_state, optim_state = self._map_experts(model, optimizer, model_state, optim_state, self._slice)
+            model_state, optim_state = self._slice_experts(model, optimizer, model_state, optim_state)
         if self.fsdp_modules:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -242,35 +251,50 @@ class Parallelism:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
 
-    def _map_experts(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        model_state: dict[str, Any],
-        optim_state: dict[str, Any],
-        fn: Callable[[str, Tensor], Tensor],
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The two state dicts with `fn(name, tensor)` applied to every expert-parallel parameter and
-        to its per-element optimizer state (AdamW's moments; the step count is a scalar); new dicts,
-        the inputs are left as they are."""
-        model_state = {k: fn(k, v) if k in self.expert_params else v for k, v in model_state.items()}
-        state = dict(optim_state["state"])
-        for index, name in _param_index_names(model, optimizer).items():
-            if name in self.expert_params and index in state:
-                state[index] = {k: fn(name, v) if _is_per_element(v) else v for k, v in state[index].items()}
-        return model_state, {**optim_state, "state": state}
-
     def expert_dtensor(self, local: Tensor) -> DTensor:
         """This rank's rows [E/ep, ...] of an expert-parallel tensor as the layer's [E, ...] tensor they
         are part of (replicated over dp, row blocks over ep): how sharded checkpoints save them. A
         view: loading into it writes this rank's rows."""
         return DTensor.from_local(local, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
-    def gather_experts(self, local: Tensor) -> Tensor:
-        """[E/ep, ...] on each rank of the ep group -> [E, ...] in rank order."""
-        parts = [torch.empty_like(local) for _ in range(self.cfg.ep)]
-        dist.all_gather(parts, local.contiguous(), group=self.ep_group)
-        return torch.cat(parts)
+    def _gather_experts(self, optimizer: torch.optim.Optimizer) -> dict[str, tuple[Tensor, dict[str, Tensor]]]:
+        """On rank 0: {name: (weights [E, ...], AdamW moments [E, ...])} of every expert-parallel
+        parameter, gathered from the ranks of its ep group; {} elsewhere. A collective over the ep
+        group of rank 0 (the other groups hold copies of the same experts)."""
+        if not self.expert_params or dist.get_rank(self.dp_group) != 0:
+            return {}
+        gathered = {}
+        for name, p in self.expert_params.items():
+            # Every rank steps together, so each holds the same moments (none before the first step).
+            moments = {k: v for k, v in optimizer.state.get(p, {}).items() if _is_per_element(v)}
+            weights = self._gather_to_first(p.detach())
+            gathered[name] = (weights, {k: self._gather_to_first(v) for k, v in moments.items()})
+        return gathered if self.ctx.is_main else {}
+
+    def _gather_to_first(self, local: Tensor) -> Tensor:
+        """[E/ep, ...] on each rank of the ep group -> [E, ...] on its first rank (in rank order);
+        the other ranks get their own rows back (unused)."""
+        first = dist.get_rank(self.ep_group) == 0
+        parts = [torch.empty_like(local) for _ in range(self.cfg.ep)] if first else None
+        dist.gather(local.contiguous(), parts, group=self.ep_group, group_dst=0)
+        return torch.cat(parts) if parts is not None else local
+
+    def _slice_experts(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict[str, Any],
+        optim_state: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The consolidated state dicts with every expert-parallel parameter, and its per-element
+        optimizer state (AdamW's moments; the step count is a scalar), cut to this rank's rows; new
+        dicts, the inputs are left as they are."""
+        model_state = {k: self._slice(k, v) if k in self.expert_params else v for k, v in model_state.items()}
+        state = dict(optim_state["state"])
+        for index, name in _param_index_names(model, optimizer).items():
+            if name in self.expert_params and index in state:
+                state[index] = {k: self._slice(name, v) if _is_per_element(v) else v for k, v in state[index].items()}
+        return model_state, {**optim_state, "state": state}
 
     def _slice(self, name: str, full: Tensor) -> Tensor:
         local = self.expert_params[name].shape[0]

@@ -123,7 +123,9 @@ def full_grads(model: torch.nn.Module, parallel: Parallelism) -> dict[str, torch
         if hasattr(g, "full_tensor"):
             g = g.full_tensor()
         elif name in parallel.expert_params:
-            g = parallel.gather_experts(g)
+            parts = [torch.empty_like(g) for _ in range(parallel.cfg.ep)]
+            dist.all_gather(parts, g.contiguous(), group=parallel.ep_group)
+            g = torch.cat(parts)
         grads[name] = g.detach().clone()
     return grads
 
