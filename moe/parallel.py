@@ -23,15 +23,14 @@ and `moe-analyze` reads any run.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.distributed import DistContext
@@ -40,7 +39,13 @@ from moe.experts import GroupedExperts
 from moe.validation import check_choice
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
     from moe.model import LanguageModel
+
+# torch.distributed.tensor and device_mesh take ~0.8 s to import (sympy): imported where a layout
+# needs them, so that one-process runs and the CLIs start without them.
 
 
 @dataclass
@@ -104,6 +109,8 @@ class Parallelism:
         self.world_mesh = None
         self.mesh: DeviceMesh | None = None  # (dp, ep)
         if ctx.enabled and (cfg.ep > 1 or cfg.fsdp):
+            from torch.distributed.device_mesh import init_device_mesh
+
             mesh = init_device_mesh(ctx.device.type, (ctx.world_size // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
             self.mesh = mesh
             self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp")
@@ -178,7 +185,7 @@ class Parallelism:
             if p.grad is None:
                 continue
             grads.append(p.grad)
-            if isinstance(p.grad, DTensor):
+            if _is_dtensor(p.grad):
                 sharded += p.grad.to_local().float().pow(2).sum()
             elif id(p) in experts:
                 split += p.grad.float().pow(2).sum()
@@ -255,6 +262,8 @@ class Parallelism:
         """This rank's rows [E/ep, ...] of an expert-parallel tensor as the layer's [E, ...] tensor they
         are part of (replicated over dp, row blocks over ep): how sharded checkpoints save them. A
         view: loading into it writes this rank's rows."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
         return DTensor.from_local(local, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
     def _gather_experts(self, optimizer: torch.optim.Optimizer) -> dict[str, tuple[Tensor, dict[str, Tensor]]]:
@@ -304,7 +313,13 @@ class Parallelism:
 
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's part of `t` (a DTensor's local shard; a plain tensor itself), detached."""
-    return (t.to_local() if isinstance(t, DTensor) else t).detach()
+    return (t.to_local() if _is_dtensor(t) else t).detach()
+
+
+def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
+    """isinstance(t, DTensor), without importing torch.distributed.tensor where nothing made one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup) -> dict[str, nn.Parameter]:

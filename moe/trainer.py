@@ -43,7 +43,6 @@ from moe.model import LanguageModel, ModelConfig, model_size
 from moe.modes import eval_mode
 from moe.parallel import Parallelism, local_tensor
 from moe.run_lock import write_error
-from moe.sharded_checkpoint import load_sharded, save_sharded, sharded_state
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -189,6 +188,8 @@ class Trainer:
     def save(self, final: bool = False) -> Path | None:
         """Write a checkpoint of this step (a collective); the final one is always consolidated."""
         if self.t.parallel.checkpoint == "sharded" and not final:
+            from moe.sharded_checkpoint import save_sharded, sharded_state  # torch.distributed.checkpoint: 0.3 s
+
             path = save_sharded(
                 self.ckpt_dir / f"step_{self.step:08d}{SHARDED_SUFFIX}",
                 sharded_state(self.model, self.optimizer, self.parallel),
@@ -219,6 +220,8 @@ class Trainer:
         path, state = found
         check_fingerprint(state["fingerprint"], self.fingerprint, path)
         if path.suffix == SHARDED_SUFFIX:
+            from moe.sharded_checkpoint import load_sharded
+
             load_sharded(path, self.model, self.optimizer, self.parallel)
         else:
             self.parallel.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
@@ -407,8 +410,10 @@ class Trainer:
         if not bool(torch.isfinite(torch.stack([local_tensor(p).sum() for p in self.model.parameters()]).sum())):
             self._diverged("the parameters after the optimizer step", "a parameter", float("nan"))
         self.optimizer.zero_grad(set_to_none=True)
-        # One collective for all scalars rather than one per metric.
-        means = all_reduce_mean(torch.tensor(list(sums.values()), device=self.device), self.ctx).tolist()
+        # One collective for all scalars rather than one per metric; the dropped assignments are
+        # summed over the ranks (each rank drops over its own tokens, as one process over its batch).
+        values = torch.tensor([*sums.values(), dropped], device=self.device, dtype=torch.float64)
+        *means, mean_dropped = all_reduce_mean(values, self.ctx).tolist()
         stats: dict[str, Any] = dict(zip(sums, means))
         stats["grad_norm"] = float(grad_norm)
         if self.balancer is not None:
@@ -420,7 +425,7 @@ class Trainer:
                     router.after_step(load)
             stats["maxvio"] = [max_violation(c) for c in loads]
             stats["load"] = loads.long().tolist()
-            stats["dropped"] = dropped
+            stats["dropped"] = round(mean_dropped * self.ctx.world_size)
         return stats
 
     def _check_finite(self, micro: int, **components: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ CASES = {
     "topk_global": ({"kind": "topk"}, "global_batch", None, 0.0),
     "sigmoid_aux_free": ({"kind": "sigmoid"}, "aux_free", None, 0.05),
     "topk_capacity": ({"kind": "topk"}, "micro_batch", 1.0, 0.0),
+    "expert_choice": ({"kind": "expert_choice"}, "none", None, 0.0),
 }
 
 

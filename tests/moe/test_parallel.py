@@ -115,8 +115,8 @@ def assert_matches(got: list[dict], want: dict, world: int) -> None:
         )
 
 
-# Layouts "ep:fsdp" per world size: EP=2, FSDP2 alone; EP=2 x DP=2, EP=4, FSDP2 x EP=2.
-LAYOUTS = {2: ["2:0", "1:1"], 4: ["2:0", "4:0", "2:1"]}
+# Layouts "ep:fsdp" per world size: DDP, EP=2, FSDP2 alone; EP=2 x DP=2, EP=4, FSDP2 x EP=2.
+LAYOUTS = {2: ["1:0", "2:0", "1:1"], 4: ["2:0", "4:0", "2:1"]}
 
 
 @pytest.mark.distributed
@@ -151,7 +151,7 @@ def test_unsupported_layouts_fail_before_training(cfg, world, kwargs, message):
 
 
 # -- end to end: the Hydra app under torchrun -------------------------------------------------------
-SMOKE = ["experiment=smoke", "trainer.device=cpu", "twin.match=[]", "model.moe.num_experts=4"]
+SMOKE = ["experiment=smoke", "trainer.device=cpu", "twin.match=[]", "model.moe.num_experts=4", "trainer.eval_every=100"]
 
 
 def train(run_dir: Path, nproc: int, *overrides: str) -> str:
@@ -179,7 +179,7 @@ def test_sharded_runs_match_one_process_and_resume_at_other_world_sizes(tmp_path
     """An ep=2 x dp=2 run (sharded checkpoints) and an FSDP2 run (consolidated ones) train the losses
     and weights of one process on the same global batch. Saved at step 3, each continues as it did
     at another world size and layout with the same micro-batches per step: the sharded checkpoint
-    at 2 ranks (ep=2) and at 1, the consolidated one at 4 (FSDP2 x ep=2). A sharded checkpoint
+    at 2 ranks (ep=2) and at 1, the consolidated one under FSDP2 x ep=2. A sharded checkpoint
     reads whole in one process as the one-process checkpoint of that step."""
     one = ["trainer.micro_batch_size=1"]
     single, four, fsdp = tmp_path / "single", tmp_path / "four", tmp_path / "fsdp"
@@ -204,10 +204,10 @@ def test_sharded_runs_match_one_process_and_resume_at_other_world_sizes(tmp_path
     resumes = [
         (four, 2, ["trainer.grad_accum_steps=2", "trainer.parallel.ep=2"]),
         (four, 1, ["trainer.grad_accum_steps=4"]),
-        (fsdp, 4, ["trainer.parallel.ep=2", "trainer.parallel.fsdp=true"]),
+        (fsdp, 2, ["trainer.grad_accum_steps=2", "trainer.parallel.ep=2", "trainer.parallel.fsdp=true"]),
     ]
-    for saved, nproc, overrides in resumes:
-        resumed = tmp_path / f"{saved.name}_resumed_at_{nproc}"
+    for i, (saved, nproc, overrides) in enumerate(resumes):
+        resumed = tmp_path / f"{saved.name}_resumed_{i}"
         shutil.copytree(saved, resumed)
         (checkpoint_dir(resumed, "moe") / "step_00000006.pt").unlink()  # back to step 3
         assert "(resumed at step 3)" in train(resumed, nproc, *one, *overrides)
