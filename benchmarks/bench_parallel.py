@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
     from moe.parallel import ParallelConfig, Parallelism
     from moe.trainer import build_optimizer
 
-    device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= args.nproc else "cpu"
+    device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= args.ranks else "cpu"
     ctx = init_distributed(device)
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_to_all_single = counting
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(), args.vocab).to(ctx.device)
-    parallel = Parallelism(ParallelConfig(ep=args.ep), ctx)
+    parallel = Parallelism(ParallelConfig(ep=args.ep[0]), ctx)  # the launcher passes one EP
     forward = parallel.wrap(model, model)
     optimizer = build_optimizer(model, TrainerConfig())
     g = torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--ranks", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -109,7 +109,7 @@ def main() -> None:
     for ep in args.ep:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            own = [str(Path(__file__).resolve()), "--worker", f"--nproc={ep}", f"--ep={ep}", f"--out={out}"]
+            own = [str(Path(__file__).resolve()), "--worker", f"--ranks={ep}", f"--ep={ep}", f"--out={out}"]
             own += [f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}", f"--vocab={args.vocab}"]
             launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ep}"] if ep > 1 else []
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ep))}
