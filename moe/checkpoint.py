@@ -117,13 +117,19 @@ def _write_atomic(path: Path, write) -> None:
     except Exception as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        cause = _os_error(exc)
-        if cause is None:
-            raise CheckpointError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
-        raise CheckpointError(
-            f"could not write {path}: {os_error_reason(cause)}; free disk space or fix "
-            "the directory's permissions, then run the same command again to resume"
-        ) from exc
+        raise write_failure(path, exc) from exc
+
+
+def write_failure(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a checkpoint write that failed: names `path` and the system's reason (no space
+    left, permission denied, ...) with the fix, when an OSError is behind `exc`."""
+    cause = _os_error(exc)
+    if cause is None:
+        return CheckpointError(f"could not write {path}: {type(exc).__name__}: {exc}")
+    return CheckpointError(
+        f"could not write {path}: {os_error_reason(cause)}; free disk space or fix "
+        "the directory's permissions, then run the same command again to resume"
+    )
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:

@@ -40,6 +40,7 @@ from moe.validation import check_choice
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from moe.model import LanguageModel
@@ -116,7 +117,7 @@ class Parallelism:
             self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp")
             self.world_mesh = init_device_mesh(ctx.device.type, (ctx.world_size,)) if cfg.fsdp else None
         self.ddp: DistributedDataParallel | None = None
-        self.fsdp_modules: list[nn.Module] = []
+        self.fsdp_modules: list[FSDPModule] = []
         self.expert_params: dict[str, nn.Parameter] = {}  # name -> this rank's slice [E/ep, ...]
 
     @property
@@ -145,7 +146,7 @@ class Parallelism:
             for block in model.blocks:
                 fully_shard(block, mesh=self.world_mesh, ignored_params=ignored)
             fully_shard(model, mesh=self.world_mesh, ignored_params=ignored)
-            self.fsdp_modules = [model]
+            self.fsdp_modules = [cast("FSDPModule", model)]  # fully_shard made the model one
             return forward
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(self.expert_params))
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -160,7 +161,7 @@ class Parallelism:
                 yield
             return
         for module in self.fsdp_modules:
-            module.set_requires_gradient_sync(last)  # type: ignore[operator]
+            module.set_requires_gradient_sync(last)
         yield
 
     def finish_gradients(self, params: list[nn.Parameter], max_norm: float) -> Tensor:

@@ -75,13 +75,18 @@ def save_sharded(path: Path, state: dict[str, Any], trainer_state: dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
         tmp.mkdir(parents=True)
     _barrier(ctx.enabled)
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not ctx.enabled)
-    if ctx.is_main:
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    try:
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not ctx.enabled)
+        if ctx.is_main:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    except Exception as exc:  # a full disk or a permission: the message names the directory and the fix
+        from moe.checkpoint import write_failure
+
+        raise write_failure(path, exc) from exc
     _barrier(ctx.enabled)
     return path
 

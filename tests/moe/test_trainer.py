@@ -1,6 +1,7 @@
 """Training loop: exact resume, divergence handling, checkpoint errors, DDP equivalence."""
 
 import dataclasses
+import errno
 import json
 
 import pytest
@@ -131,4 +132,18 @@ def test_incomplete_sharded_checkpoint_is_named_and_skipped(compose_train, tmp_p
     assert whole["step"] == 4 and whole["model"].keys() == trainer.model.state_dict().keys()
     (checkpoints[1] / ".metadata").unlink()
     with pytest.warns(UserWarning, match=r"(?s)resuming from .*step_00000002.dcp.*step_00000004.dcp lacks .metadata"):
+        make_trainer(cfg, tmp_path).fit()
+
+
+def test_a_sharded_checkpoint_that_cannot_be_written_names_the_directory_and_the_fix(
+    compose_train, tmp_path, monkeypatch
+):
+    import torch.distributed.checkpoint as dcp
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    cfg = compose_train(*SMOKE, "trainer.parallel.checkpoint=sharded")
+    with pytest.raises(CheckpointError, match=r"could not write .*step_00000003.dcp: No space left on device.*free"):
         make_trainer(cfg, tmp_path).fit()
