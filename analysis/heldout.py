@@ -117,8 +117,8 @@ def context_keys(token: np.ndarray, prev_token: np.ndarray | None = None) -> lis
     p = np.asarray(prev_token, dtype=np.int64)
     if p.shape != t.shape:
         raise ValueError(f"prev_token must have the token's shape {t.shape}, got {p.shape}")
-    _, tid = np.unique(t, return_inverse=True)
-    _, pid = np.unique(p, return_inverse=True)
+    _, tid = dense_index(t)
+    _, pid = dense_index(p)
     return [t, tid.reshape(-1).astype(np.int64) * (int(pid.max()) + 1) + pid.reshape(-1)]
 
 
@@ -147,8 +147,7 @@ def conditional_entropy_mm(context: np.ndarray, domain: np.ndarray, weights: np.
     c = np.asarray(context, dtype=np.int64)
     d = np.asarray(domain, dtype=np.int64)
     w = np.ones(c.size) if weights is None else np.asarray(weights, dtype=np.float64)
-    _, cid = np.unique(c, return_inverse=True)
-    cid = cid.reshape(-1)
+    _, cid = dense_index(c)
     nd = int(d.max()) + 1
     cd = np.bincount(cid * nd + d, weights=w)
     cc = np.bincount(cid, weights=w)
@@ -296,8 +295,7 @@ def heldout_conditional_information(
         if not train.any() or not test.any():
             continue
         # (context, domain) groups of the training tokens, for the offsets.
-        _, cd = np.unique(fine[train] * n_domains + d[train], return_inverse=True)
-        cd = cd.reshape(-1)
+        _, cd = dense_index(fine[train] * n_domains + d[train])
         n_cd = int(cd.max()) + 1
         grp_ctx = np.zeros(n_cd, dtype=np.int64)
         grp_ctx[cd] = fine[train]
