@@ -307,13 +307,17 @@ def heldout_conditional_information(
             for j in range(ex.shape[1])
         ).reshape(n_domains, e_n)
         beta = _fit_domain_offsets(log_q[grp_ctx], grp_w, grp_dom, target, iterations)
-        zt = log_q[fine[test]] + beta[d[test]]
-        top = zt.max(axis=1, keepdims=True)
-        log_qd = zt - top - np.log(np.exp(zt - top).sum(axis=1, keepdims=True))  # log softmax
+        # log q(e | c, d) - log q(e | c) = beta[d, e] - logsumexp_e'(log q(e' | c) + beta[d, e']): the
+        # normalizer depends on the (context, domain) pair only, so it is computed once per pair seen in
+        # the test fold, not per token and expert ([pairs, E] instead of [tokens, E]).
         rows = np.flatnonzero(test)
+        d_rows = d[rows]
+        pairs, pair_of_row = dense_index(fine[rows] * n_domains + d_rows)
+        z = log_q[pairs // n_domains] + beta[pairs % n_domains]
+        top = z.max(axis=1)
+        log_norm = (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))[pair_of_row]
         for j in range(ex.shape[1]):
-            e_j = ex[rows, j]
-            gain[rows] += w[rows, j] * (log_qd[np.arange(rows.size), e_j] - log_q[fine[rows], e_j]) / np.log(2.0)
+            gain[rows] += w[rows, j] * (beta[d_rows, ex[rows, j]] - log_norm) / np.log(2.0)
             scored[rows] += w[rows, j]
     doc_gain = np.bincount(doc_of, weights=gain, minlength=m)
     doc_weight = np.bincount(doc_of, weights=scored, minlength=m)
