@@ -112,8 +112,9 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     Returns [A, O].
 
     On CUDA with bf16 and 16-byte-aligned sizes it is one `torch._grouped_mm` kernel (autograd
-    supported there); elsewhere a loop of one matmul per expert (`_LoopGroupedMM`), which on CPU
-    is as fast as `torch._grouped_mm` (measured in torch 2.13) and, unlike it, has a backward.
+    supported there); elsewhere a loop of one matmul per expert (`_LoopGroupedMM`): on CPU in torch
+    2.13 `torch.nn.functional.grouped_mm` has a backward too, but forward+backward of 8192 rows
+    x 8 experts (256 -> 1024) took 175 ms against the loop's 140-150 ms.
     """
     if (
         x_AI.is_cuda
