@@ -221,7 +221,6 @@ def validate(cfg: TrainConfig) -> None:
             finite(cfg.balance.z_coef) and cfg.balance.z_coef >= 0,
             "a finite number >= 0",
         ),
-        ("trainer.parallel.ep", t.parallel.ep, t.parallel.ep >= 1, "an integer >= 1"),
         ("trainer.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1, or null for torch's default"),
         (
             "trainer.dist_timeout_s",
@@ -257,6 +256,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"trainer.{name}={value} is out of range: it must be {want}")
     if t.precision not in PRECISIONS:
         check_choice("trainer.precision", t.precision, PRECISIONS)
+    t.parallel.validate()
     if cfg.backend.name not in BACKENDS:
         check_choice("backend.name", cfg.backend.name, BACKENDS)
     for match in cfg.twin.match:

@@ -62,15 +62,19 @@ class ParallelConfig:
     # last checkpoint of a training is consolidated either way (the analysis reads it).
     checkpoint: str = "consolidated"
 
+    def validate(self) -> None:
+        """The checks that need no launch (composition runs them; `check_parallel` too)."""
+        if self.ep < 1:
+            raise ValueError(f"trainer.parallel.ep={self.ep} must be >= 1 (the number of expert-parallel ranks)")
+        check_choice("trainer.parallel.checkpoint", self.checkpoint, CHECKPOINT_LAYOUTS)
+
 
 CHECKPOINT_LAYOUTS = ("consolidated", "sharded")
 
 
 def check_parallel(cfg: ParallelConfig, world_size: int, *, routed_experts: int, backend: str, compile: bool) -> None:
     """Refuse a layout this launch cannot run, before anything is built; the message names the fix."""
-    if cfg.ep < 1:
-        raise ValueError(f"trainer.parallel.ep={cfg.ep} must be >= 1")
-    check_choice("trainer.parallel.checkpoint", cfg.checkpoint, CHECKPOINT_LAYOUTS)
+    cfg.validate()
     if (cfg.ep > 1 or cfg.fsdp) and world_size == 1:
         raise ValueError(
             f"trainer.parallel.ep={cfg.ep} fsdp={cfg.fsdp} shards the model over processes, but this is one "
@@ -276,7 +280,7 @@ class Parallelism:
         gathered = {}
         for name, p in self.expert_params.items():
             # Every rank steps together, so each holds the same moments (none before the first step).
-            moments = {k: v for k, v in optimizer.state.get(p, {}).items() if _is_per_element(v)}
+            moments = {k: v for k, v in optimizer.state.get(p, {}).items() if per_element(v)}
             weights = self._gather_to_first(p.detach())
             gathered[name] = (weights, {k: self._gather_to_first(v) for k, v in moments.items()})
         return gathered if self.ctx.is_main else {}
@@ -303,7 +307,7 @@ class Parallelism:
         state = dict(optim_state["state"])
         for index, name in _param_index_names(model, optimizer).items():
             if name in self.expert_params and index in state:
-                state[index] = {k: self._slice(name, v) if _is_per_element(v) else v for k, v in state[index].items()}
+                state[index] = {k: self._slice(name, v) if per_element(v) else v for k, v in state[index].items()}
         return model_state, {**optim_state, "state": state}
 
     def _slice(self, name: str, full: Tensor) -> Tensor:
@@ -338,7 +342,7 @@ def _is_expert_param(model: nn.Module, name: str) -> bool:
     return isinstance(owner, ExpertParallelExperts)
 
 
-def _is_per_element(value: Any) -> bool:
+def per_element(value: Any) -> bool:
     """Optimizer state that has one entry per parameter element (AdamW's moments), not a scalar step."""
     return isinstance(value, Tensor) and value.ndim > 0
 

@@ -39,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from moe.parallel import local_tensor, per_element
+
 if TYPE_CHECKING:
     from moe.parallel import Parallelism
 
@@ -59,7 +61,7 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, parallel: 
         optim_state = {
             **optim_state,
             "state": {
-                name: {k: as_global(v) if name in experts and v.ndim > 0 else v for k, v in state.items()}
+                name: {k: as_global(v) if name in experts and per_element(v) else v for k, v in state.items()}
                 for name, state in per_param.items()
             },
         }
@@ -98,9 +100,11 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path, no_dist=not parallel.ctx.enabled)
     if parallel.expert_params:  # back from the DTensor views to this rank's rows
-        state["model"] = {k: _local(v) for k, v in state["model"].items()}
+        state["model"] = {k: local_tensor(v) for k, v in state["model"].items()}
         per_param: dict[str, dict[str, Any]] = state["optimizer"]["state"]
-        state["optimizer"]["state"] = {name: {k: _local(v) for k, v in s.items()} for name, s in per_param.items()}
+        state["optimizer"]["state"] = {
+            name: {k: local_tensor(v) for k, v in s.items()} for name, s in per_param.items()
+        }
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
@@ -120,11 +124,6 @@ def consolidated_state(path: Path) -> dict[str, Any]:
             dcp_to_torch_save(path, whole)
         tensors = safe_load(whole)
     return {**trainer_state, **tensors}
-
-
-def _local(value: Any) -> Any:
-    to_local = getattr(value, "to_local", None)
-    return to_local() if to_local is not None else value
 
 
 @contextlib.contextmanager
