@@ -61,7 +61,7 @@ from analysis.heldout import HeldoutInformation, TooFewRecords, context_keys, he
 from analysis.information import (
     DocCounts,
     dense_index,
-    doc_expert_counts,
+    doc_index,
     entropy,
     joint_from_docs,
     mutual_information,
@@ -141,31 +141,51 @@ def _layer_symbols(layer: LayerRecords, n_tokens: int, n_experts: int, mode: str
     if not np.issubdtype(experts.dtype, np.integer):
         raise TypeError(f"layer {index}: experts must hold integer ids, got dtype {experts.dtype}")
     ex = experts.astype(np.int64, copy=False)
+    n_slots = ex.shape[1]
+    if n_slots == 0:
+        return np.full((n_tokens, 1), _NONE, dtype=np.int64)
+    # Column by column: numpy's reductions along a short axis 1 are several times slower than K
+    # elementwise passes over [N] columns, and these run on every token of every layer.
+    all_kept = bool(kept.all())
+    checked = ex if all_kept else np.where(kept, ex, 0)
     if kept.any():
-        lo, hi = int(ex[kept].min()), int(ex[kept].max())
+        lo, hi = int(checked.min()), int(checked.max())
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"layer {index}: kept experts must lie in [0, {n_experts}), got range [{lo}, {hi}]")
-    if ex.shape[1] == 0:
-        return np.full((n_tokens, 1), _NONE, dtype=np.int64)
     if mode == "top1":
-        gates = np.asarray(layer.gates, dtype=np.float64)
+        gates = np.asarray(layer.gates)
         if gates.shape != ex.shape:
-            raise ValueError(f"layer {index}: gates must be [N={n_tokens}, K={ex.shape[1]}], got {gates.shape}")
-        if not np.all(np.isfinite(gates[kept])):
+            raise ValueError(f"layer {index}: gates must be [N={n_tokens}, K={n_slots}], got {gates.shape}")
+        if not np.isfinite(gates).all() and not np.all(np.isfinite(gates[kept])):
             raise ValueError(f"layer {index}: gates of kept slots must be finite")
-        slot = np.argmax(np.where(kept, gates, -np.inf), axis=1)  # first slot on ties, as `nmi_top1`
-        top = ex[np.arange(n_tokens), slot]
-        return np.where(kept.any(axis=1), top, _NONE)[:, None]
+        # The kept slot with the largest gate, the first one on ties (as `nmi_top1`); -1 without one.
+        top = np.where(kept[:, 0], ex[:, 0], _NONE)
+        best = np.where(kept[:, 0], gates[:, 0], -np.inf)
+        for j in range(1, n_slots):
+            better = kept[:, j] & ((gates[:, j] > best) | (top == _NONE))
+            top = np.where(better, ex[:, j], top)
+            best = np.where(better, gates[:, j], best)
+        return top[:, None]
     big = n_experts  # sorts after every expert; becomes -1 at the end
-    v = np.sort(np.where(kept, ex, big), axis=1)
-    if v.shape[1] > 1:
-        dup = np.zeros(v.shape, dtype=bool)
-        dup[:, 1:] = v[:, 1:] == v[:, :-1]  # an expert kept in two slots counts once (a set)
-        if dup.any():
-            v[dup] = big
-            v.sort(axis=1)
+    columns = [ex[:, j] if all_kept else np.where(kept[:, j], ex[:, j], big) for j in range(n_slots)]
+    _sort_columns(columns)
+    for j in range(n_slots - 1, 0, -1):  # an expert kept in two slots counts once (a set)
+        columns[j] = np.where(columns[j] == columns[j - 1], big, columns[j])
+    _sort_columns(columns)
+    v = np.stack(columns, axis=1)
     v[v == big] = _NONE
     return v
+
+
+def _sort_columns(columns: list[np.ndarray]) -> None:
+    """Sort each row across the list of K equal-length columns in place (ascending along the
+    list), by odd-even transposition: K passes of elementwise min/max, faster than np.sort along a
+    short axis 1 for the K <= 16 slots of a routing record."""
+    k = len(columns)
+    for step in range(k):
+        for j in range(step % 2, k - 1, 2):
+            a, b = columns[j], columns[j + 1]
+            columns[j], columns[j + 1] = np.minimum(a, b), np.maximum(a, b)
 
 
 def path_ids(
@@ -178,27 +198,44 @@ def path_ids(
     (mode="top1"; the "none" symbol where the token has no kept slot) or of its set of kept experts
     (mode="topk"; order-free). Ids are dense over the *observed* paths and number them in the
     lexicographic order of the tuples (the "none" symbol and a shorter set sort first), as
-    `np.unique(rows, axis=0, return_inverse=True)` would; they are built one column at a time
-    (id * (E + 1) + symbol, renumbered), so no key ever exceeds N * (E + 1).
+    `np.unique(rows, axis=0, return_inverse=True)` would; they are built as mixed-radix keys
+    (id * (E + 1) + symbol), renumbered densely whenever another column would take the key past
+    4N, so no key ever exceeds 4N * (E + 1).
     """
     check_choice("mode", mode, MODES)
     chosen = _check_layers(records, layers)
+    n, n_experts = _record_sizes(records)
+    return _ids_from_symbols([_layer_symbols(records.layers[i], n, n_experts, mode, i) for i in chosen], n_experts)
+
+
+def _record_sizes(records: RoutingRecords) -> tuple[int, int]:
+    """(N tokens, E experts) of non-empty records."""
     n = int(np.asarray(records.domain).shape[0])
     if n == 0:
         raise ValueError("no routing records")
-    n_experts = positive_int("num_experts", records.num_experts)
+    return n, positive_int("num_experts", records.num_experts)
+
+
+def _ids_from_symbols(layer_symbols: Sequence[np.ndarray], n_experts: int) -> tuple[np.ndarray, int]:
+    """(path ids [N], n_paths) of the layers' symbol columns (`_layer_symbols`, in path order): see
+    `path_ids`."""
+    n = layer_symbols[0].shape[0]
+    radix = n_experts + 1
+    limit = 4 * n + 1024  # keys up to here are renumbered by `dense_index` in O(N), without a sort
     ids = np.zeros(n, dtype=np.int64)
-    n_paths = 1
-    for i in chosen:
-        symbols = _layer_symbols(records.layers[i], n, n_experts, mode, i)
+    span = 1  # ids lie in [0, span)
+    for symbols in layer_symbols:
         for j in range(symbols.shape[1]):
             column = symbols[:, j]
             if j > 0 and not np.any(column != _NONE):
                 break  # a padding column only: it splits no path (topk sets are padded at the end)
-            uniq, ids = dense_index(ids * (n_experts + 1) + (column + 1))
-            ids = ids.reshape(-1).astype(np.int64, copy=False)
-            n_paths = int(uniq.size)
-    return ids, n_paths
+            if span * radix > limit:
+                uniq, ids = dense_index(ids)
+                span = int(uniq.size)
+            ids = ids * radix + (column + 1)
+            span *= radix
+    uniq, ids = dense_index(ids)
+    return ids.reshape(-1).astype(np.int64, copy=False), int(uniq.size)
 
 
 # ----------------------------------------------------------------------------- the document x path table
@@ -221,22 +258,31 @@ def doc_path_counts(
         raise ValueError(f"ids, doc and domain must all be [N], got {p.shape}, {doc_a.shape}, {d.shape}")
     if p.size and (p.min() < 0 or p.max() >= n_paths):
         raise ValueError(f"path ids must lie in [0, {n_paths})")
-    _, doc_of = dense_index(doc_a.astype(np.int64, copy=False))
-    doc_of = doc_of.reshape(-1)
-    m = int(doc_of.max()) + 1
-    pairs, _ = dense_index(p * m + doc_of)  # distinct (path, document) pairs
+    return _doc_path_table(p, n_paths, doc_index(doc_a, d))
+
+
+def _doc_path_table(
+    ids: np.ndarray, n_paths: int, docs: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[DocCounts, int]:
+    """`doc_path_counts` of checked path ids [N] given the records' `doc_index` (doc ids [M],
+    each record's document [N], each document's domain [M]), which every table of one set of
+    records shares."""
+    doc_ids, doc_of, doc_domain = docs
+    m = doc_ids.size
+    pairs, _ = dense_index(ids * m + doc_of)  # distinct (path, document) pairs
     docs_per_path = np.bincount(pairs // m, minlength=n_paths)
     shared = docs_per_path >= 2
     column_of_path = np.full(n_paths, -1, dtype=np.int64)
     column_of_path[shared] = np.arange(int(shared.sum()))
-    column = column_of_path[p]
+    column = column_of_path[ids]
     private = column < 0
     n_shared = int(shared.sum())
     if private.any():
         _, rank = dense_index(doc_of[private])
         column[private] = n_shared + rank.reshape(-1)
     n_columns = int(column.max()) + 1
-    return doc_expert_counts(doc_a, d, column[:, None], n_domains, n_columns), n_columns
+    counts = np.bincount(doc_of * n_columns + column, minlength=m * n_columns).astype(np.float64)
+    return DocCounts(doc_ids, doc_domain, counts.reshape(m, n_columns)), n_columns
 
 
 # ----------------------------------------------------------------------------- results
@@ -377,15 +423,16 @@ def _finite(x: float | None) -> float | None:
 def _table_information(
     ids: np.ndarray,
     n_paths: int,
-    records: RoutingRecords,
+    docs_index: tuple[np.ndarray, np.ndarray, np.ndarray],
     n_domains: int,
     n_permutations: int,
     n_bootstrap: int,
     confidence: float,
     rng: np.random.Generator,
 ) -> tuple[SpecializationResult, float, float, float, int]:
-    """(NMI summary, plug-in bits, Miller-Madow bits, H(D) bits, table columns) of one path table."""
-    docs, n_columns = doc_path_counts(ids, n_paths, records.doc, records.domain, n_domains)
+    """(NMI summary, plug-in bits, Miller-Madow bits, H(D) bits, table columns) of one path table;
+    docs_index: the records' `doc_index`."""
+    docs, n_columns = _doc_path_table(ids, n_paths, docs_index)
     spec = summarize_specialization(
         docs, n_domains, n_permutations=n_permutations, n_resamples=n_bootstrap, confidence=confidence, rng=rng
     )
@@ -444,18 +491,21 @@ def path_information(
     chosen = _check_layers(records, layers)
     nmi_rng, cmi_rng = as_rng(rng).spawn(2)  # as `analysis.measures.routing_evidence`
 
-    ids, n_paths = path_ids(records, layers=chosen, mode=mode)
+    n, n_experts = _record_sizes(records)
+    symbols = {i: _layer_symbols(records.layers[i], n, n_experts, mode, i) for i in chosen}  # once per layer
+    ids, n_paths = _ids_from_symbols([symbols[i] for i in chosen], n_experts)
+    docs_index = doc_index(records.doc, as_labels("domain", records.domain, n_domains))  # shared by every table
     spec, bits, bits_mm, h_d, n_columns = _table_information(
-        ids, n_paths, records, n_domains, n_permutations, n_bootstrap, confidence, copy.deepcopy(nmi_rng)
+        ids, n_paths, docs_index, n_domains, n_permutations, n_bootstrap, confidence, copy.deepcopy(nmi_rng)
     )
     singletons = int(np.count_nonzero(np.bincount(ids, minlength=n_paths) == 1))
 
     layer_results: list[LayerInformation] = []
     if per_layer:
         for i in chosen:
-            lid, n_sym = path_ids(records, layers=[i], mode=mode)
+            lid, n_sym = _ids_from_symbols([symbols[i]], n_experts)
             lspec, lbits, lbits_mm, _, _ = _table_information(
-                lid, n_sym, records, n_domains, n_permutations, n_bootstrap, confidence, copy.deepcopy(nmi_rng)
+                lid, n_sym, docs_index, n_domains, n_permutations, n_bootstrap, confidence, copy.deepcopy(nmi_rng)
             )
             layer_results.append(LayerInformation(i, lspec, lbits, lbits_mm, n_sym))
 

@@ -174,3 +174,83 @@ def test_too_few_records_leave_cmi_unmeasured_instead_of_failing():
         rng=0,
     )
     assert ev.cmi is None and "too few records" in ev.cmi_note
+
+
+def reference_heldout(contexts, domain, doc, experts, weights, n_domains, n_experts, seed, n_resamples):
+    """A reference: the cross-fitted gain computed per fold on the records themselves (masks over
+    the records, the model q(e | c) from np.unique groups, a log-softmax per token and slot), the
+    way the estimator reads, with the estimator's folds, offsets fit and bootstrap draws."""
+    from analysis.heldout import _fit_domain_offsets
+    from analysis.information import doc_index
+    from analysis.statistics import stratified_doc_bootstrap
+
+    smoothing, min_support, n_folds = 0.5, 16, 5
+    doc_ids, doc_of, doc_domain = doc_index(doc, domain)
+    fold_rng, boot_rng = np.random.default_rng(seed).spawn(2)
+    n_folds = int(min(n_folds, np.bincount(doc_domain).min()))
+    fold = document_folds(doc_domain, n_folds, fold_rng)[doc_of]
+    # nested context ids: the level's key together with every coarser key
+    levels = [
+        np.unique(np.stack(contexts[: i + 1], axis=1), axis=0, return_inverse=True)[1].reshape(-1)
+        for i in range(len(contexts))
+    ]
+    gain = np.zeros(domain.size)
+    scored = np.zeros(domain.size)
+    for f in range(n_folds):
+        tr = fold != f
+
+        def counts(level, tr=tr):
+            c = np.zeros((level.max() + 1, n_experts))
+            for j in range(experts.shape[1]):
+                np.add.at(c, (level[tr], experts[tr, j]), weights[tr, j])
+            return c
+
+        load = counts(np.zeros(domain.size, dtype=int))[0]
+        q_parent = np.broadcast_to((load + 1) / (load.sum() + n_experts), (domain.size, n_experts))
+        for level in levels:  # per record: its context's smoothed distribution
+            c = counts(level)[level]
+            q_parent = (c + smoothing * q_parent) / (c.sum(axis=1, keepdims=True) + smoothing)
+        support = counts(levels[-1]).sum(axis=1)[levels[-1]] >= min_support
+        log_q = np.log(q_parent)
+        train, test = tr & support, ~tr & support
+        if not train.any() or not test.any():
+            continue
+        _, first, grp = np.unique(levels[-1][train] * n_domains + domain[train], return_index=True, return_inverse=True)
+        target = np.zeros((n_domains, n_experts))
+        for j in range(experts.shape[1]):
+            np.add.at(target, (domain[train], experts[train, j]), weights[train, j])
+        beta = _fit_domain_offsets(
+            log_q[train][first],
+            np.bincount(grp.reshape(-1), weights=weights[train].sum(axis=1)),
+            domain[train][first],
+            target,
+            25,
+        )
+        z = log_q[test] + beta[domain[test]]
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log q(e | c, d) per test record
+        rows = np.flatnonzero(test)
+        for j in range(experts.shape[1]):
+            e = experts[rows, j]
+            gain[rows] += weights[rows, j] * (log_p[np.arange(rows.size), e] - log_q[rows, e]) / np.log(2)
+            scored[rows] += weights[rows, j]
+    doc_gain = np.bincount(doc_of, weights=gain, minlength=doc_ids.size)
+    doc_weight = np.bincount(doc_of, weights=scored, minlength=doc_ids.size)
+    mult = stratified_doc_bootstrap(doc_domain, n_resamples, boot_rng)
+    on = scored > 0
+    h = conditional_entropy_mm(levels[-1][on], domain[on], scored[on])
+    return doc_gain.sum() / doc_weight.sum(), (mult @ doc_gain) / (mult @ doc_weight), h
+
+
+@pytest.mark.parametrize("bigram", [False, True])
+def test_estimate_equals_a_per_record_reference(bigram):
+    rng = np.random.default_rng(12)
+    token, domain, doc, experts = corpus(rng, "domain", strength=0.4, v=24)
+    weights = rng.random(experts.shape) * (rng.random(experts.shape) > 0.1)  # some dropped slots
+    prev = np.where(np.arange(token.size) % 120 == 0, -1, np.roll(token, 1)) % 5 if bigram else None
+    contexts = context_keys(token, prev)
+    got = heldout_conditional_information(contexts, domain, doc, experts, D, E, weights, rng=3, n_resamples=50)
+    estimate, samples, h = reference_heldout(contexts, domain, doc, experts, weights, D, E, 3, 50)
+    assert got.estimate > 0.01
+    assert got.estimate == pytest.approx(estimate, rel=1e-9)
+    np.testing.assert_allclose(got.samples, samples, rtol=1e-9)
+    assert got.h_domain_given_context == pytest.approx(h, rel=1e-9)
