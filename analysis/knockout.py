@@ -51,7 +51,7 @@ from moe.experts import DenseMLP
 from moe.model import LanguageModel
 from moe.modes import eval_mode
 from moe.protocols import RoutedLayer, RoutedModel, moe_block_indices
-from moe.routing import Routing
+from moe.routing import RouteKeys, Routing
 from moe.validation import check_choice
 
 __all__ = [
@@ -184,21 +184,106 @@ def _labels(batches: Sequence[Batch], cluster: str) -> tuple[np.ndarray, np.ndar
     return domain, ids
 
 
+@dataclass(frozen=True)
+class _BlockEntry:
+    """What one batch carries into block `block` of an intact pass: the hidden state [B, S, D],
+    the routing keys, the targets and the torch RNG state(s) at that point."""
+
+    block: int
+    x: torch.Tensor
+    keys: RouteKeys
+    targets: torch.Tensor
+    rng: torch.Tensor
+    cuda_rng: torch.Tensor | None
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(entry: _BlockEntry, device: torch.device) -> None:
+    torch.set_rng_state(entry.rng)
+    if entry.cuda_rng is not None:
+        torch.cuda.set_rng_state(entry.cuda_rng, device)
+
+
 class _Paired:
-    """Intact per-token losses of one evaluation stream, and the damage of interventions on it."""
+    """Intact per-token losses of one evaluation stream, and the damage of interventions on it.
+
+    An intervention in block b leaves blocks before b as they were, so for the package's
+    `LanguageModel` the damage pass starts at block b from the hidden states an intact pass carried
+    into it (with the RNG state there, so random routers draw what a full pass draws): the same
+    operations on the same inputs, a fraction of the cost. The entries of one block are kept at a
+    time (knockouts go block by block) and advanced from the previous block's. Other models (the
+    Hugging Face adapters) run the whole forward.
+    """
 
     def __init__(self, model: RoutedModel, batches: Sequence[Batch], num_domains: int, cluster: str, seed: int):
         self.model, self.batches, self.num_domains, self.seed = model, batches, num_domains, seed
         self.domain, self.cluster = _labels(batches, cluster)
-        self.base = token_losses(model, batches, seed=seed)
+        self._first: list[_BlockEntry] = []  # entries into block 0 (LanguageModel only)
+        if isinstance(model, LanguageModel):
+            self.base = self._intact_pass(model)
+        else:
+            self.base = token_losses(model, batches, seed=seed)
+        self._entries = self._first
         intact = cluster_mean_se(self.base, self.domain, self.cluster, num_domains)
         self.base_loss, self.tokens, self.clusters = intact.mean, intact.tokens, intact.clusters
 
-    def damage(self) -> tuple[np.ndarray, np.ndarray]:
-        """(damage [G], se [G]) of the model as it is now against the intact pass."""
-        diff = token_losses(self.model, self.batches, seed=self.seed) - self.base
-        res = cluster_mean_se(diff, self.domain, self.cluster, self.num_domains)
+    def damage(self, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(damage [G], se [G]) of the model as it is now against the intact pass; `block`: the
+        first block the intervention changes (None: unknown, the whole forward runs)."""
+        if block is None or not isinstance(self.model, LanguageModel):
+            losses = token_losses(self.model, self.batches, seed=self.seed)
+        else:
+            losses = self._losses_from(self.model, block)
+        res = cluster_mean_se(losses - self.base, self.domain, self.cluster, self.num_domains)
         return res.mean, res.se
+
+    @torch.no_grad()
+    def _intact_pass(self, model: LanguageModel) -> np.ndarray:
+        """`token_losses` of the intact model, keeping each batch's entry into block 0 (the RNG
+        state included: a random router's draws continue from batch to batch within a pass)."""
+        device = _device(model)
+        out = []
+        with eval_mode(model), _seeded(self.seed, device):
+            for batch in self.batches:
+                batch = batch.to(device)
+                x, keys = model.embed_tokens(batch.tokens, batch.domain)
+                self._first.append(_BlockEntry(0, x, keys, batch.targets, *_rng_states(device)))
+                out.append(model.forward_from(0, x, keys, batch.targets).require_token_loss().reshape(-1).double())
+        return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+    @torch.no_grad()
+    def _entries_at(self, model: LanguageModel, block: int) -> list[_BlockEntry]:
+        """The batches' entries into `block` of the intact pass, advanced from the kept ones (the
+        intervention lies in `block` or after it, so the blocks run here are intact)."""
+        if not self._entries or self._entries[0].block > block:
+            self._entries = self._first
+        if self._entries and self._entries[0].block < block:
+            device = _device(model)
+            with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                advanced = []
+                for e in self._entries:
+                    _set_rng_states(e, device)
+                    x, _ = model.run_blocks(e.block, block, e.x, e.keys)
+                    advanced.append(_BlockEntry(block, x, e.keys, e.targets, *_rng_states(device)))
+            self._entries = advanced
+        return self._entries
+
+    @torch.no_grad()
+    def _losses_from(self, model: LanguageModel, block: int) -> np.ndarray:
+        """Per-token losses [N] (as `token_losses`) of a pass that starts at `block` from the intact entries."""
+        device = _device(model)
+        entries = self._entries_at(model, block)
+        out = []
+        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for e in entries:
+                _set_rng_states(e, device)
+                out.append(model.forward_from(block, e.x, e.keys, e.targets).require_token_loss().reshape(-1).double())
+        if not out:
+            return np.zeros(0)
+        return torch.cat(out).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- interventions
@@ -337,7 +422,7 @@ def expert_knockouts(
         pairs = [(l, e) for l, layer in enumerate(layers) for e in range(layer.router.num_experts)]
         for l, e in progress(pairs, desc="expert knockouts"):
             with expert_dropped(layers[l], e):
-                damage[l, :, e], se[l, :, e] = paired.damage()
+                damage[l, :, e], se[l, :, e] = paired.damage(blocks[l])
     return KnockoutResult(
         paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "expert", INTERVENTIONS["expert"]
     )
@@ -384,7 +469,7 @@ def dense_group_knockouts(
         pairs = [(l, g) for l in range(len(mlps)) for g in range(len(groups[l]))]
         for l, g in progress(pairs, desc="dense group knockouts"):
             with hidden_units_zeroed(mlps[l], groups[l][g]):
-                damage[l, :, g], se[l, :, g] = paired.damage()
+                damage[l, :, g], se[l, :, g] = paired.damage(blocks[l])
     sizes = np.array([[u.size for u in layer] for layer in groups], dtype=np.int64).reshape(len(mlps), -1)
     return KnockoutResult(
         paired.base_loss,
@@ -411,7 +496,7 @@ def top1_knockouts(
         damage, se = np.empty((len(blocks), num_domains)), np.empty((len(blocks), num_domains))
         for l, layer in enumerate(progress(model.moe_layers, desc="top-1 knockouts")):
             with top1_dropped(layer):
-                damage[l], se[l] = paired.damage()
+                damage[l], se[l] = paired.damage(blocks[l])
     return KnockoutResult(
         paired.base_loss, damage, se, paired.tokens, paired.clusters, blocks, "top1", INTERVENTIONS["top1"]
     )

@@ -185,14 +185,29 @@ class LanguageModel(nn.Module):
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, domain_BS: Tensor | None = None) -> LMOutput:
         """tokens_BS, targets_BS [B, S] int64; domain_BS [B, S] the tokens' domain labels, read only
         by router=domain (the positive control; learned routers never see it)."""
-        x = self.embed(tokens_BS)
-        keys = RouteKeys.from_tokens(tokens_BS, domain_BS)
+        x, keys = self.embed_tokens(tokens_BS, domain_BS)
+        return self.forward_from(0, x, keys, targets_BS)
+
+    def embed_tokens(self, tokens_BS: Tensor, domain_BS: Tensor | None = None) -> tuple[Tensor, RouteKeys]:
+        """The hidden state entering block 0 [B, S, D] and the routing keys of the tokens."""
+        return self.embed(tokens_BS), RouteKeys.from_tokens(tokens_BS, domain_BS)
+
+    def run_blocks(self, start: int, stop: int, x_BSD: Tensor, keys: RouteKeys) -> tuple[Tensor, list[Routing]]:
+        """Blocks [start, stop) on the hidden state entering block `start` [B, S, D] -> the state
+        entering block `stop` and the routing records of the MoE blocks among them."""
         routings = []
-        for block in self.blocks:
-            x, routing = block(x, keys)
+        for block in list(self.blocks)[start:stop]:
+            x_BSD, routing = block(x_BSD, keys)
             if routing is not None:
                 routings.append(routing)
-        logits = self.head(self.norm(x))
+        return x_BSD, routings
+
+    def forward_from(self, start: int, x_BSD: Tensor, keys: RouteKeys, targets_BS: Tensor | None = None) -> LMOutput:
+        """The forward from block `start` on, given the hidden state entering it [B, S, D] (as
+        `run_blocks` or `embed_tokens` left it); `routings` holds the MoE blocks from `start` on.
+        The analysis re-runs only the blocks after an intervention this way."""
+        x_BSD, routings = self.run_blocks(start, len(self.blocks), x_BSD, keys)
+        logits = self.head(self.norm(x_BSD))
         if targets_BS is None:
             return LMOutput(logits, None, None, routings)
         token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten(), reduction="none")

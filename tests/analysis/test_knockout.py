@@ -107,6 +107,42 @@ def test_random_router_passes_are_paired_and_the_caller_rng_is_untouched(make_mo
     np.testing.assert_array_equal(first.damage, expert_knockouts(model, ko_batches[:2], 4).damage)
 
 
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_passes_from_the_knocked_block_equal_whole_forwards(kind, make_model, synthetic_data, ko_batches):
+    """Knockouts re-run only the blocks from the intervention on, from the intact pass's hidden
+    states and RNG states: every damage equals that of whole forward passes bit for bit (random
+    routers included, whose draws continue from batch to batch), and the caller's RNG is untouched."""
+    vocab = synthetic_data.tokenizer.vocab_size
+    model = make_model(vocab, kind, n_layers=3).eval()
+    dense = make_model(vocab, ffn="dense", n_layers=3).eval()
+    batches = ko_batches[:3]
+    domain = np.concatenate([b.domain.reshape(-1).numpy() for b in batches])
+    cluster = np.concatenate([b.doc.reshape(-1).numpy() for b in batches])
+
+    def whole(m):  # damage of the model as it is now, by whole forward passes
+        diff = token_losses(m, batches, seed=0) - intact[id(m)]
+        return cluster_mean_se(diff, domain, cluster, 4)
+
+    intact = {id(m): token_losses(m, batches, seed=0) for m in (model, dense)}
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    experts = expert_knockouts(model, batches, 4)
+    top1 = top1_knockouts(model, batches, 4)
+    groups = dense_group_knockouts(dense, batches, 4, blocks=[0, 1, 2], num_experts=4, replicates=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    for l, layer in enumerate(model.moe_layers):
+        for e in range(4):
+            with expert_dropped(layer, e):
+                ref = whole(model)
+            np.testing.assert_array_equal(experts.damage[l, :, e], ref.mean)
+            np.testing.assert_array_equal(experts.damage_se[l, :, e], ref.se)
+        with top1_dropped(layer):
+            np.testing.assert_array_equal(top1.damage[l], whole(model).mean)
+        for g, units in enumerate(groups.groups[l]):
+            with hidden_units_zeroed(dense.blocks[l].ffn, units):
+                np.testing.assert_array_equal(groups.damage[l, :, g], whole(dense).mean)
+
+
 # ----------------------------------------------------------------------------- the drop intervention
 def _layer_io(model, batch, layer=0, seed=0):
     """Input [T, D], output [T, D] and routing of one MoE layer (torch seeded: random routers repeat)."""
