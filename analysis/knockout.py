@@ -65,6 +65,7 @@ __all__ = [
     "expert_knockouts",
     "expert_masked",
     "hidden_units_zeroed",
+    "knockout_cost",
     "token_losses",
     "top1_dropped",
     "top1_knockouts",
@@ -123,11 +124,19 @@ def _device(model: RoutedModel) -> torch.device:
 
 
 @contextmanager
+def _caller_rng_kept(device: torch.device) -> Iterator[None]:
+    """The torch RNG states (CPU and, on CUDA, every device: manual_seed seeds them all) as they were
+    before, restored on exit."""
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Every evaluation pass starts from the same torch RNG state (random routers then draw the
     same routing in the intact and the knocked-out pass); the caller's RNG state is restored."""
-    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # manual_seed seeds every CUDA device: restore them all
+    with _caller_rng_kept(device):
         torch.manual_seed(seed)
         yield
 
@@ -213,9 +222,9 @@ class _Paired:
     An intervention in block b leaves blocks before b as they were, so for the package's
     `LanguageModel` the damage pass starts at block b from the hidden states an intact pass carried
     into it (with the RNG state there, so random routers draw what a full pass draws): the same
-    operations on the same inputs, a fraction of the cost. The entries of one block are kept at a
-    time (knockouts go block by block) and advanced from the previous block's. Other models (the
-    Hugging Face adapters) run the whole forward.
+    operations on the same inputs, a fraction of the cost. Block 0's entries and those of the block
+    being knocked out are kept (knockouts go block by block, each block's entries advanced from the
+    previous one's). Other models (the Hugging Face adapters) run the whole forward.
     """
 
     def __init__(self, model: RoutedModel, batches: Sequence[Batch], num_domains: int, cluster: str, seed: int):
@@ -262,7 +271,7 @@ class _Paired:
             self._entries = self._first
         if self._entries and self._entries[0].block < block:
             device = _device(model)
-            with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with eval_mode(model), _caller_rng_kept(device):
                 advanced = []
                 for e in self._entries:
                     _set_rng_states(e, device)
@@ -277,13 +286,25 @@ class _Paired:
         device = _device(model)
         entries = self._entries_at(model, block)
         out = []
-        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with eval_mode(model), _caller_rng_kept(device):
             for e in entries:
                 _set_rng_states(e, device)
                 out.append(model.forward_from(block, e.x, e.keys, e.targets).require_token_loss().reshape(-1).double())
         if not out:
             return np.zeros(0)
         return torch.cat(out).cpu().numpy()
+
+
+def knockout_cost(n_blocks: int, knocked: Sequence[int], units: int, resumes: bool) -> tuple[int, int]:
+    """(forward passes, block evaluations) per batch of one knockout table: the intact pass and
+    `units` interventions in each block of `knocked` (depth indices, increasing). `resumes`: the
+    model is a `LanguageModel`, whose damage passes start at the knocked block (`_Paired`): each
+    costs n_blocks - b blocks, plus advancing the intact entries up to the last knocked block once;
+    otherwise every pass runs all n_blocks."""
+    passes = 1 + units * len(knocked)
+    if not resumes:
+        return passes, passes * n_blocks
+    return passes, n_blocks + sum(units * (n_blocks - b) for b in knocked) + (max(knocked) if knocked else 0)
 
 
 # ----------------------------------------------------------------------------- interventions

@@ -82,6 +82,7 @@ from analysis.knockout import (
     dense_group_knockouts,
     domain_losses,
     expert_knockouts,
+    knockout_cost,
     top1_knockouts,
 )
 from analysis.knockout_stats import heterogeneity, matched_comparison
@@ -253,52 +254,67 @@ def analysis_cost(
     model: RoutedModel, val_batches: Mapping[str, Sequence[Batch]], cfg: AnalysisConfig, has_twin: bool
 ) -> dict[str, dict[str, int]]:
     """What `analyze_model` will run, before it runs: per stage {"passes": forward passes of one
-    batch, "tokens": tokens they process}. Stages: recording (each validation batch once), twin_loss,
-    knockouts ((L*E + 1) + (L + 1) evaluations of the knockout stream: experts and top-1, each with an
-    intact pass), dense_knockouts ((L*U + 1) of the twin, U groups per layer), probes (expert CKA) and
-    probe_info (the router inputs of the domain probe)."""
+    batch (whole, or from a knocked block on), "blocks": transformer blocks they evaluate (one
+    batch through one block each), "tokens": tokens they process}. Stages: recording (each
+    validation batch once), twin_loss, knockouts (experts and top-1: L*E + L interventions and two
+    intact passes of the knockout stream, `analysis.knockout.knockout_cost`), dense_knockouts (L*U
+    of the twin, U groups per layer, and an intact pass), probes (expert CKA) and probe_info (the
+    router inputs of the domain probe)."""
+    n_blocks = len(model.blocks)
     stream = _stream(val_batches, None, cfg.mix_domains)
     tokens = sum(b.num_tokens for b in stream)
-    cost = {"recording": {"passes": len(stream), "tokens": tokens}}
+    cost = {"recording": {"passes": len(stream), "blocks": len(stream) * n_blocks, "tokens": tokens}}
     if has_twin:
-        cost["twin_loss"] = {"passes": len(stream), "tokens": tokens}
-    n_layers = len(model.moe_layers)
-    n_experts = model.moe_layers[0].router.num_experts if n_layers else 0
+        cost["twin_loss"] = dict(cost["recording"])
+    knocked = [i for i, block in enumerate(model.blocks) if block.is_moe]
+    n_experts = model.moe_layers[0].router.num_experts if knocked else 0
     if cfg.knockouts:
         ko = _stream(val_batches, cfg.knockout_tokens, cfg.mix_domains)
         ko_tokens = sum(b.num_tokens for b in ko)
-        evals = n_layers * n_experts + 1 + n_layers + 1
-        cost["knockouts"] = {"passes": evals * len(ko), "tokens": evals * ko_tokens}
+
+        def stage(*tables: tuple[int, int]) -> dict[str, int]:
+            passes, blocks = (sum(t[i] for t in tables) for i in (0, 1))
+            return {"passes": passes * len(ko), "blocks": blocks * len(ko), "tokens": passes * ko_tokens}
+
+        resumes = isinstance(model, LanguageModel)
+        cost["knockouts"] = stage(
+            knockout_cost(n_blocks, knocked, n_experts, resumes), knockout_cost(n_blocks, knocked, 1, resumes)
+        )
         if has_twin:
-            evals = n_layers * len(cfg.dense_group_sizes) * cfg.dense_group_replicates + 1
-            cost["dense_knockouts"] = {"passes": evals * len(ko), "tokens": evals * ko_tokens}
+            units = len(cfg.dense_group_sizes) * cfg.dense_group_replicates
+            cost["dense_knockouts"] = stage(knockout_cost(n_blocks, knocked, units, True))
     if cfg.probes:
         per_domain = max(1, math.ceil(cfg.probe_tokens / max(len(val_batches), 1)))
-        cost["probes"] = _passes_until(_stream(val_batches, per_domain, cfg.mix_domains), cfg.probe_tokens)
+        cost["probes"] = _passes_until(_stream(val_batches, per_domain, cfg.mix_domains), cfg.probe_tokens, n_blocks)
         cost["probe_info"] = _passes_until(
             _stream(val_batches, max(1, math.ceil(cfg.probe_info_tokens / max(len(val_batches), 1))), cfg.mix_domains),
             cfg.probe_info_tokens,
+            n_blocks,
         )
     return cost
 
 
-def _passes_until(batches: Sequence[Batch], max_tokens: int) -> dict[str, int]:
-    """{"passes", "tokens"} of forward passes over `batches` until `max_tokens` tokens are seen (as
-    `analysis.probes.capture_layer_inputs` runs them)."""
+def _passes_until(batches: Sequence[Batch], max_tokens: int, n_blocks: int) -> dict[str, int]:
+    """{"passes", "blocks", "tokens"} of whole forward passes over `batches` until `max_tokens`
+    tokens are seen (as `analysis.probes.capture_layer_inputs` runs them)."""
     passes, seen = 0, 0
     for batch in batches:
         if seen >= max_tokens:
             break
         passes, seen = passes + 1, seen + batch.num_tokens
-    return {"passes": passes, "tokens": seen}
+    return {"passes": passes, "blocks": passes * n_blocks, "tokens": seen}
 
 
 def describe_cost(cost: Mapping[str, Mapping[str, int]]) -> str:
-    """One line: the total forward passes and tokens, then each stage."""
+    """One line: the total forward passes, block evaluations and tokens, then each stage's passes."""
     passes = sum(c["passes"] for c in cost.values())
+    blocks = sum(c["blocks"] for c in cost.values())
     tokens = sum(c["tokens"] for c in cost.values())
     parts = ", ".join(f"{name.replace('_', ' ')} {c['passes']:,}" for name, c in cost.items())
-    return f"analysis cost: {passes:,} forward passes of a batch over {tokens:,} tokens ({parts})"
+    return (
+        f"analysis cost: {passes:,} forward passes of a batch ({blocks:,} batch x block evaluations; knockouts "
+        f"start at the knocked block) over {tokens:,} tokens ({parts})"
+    )
 
 
 def analyze_model(

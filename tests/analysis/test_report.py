@@ -178,7 +178,7 @@ def test_the_announced_cost_is_the_forward_passes_run(
     trained_moe, trained_dense, val_by_domain, synthetic_data, tmp_path, capsys
 ):
     cfg = AnalysisConfig(**FAST)
-    counted = {"moe": 0, "twin": 0}
+    counted = {"moe": 0, "twin": 0, "moe blocks": 0, "twin blocks": 0}
 
     def counter(name):
         def hook(module, args):
@@ -186,18 +186,24 @@ def test_the_announced_cost_is_the_forward_passes_run(
 
         return hook
 
-    handles = [
-        trained_moe.embed.register_forward_pre_hook(counter("moe")),
-        trained_dense.embed.register_forward_pre_hook(counter("twin")),
-    ]
+    # Every pass, whole or from a knocked block on, ends in the head; each block evaluation is counted.
+    handles = [trained_moe.head.register_forward_pre_hook(counter("moe"))]
+    handles += [trained_dense.head.register_forward_pre_hook(counter("twin"))]
+    handles += [b.register_forward_pre_hook(counter("moe blocks")) for b in trained_moe.blocks]
+    handles += [b.register_forward_pre_hook(counter("twin blocks")) for b in trained_dense.blocks]
     try:
         analyze_model(trained_moe, val_by_domain, synthetic_data.domains, tmp_path, dense_twin=trained_dense, cfg=cfg)
     finally:
         for h in handles:
             h.remove()
     cost = analysis_cost(trained_moe, val_by_domain, cfg, has_twin=True)
-    assert counted["moe"] == sum(cost[k]["passes"] for k in ("recording", "knockouts", "probes", "probe_info"))
-    assert counted["twin"] == cost["twin_loss"]["passes"] + cost["dense_knockouts"]["passes"]
+    moe_stages, twin_stages = ("recording", "knockouts", "probes", "probe_info"), ("twin_loss", "dense_knockouts")
+    assert counted["moe"] == sum(cost[k]["passes"] for k in moe_stages)
+    assert counted["moe blocks"] == sum(cost[k]["blocks"] for k in moe_stages)
+    assert counted["twin"] == sum(cost[k]["passes"] for k in twin_stages)
+    assert counted["twin blocks"] == sum(cost[k]["blocks"] for k in twin_stages)
+    # Knockouts from the knocked block on: fewer block evaluations than whole passes would take.
+    assert cost["knockouts"]["blocks"] < cost["knockouts"]["passes"] * len(trained_moe.blocks)
     assert f"{sum(c['passes'] for c in cost.values()):,} forward passes" in capsys.readouterr().out
 
 
