@@ -252,13 +252,25 @@ def doc_path_counts(
     table small when most paths are unique (many layers, few tokens).
     """
     p = np.asarray(ids, dtype=np.int64)
-    d = as_labels("domain", domain, n_domains)
-    doc_a = np.asarray(doc)
-    if p.shape != d.shape or doc_a.shape != d.shape:
-        raise ValueError(f"ids, doc and domain must all be [N], got {p.shape}, {doc_a.shape}, {d.shape}")
+    docs = _checked_doc_index(doc, domain, n_domains)
+    if p.shape != docs[1].shape:
+        raise ValueError(f"ids, doc and domain must all be [N], got {p.shape} ids for {docs[1].shape[0]} records")
     if p.size and (p.min() < 0 or p.max() >= n_paths):
         raise ValueError(f"path ids must lie in [0, {n_paths})")
-    return _doc_path_table(p, n_paths, doc_index(doc_a, d))
+    return _doc_path_table(p, n_paths, docs)
+
+
+def _checked_doc_index(
+    doc: np.ndarray, domain: np.ndarray, n_domains: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`doc_index` of integer document ids [N] and domain labels [N] in [0, G), both checked."""
+    d = as_labels("domain", domain, n_domains)
+    doc_a = np.asarray(doc)
+    if doc_a.shape != d.shape:
+        raise ValueError(f"doc and domain must both be [N], got {doc_a.shape} and {d.shape}")
+    if not np.issubdtype(doc_a.dtype, np.integer):
+        raise TypeError(f"doc must hold integer ids, got dtype {doc_a.dtype}")
+    return doc_index(doc_a, d)
 
 
 def _doc_path_table(
@@ -494,7 +506,7 @@ def path_information(
     n, n_experts = _record_sizes(records)
     symbols = {i: _layer_symbols(records.layers[i], n, n_experts, mode, i) for i in chosen}  # once per layer
     ids, n_paths = _ids_from_symbols([symbols[i] for i in chosen], n_experts)
-    docs_index = doc_index(records.doc, as_labels("domain", records.domain, n_domains))  # shared by every table
+    docs_index = _checked_doc_index(records.doc, records.domain, n_domains)  # shared by every table
     spec, bits, bits_mm, h_d, n_columns = _table_information(
         ids, n_paths, docs_index, n_domains, n_permutations, n_bootstrap, confidence, copy.deepcopy(nmi_rng)
     )

@@ -216,6 +216,12 @@ def test_merged_table_keeps_shared_paths_and_one_column_per_document():
     assert n_columns == 3
     np.testing.assert_array_equal(docs.doc_ids, [7, 9])
     np.testing.assert_array_equal(docs.counts, [[1, 3, 0], [1, 0, 2]])
+    with pytest.raises(TypeError, match="integer ids"):
+        doc_path_counts(ids, 5, doc.astype(float), domain, 2)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        doc_path_counts(ids[:-1], 5, doc, domain, 2)
+    with pytest.raises(ValueError, match="document 7 carries more than one domain"):
+        doc_path_counts(ids, 5, doc, np.array([0, 1, 0, 1, 1, 0, 1]), 2)
 
 
 # ----------------------------------------------------------------------------- planted structure
