@@ -71,6 +71,7 @@ from analysis.cli import register_app_configs
 from analysis.verdict import ENSEMBLE, SPECIALIST
 from moe.config import config_object
 from moe.data import DataConfig
+from moe.host_memory import retain_freed_memory
 from moe.tables import format_number, markdown_table, write_json
 
 __all__ = [
@@ -107,6 +108,8 @@ class CalibrateConfig:
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     # A sentence added to this run's provenance line (e.g. what the working tree held beyond the commit).
     note: str | None = None
+    # Keep freed CPU buffers for reuse (glibc; moe/host_memory.py), as moe-analyze does.
+    retain_host_memory: bool = True
     # The routers battery; its experts, nulls, thresholds, seed and workers serve every battery.
     battery: BatteryConfig = field(default_factory=BatteryConfig)
     paths: PathBatteryConfig = field(default_factory=PathBatteryConfig)
@@ -881,6 +884,8 @@ register_app_configs("calibrate", CalibrateConfig)
 def main(dict_cfg: DictConfig) -> float:
     cfg = config_object(CalibrateConfig, dict_cfg)
     _check_parts(cfg.parts)  # before the data is prepared
+    if cfg.retain_host_memory:
+        retain_freed_memory()
     out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
     tokens = validation_tokens(cfg)
     summary, rows = run_calibration(cfg, tokens, "moe-calibrate " + " ".join(sys.argv[1:]))

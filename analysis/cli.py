@@ -26,6 +26,7 @@ from analysis.report import AnalysisConfig
 from analysis.run import analyze_run
 from moe.config import config_object, reject_unknown_keys
 from moe.data import DataConfig
+from moe.host_memory import retain_freed_memory
 
 HF_PREFIX = "hf:"
 _NEEDS_RUN_DIR = (
@@ -54,6 +55,10 @@ class AnalyzeConfig:
     dtype: str = "auto"
     revision: str | None = None
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    # Keep freed CPU buffers for reuse (glibc; moe/host_memory.py), as training does: the statistics
+    # allocate record-sized temporaries again and again, each paying its page faults afresh
+    # otherwise (bench_analysis: 22.7 -> 14.2 s on 1e7 records).
+    retain_host_memory: bool = True
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -137,6 +142,8 @@ def main(dict_cfg: DictConfig) -> float:
 def _analyze(dict_cfg: DictConfig) -> float:
     reject_unknown_keys(dict_cfg, AnalyzeConfig)
     cfg = config_object(AnalyzeConfig, dict_cfg)
+    if cfg.retain_host_memory:
+        retain_freed_memory()
     if cfg.model.startswith(HF_PREFIX):
         from analysis.hf.run import analyze_hf_model
 

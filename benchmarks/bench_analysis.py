@@ -36,6 +36,7 @@ from analysis.metrics import coactivation, consecutive_expert_rate, domain_speci
 from analysis.paths import path_information
 from analysis.records import LayerRecords, RoutingRecords
 from analysis.statistics import bootstrap_ci, permutation_null
+from moe.host_memory import retain_freed_memory
 
 
 def synthetic_records(
@@ -105,14 +106,24 @@ def main() -> None:
         help="time the held-out I(D;E|T) (5 folds, --replicates bootstrap replicates)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave malloc as it is instead of retaining freed memory as moe-analyze does",
+    )
     args = ap.parse_args()
+    allocator = (
+        "glibc default"
+        if args.default_allocator
+        else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
+    )
     k, e, d, v = 2, 8, 4, 4096
 
     t0 = time.perf_counter()
     r = synthetic_records(args.records, args.docs, k, e, d, v, args.seed)
     print(
         f"generated {args.records:,} records (K={k}, E={e}, D={d}, V={v}, {args.docs:,} docs) "
-        f"in {time.perf_counter() - t0:.2f} s (not counted)"
+        f"in {time.perf_counter() - t0:.2f} s (not counted); malloc: {allocator}"
     )
 
     log: dict[str, float] = {}
