@@ -60,6 +60,12 @@ def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / "models" / name / "checkpoints"
 
 
+def checkpoint_path(directory: str | Path, step: int, *, sharded: bool = False) -> Path:
+    """Where the checkpoint of `step` goes in `directory`: step_<8 digits>.pt, or the directory
+    step_<8 digits>.dcp of a sharded one (the names `list_checkpoints` finds)."""
+    return Path(directory) / f"step_{step:08d}{SHARDED_SUFFIX if sharded else '.pt'}"
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoints in `directory` (consolidated files and sharded directories), oldest step first."""
     directory = Path(directory)
@@ -144,7 +150,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:08d}.pt"
+    path = checkpoint_path(directory, step)
     _write_atomic(path, lambda f: torch.save(state, f))
     digest = f"{_sha256(path)}  {path.stat().st_size}\n".encode()
     _write_atomic(path.with_name(path.name + _DIGEST_SUFFIX), lambda f: f.write(digest))

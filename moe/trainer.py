@@ -28,6 +28,7 @@ from moe.checkpoint import (
     SHARDED_SUFFIX,
     check_fingerprint,
     checkpoint_dir,
+    checkpoint_path,
     latest_checkpoint,
     latest_good_checkpoint,
     prune_checkpoints,
@@ -191,7 +192,7 @@ class Trainer:
             from moe.sharded_checkpoint import save_sharded, sharded_state  # torch.distributed.checkpoint: 0.3 s
 
             path = save_sharded(
-                self.ckpt_dir / f"step_{self.step:08d}{SHARDED_SUFFIX}",
+                checkpoint_path(self.ckpt_dir, self.step, sharded=True),
                 sharded_state(self.model, self.optimizer, self.parallel),
                 self._trainer_state(),
                 self.parallel,
