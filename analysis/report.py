@@ -99,7 +99,7 @@ from analysis.registry import MEASURES, MeasureResult
 from analysis.verdict import LayerEvidence, VerdictThresholds, judge_layer, judge_model
 from moe.data.batch import Batch
 from moe.model import LanguageModel
-from moe.protocols import RoutedModel
+from moe.protocols import RoutedModel, moe_block_indices
 from moe.tables import format_number, markdown_table, to_jsonable, write_json
 
 __all__ = [
@@ -266,7 +266,7 @@ def analysis_cost(
     cost = {"recording": {"passes": len(stream), "blocks": len(stream) * n_blocks, "tokens": tokens}}
     if has_twin:
         cost["twin_loss"] = dict(cost["recording"])
-    knocked = [i for i, block in enumerate(model.blocks) if block.is_moe]
+    knocked = moe_block_indices(model) if model.moe_layers else []
     n_experts = model.moe_layers[0].router.num_experts if knocked else 0
     if cfg.knockouts:
         ko = _stream(val_batches, cfg.knockout_tokens, cfg.mix_domains)
