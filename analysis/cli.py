@@ -57,7 +57,7 @@ class AnalyzeConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     # Keep freed CPU buffers for reuse (glibc; moe/host_memory.py), as training does: the statistics
     # allocate record-sized temporaries again and again, each paying its page faults afresh
-    # otherwise (bench_analysis: 22.7 -> 14.2 s on 1e7 records).
+    # otherwise (README, Benchmarks: bench_analysis.py with and without it).
     retain_host_memory: bool = True
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+from allocator import add_allocator_flag, set_allocator
 
 from analysis.committees import committee_evidence
 from analysis.heldout import context_keys, heldout_conditional_information
@@ -36,7 +37,6 @@ from analysis.metrics import coactivation, consecutive_expert_rate, domain_speci
 from analysis.paths import path_information
 from analysis.records import LayerRecords, RoutingRecords
 from analysis.statistics import bootstrap_ci, permutation_null
-from moe.host_memory import retain_freed_memory
 
 
 def synthetic_records(
@@ -106,17 +106,9 @@ def main() -> None:
         help="time the held-out I(D;E|T) (5 folds, --replicates bootstrap replicates)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave malloc as it is instead of retaining freed memory as moe-analyze does",
-    )
+    add_allocator_flag(ap)
     args = ap.parse_args()
-    allocator = (
-        "glibc default"
-        if args.default_allocator
-        else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
-    )
+    allocator = set_allocator(args.default_allocator)
     k, e, d, v = 2, 8, 4, 4096
 
     t0 = time.perf_counter()

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from allocator import add_allocator_flag, set_allocator
 
 from moe.dispatch import combine, gather_rows, permute
 from moe.experts import DenseMLP, activate
-from moe.host_memory import retain_freed_memory
 from moe.layer import MoEConfig, MoELayer, build_moe_layer
 from moe.routers import RouterConfig
 from moe.routing import Routing
@@ -111,18 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave malloc as it is instead of retaining freed memory as training does",
-    )
+    add_allocator_flag(parser)
     parser.add_argument("--hf-backends", nargs="*", default=list(HF_BACKENDS), choices=HF_BACKENDS)
     args = parser.parse_args()
-    allocator = (
-        "glibc default"
-        if args.default_allocator
-        else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
-    )
+    allocator = set_allocator(args.default_allocator)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, fwd+bwd median, "
         f"malloc: {allocator}"

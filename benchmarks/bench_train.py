@@ -10,9 +10,9 @@ import argparse
 import time
 
 import torch
+from allocator import add_allocator_flag, set_allocator
 
 from moe.config import TrainerConfig
-from moe.host_memory import retain_freed_memory
 from moe.model import LanguageModel, ModelConfig, dense_twin
 from moe.trainer import build_optimizer
 
@@ -44,17 +44,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave malloc as it is instead of retaining freed memory as training does",
-    )
+    add_allocator_flag(parser)
     args = parser.parse_args()
-    allocator = (
-        "glibc default"
-        if args.default_allocator
-        else ("retained freed memory" if retain_freed_memory() else "default (not glibc)")
-    )
+    allocator = set_allocator(args.default_allocator)
     cfg = ModelConfig()
     torch.manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
