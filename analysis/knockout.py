@@ -170,9 +170,12 @@ def token_losses(model: RoutedModel, batches: Sequence[Batch], *, seed: int = 0)
         for batch in batches:
             batch = batch.to(device)
             out.append(model(batch.tokens, batch.targets, batch.domain).require_token_loss().reshape(-1).double())
-    if not out:
-        return np.zeros(0)
-    return torch.cat(out).cpu().numpy()
+    return _concat_losses(out)
+
+
+def _concat_losses(parts: list[torch.Tensor]) -> np.ndarray:
+    """Per-batch token losses [B*S] -> one float64 array [N] (empty for no batches)."""
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
 
 
 def _labels(batches: Sequence[Batch], cluster: str) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +264,7 @@ class _Paired:
                 x, keys = model.embed_tokens(batch.tokens, batch.domain)
                 self._first.append(_BlockEntry(0, x, keys, batch.targets, *_rng_states(device)))
                 out.append(model.forward_from(0, x, keys, batch.targets).require_token_loss().reshape(-1).double())
-        return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+        return _concat_losses(out)
 
     @torch.no_grad()
     def _entries_at(self, model: LanguageModel, block: int) -> list[_BlockEntry]:
@@ -290,9 +293,7 @@ class _Paired:
             for e in entries:
                 _set_rng_states(e, device)
                 out.append(model.forward_from(block, e.x, e.keys, e.targets).require_token_loss().reshape(-1).double())
-        if not out:
-            return np.zeros(0)
-        return torch.cat(out).cpu().numpy()
+        return _concat_losses(out)
 
 
 def knockout_cost(n_blocks: int, knocked: Sequence[int], units: int, resumes: bool) -> tuple[int, int]:
