@@ -162,14 +162,17 @@ def _nested_groups(contexts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], li
     """Group index [N] of every context level (coarse to fine) and, for each level, the parent
     group of each of its groups ([groups of the level]; the global level's single group 0 for the coarsest)."""
     groups, parents = [], []
-    prev = np.zeros(contexts[0].size, dtype=np.int64)
+    prev: np.ndarray | None = None  # the coarser level's groups; None above the coarsest (one global group)
     for key in contexts:
-        # Refine the parent: a finer key is only meaningful inside its coarser context.
-        shifted = key - min(int(key.min()), 0)  # keys may hold -1 (no previous token)
-        _, g = dense_index(prev * (int(shifted.max()) + 1) + shifted)
-        g = g.reshape(-1)
-        parent = np.zeros(int(g.max()) + 1, dtype=np.int64)
-        parent[g] = prev
+        if prev is None:
+            _, g = dense_index(key)
+            parent = np.zeros(int(g.max()) + 1, dtype=np.int64)
+        else:
+            # Refine the parent: a finer key is only meaningful inside its coarser context.
+            shifted = key - min(int(key.min()), 0)  # keys may hold -1 (no previous token)
+            _, g = dense_index(prev * (int(shifted.max()) + 1) + shifted)
+            parent = np.zeros(int(g.max()) + 1, dtype=np.int64)
+            parent[g] = prev
         groups.append(g)
         parents.append(parent)
         prev = g
@@ -177,29 +180,31 @@ def _nested_groups(contexts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], li
 
 
 def _fit_domain_offsets(
-    log_q: np.ndarray, weight: np.ndarray, group_domain: np.ndarray, target: np.ndarray, iterations: int
+    q: np.ndarray, weight: np.ndarray, group_domain: np.ndarray, target: np.ndarray, iterations: int
 ) -> np.ndarray:
-    """Offsets beta [G, E] maximizing sum n_{g,e} log softmax_e(log_q[g] + beta[d(g)]) by iterative
+    """Offsets beta [G, E] maximizing sum n_{g,e} log softmax_e(log q[g] + beta[d(g)]) by iterative
     proportional fitting: each step matches the predicted domain x expert margin to target [G, E];
     at most `iterations` steps, fewer once a step moves no offset by 1e-12.
 
-    log_q [groups, E] the context model of each (context, domain) group, weight [groups] its
-    assignments, group_domain [groups]; target [G, E] observed assignments per domain and expert."""
+    q [groups, E] the context model of each (context, domain) group (probabilities, every entry
+    > 0), weight [groups] its assignments, group_domain [groups]; target [G, E] observed
+    assignments per domain and expert."""
     n_dom, n_exp = target.shape
-    # Groups ordered by domain, so a domain's predicted margin is one contiguous block sum.
-    order = np.argsort(group_domain, kind="stable")
-    log_q, weight, group_domain = log_q[order], weight[order], group_domain[order]
-    present = np.flatnonzero(np.bincount(group_domain, minlength=n_dom))
-    starts = np.searchsorted(group_domain, present)
+    # softmax_e(log q[g, e] + beta[d, e]) = q[g, e] b[e] / (q[g] @ b) with b = exp(beta[d] - max_e beta[d]),
+    # so a domain's predicted margin, sum_g weight[g] softmax(...)[g], is b * ((weight / (q @ b)) @ q):
+    # two matrix-vector products per domain and step, no [groups, E] exp or row reductions.
+    blocks = []
+    for d in range(n_dom):
+        rows = np.flatnonzero(group_domain == d)
+        if rows.size:
+            blocks.append((d, np.ascontiguousarray(q[rows]), weight[rows]))
     beta = np.zeros((n_dom, n_exp))
     pred = np.zeros((n_dom, n_exp))
     tiny = 1e-12
     for _ in range(iterations):
-        z = log_q + beta[group_domain]
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p *= (weight / p.sum(axis=1))[:, None]
-        pred[present] = np.add.reduceat(p, starts, axis=0)
+        for d, q_d, w_d in blocks:
+            b = np.exp(beta[d] - beta[d].max())
+            pred[d] = b * ((w_d / (q_d @ b)) @ q_d)
         step = np.log((target + tiny) / (pred + tiny))
         step -= step.mean(axis=1, keepdims=True)
         beta += step
@@ -208,9 +213,46 @@ def _fit_domain_offsets(
     return beta
 
 
+def _log_gain(q: np.ndarray, cell_ctx: np.ndarray, cell_dom: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """log q(e | c, d) - log q(e | c) = beta[d, e] - log sum_e' q(e' | c) exp(beta[d, e']) in nats, [cells, E],
+    of (context, domain) cells (cell_ctx, cell_dom [cells]) under the context model q [contexts, E]."""
+    top = beta.max(axis=1)
+    b = np.exp(beta - top[:, None])  # [G, E], each row's largest entry 1
+    log_norm = np.log(np.einsum("ce,ce->c", q[cell_ctx], b[cell_dom])) + top[cell_dom]
+    return beta[cell_dom] - log_norm[:, None]
+
+
 def _slot_sum(per_slot: Iterable[np.ndarray]) -> np.ndarray:
     """The elementwise sum of one array per routing slot (at least one); `sum()` would start from 0."""
     return functools.reduce(operator.add, per_slot)
+
+
+def _tally(base: np.ndarray, experts: np.ndarray, weights: np.ndarray | None, size: int) -> np.ndarray:
+    """Flat table [size] float64 of the assignments' weights (1 each when `weights` is None) at
+    base [N] + expert, summed over the K slots of experts [N, K]. np.bincount per slot: np.add.at is
+    far slower on 1e7 records, and a [N * K] key array would double the peak memory."""
+    return _slot_sum(
+        np.bincount(base + experts[:, j], weights=None if weights is None else weights[:, j], minlength=size)
+        for j in range(experts.shape[1])
+    ).astype(np.float64, copy=False)
+
+
+def _training_counts(
+    group: np.ndarray,
+    n_groups: int,
+    fold: np.ndarray,
+    n_folds: int,
+    experts: np.ndarray,
+    weights: np.ndarray | None,
+    n_experts: int,
+) -> np.ndarray:
+    """Expert counts [folds, groups, E] of each fold's training folds (all folds but that one) for
+    one context level: group [N] a record's group of the level, fold [N] its fold."""
+    cell = fold * n_groups
+    cell += group
+    cell *= n_experts
+    c = _tally(cell, experts, weights, n_folds * n_groups * n_experts).reshape(n_folds, n_groups, n_experts)
+    return c.sum(axis=0, keepdims=True) - c
 
 
 def heldout_conditional_information(
@@ -260,8 +302,7 @@ def heldout_conditional_information(
         if c.shape != (n,):
             raise ValueError(f"every context key must be [N={n}], got {c.shape}")
     ex = as_experts(experts, n, n_experts)
-    w_in = as_weights(weights, ex.shape)
-    w = np.ones(ex.shape, dtype=np.float64) if w_in is None else w_in
+    w = as_weights(weights, ex.shape)  # None: 1 per assignment, without an [N, K] array of ones
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if not smoothing > 0:
@@ -281,25 +322,23 @@ def heldout_conditional_information(
     groups, parents = _nested_groups(ctx)
     fine = groups[-1]
     n_fine = parents[-1].size
-    # Per fold, per context level: expert counts [groups, E] of the training folds (total - fold).
-    per_fold = []
-    for g, parent in zip(groups, parents):
-        size = n_folds * parent.size * e_n
-        cell = (fold * parent.size + g) * e_n  # np.bincount: np.add.at is far slower on 1e7 records
-        c = _slot_sum(np.bincount(cell + ex[:, j], weights=w[:, j], minlength=size) for j in range(ex.shape[1]))
-        c = c.reshape(n_folds, parent.size, e_n)
-        per_fold.append(c.sum(axis=0, keepdims=True) - c)
+    per_fold = [_training_counts(g, parent.size, fold, n_folds, ex, w, e_n) for g, parent in zip(groups, parents)]
+    del groups
     # Everything else the folds need is a function of the (fold, context, domain) cell of a record
     # and its experts, so the records are tallied once into cells [cells, E] and every fold works on
     # that table instead of gathering its ~(1 - 1/K) N training records again.
-    keys, cell_of = dense_index((fold * n_fine + fine) * n_domains + d)
+    key = fold * n_fine
+    key += fine
+    key *= n_domains
+    key += d
+    del fold, fine
+    keys, cell_of = dense_index(key)
+    del key
     n_cells = keys.size
     cell_fold = keys // (n_fine * n_domains)
     cell_ctx = keys // n_domains % n_fine
     cell_dom = keys % n_domains
-    cell_counts = _slot_sum(
-        np.bincount(cell_of * e_n + ex[:, j], weights=w[:, j], minlength=n_cells * e_n) for j in range(ex.shape[1])
-    ).reshape(n_cells, e_n)
+    cell_counts = _tally(cell_of * e_n, ex, w, n_cells * e_n).reshape(n_cells, e_n)
     cell_weight = cell_counts.sum(axis=1)
     # bits per assignment of each (cell, expert), log2 q(e | c, d) / q(e | c); 0 where not scored
     cell_gain = np.zeros((n_cells, e_n))
@@ -311,7 +350,6 @@ def heldout_conditional_information(
             c = c_all[f]
             q = (c + smoothing * q[parent]) / (c.sum(axis=1, keepdims=True) + smoothing)
         supported = (per_fold[-1][f].sum(axis=1) >= min_support)[cell_ctx]  # [cells]
-        log_q = np.log(q)
         train = np.flatnonzero((cell_fold != f) & supported)
         test = np.flatnonzero((cell_fold == f) & supported)
         if not train.size or not test.size:
@@ -320,18 +358,36 @@ def heldout_conditional_information(
         pairs, pair_of = dense_index(cell_ctx[train] * n_domains + cell_dom[train])
         grp_w = np.bincount(pair_of, weights=cell_weight[train], minlength=pairs.size)
         target = np.stack([cell_counts[train[cell_dom[train] == g]].sum(axis=0) for g in range(n_domains)])
-        beta = _fit_domain_offsets(log_q[pairs // n_domains], grp_w, pairs % n_domains, target, iterations)
-        # log q(e | c, d) - log q(e | c) = beta[d, e] - logsumexp_e'(log q(e' | c) + beta[d, e']): a test
-        # cell is one (context, domain) pair, so the normalizer is computed once per cell.
-        z = log_q[cell_ctx[test]] + beta[cell_dom[test]]
-        top = z.max(axis=1)
-        log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-        cell_gain[test] = (beta[cell_dom[test]] - log_norm[:, None]) / np.log(2.0)
+        beta = _fit_domain_offsets(q[pairs // n_domains], grp_w, pairs % n_domains, target, iterations)
+        # A test cell is one (context, domain) pair, so the gain's normalizer is computed once per cell.
+        cell_gain[test] = _log_gain(q, cell_ctx[test], cell_dom[test], beta) / np.log(2.0)
         cell_scored[test] = True
-    gain = _slot_sum(w[:, j] * cell_gain.reshape(-1)[cell_of * e_n + ex[:, j]] for j in range(ex.shape[1]))
-    scored_weight = np.where(cell_scored, cell_weight, 0.0)
+    # Per document: the gains and the scored assignments, through two reused [N] buffers (1e7 records:
+    # 80 MB each; fresh temporaries per slot would grow the heap, and new pages cost more than the gathers).
+    flat_gain = cell_gain.reshape(-1)
+    at = np.empty(n, dtype=np.int64)
+    buf = np.empty(n)
+    gain = np.zeros(n)
+    for j in range(ex.shape[1]):
+        np.multiply(cell_of, e_n, out=at)
+        at += ex[:, j]
+        np.take(flat_gain, at, out=buf)
+        if w is not None:
+            buf *= w[:, j]
+        gain += buf
+    del at
     doc_gain = np.bincount(doc_of, weights=gain, minlength=m)
-    doc_weight = np.bincount(doc_of, weights=np.where(cell_scored[cell_of], w.sum(axis=1), 0.0), minlength=m)
+    del gain
+    if w is None:
+        buf.fill(float(ex.shape[1]))
+    else:
+        np.copyto(buf, w[:, 0])
+        for j in range(1, ex.shape[1]):
+            buf += w[:, j]
+    buf *= cell_scored[cell_of]  # a record's assignments count where its cell is scored
+    doc_weight = np.bincount(doc_of, weights=buf, minlength=m)
+    del buf
+    scored_weight = np.where(cell_scored, cell_weight, 0.0)
     total = float(doc_weight.sum())
     if not total > 0:
         raise TooFewRecords(

@@ -88,9 +88,11 @@ def assignment_weights(gates: np.ndarray, scheme: WeightScheme = "count") -> np.
         return np.ones_like(g)
     if scheme == "gate":
         return g.copy()
-    s = g.sum(axis=1, keepdims=True)  # normalized_gate
-    out = g / np.where(s > 0, s, 1.0)
-    out[s[:, 0] == 0] = 1.0 / g.shape[1]
+    s = g[:, 0].copy()  # normalized_gate; summed column by column (numpy's axis-1 sum is slow for small K)
+    for j in range(1, g.shape[1]):
+        s += g[:, j]
+    out = g / np.where(s > 0, s, 1.0)[:, None]
+    out[s == 0] = 1.0 / g.shape[1]
     return out
 
 
@@ -126,8 +128,10 @@ def dense_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids usually do) and a sort otherwise."""
     lo, hi = int(ids.min()), int(ids.max())
     if hi - lo <= 4 * ids.size + 1024:
-        shifted = ids - lo
+        shifted = ids - lo if lo else ids
         present = np.bincount(shifted, minlength=hi - lo + 1) > 0
+        if present.all():  # already dense: the ranks are the shifted ids (copied: never the input)
+            return np.arange(lo, hi + 1), shifted.astype(np.int64, copy=not lo)
         rank = np.cumsum(present) - 1
         return np.flatnonzero(present) + lo, rank[shifted]
     uniq, inverse = np.unique(ids, return_inverse=True)

@@ -44,6 +44,12 @@ __all__ = [
 Variant = Literal["top1", "overlap"]
 
 
+# Slot comparisons run column by column up to this many elementwise passes over the records (K = 8
+# for distinct ids, K = 5 for consecutive sets): numpy's sort or broadcast along a short axis 1 is
+# several times slower than that many passes.
+_PAIRWISE_MAX_PASSES = 28
+
+
 def _distinct_experts(experts: np.ndarray, n_experts: int | None = None, name: str = "experts") -> np.ndarray:
     """Expert ids [N, K] int64, checked to be distinct within each token (as top-k ids are)."""
     a = np.asarray(experts)
@@ -53,10 +59,14 @@ def _distinct_experts(experts: np.ndarray, n_experts: int | None = None, name: s
         raise ValueError(f"{name} must be a non-empty [N, K] array, got shape {np.shape(experts)}")
     e = int(a.max()) + 1 if n_experts is None else n_experts
     a = as_experts(a, a.shape[0], e)
-    if a.shape[1] > 1:
+    k = a.shape[1]
+    if k * (k - 1) // 2 <= _PAIRWISE_MAX_PASSES:
+        repeated = any(np.any(a[:, i] == a[:, j]) for i, j in combinations(range(k), 2))
+    else:
         s = np.sort(a, axis=1)
-        if np.any(s[:, 1:] == s[:, :-1]):
-            raise ValueError(f"{name}: a token lists the same expert twice; top-k ids must be distinct")
+        repeated = bool(np.any(s[:, 1:] == s[:, :-1]))
+    if repeated:
+        raise ValueError(f"{name}: a token lists the same expert twice; top-k ids must be distinct")
     return a
 
 
@@ -204,10 +214,18 @@ def consecutive_expert_rate(
         if p.shape != (n,):
             raise ValueError(f"positions must be [N={n}], got shape {p.shape}")
         same &= p[1:] == p[:-1] + 1
-    if not same.any():
+    n_pairs = int(np.count_nonzero(same))
+    if not n_pairs:
         return float("nan")
-    nxt, prev = sets[1:][same], sets[:-1][same]
-    return float((nxt[:, :, None] == prev[:, None, :]).any(axis=(1, 2)).mean())
+    k = sets.shape[1]
+    if k * k > _PAIRWISE_MAX_PASSES:  # many slots: one [pairs, K, K] comparison
+        nxt, prev = sets[1:][same], sets[:-1][same]
+        return float((nxt[:, :, None] == prev[:, None, :]).any(axis=(1, 2)).mean())
+    routed_alike = np.zeros(n - 1, dtype=bool)
+    for i in range(k):
+        for j in range(k):
+            routed_alike |= sets[1:, i] == sets[:-1, j]
+    return float(np.count_nonzero(routed_alike & same) / n_pairs)
 
 
 def _subset_mass_squares(sets: np.ndarray, size: int) -> float:

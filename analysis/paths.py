@@ -232,7 +232,12 @@ def _ids_from_symbols(layer_symbols: Sequence[np.ndarray], n_experts: int) -> tu
             if span * radix > limit:
                 uniq, ids = dense_index(ids)
                 span = int(uniq.size)
-            ids = ids * radix + (column + 1)
+            if span == 1:
+                ids = column + 1
+            else:
+                ids *= radix
+                ids += column
+                ids += 1
             span *= radix
     uniq, ids = dense_index(ids)
     return ids.reshape(-1).astype(np.int64, copy=False), int(uniq.size)
@@ -281,6 +286,16 @@ def _doc_path_table(
     records shares."""
     doc_ids, doc_of, doc_domain = docs
     m = doc_ids.size
+    if m * n_paths <= ids.size:  # the whole [M, P] table is no larger than the records: one pass
+        full = np.bincount(doc_of * n_paths + ids, minlength=m * n_paths).reshape(m, n_paths)
+        shared_paths = np.count_nonzero(full, axis=0) >= 2
+        private_total = full[:, ~shared_paths].sum(axis=1)  # [M] each document's private paths, merged
+        private_docs = np.flatnonzero(private_total)
+        n_shared = int(shared_paths.sum())
+        table = np.zeros((m, n_shared + private_docs.size))
+        table[:, :n_shared] = full[:, shared_paths]
+        table[private_docs, n_shared + np.arange(private_docs.size)] = private_total[private_docs]
+        return DocCounts(doc_ids, doc_domain, table), table.shape[1]
     pairs, _ = dense_index(ids * m + doc_of)  # distinct (path, document) pairs
     docs_per_path = np.bincount(pairs // m, minlength=n_paths)
     shared = docs_per_path >= 2
@@ -515,11 +530,14 @@ def path_information(
     layer_results: list[LayerInformation] = []
     if per_layer:
         for i in chosen:
-            lid, n_sym = _ids_from_symbols([symbols[i]], n_experts)
+            lid, n_sym = _ids_from_symbols([symbols.pop(i)], n_experts)
             lspec, lbits, lbits_mm, _, _ = _table_information(
                 lid, n_sym, docs_index, n_domains, n_permutations, n_bootstrap, confidence, copy.deepcopy(nmi_rng)
             )
             layer_results.append(LayerInformation(i, lspec, lbits, lbits_mm, n_sym))
+            del lid
+    # Every [N] array the held-out fit below does not read is dropped first: it needs the memory more.
+    del symbols
 
     held: HeldoutInformation | None = None
     note: str | None = None

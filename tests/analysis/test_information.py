@@ -382,3 +382,25 @@ def test_numpy_modules_do_not_load_torch():
     ]
     code = f"import sys\nimport {', '.join(modules)}\nassert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.array([3, 1, 3, 0, 2, 1]),  # dense from 0
+        np.array([7, 5, 6, 5, 7]),  # dense, offset
+        np.array([-1, 4, 4, 9, -1, 2]),  # gaps and a negative id
+        np.array([10**12, 5, 10**12, 17]),  # span far beyond the size: the sort path
+        np.array([2, 0, 1], dtype=np.int32),
+        np.array([4]),
+    ],
+)
+def test_dense_index_equals_np_unique(ids):
+    uniq, inverse = info.dense_index(ids)
+    ref_uniq, ref_inverse = np.unique(ids, return_inverse=True)
+    np.testing.assert_array_equal(uniq, ref_uniq)
+    np.testing.assert_array_equal(inverse, ref_inverse.reshape(-1))
+    assert inverse.dtype == np.int64
+    before = ids.copy()
+    inverse[:] = -5  # the inverse never shares memory with the input
+    np.testing.assert_array_equal(ids, before)

@@ -111,6 +111,12 @@ def test_coactivation():
     assert np.all(np.isnan(unused[2])) and unused[0, 1] == 1.0
     with pytest.raises(ValueError, match="distinct"):
         coactivation(np.array([[1, 1]]), 3)
+    for k in (3, 12):  # a repeat in the last two of K slots, checked pairwise (K = 3) or sorted (K = 12)
+        ids = np.tile(np.arange(k), (5, 1))
+        ids[3, -1] = ids[3, -2]
+        with pytest.raises(ValueError, match="distinct"):
+            coactivation(ids, k)
+        assert np.isfinite(coactivation(np.tile(np.arange(k), (5, 1)), k)[0, 1])
 
 
 # ----------------------------------------------------------------------------- Mixtral
@@ -125,10 +131,11 @@ def naive_consecutive(experts, doc, top1):
     return hits / pairs
 
 
-def test_consecutive_rate_matches_naive_loop():
+@pytest.mark.parametrize("k", [2, 7])  # column-by-column comparison and the [pairs, K, K] one
+def test_consecutive_rate_matches_naive_loop(k):
     rng = np.random.default_rng(4)
     n = 800
-    experts = uniform_topk(rng, n, 8, 2)
+    experts = uniform_topk(rng, n, 8 if k == 2 else 16, k)
     sticky = rng.random(n) < 0.5
     experts[1:][sticky[1:]] = experts[:-1][sticky[1:]]  # some repetition along the stream (chained)
     doc = np.repeat(np.arange(40), 20)

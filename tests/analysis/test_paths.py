@@ -224,6 +224,41 @@ def test_merged_table_keeps_shared_paths_and_one_column_per_document():
         doc_path_counts(ids, 5, doc, np.array([0, 1, 0, 1, 1, 0, 1]), 2)
 
 
+def naive_merged_table(ids, n_paths, doc, domain):
+    """The merged document x path table by a loop over paths: shared paths in path order, then one
+    column per document (in document order) holding its paths seen in no other document."""
+    docs = np.unique(doc)
+    row = {d: i for i, d in enumerate(docs)}
+    shared, private = [], np.zeros(docs.size)
+    for p in range(n_paths):
+        column = np.zeros(docs.size)
+        for d, i in row.items():
+            column[i] = np.count_nonzero((ids == p) & (doc == d))
+        if np.count_nonzero(column) >= 2:
+            shared.append(column)
+        else:
+            private += column
+    has = np.flatnonzero(private)
+    merged = np.zeros((docs.size, has.size))
+    merged[has, np.arange(has.size)] = private[has]
+    return docs, np.column_stack(shared + [merged]) if shared else merged
+
+
+@pytest.mark.parametrize("tokens_per_doc", [3, 400])  # docs x paths above and below the records
+def test_merged_table_equals_a_loop_over_paths(tokens_per_doc):
+    rng = np.random.default_rng(tokens_per_doc)
+    n_docs, n_paths = 12, 30
+    doc = np.repeat(rng.permutation(100)[:n_docs], tokens_per_doc)
+    domain = np.repeat(np.arange(n_docs) % 3, tokens_per_doc)
+    ids = (rng.zipf(1.5, doc.size) - 1) % n_paths  # a few common paths, a tail of rare ones
+    docs, n_columns = doc_path_counts(ids, n_paths, doc, domain, 3)
+    ref_docs, ref = naive_merged_table(ids, n_paths, doc, domain)
+    np.testing.assert_array_equal(docs.doc_ids, ref_docs)
+    np.testing.assert_array_equal(docs.counts, ref)
+    assert n_columns == ref.shape[1]
+    assert docs.counts.dtype == np.float64
+
+
 # ----------------------------------------------------------------------------- planted structure
 def xor_records(seed: int, docs_per_domain: int = 20, doc_len: int = 48):
     """Two layers of 4 experts: layer 0 routes a token to b + 2 h0, layer 1 to (b XOR domain bit)
