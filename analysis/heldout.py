@@ -271,6 +271,7 @@ def heldout_conditional_information(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     rng: RngLike,
+    docs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> HeldoutInformation:
     """Cross-fitted domain information beyond the context, bits per assignment, with a
     domain-stratified document bootstrap.
@@ -288,8 +289,10 @@ def heldout_conditional_information(
 
     domain [N] in [0, G); doc [N] document ids (one domain each); experts [N, K] (every slot is one
     assignment, as the package's tables count them); weights [N, K] or None (1 each; 0 for a dropped
-    slot). Deterministic given `rng`. Domain-blind routing (including per-document preferences that
-    do not depend on the domain) gives an estimate <= 0 in expectation.
+    slot). docs: `analysis.information.doc_index(doc, domain)` of these records when the caller has
+    it already (then `doc` is not read again). Deterministic given `rng`. Domain-blind routing
+    (including per-document preferences that do not depend on the domain) gives an estimate <= 0 in
+    expectation.
     """
     d = as_labels("domain", domain, n_domains)
     n = d.size
@@ -307,7 +310,9 @@ def heldout_conditional_information(
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if not smoothing > 0:
         raise ValueError(f"smoothing must be > 0, got {smoothing}")
-    doc_ids, doc_of, doc_domain = doc_index(doc, d)
+    doc_ids, doc_of, doc_domain = doc_index(doc, d) if docs is None else docs
+    if doc_of.shape != (n,):
+        raise ValueError(f"docs must be doc_index(doc, domain) of these N={n} records, got {doc_of.shape[0]} rows")
     m = doc_ids.size
     per_domain = np.bincount(doc_domain, minlength=n_domains)
     if per_domain[per_domain > 0].min() < 2:
@@ -362,22 +367,10 @@ def heldout_conditional_information(
         # A test cell is one (context, domain) pair, so the gain's normalizer is computed once per cell.
         cell_gain[test] = _log_gain(q, cell_ctx[test], cell_dom[test], beta) / np.log(2.0)
         cell_scored[test] = True
-    # Per document: the gains and the scored assignments, through two reused [N] buffers (1e7 records:
-    # 80 MB each; fresh temporaries per slot would grow the heap, and new pages cost more than the gathers).
-    flat_gain = cell_gain.reshape(-1)
-    at = np.empty(n, dtype=np.int64)
+    # Per document: the scored assignments, then the gains slot by slot. One [N] float buffer and
+    # cell_of turned in place into each slot's index of the flattened [cells, E] table: at 1e7
+    # records every [N] temporary is 80 MB, and fresh pages cost more than the passes.
     buf = np.empty(n)
-    gain = np.zeros(n)
-    for j in range(ex.shape[1]):
-        np.multiply(cell_of, e_n, out=at)
-        at += ex[:, j]
-        np.take(flat_gain, at, out=buf)
-        if w is not None:
-            buf *= w[:, j]
-        gain += buf
-    del at
-    doc_gain = np.bincount(doc_of, weights=gain, minlength=m)
-    del gain
     if w is None:
         buf.fill(float(ex.shape[1]))
     else:
@@ -386,7 +379,18 @@ def heldout_conditional_information(
             buf += w[:, j]
     buf *= cell_scored[cell_of]  # a record's assignments count where its cell is scored
     doc_weight = np.bincount(doc_of, weights=buf, minlength=m)
-    del buf
+    flat_gain = cell_gain.reshape(-1)
+    doc_gain = np.zeros(m)
+    index = cell_of
+    index *= e_n
+    for j in range(ex.shape[1]):
+        index += ex[:, j]
+        np.take(flat_gain, index, out=buf)
+        index -= ex[:, j]
+        if w is not None:
+            buf *= w[:, j]
+        doc_gain += np.bincount(doc_of, weights=buf, minlength=m)
+    del buf, index, cell_of
     scored_weight = np.where(cell_scored, cell_weight, 0.0)
     total = float(doc_weight.sum())
     if not total > 0:

@@ -567,6 +567,7 @@ def path_information(
                 n_resamples=max(n_bootstrap, 200),
                 confidence=confidence,
                 rng=cmi_rng,
+                docs=docs_index,
             )
         except TooFewRecords as exc:  # not measurable here: report None with the reason
             note = str(exc)

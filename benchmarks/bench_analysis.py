@@ -145,8 +145,10 @@ def main() -> None:
 
     print("extras:")
     with timed("gate-weighted doc table", log):
-        w = assignment_weights(r["gates"], "normalized_gate")
-        doc_expert_counts(r["doc"], r["domain"], r["experts"], d, e, weights=w)
+        # not bound to a name: an [N, K] array kept alive here would only crowd the later measures
+        doc_expert_counts(
+            r["doc"], r["domain"], r["experts"], d, e, weights=assignment_weights(r["gates"], "normalized_gate")
+        )
     with timed("OLMoE domain specialization + co-activation", log):
         spec = domain_specialization(joint, k)
         coact = coactivation(r["experts"], e)

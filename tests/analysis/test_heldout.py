@@ -12,7 +12,7 @@ from analysis.heldout import (
     document_folds,
     heldout_conditional_information,
 )
-from analysis.information import conditional_mutual_information, entropy, token_domain_expert_counts
+from analysis.information import conditional_mutual_information, doc_index, entropy, token_domain_expert_counts
 
 D, E, K = 3, 6, 2
 
@@ -118,6 +118,11 @@ def test_deterministic_and_validated():
         heldout(token, domain, one_doc, experts)
     with pytest.raises(TypeError, match="rng"):
         heldout_conditional_information(context_keys(token), domain, doc, experts, D, E, rng=None)
+    # a document index the caller already has gives the same result; one of other records is refused
+    c = heldout(token, domain, doc, experts, seed=5, docs=doc_index(doc, domain))
+    assert (c.estimate, c.ci_low, c.p_value) == (a.estimate, a.ci_low, a.p_value)
+    with pytest.raises(ValueError, match="docs must be doc_index"):
+        heldout(token, domain, doc, experts, docs=doc_index(doc[:-5], domain[:-5]))
 
 
 def test_bigram_context_nests_in_the_token_context():
