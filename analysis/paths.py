@@ -508,7 +508,7 @@ def path_information(
     and a G x P offset table, so it is skipped above `max_heldout_paths` distinct paths: `heldout` is
     then None and `heldout_note` says so (likewise when no context is seen often enough,
     `TooFewRecords`). Its memory grows linearly with the paths: the whole measure on 1e5 tokens with
-    2,000 token contexts (2-core CPU) took 0.17 s at 64 paths, 0.34 s (0.26 GB peak) at 256 and
+    2,000 token contexts (2-core CPU) took 0.17 s at 64 paths, 0.34 s (process peak 0.26 GB) at 256 and
     1.2 s (0.69 GB) at 784. rng: a Generator or int seed; the result is deterministic given it.
     """
     check_choice("mode", mode, MODES)
