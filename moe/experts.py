@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe.dispatch import CPU_MAX_PADDING, combine, gather_rows, permute
+from moe.dispatch import CPU_MAX_PADDING, ExpertBucket, combine, cpu_buckets, gather_rows, permute
 from moe.routing import Routing
 from moe.validation import check_choice
 
@@ -129,6 +129,64 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     return _LoopGroupedMM.apply(x_AI, w_EIO, counts_E.tolist())
 
 
+def padded_mm(x_PI: Tensor, w_EIO: Tensor, buckets: tuple[ExpertBucket, ...]) -> Tensor:
+    """Per-expert matmul over the padded layout (`moe.dispatch`): x_PI [P, I] holds each bucket's
+    experts side by side, C_b rows each; w_EIO [E, I, O]. Returns [P, O].
+
+    One bucket is every expert in id order: one batched matmul on the weights as they are. Several
+    buckets run one batched matmul each on their experts' weights, gathered (`_BucketedMM`)."""
+    if len(buckets) == 1:
+        return torch.bmm(x_PI.view(w_EIO.shape[0], buckets[0].capacity, -1), w_EIO).view(x_PI.shape[0], -1)
+    return _BucketedMM.apply(x_PI, w_EIO, buckets)
+
+
+class _BucketedMM(torch.autograd.Function):
+    """Batched matmuls per bucket written straight into one output, and a weight gradient built in
+    place: autograd through `w[experts]` gathers would add a zero-filled [E, I, O] gradient per
+    bucket, and concatenating the buckets' outputs would copy the [P, O] result."""
+
+    @staticmethod
+    def forward(ctx, x_PI: Tensor, w_EIO: Tensor, buckets: tuple[ExpertBucket, ...]) -> Tensor:
+        weights = [w_EIO.index_select(0, b.experts) for b in buckets]
+        ctx.save_for_backward(x_PI, *weights)
+        ctx.buckets = buckets
+        ctx.weight_shape = w_EIO.shape
+        out = x_PI.new_empty(x_PI.shape[0], w_EIO.shape[2])
+        for rows, b, w in zip(_bucket_rows(buckets), buckets, weights):
+            n = b.experts.numel()
+            torch.bmm(x_PI[rows].view(n, b.capacity, -1), w, out=out[rows].view(n, b.capacity, -1))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_PO: Tensor):
+        x_PI, *weights = ctx.saved_tensors
+        grad_PO = grad_PO.contiguous()  # the buckets' rows are viewed as [n, C_b, O] blocks
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_PO.new_empty(x_PI.shape)
+            for rows, b, w in zip(_bucket_rows(ctx.buckets), ctx.buckets, weights):
+                n = b.experts.numel()
+                g = grad_PO[rows].view(n, b.capacity, -1)
+                torch.bmm(g, w.transpose(1, 2), out=grad_x[rows].view(n, b.capacity, -1))
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_PO.new_empty(ctx.weight_shape)  # every expert lies in exactly one bucket
+            for rows, b in zip(_bucket_rows(ctx.buckets), ctx.buckets):
+                n = b.experts.numel()
+                x = x_PI[rows].view(n, b.capacity, -1)
+                grad_w.index_copy_(0, b.experts, torch.bmm(x.transpose(1, 2), grad_PO[rows].view(n, b.capacity, -1)))
+        return grad_x, grad_w, None
+
+
+def _bucket_rows(buckets: tuple[ExpertBucket, ...]):
+    """The row slice of each bucket in the padded layout, in order."""
+    start = 0
+    for b in buckets:
+        end = start + b.experts.numel() * b.capacity
+        yield slice(start, end)
+        start = end
+
+
 class GroupedExperts(nn.Module):
     """The native experts backend: E experts with stacked weights w_in [E, D, n*F] and w_out
     [E, F, D], and their dispatch (`moe.dispatch`): `forward(x_TD, routing)` groups the kept
@@ -160,28 +218,32 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Tokens x_TD [T, D] and their routing -> sum over kept slots of gate * expert(x) [T, D]."""
         # Grouped matmul kernels on CUDA want the ragged layout; on the CPU padding is cheaper while small.
-        dispatch = permute(routing, max_padding=None if x_TD.is_cuda else CPU_MAX_PADDING)
-        y_PD = self.compute_rows(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity)
+        if x_TD.is_cuda:
+            dispatch = permute(routing, max_padding=None)
+        else:
+            dispatch = permute(routing, max_padding=CPU_MAX_PADDING, buckets=cpu_buckets(self.num_experts))
+        y_PD = self.compute_rows(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.buckets)
         return combine(y_PD, dispatch, x_TD.shape[0])
 
-    def compute_rows(self, x_PD: Tensor, gate_P: Tensor, counts_E: Tensor, capacity: int | None = None) -> Tensor:
+    def compute_rows(
+        self, x_PD: Tensor, gate_P: Tensor, counts_E: Tensor, buckets: tuple[ExpertBucket, ...] | None = None
+    ) -> Tensor:
         """Expert rows [P, D], gate weights [P] -> gated outputs gate * expert(x) [P, D].
 
-        With `capacity` C the rows are E padded groups of C (P = E*C) and run as one batched
-        matmul; without it they are ragged groups of `counts_E` rows (P = A).
+        With `buckets` the rows are the padded layout (`moe.dispatch`): each bucket's experts side by
+        side with C_b rows each, one batched matmul per bucket; without them they are ragged groups of
+        `counts_E` rows (P = A).
         """
         x_PD = x_PD.to(compute_dtype(x_PD))  # bf16 under CUDA autocast: the torch._grouped_mm path
         w_in, w_out = self.w_in.to(x_PD.dtype), self.w_out.to(x_PD.dtype)
         gate_P1 = gate_P.to(x_PD.dtype).unsqueeze(-1)
         # The gate is linear in the output, so scale whichever of hidden (F) and output (D) is narrower.
         gate_hidden = w_out.shape[1] < w_out.shape[2]
-        n_experts = w_in.shape[0]  # the experts held here (this rank's, under expert parallelism)
-        if capacity is not None:
-            h_PF = activate(torch.bmm(x_PD.view(n_experts, capacity, -1), w_in), self.activation)
-            h_PF = h_PF.view(x_PD.shape[0], -1)
+        if buckets is not None:
+            h_PF = activate(padded_mm(x_PD, w_in, buckets), self.activation)
             if gate_hidden:
                 h_PF = h_PF * gate_P1
-            y_PD = torch.bmm(h_PF.view(n_experts, capacity, -1), w_out).view(x_PD.shape)
+            y_PD = padded_mm(h_PF, w_out, buckets)
         else:
             h_PF = activate(grouped_mm(x_PD, w_in, counts_E), self.activation)
             if gate_hidden:

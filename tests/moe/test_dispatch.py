@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe.dispatch import combine, gather_rows, permute
+from moe.dispatch import combine, cpu_buckets, gather_rows, load_buckets, permute
 from moe.experts import GroupedExperts, activate
 from moe.routing import Routing
 
@@ -23,22 +23,24 @@ def make_routing(drop: bool, skew: bool):
 
 
 @pytest.mark.parametrize("F", [4, 10])  # gate applied on the hidden (F < D) or on the output
-@pytest.mark.parametrize("max_padding", [None, 1.0, 100.0])
+@pytest.mark.parametrize(
+    "max_padding, buckets", [(None, 1), (1.0, 1), (100.0, 1), (100.0, 2), (100.0, 4)]
+)  # ragged; padded if cheap; padded in 1, 2 (3 experts each) or 4 (2 or 1 each) buckets
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("skew", [False, True])
-def test_layouts_match_naive_loop(max_padding, drop, skew, F):
+def test_layouts_match_naive_loop(max_padding, buckets, drop, skew, F):
     torch.manual_seed(1)
     routing = make_routing(drop, skew)
     experts = GroupedExperts(D, F, E).double()
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
-    dispatch = permute(routing, max_padding=max_padding)
+    dispatch = permute(routing, max_padding=max_padding, buckets=buckets)
     if max_padding is None:
-        assert dispatch.capacity is None
+        assert dispatch.buckets is None
     if max_padding == 100.0:
-        assert dispatch.capacity is not None
+        assert dispatch.buckets is not None and len(dispatch.buckets) == buckets
     assert int(dispatch.counts.sum()) == int(routing.kept.sum())
     y = combine(
-        experts.compute_rows(gather_rows(x, dispatch), dispatch.row_gate, dispatch.counts, dispatch.capacity),
+        experts.compute_rows(gather_rows(x, dispatch), dispatch.row_gate, dispatch.counts, dispatch.buckets),
         dispatch,
         T,
     )
@@ -97,3 +99,19 @@ def test_grouped_mm_loop_gradients_with_an_empty_expert():
     assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, counts), (x, w))
     grouped_mm(x, w, counts).sum().backward()
     assert torch.equal(w.grad[1], torch.zeros(4, 2, dtype=torch.float64))
+
+
+def test_load_buckets_partition_the_experts_by_load():
+    counts = torch.tensor([5, 9, 0, 7, 7, 2, 11, 4])
+    buckets = load_buckets(counts, 3)
+    ids = torch.cat([b.experts for b in buckets])
+    assert sorted(ids.tolist()) == list(range(8))  # every expert exactly once
+    loads = [counts[b.experts] for b in buckets]
+    assert [b.capacity for b in buckets] == [int(c.max()) for c in loads]
+    assert all(int(a.max()) <= int(b.min()) for a, b in zip(loads, loads[1:]))  # consecutive load ranks
+    assert all(torch.equal(b.experts, torch.sort(b.experts).values) for b in buckets)
+    rows = sum(b.experts.numel() * b.capacity for b in buckets)
+    assert rows < 8 * 11  # fewer pad rows than one bucket of the largest load
+    (one,) = load_buckets(counts, 1)
+    assert torch.equal(one.experts, torch.arange(8)) and one.capacity == 11
+    assert cpu_buckets(8) == 1 and cpu_buckets(64) == 4
