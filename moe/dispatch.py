@@ -85,10 +85,6 @@ class Dispatch:
     buckets: tuple[ExpertBucket, ...] | None
     slot_row: Tensor | None = None
 
-    @property
-    def padded(self) -> bool:
-        return self.buckets is not None
-
 
 def permute(routing: Routing, max_padding: float | None = 1.0, buckets: int = 1) -> Dispatch:
     """Group kept assignments by expert (stable sort, so ties keep token order).

@@ -8,6 +8,8 @@ a dense MLP's weights computes the same function (the twins differ in exactly on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -178,7 +180,7 @@ class _BucketedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def _bucket_rows(buckets: tuple[ExpertBucket, ...]):
+def _bucket_rows(buckets: tuple[ExpertBucket, ...]) -> Iterator[slice]:
     """The row slice of each bucket in the padded layout, in order."""
     start = 0
     for b in buckets:
