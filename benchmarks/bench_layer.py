@@ -148,7 +148,15 @@ def main() -> None:
         # Timed apart, after the others: interleaved, its tens of GB of traffic slow the others too.
         results.update(timed(slow, x, min(args.repeats, 3)) if slow else {})
         base = results["dense (width k*f)"]
-        print(f"\nE={cfg.num_experts} k={cfg.top_k} d={d_model} f={cfg.expert_width}")
+        with torch.no_grad():
+            native = layer.experts.dispatch(layer.router(x), cuda=False)
+        kept = int(native.counts.sum())
+        layout = (
+            "ragged"
+            if native.buckets is None
+            else f"padded in {len(native.buckets)} bucket(s), {native.row_token.numel() / kept - 1:.1%} extra rows"
+        )
+        print(f"\nE={cfg.num_experts} k={cfg.top_k} d={d_model} f={cfg.expert_width}; native layout: {layout}")
         for name, seconds in results.items():
             print(f"  {name:28s} {seconds * 1e3:8.1f} ms   {seconds / base:5.2f}x dense")
         hf_times = {name: t for name, t in results.items() if name.startswith("HF ")}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe.dispatch import CPU_MAX_PADDING, ExpertBucket, combine, cpu_buckets, gather_rows, permute
+from moe.dispatch import CPU_MAX_PADDING, Dispatch, ExpertBucket, combine, cpu_buckets, gather_rows, permute
 from moe.routing import Routing
 from moe.validation import check_choice
 
@@ -219,13 +219,16 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """Tokens x_TD [T, D] and their routing -> sum over kept slots of gate * expert(x) [T, D]."""
-        # Grouped matmul kernels on CUDA want the ragged layout; on the CPU padding is cheaper while small.
-        if x_TD.is_cuda:
-            dispatch = permute(routing, max_padding=None)
-        else:
-            dispatch = permute(routing, max_padding=CPU_MAX_PADDING, buckets=cpu_buckets(self.num_experts))
+        dispatch = self.dispatch(routing, x_TD.is_cuda)
         y_PD = self.compute_rows(gather_rows(x_TD, dispatch), dispatch.row_gate, dispatch.counts, dispatch.buckets)
         return combine(y_PD, dispatch, x_TD.shape[0])
+
+    def dispatch(self, routing: Routing, cuda: bool) -> Dispatch:
+        """The layout `forward` runs the routing in: ragged on CUDA (grouped matmul kernels want it);
+        on the CPU padded, in load buckets, while that costs few extra rows."""
+        if cuda:
+            return permute(routing, max_padding=None)
+        return permute(routing, max_padding=CPU_MAX_PADDING, buckets=cpu_buckets(self.num_experts))
 
     def compute_rows(
         self, x_PD: Tensor, gate_P: Tensor, counts_E: Tensor, buckets: tuple[ExpertBucket, ...] | None = None
