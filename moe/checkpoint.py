@@ -187,6 +187,47 @@ def verify_checkpoint(path: str | Path) -> None:
         )
 
 
+DIRECTORY_DIGESTS = "files.sha256"  # in a sharded checkpoint: "<sha256> <bytes> <name>" per file
+
+
+def write_directory_digests(directory: Path) -> None:
+    """Record the SHA-256 and size of every file in a checkpoint directory (`DIRECTORY_DIGESTS`),
+    so that a shard damaged or truncated after writing is found before its bytes are loaded: the
+    tensors in torch.distributed.checkpoint's files carry no checksum of their own."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != DIRECTORY_DIGESTS)
+    lines = "".join(f"{_sha256(directory / n)} {(directory / n).stat().st_size} {n}\n" for n in names)
+    _write_atomic(directory / DIRECTORY_DIGESTS, lambda f: f.write(lines.encode()))
+
+
+def verify_directory(directory: Path) -> None:
+    """Check every file a checkpoint directory's digest record names (CheckpointError naming the
+    files that are missing, of another size or another digest). A directory written before digests
+    were recorded passes unchecked."""
+    record = directory / DIRECTORY_DIGESTS
+    if not record.is_file():
+        return
+    bad = []
+    for line in record.read_text().splitlines():
+        try:
+            want, size, name = line.split(" ", 2)
+            int(size)
+        except ValueError as exc:
+            raise CheckpointError(f"the digest file {record} is malformed") from exc
+        path = directory / name
+        if not path.is_file():
+            bad.append(f"{name} is missing")
+        elif path.stat().st_size != int(size):
+            bad.append(f"{name} has {path.stat().st_size} bytes, {size} when written")
+        elif _sha256(path) != want:
+            bad.append(f"{name} does not match its digest")
+    if bad:
+        raise CheckpointError(
+            f"sharded checkpoint {directory} was modified or damaged after writing ({'; '.join(bad)}; "
+            f"see {record.name}). Delete it to resume from the previous checkpoint in {directory.parent}, "
+            "or start a new run directory."
+        )
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False, tensors: bool = True
 ) -> dict[str, Any]:
@@ -214,6 +255,7 @@ def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict[str, Any]:
             f"sharded checkpoint {path} lacks {', '.join(missing)}: it is incomplete or damaged. Delete it to "
             f"resume from the previous checkpoint in {path.parent}, or start a new run directory."
         )
+    verify_directory(path)
     state = safe_load(path / TRAINER_FILE)
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path / TRAINER_FILE} is not a moe-specialization trainer state (no step entry)")

@@ -9,6 +9,7 @@ experts, replicated tensors written once):
         .metadata, __<rank>_0.distcp   torch.distributed.checkpoint's files: model and optimizer
         trainer.pt                     the rest of the step's state (step, data position, RNG,
                                        fingerprint, config), as in a consolidated checkpoint
+        files.sha256                   each file's SHA-256 and size, checked before a load
 
 Expert-parallel weights are saved as what they are, row blocks of the layer's [E, ...] tensors (a
 DTensor on the (dp, ep) mesh: replicated over dp, sharded over ep), so the saved tensors have the
@@ -81,7 +82,12 @@ def save_sharded(path: Path, state: dict[str, Any], trainer_state: dict[str, Any
         with _quiet_single_process():
             dcp.save(state, checkpoint_id=tmp, no_dist=not ctx.enabled)
         if ctx.is_main:
+            from moe.checkpoint import write_directory_digests
+
             torch.save(trainer_state, tmp / TRAINER_FILE)
+            # dcp.save returns once every rank's files are written (rank 0 writes .metadata last),
+            # so rank 0 can read them all back, from the page cache in the usual case.
+            write_directory_digests(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

@@ -135,6 +135,33 @@ def test_incomplete_sharded_checkpoint_is_named_and_skipped(compose_train, tmp_p
         make_trainer(cfg, tmp_path).fit()
 
 
+def test_damaged_shard_is_found_by_its_digest_before_loading(compose_train, tmp_path):
+    """torch.distributed.checkpoint's files carry no checksum: a flipped byte in a shard would load
+    as a silently different weight. The digests recorded at writing name the file; the resume falls
+    back to the checkpoint before, and the analysis's whole read refuses it."""
+    cfg = compose_train(
+        *SMOKE, "trainer.parallel.checkpoint=sharded", "trainer.checkpoint_every=2", "trainer.keep_last=3"
+    )
+    make_trainer(cfg, tmp_path).fit()
+    checkpoints = list_checkpoints(tmp_path / "models" / "moe" / "checkpoints")
+    checkpoints[-1].unlink()  # the final, consolidated one: resume from the sharded ones
+    newest = checkpoints[1]
+    record = (newest / "files.sha256").read_text()
+    shards = sorted(newest.glob("*.distcp"))
+    assert shards and all(p.name in record for p in [*shards, newest / ".metadata", newest / "trainer.pt"])
+    data = bytearray(shards[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    shards[0].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shards[0].name} does not match its digest"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match=r"(?s)resuming from .*step_00000002.dcp.*modified or damaged"):
+        make_trainer(cfg, tmp_path).fit()
+    shards = sorted(checkpoints[0].glob("*.distcp"))
+    shards[0].write_bytes(shards[0].read_bytes()[:-10])  # truncated, as by an interrupted copy
+    with pytest.raises(CheckpointError, match=r"has \d+ bytes, \d+ when written"):
+        load_checkpoint(checkpoints[0])
+
+
 def test_a_sharded_checkpoint_that_cannot_be_written_names_the_directory_and_the_fix(
     compose_train, tmp_path, monkeypatch
 ):
