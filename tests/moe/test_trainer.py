@@ -36,9 +36,37 @@ def test_lr_schedule_warms_up_then_decays_to_min(compose_train):
 
 @pytest.mark.parametrize(
     "overrides",
-    [(), ("router=sigmoid", "balance=aux_free"), ("balance=global_batch",), ("trainer.parallel.checkpoint=sharded",)],
+    [
+        (),
+        ("router=sigmoid", "balance=aux_free"),
+        ("balance=global_batch",),
+        ("trainer.parallel.checkpoint=sharded",),
+    ],
 )
 def test_resume_continues_exactly(compose_train, tmp_path, overrides):
+    check_exact_resume(compose_train, tmp_path, overrides)
+
+
+def test_resume_continues_exactly_in_the_bucketed_padded_layout(compose_train, tmp_path, monkeypatch):
+    """32 experts, padding allowed however uneven the loads: every MoE step runs the CPU padded layout
+    in two load buckets (`moe.dispatch.load_buckets`), whose bucket membership changes step by step."""
+    import moe.experts
+
+    layouts = []
+    dispatch = moe.experts.GroupedExperts.dispatch
+
+    def spy(self, routing, cuda):
+        d = dispatch(self, routing, cuda)
+        layouts.append(None if d.buckets is None else len(d.buckets))
+        return d
+
+    monkeypatch.setattr(moe.experts, "CPU_MAX_PADDING", 100.0)
+    monkeypatch.setattr(moe.experts.GroupedExperts, "dispatch", spy)
+    check_exact_resume(compose_train, tmp_path, ("model.moe.num_experts=32",))
+    assert layouts and set(layouts) == {2}
+
+
+def check_exact_resume(compose_train, tmp_path, overrides):
     cfg = compose_train(*SMOKE, "trainer.checkpoint_every=100", *overrides)
     straight = tmp_path / "straight"
     make_trainer(cfg, straight).fit()
