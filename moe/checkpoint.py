@@ -179,12 +179,23 @@ def verify_checkpoint(path: str | Path) -> None:
         want, size = record.read_text().split()
     except ValueError as exc:
         raise CheckpointError(f"the digest file {record} is malformed") from exc
-    have_size = path.stat().st_size
-    if have_size != int(size) or _sha256(path) != want:
+    if _digest_problem(path, want, int(size)) is not None:
         raise CheckpointError(
             f"checkpoint {path} does not match the digest recorded when it was written "
             f"({record}): the file was modified or damaged after writing"
         )
+
+
+def _digest_problem(path: Path, want: str, size: int) -> str | None:
+    """What is wrong with `path` against its recorded SHA-256 and size (size first: no read), or None."""
+    if not path.is_file():
+        return "is missing"
+    have = path.stat().st_size
+    if have != size:
+        return f"has {have} bytes, {size} when written"
+    if _sha256(path) != want:
+        return "does not match its digest"
+    return None
 
 
 DIRECTORY_DIGESTS = "files.sha256"  # in a sharded checkpoint: "<sha256> <bytes> <name>" per file
@@ -213,13 +224,9 @@ def verify_directory(directory: Path) -> None:
             int(size)
         except ValueError as exc:
             raise CheckpointError(f"the digest file {record} is malformed") from exc
-        path = directory / name
-        if not path.is_file():
-            bad.append(f"{name} is missing")
-        elif path.stat().st_size != int(size):
-            bad.append(f"{name} has {path.stat().st_size} bytes, {size} when written")
-        elif _sha256(path) != want:
-            bad.append(f"{name} does not match its digest")
+        problem = _digest_problem(directory / name, want, int(size))
+        if problem is not None:
+            bad.append(f"{name} {problem}")
     if bad:
         raise CheckpointError(
             f"sharded checkpoint {directory} was modified or damaged after writing ({'; '.join(bad)}; "
