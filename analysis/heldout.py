@@ -36,14 +36,12 @@ domain, expert and context variables, not shapes.
 
 from __future__ import annotations
 
-import functools
-import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.information import dense_index, doc_index, entropy
+from analysis.information import dense_index, doc_index, entropy, slot_counts, sum_over_slots
 from analysis.statistics import stratified_doc_bootstrap
 from analysis.validation import RngLike, as_experts, as_labels, as_rng, as_weights
 
@@ -222,21 +220,6 @@ def _log_gain(q: np.ndarray, cell_ctx: np.ndarray, cell_dom: np.ndarray, beta: n
     return beta[cell_dom] - log_norm[:, None]
 
 
-def _slot_sum(per_slot: Iterable[np.ndarray]) -> np.ndarray:
-    """The elementwise sum of one array per routing slot (at least one); `sum()` would start from 0."""
-    return functools.reduce(operator.add, per_slot)
-
-
-def _tally(base: np.ndarray, experts: np.ndarray, weights: np.ndarray | None, size: int) -> np.ndarray:
-    """Flat table [size] float64 of the assignments' weights (1 each when `weights` is None) at
-    base [N] + expert, summed over the K slots of experts [N, K]. np.bincount per slot: np.add.at is
-    far slower on 1e7 records, and a [N * K] key array would double the peak memory."""
-    return _slot_sum(
-        np.bincount(base + experts[:, j], weights=None if weights is None else weights[:, j], minlength=size)
-        for j in range(experts.shape[1])
-    ).astype(np.float64, copy=False)
-
-
 def _training_counts(
     group: np.ndarray,
     n_groups: int,
@@ -251,7 +234,7 @@ def _training_counts(
     cell = fold * n_groups
     cell += group
     cell *= n_experts
-    c = _tally(cell, experts, weights, n_folds * n_groups * n_experts).reshape(n_folds, n_groups, n_experts)
+    c = slot_counts(cell, experts, weights, n_folds * n_groups * n_experts).reshape(n_folds, n_groups, n_experts)
     return c.sum(axis=0, keepdims=True) - c
 
 
@@ -343,7 +326,7 @@ def heldout_conditional_information(
     cell_fold = keys // (n_fine * n_domains)
     cell_ctx = keys // n_domains % n_fine
     cell_dom = keys % n_domains
-    cell_counts = _tally(cell_of * e_n, ex, w, n_cells * e_n).reshape(n_cells, e_n)
+    cell_counts = slot_counts(cell_of * e_n, ex, w, n_cells * e_n).reshape(n_cells, e_n)
     cell_weight = cell_counts.sum(axis=1)
     # bits per assignment of each (cell, expert), log2 q(e | c, d) / q(e | c); 0 where not scored
     cell_gain = np.zeros((n_cells, e_n))
@@ -370,13 +353,7 @@ def heldout_conditional_information(
     # Per document: the scored assignments, then the gains slot by slot. One [N] float buffer and
     # cell_of turned in place into each slot's index of the flattened [cells, E] table: at 1e7
     # records every [N] temporary is 80 MB, and fresh pages cost more than the passes.
-    buf = np.empty(n)
-    if w is None:
-        buf.fill(float(ex.shape[1]))
-    else:
-        np.copyto(buf, w[:, 0])
-        for j in range(1, ex.shape[1]):
-            buf += w[:, j]
+    buf = np.full(n, float(ex.shape[1])) if w is None else sum_over_slots(w)
     buf *= cell_scored[cell_of]  # a record's assignments count where its cell is scored
     doc_weight = np.bincount(doc_of, weights=buf, minlength=m)
     flat_gain = cell_gain.reshape(-1)

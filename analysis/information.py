@@ -49,6 +49,8 @@ __all__ = [
     "mutual_information_mm",
     "normalized_mutual_information",
     "normalized_mutual_information_mm",
+    "slot_counts",
+    "sum_over_slots",
     "token_domain_expert_counts",
 ]
 
@@ -88,11 +90,29 @@ def assignment_weights(gates: np.ndarray, scheme: WeightScheme = "count") -> np.
         return np.ones_like(g)
     if scheme == "gate":
         return g.copy()
-    s = g[:, 0].copy()  # normalized_gate; summed column by column (numpy's axis-1 sum is slow for small K)
-    for j in range(1, g.shape[1]):
-        s += g[:, j]
+    s = sum_over_slots(g)  # normalized_gate
     out = g / np.where(s > 0, s, 1.0)[:, None]
     out[s == 0] = 1.0 / g.shape[1]
+    return out
+
+
+def sum_over_slots(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Row sums [N] of per-slot values [N, K] (K >= 1), column by column: numpy's axis-1 sum is
+    several times slower for the few slots of a routing record. `out` [N] float64: write there."""
+    out = np.empty(values.shape[0]) if out is None else out
+    np.copyto(out, values[:, 0])
+    for j in range(1, values.shape[1]):
+        out += values[:, j]
+    return out
+
+
+def slot_counts(base: np.ndarray, experts: np.ndarray, weights: np.ndarray | None, size: int) -> np.ndarray:
+    """Flat table [size] float64 of the assignments' weights (1 each when `weights` is None) at
+    index base [N] + expert, over the K slots of experts [N, K]. One np.bincount per slot: np.add.at
+    is far slower on 1e7 records, and one [N * K] key array would double the peak memory."""
+    out = np.zeros(size, dtype=np.float64)
+    for j in range(experts.shape[1]):
+        out += np.bincount(base + experts[:, j], weights=None if weights is None else weights[:, j], minlength=size)
     return out
 
 
@@ -113,13 +133,7 @@ def contingency(
     lab = as_labels("labels", labels, n_labels)
     ex = as_experts(experts, lab.shape[0], n_experts)
     w = as_weights(weights, ex.shape)
-    size = int(n_labels) * int(n_experts)
-    out = np.zeros(size, dtype=np.float64)
-    base = lab * n_experts
-    # One bincount per top-k column keeps the temporary at N keys instead of N*K.
-    for j in range(ex.shape[1]):
-        out += np.bincount(base + ex[:, j], weights=None if w is None else w[:, j], minlength=size)
-    return out.reshape(n_labels, n_experts)
+    return slot_counts(lab * n_experts, ex, w, int(n_labels) * int(n_experts)).reshape(n_labels, n_experts)
 
 
 def dense_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,10 +207,7 @@ def doc_expert_counts(
 
     doc_ids, inv, doc_domain = doc_index(doc_a, d)
     m = doc_ids.size
-    counts = np.zeros(m * n_experts, dtype=np.float64)
-    base = inv * n_experts
-    for j in range(ex.shape[1]):
-        counts += np.bincount(base + ex[:, j], weights=None if w is None else w[:, j], minlength=m * n_experts)
+    counts = slot_counts(inv * n_experts, ex, w, m * n_experts)
     return DocCounts(doc_ids, doc_domain, counts.reshape(m, n_experts))
 
 
