@@ -48,7 +48,7 @@ from analysis.knockout_stats import cluster_mean_se
 from analysis.progress import progress
 from moe.data.batch import Batch
 from moe.experts import DenseMLP
-from moe.model import LanguageModel
+from moe.model import LanguageModel, LMOutput
 from moe.modes import eval_mode
 from moe.protocols import RoutedLayer, RoutedModel, moe_block_indices
 from moe.routing import RouteKeys, Routing
@@ -151,7 +151,7 @@ def domain_losses(model: RoutedModel, batches: Sequence[Batch], num_domains: int
     with eval_mode(model):
         for batch in batches:
             batch = batch.to(device)
-            loss = model(batch.tokens, batch.targets, batch.domain).require_token_loss().reshape(-1).double()
+            loss = _flat_losses(model(batch.tokens, batch.targets, batch.domain))
             dom = batch.domain.reshape(-1)
             total.index_add_(0, dom, loss)
             count.index_add_(0, dom, torch.ones_like(loss))
@@ -169,8 +169,13 @@ def token_losses(model: RoutedModel, batches: Sequence[Batch], *, seed: int = 0)
     with eval_mode(model), _seeded(seed, device):
         for batch in batches:
             batch = batch.to(device)
-            out.append(model(batch.tokens, batch.targets, batch.domain).require_token_loss().reshape(-1).double())
+            out.append(_flat_losses(model(batch.tokens, batch.targets, batch.domain)))
     return _concat_losses(out)
+
+
+def _flat_losses(out: LMOutput) -> torch.Tensor:
+    """A forward's per-token losses [B, S] as one float64 row [B*S]."""
+    return out.require_token_loss().reshape(-1).double()
 
 
 def _concat_losses(parts: list[torch.Tensor]) -> np.ndarray:
@@ -263,7 +268,7 @@ class _Paired:
                 batch = batch.to(device)
                 x, keys = model.embed_tokens(batch.tokens, batch.domain)
                 self._first.append(_BlockEntry(0, x, keys, batch.targets, *_rng_states(device)))
-                out.append(model.forward_from(0, x, keys, batch.targets).require_token_loss().reshape(-1).double())
+                out.append(_flat_losses(model.forward_from(0, x, keys, batch.targets)))
         return _concat_losses(out)
 
     @torch.no_grad()
@@ -292,7 +297,7 @@ class _Paired:
         with eval_mode(model), _caller_rng_kept(device):
             for e in entries:
                 _set_rng_states(e, device)
-                out.append(model.forward_from(block, e.x, e.keys, e.targets).require_token_loss().reshape(-1).double())
+                out.append(_flat_losses(model.forward_from(block, e.x, e.keys, e.targets)))
         return _concat_losses(out)
 
 
