@@ -38,7 +38,6 @@ from moe.config import TrainConfig
 from moe.data import prepare_data
 from moe.distributed import DistContext
 from moe.experts import DenseMLP, GroupedExperts
-from moe.host_memory import retain_freed_memory
 from moe.layer import MoELayer
 from moe.model import dense_twin
 from moe.trainer import Trainer
@@ -219,10 +218,10 @@ def main() -> None:
     ap.add_argument("--twin", action="store_true", help="profile the active-matched dense twin instead")
     ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, e.g. trainer.micro_batch_size=8")
     args = ap.parse_args()
-    retain_freed_memory()  # as training does
     schema = OmegaConf.structured(TrainConfig)
     cfg = cast(TrainConfig, OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.from_dotlist(args.overrides))))
     with quiet_trainer(cfg, args.twin) as trainer:
+        trainer.configure_process()  # threads and retained memory, as fit() sets them
         instrument(trainer)
         for _ in range(3):
             trainer._train_step()

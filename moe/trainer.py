@@ -292,13 +292,18 @@ class Trainer:
         self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
     # -- the loop --------------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
-        resumed = self.restore()
-        self._open_tensorboard()
+    def configure_process(self) -> None:
+        """The process-wide settings training runs under: `trainer.threads` and, with
+        `trainer.retain_host_memory`, freed CPU memory kept for reuse (`moe.host_memory`)."""
         if self.t.threads:
             torch.set_num_threads(self.t.threads)
         if self.t.retain_host_memory:
             retain_freed_memory()
+
+    def fit(self) -> TrainResult:
+        resumed = self.restore()
+        self._open_tensorboard()
+        self.configure_process()
         if self.ctx.is_main:
             print(
                 f"[{self.name}] params total={self.size.total_params:,} active={self.size.active_params:,} "
