@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from analysis.validation import as_experts, as_labels, as_table, as_weights
+from analysis.validation import as_doc_ids, as_experts, as_labels, as_table, as_weights
 from moe.validation import check_choice
 
 __all__ = [
@@ -197,11 +197,7 @@ def doc_expert_counts(
     n = d.shape[0]
     if n == 0:
         raise ValueError("no routing records")
-    doc_a = np.asarray(doc)
-    if doc_a.shape != (n,):
-        raise ValueError(f"doc must be [N={n}], got shape {doc_a.shape}")
-    if not np.issubdtype(doc_a.dtype, np.integer):
-        raise TypeError(f"doc must hold integer ids, got dtype {doc_a.dtype}")
+    doc_a = as_doc_ids(doc, n)
     ex = as_experts(experts, n, n_experts)
     w = as_weights(weights, ex.shape)
 

@@ -70,7 +70,7 @@ from analysis.information import (
 from analysis.records import LayerRecords, RoutingRecords
 from analysis.registry import Measure, MeasureResult
 from analysis.statistics import SpecializationResult, summarize_specialization
-from analysis.validation import RngLike, as_labels, as_rng, positive_int
+from analysis.validation import RngLike, as_doc_ids, as_labels, as_rng, positive_int
 from moe.validation import check_choice
 
 __all__ = [
@@ -270,12 +270,7 @@ def _checked_doc_index(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`doc_index` of integer document ids [N] and domain labels [N] in [0, G), both checked."""
     d = as_labels("domain", domain, n_domains)
-    doc_a = np.asarray(doc)
-    if doc_a.shape != d.shape:
-        raise ValueError(f"doc and domain must both be [N], got {doc_a.shape} and {d.shape}")
-    if not np.issubdtype(doc_a.dtype, np.integer):
-        raise TypeError(f"doc must hold integer ids, got dtype {doc_a.dtype}")
-    return doc_index(doc_a, d)
+    return doc_index(as_doc_ids(doc, d.shape[0]), d)
 
 
 def _doc_path_table(

@@ -11,6 +11,7 @@ import numpy as np
 
 __all__ = [
     "RngLike",
+    "as_doc_ids",
     "as_experts",
     "as_ids",
     "as_labels",
@@ -43,6 +44,17 @@ def as_labels(name: str, labels: np.ndarray, n_labels: int) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D [N], got shape {a.shape}")
     return as_ids(name, a, n_labels)
+
+
+def as_doc_ids(doc: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Document ids [N] (any integers, N = n_tokens) as given; ValueError for another shape,
+    TypeError for non-integers."""
+    a = np.asarray(doc)
+    if a.shape != (n_tokens,):
+        raise ValueError(f"doc must be [N={n_tokens}], got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"doc must hold integer ids, got dtype {a.dtype}")
+    return a
 
 
 def as_experts(experts: np.ndarray, n_tokens: int, n_experts: int) -> np.ndarray:
