@@ -1,8 +1,9 @@
 """Forward+backward time of the native MoE layer vs a FLOP-matched dense MLP, a naive per-expert
 loop and (if `transformers` is installed) Hugging Face's MixtralSparseMoeBlock with the same
 weights under each of its experts backends (`eager`, `grouped_mm`, `batched_mm`: transformers 5's
-`experts_implementation`). Prints time ratios measured side by side in one run, and native / the
-best HF backend. Not a test.
+`experts_implementation`). Prints time ratios measured side by side in one run, native / the best HF
+backend, and the floor any implementation of the same function with the same fp32 kernels pays: the
+expert matmuls on perfectly balanced rows plus gathering and combining the token copies. Not a test.
 
     python benchmarks/bench_layer.py [--tokens 4096] [--repeats 20] [--hf-backends eager grouped_mm]
 """
@@ -60,6 +61,22 @@ def naive_loop(layer: MoELayer):
                 h = activate(x[token] @ layer.experts.w_in[e], layer.experts.activation) @ layer.experts.w_out[e]
                 out = out.index_add(0, token, h * routing.weights[token, slot, None])
         return out
+
+    return run
+
+
+def expert_matmul_floor(layer: MoELayer, tokens: int):
+    """The expert matmuls and activation alone: T*k rows split evenly over the E experts (perfect
+    balance, no padding), one batched matmul per projection, no router, dispatch or gates. Any
+    layer computing the same function with the same fp32 kernels does at least this work."""
+    experts = layer.experts
+    rows = tokens * layer.top_k // experts.num_experts
+    x_ECD = torch.randn(experts.num_experts, rows, experts.w_in.shape[1], requires_grad=True)
+
+    def run(x):
+        x_ECD.grad = None
+        h = activate(torch.bmm(x_ECD, experts.w_in), experts.activation)
+        return torch.bmm(h, experts.w_out)
 
     return run
 
@@ -144,6 +161,7 @@ def main() -> None:
         with torch.no_grad():
             dispatch = permute(layer.router(x))
         fns["gather+combine only"] = lambda v, dispatch=dispatch: combine(gather_rows(v, dispatch), dispatch, len(v))
+        fns["expert matmuls only"] = expert_matmul_floor(layer, args.tokens)
         results = timed(fns, x, args.repeats)
         # Timed apart, after the others: interleaved, its tens of GB of traffic slow the others too.
         results.update(timed(slow, x, min(args.repeats, 3)) if slow else {})
@@ -163,6 +181,12 @@ def main() -> None:
         if hf_times:
             best = min(hf_times, key=hf_times.__getitem__)
             print(f"  native / best HF ({best.split(', ')[-1]}) = {results['native MoE'] / hf_times[best]:.2f}")
+            floor = results["expert matmuls only"] + results["gather+combine only"]
+            slack = 0.9 * hf_times[best] - floor
+            print(
+                f"  floor (expert matmuls + gather/combine) = {floor / hf_times[best]:.2f} x best HF: native <= 0.9 x "
+                f"best HF leaves {slack * 1e3:.1f} ms for the router, dispatch, gates and load imbalance"
+            )
 
 
 if __name__ == "__main__":
