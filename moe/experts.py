@@ -31,9 +31,34 @@ def _check_activation(activation: str) -> int:
 def activate(h: Tensor, activation: str) -> Tensor:
     """[..., n*F] -> [..., F]."""
     if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _SwiGLU.apply(h)
     return F.gelu(h)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of h = [gate | up] ([..., 2F] -> [..., F]), the two halves of the gradient
+    written into one [..., 2F] tensor. Autograd through `chunk` concatenates them instead, a copy of
+    the whole gradient: 2-4% of a fine-grained MoE layer's forward+backward on a 2-core CPU. The same
+    ops on the same values as autograd's, so the gradient is equal bit for bit."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        silu = F.silu(gate)
+        ctx.save_for_backward(h, silu)
+        return silu * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        h, silu = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, silu, out=grad_up)
+        torch.mul(grad, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_h
 
 
 class DenseMLP(nn.Module):

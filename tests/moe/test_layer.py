@@ -165,6 +165,28 @@ def test_bad_config_raises_naming_the_field(field, value, match):
         build_moe_layer("native", D, MoEConfig(**{field: value}), RouterConfig())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_silu_gate_times_up_bit_for_bit(dtype):
+    """`activate`'s SwiGLU writes its gradient halves in place; values and gradients must be those of
+    the textbook silu(gate) * up under autograd, to the bit (training numerics do not move)."""
+    torch.manual_seed(0)
+    h = torch.randn(37, 2 * 24, dtype=dtype)
+    grad = torch.randn(37, 24, dtype=dtype)
+    ours = h.clone().requires_grad_()
+    ref = h.clone().requires_grad_()
+    y = activate(ours, "swiglu")
+    gate, up = ref.chunk(2, dim=-1)
+    y_ref = torch.nn.functional.silu(gate) * up
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(y, y_ref) and torch.equal(ours.grad, ref.grad)
+
+
+def test_swiglu_gradient_on_strided_input_matches_finite_differences():
+    h = torch.randn(6, 4, 10, dtype=torch.float64).transpose(0, 1).requires_grad_()  # not contiguous
+    assert torch.autograd.gradcheck(lambda v: activate(v, "swiglu"), (h,))
+
+
 def test_gelu_experts():
     layer = make_layer("topk", activation="gelu")
     x = torch.randn(10, D, dtype=torch.float64)
