@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,32 +201,44 @@ def _digest_problem(path: Path, want: str, size: int) -> str | None:
 DIRECTORY_DIGESTS = "files.sha256"  # in a sharded checkpoint: "<sha256> <bytes> <name>" per file
 
 
-def write_directory_digests(directory: Path) -> None:
-    """Record the SHA-256 and size of every file in a checkpoint directory (`DIRECTORY_DIGESTS`),
-    so that a shard damaged or truncated after writing is found before its bytes are loaded: the
-    tensors in torch.distributed.checkpoint's files carry no checksum of their own."""
+def directory_digests(directory: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """`DIRECTORY_DIGESTS` lines ("<sha256> <bytes> <name>") of the files of a checkpoint directory in
+    `share` = (i, n): the sorted names i, i + n, i + 2n, ..., so that the n ranks of a job hash a
+    sharded checkpoint once between them instead of each rank all of it."""
+    index, parts = share
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != DIRECTORY_DIGESTS)
-    lines = "".join(f"{_sha256(directory / n)} {(directory / n).stat().st_size} {n}\n" for n in names)
-    _write_atomic(directory / DIRECTORY_DIGESTS, lambda f: f.write(lines.encode()))
+    return [f"{_sha256(directory / n)} {(directory / n).stat().st_size} {n}\n" for n in names[index::parts]]
 
 
-def verify_directory(directory: Path) -> None:
-    """Check every file a checkpoint directory's digest record names (CheckpointError naming the
-    files that are missing, of another size or another digest). A directory written before digests
-    were recorded passes unchecked."""
+def write_directory_digests(directory: Path, lines: Iterable[str]) -> None:
+    """Record the SHA-256 and size of every file in a checkpoint directory (`DIRECTORY_DIGESTS`; the
+    lines of every share of `directory_digests`, in any order), so that a shard damaged or truncated
+    after writing is found before its bytes are loaded: the tensors in torch.distributed.checkpoint's
+    files carry no checksum of their own."""
+    text = "".join(sorted(lines, key=lambda line: line.split(" ", 2)[2]))
+    _write_atomic(directory / DIRECTORY_DIGESTS, lambda f: f.write(text.encode()))
+
+
+def verify_directory(directory: Path, share: tuple[int, int] = (0, 1)) -> None:
+    """Check the files a checkpoint directory's digest record names, those of `share` = (i, n) as in
+    `directory_digests` (CheckpointError naming the files that are missing, of another size or
+    another digest). A directory written before digests were recorded passes unchecked."""
     record = directory / DIRECTORY_DIGESTS
     if not record.is_file():
         return
-    bad = []
+    entries: list[tuple[str, str, int]] = []  # (name, sha256, bytes)
     for line in record.read_text().splitlines():
         try:
-            want, size, name = line.split(" ", 2)
-            int(size)
+            digest, size, name = line.split(" ", 2)
+            entries.append((name, digest, int(size)))
         except ValueError as exc:
             raise CheckpointError(f"the digest file {record} is malformed") from exc
-        problem = _digest_problem(directory / name, want, int(size))
+    index, parts = share
+    bad = []
+    for file, sha256, num_bytes in sorted(entries)[index::parts]:
+        problem = _digest_problem(directory / file, sha256, num_bytes)
         if problem is not None:
-            bad.append(f"{name} {problem}")
+            bad.append(f"{file} {problem}")
     if bad:
         raise CheckpointError(
             f"sharded checkpoint {directory} was modified or damaged after writing ({'; '.join(bad)}; "
@@ -236,16 +248,23 @@ def verify_directory(directory: Path) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False, tensors: bool = True
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    mmap: bool = False,
+    tensors: bool = True,
+    digest_share: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Verify a checkpoint's digest and load it without executing code (`weights_only=True`);
     anything wrong becomes a `CheckpointError` naming the file. mmap: map the tensors from the file
     instead of reading them (for a look at the metadata, e.g. the fingerprint). A sharded checkpoint
     (a step_*.dcp directory) is read whole into this process (`moe.sharded_checkpoint`), or with
-    `tensors=False` its trainer state only (no "model" or "optimizer": the trainer reads its shards)."""
+    `tensors=False` its trainer state only (no "model" or "optimizer": the trainer reads its shards);
+    `digest_share` = (i, n) verifies only its files of share i of n (`verify_directory`), the rest
+    being some other rank's to verify."""
     path = Path(path)
     if path.suffix == SHARDED_SUFFIX:
-        return _load_sharded_checkpoint(path, tensors)
+        return _load_sharded_checkpoint(path, tensors, digest_share)
     verify_checkpoint(path)
     state = safe_load(path, map_location, mmap=mmap)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
@@ -253,7 +272,7 @@ def load_checkpoint(
     return state
 
 
-def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict[str, Any]:
+def _load_sharded_checkpoint(path: Path, tensors: bool, digest_share: tuple[int, int]) -> dict[str, Any]:
     from moe.sharded_checkpoint import TRAINER_FILE, consolidated_state
 
     missing = [name for name in (".metadata", TRAINER_FILE) if not (path / name).is_file()]
@@ -262,7 +281,7 @@ def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict[str, Any]:
             f"sharded checkpoint {path} lacks {', '.join(missing)}: it is incomplete or damaged. Delete it to "
             f"resume from the previous checkpoint in {path.parent}, or start a new run directory."
         )
-    verify_directory(path)
+    verify_directory(path, digest_share)
     state = safe_load(path / TRAINER_FILE)
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path / TRAINER_FILE} is not a moe-specialization trainer state (no step entry)")
@@ -422,17 +441,30 @@ def latest_good_checkpoint(
     *,
     mmap: bool = False,
     tensors: bool = True,
+    digest_share: tuple[int, int] = (0, 1),
+    agree: Callable[[str | None], str | None] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of model `name` that verifies and loads, with its state; newer ones
     that do not are skipped with a warning naming them and the one used. None without checkpoints;
-    CheckpointError when every one is bad."""
+    CheckpointError when every one is bad.
+
+    The ranks of a job split verifying a sharded checkpoint: each passes its `digest_share` = (rank,
+    ranks) and an `agree` collective that hands every rank the first problem any rank found with a
+    checkpoint (None when none did), so that all of them skip the same ones."""
+    if digest_share[1] > 1 and agree is None:
+        raise ValueError("a digest_share of several ranks needs `agree`: the other ranks verify the other files")
     files = list_checkpoints(checkpoint_dir(run_dir, name))
     bad: list[str] = []
     for path in reversed(files):
+        problem = None
         try:
-            state = load_checkpoint(path, map_location, mmap=mmap, tensors=tensors)
+            state = load_checkpoint(path, map_location, mmap=mmap, tensors=tensors, digest_share=digest_share)
         except CheckpointError as exc:
-            bad.append(str(exc))
+            problem = str(exc)
+        if agree is not None:
+            problem = agree(problem)
+        if problem is not None:
+            bad.append(problem)
             continue
         if bad:
             warnings.warn(

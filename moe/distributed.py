@@ -90,6 +90,21 @@ def broadcast_object(obj, ctx: DistContext):
     return box[0]
 
 
+def all_gather_objects(obj, ctx: DistContext) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def first_problem(problem: str | None, ctx: DistContext) -> str | None:
+    """The first rank's problem of any rank's (None when no rank has one): every rank the same
+    verdict, e.g. on a checkpoint whose files the ranks verified in shares."""
+    return next((p for p in all_gather_objects(problem, ctx) if p is not None), None)
+
+
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         value = value.clone()

@@ -9,7 +9,8 @@ experts, replicated tensors written once):
         .metadata, __<rank>_0.distcp   torch.distributed.checkpoint's files: model and optimizer
         trainer.pt                     the rest of the step's state (step, data position, RNG,
                                        fingerprint, config), as in a consolidated checkpoint
-        files.sha256                   each file's SHA-256 and size, checked before a load
+        files.sha256                   each file's SHA-256 and size, checked before a load (the
+                                       ranks hash and check the files in shares)
 
 Expert-parallel weights are saved as what they are, row blocks of the layer's [E, ...] tensors (a
 DTensor on the (dp, ep) mesh: replicated over dp, sharded over ep), so the saved tensors have the
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from moe.distributed import all_gather_objects
 from moe.parallel import local_tensor, per_element
 
 if TYPE_CHECKING:
@@ -81,13 +83,16 @@ def save_sharded(path: Path, state: dict[str, Any], trainer_state: dict[str, Any
     try:
         with _quiet_single_process():
             dcp.save(state, checkpoint_id=tmp, no_dist=not ctx.enabled)
-        if ctx.is_main:
-            from moe.checkpoint import write_directory_digests
+        from moe.checkpoint import directory_digests, write_directory_digests
 
+        if ctx.is_main:
             torch.save(trainer_state, tmp / TRAINER_FILE)
-            # dcp.save returns once every rank's files are written (rank 0 writes .metadata last),
-            # so rank 0 can read them all back, from the page cache in the usual case.
-            write_directory_digests(tmp)
+        # dcp.save returns once every rank's files are written (rank 0 writes .metadata last); past
+        # the barrier trainer.pt is there too, and the ranks hash the files in shares.
+        _barrier(ctx.enabled)
+        digests = all_gather_objects(directory_digests(tmp, (ctx.rank, ctx.world_size)), ctx)
+        if ctx.is_main:
+            write_directory_digests(tmp, [line for share in digests for line in share])
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

@@ -38,7 +38,7 @@ from moe.checkpoint import (
 )
 from moe.config import TrainConfig, TrainerConfig, as_plain_dict
 from moe.data import Batch, PreparedData
-from moe.distributed import DistContext, all_reduce_mean, barrier
+from moe.distributed import DistContext, all_reduce_mean, barrier, first_problem
 from moe.host_memory import retain_freed_memory
 from moe.model import LanguageModel, ModelConfig, model_size
 from moe.modes import eval_mode
@@ -214,7 +214,15 @@ class Trainer:
         if self.ctx.is_main:
             for orphan in remove_orphaned_temp_files(self.ckpt_dir):
                 print(f"[{self.name}] removed {orphan}, left by a checkpoint write that was killed")
-        found = latest_good_checkpoint(self.run_dir, self.name, map_location=self.device, tensors=False)
+        # The ranks split the reading of a sharded checkpoint's files and agree on what they found.
+        found = latest_good_checkpoint(
+            self.run_dir,
+            self.name,
+            map_location=self.device,
+            tensors=False,
+            digest_share=(self.ctx.rank, self.ctx.world_size),
+            agree=(lambda problem: first_problem(problem, self.ctx)) if self.ctx.enabled else None,
+        )
         if found is None:
             self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
             return False

@@ -6,6 +6,7 @@ second writer, refused resumes, torn metrics, stalled ranks) are in tests/test_f
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
 
@@ -13,11 +14,18 @@ import pytest
 import torch
 
 from moe.checkpoint import (
+    DIRECTORY_DIGESTS,
     CheckpointError,
     check_fingerprint,
+    checkpoint_dir,
+    directory_digests,
+    latest_good_checkpoint,
     load_checkpoint,
     remove_orphaned_temp_files,
+    save_checkpoint,
     trajectory_fingerprint,
+    verify_directory,
+    write_directory_digests,
 )
 from moe.run_lock import RunDirNotWritable, write_error
 
@@ -92,3 +100,46 @@ def test_a_run_resumes_at_another_world_size_with_the_same_micro_batches_per_ste
     cfg = compose_train("experiment=smoke", "balance=global_batch", "trainer.grad_accum_steps=2")
     with pytest.raises(CheckpointError, match="world_size: checkpoint=4 now=2"):
         check_fingerprint(global_saved, trajectory_fingerprint(cfg, cfg.model, 2), tmp_path / "x.pt")
+
+
+def test_ranks_hash_a_sharded_checkpoint_once_between_them(tmp_path):
+    """Three ranks' shares of a checkpoint directory cover each file exactly once and make the record
+    one process makes; a damaged file is found by the share that holds it alone."""
+    files = {f"__{r}_0.distcp": os.urandom(1000 + r) for r in range(4)} | {".metadata": b"m", "trainer.pt": b"t"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    shares = [directory_digests(tmp_path, (rank, 3)) for rank in range(3)]
+    names = [line.split()[2] for share in shares for line in share]
+    assert sorted(names) == sorted(files)
+    write_directory_digests(tmp_path, [line for share in reversed(shares) for line in share])
+    record = (tmp_path / DIRECTORY_DIGESTS).read_text()
+    assert record == "".join(directory_digests(tmp_path))
+    assert record == "".join(f"{hashlib.sha256(files[n]).hexdigest()} {len(files[n])} {n}\n" for n in sorted(files))
+    (tmp_path / "__2_0.distcp").write_bytes(files["__2_0.distcp"][:-1] + b"!")
+    found = []
+    for rank in range(3):
+        try:
+            verify_directory(tmp_path, (rank, 3))
+        except CheckpointError as exc:
+            found.append((rank, str(exc)))
+    assert len(found) == 1 and "__2_0.distcp does not match its digest" in found[0][1]
+    with pytest.raises(CheckpointError, match="__2_0.distcp does not match its digest"):
+        verify_directory(tmp_path)
+
+
+def test_every_rank_skips_a_checkpoint_another_rank_found_damaged(tmp_path):
+    """Where the ranks verify shares, `agree` hands each the problem any rank found: a checkpoint
+    this rank saw no fault in is skipped for the one before, with the other rank's finding."""
+    directory = checkpoint_dir(tmp_path, "moe")
+    for step in (2, 4):
+        save_checkpoint(directory, step, {"model": {}, "step": step}, keep_last=2)
+    other_rank = iter(["rank 1: step_00000004.pt is damaged", None])
+
+    def agree(problem):
+        return problem or next(other_rank)
+
+    with pytest.warns(UserWarning, match=r"(?s)resuming from .*step_00000002.pt.*rank 1: step_00000004.pt is damaged"):
+        path, state = latest_good_checkpoint(tmp_path, "moe", digest_share=(0, 2), agree=agree)
+    assert path.name == "step_00000002.pt" and state["step"] == 2
+    with pytest.raises(ValueError, match="needs `agree`"):
+        latest_good_checkpoint(tmp_path, "moe", digest_share=(0, 2))

@@ -197,6 +197,8 @@ def test_sharded_runs_match_one_process_and_resume_at_other_world_sizes(tmp_path
     assert sorted(p.name for p in list_checkpoints(checkpoint_dir(four, "moe"))) == [sharded.name, "step_00000006.pt"]
     step3 = load_checkpoint(checkpoint_dir(single, "moe") / "step_00000003.pt")["model"]
     whole = load_checkpoint(sharded)["model"]
+    recorded = [line.split(" ", 2)[2] for line in (sharded / "files.sha256").read_text().splitlines()]
+    assert recorded == sorted(p.name for p in sharded.iterdir() if p.name != "files.sha256")  # 4 ranks' shares
     assert whole.keys() == step3.keys()
     for name, value in step3.items():
         torch.testing.assert_close(whole[name], value, rtol=1e-3, atol=2e-4)
