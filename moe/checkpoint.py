@@ -201,18 +201,20 @@ def _digest_problem(path: Path, want: str, size: int) -> str | None:
 DIRECTORY_DIGESTS = "files.sha256"  # in a sharded checkpoint: "<sha256> <bytes> <name>" per file
 
 
-def directory_digests(directory: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
-    """`DIRECTORY_DIGESTS` lines ("<sha256> <bytes> <name>") of the files of a checkpoint directory in
-    `share` = (i, n): the sorted names i, i + n, i + 2n, ..., so that the n ranks of a job hash a
-    sharded checkpoint once between them instead of each rank all of it."""
-    index, parts = share
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != DIRECTORY_DIGESTS)
-    return [f"{_sha256(directory / n)} {(directory / n).stat().st_size} {n}\n" for n in names[index::parts]]
+def checkpoint_files(directory: Path) -> list[str]:
+    """The sorted names of the files in a checkpoint directory that its digest record covers."""
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != DIRECTORY_DIGESTS)
+
+
+def file_digests(directory: Path, names: Iterable[str]) -> list[str]:
+    """`DIRECTORY_DIGESTS` lines ("<sha256> <bytes> <name>") of the files `names` in `directory`: the
+    ranks of a job each hash their share of a sharded checkpoint's files, rather than one rank all."""
+    return [f"{_sha256(directory / n)} {(directory / n).stat().st_size} {n}\n" for n in names]
 
 
 def write_directory_digests(directory: Path, lines: Iterable[str]) -> None:
     """Record the SHA-256 and size of every file in a checkpoint directory (`DIRECTORY_DIGESTS`; the
-    lines of every share of `directory_digests`, in any order), so that a shard damaged or truncated
+    `file_digests` lines of all of `checkpoint_files`, in any order), so that a shard damaged or truncated
     after writing is found before its bytes are loaded: the tensors in torch.distributed.checkpoint's
     files carry no checksum of their own."""
     text = "".join(sorted(lines, key=lambda line: line.split(" ", 2)[2]))
@@ -220,9 +222,10 @@ def write_directory_digests(directory: Path, lines: Iterable[str]) -> None:
 
 
 def verify_directory(directory: Path, share: tuple[int, int] = (0, 1)) -> None:
-    """Check the files a checkpoint directory's digest record names, those of `share` = (i, n) as in
-    `directory_digests` (CheckpointError naming the files that are missing, of another size or
-    another digest). A directory written before digests were recorded passes unchecked."""
+    """Check the files a checkpoint directory's digest record names, or with `share` = (i, n) the
+    sorted names i, i + n, i + 2n, ... of them, one rank's share (CheckpointError naming the files
+    that are missing, of another size or another digest). A directory written before digests were
+    recorded passes unchecked."""
     record = directory / DIRECTORY_DIGESTS
     if not record.is_file():
         return

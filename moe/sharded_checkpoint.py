@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from moe.distributed import all_gather_objects
+from moe.distributed import all_gather_objects, broadcast_object
 from moe.parallel import local_tensor, per_element
 
 if TYPE_CHECKING:
@@ -83,14 +83,17 @@ def save_sharded(path: Path, state: dict[str, Any], trainer_state: dict[str, Any
     try:
         with _quiet_single_process():
             dcp.save(state, checkpoint_id=tmp, no_dist=not ctx.enabled)
-        from moe.checkpoint import directory_digests, write_directory_digests
+        from moe.checkpoint import checkpoint_files, file_digests, write_directory_digests
 
+        names = None
         if ctx.is_main:
             torch.save(trainer_state, tmp / TRAINER_FILE)
-        # dcp.save returns once every rank's files are written (rank 0 writes .metadata last); past
-        # the barrier trainer.pt is there too, and the ranks hash the files in shares.
-        _barrier(ctx.enabled)
-        digests = all_gather_objects(directory_digests(tmp, (ctx.rank, ctx.world_size)), ctx)
+            # dcp.save returns once every rank's files are written (rank 0 writes .metadata last).
+            names = checkpoint_files(tmp)
+        # Rank 0's listing for all (a shared file system may list late on another node); each rank
+        # hashes its share of the files.
+        names = broadcast_object(names, ctx)
+        digests = all_gather_objects(file_digests(tmp, names[ctx.rank :: ctx.world_size]), ctx)
         if ctx.is_main:
             write_directory_digests(tmp, [line for share in digests for line in share])
             if path.exists():

@@ -18,7 +18,8 @@ from moe.checkpoint import (
     CheckpointError,
     check_fingerprint,
     checkpoint_dir,
-    directory_digests,
+    checkpoint_files,
+    file_digests,
     latest_good_checkpoint,
     load_checkpoint,
     remove_orphaned_temp_files,
@@ -103,17 +104,17 @@ def test_a_run_resumes_at_another_world_size_with_the_same_micro_batches_per_ste
 
 
 def test_ranks_hash_a_sharded_checkpoint_once_between_them(tmp_path):
-    """Three ranks' shares of a checkpoint directory cover each file exactly once and make the record
-    one process makes; a damaged file is found by the share that holds it alone."""
+    """Three ranks' shares of a checkpoint directory's files make the record of every file (against
+    hashlib); a damaged file is found by the share that holds it alone."""
     files = {f"__{r}_0.distcp": os.urandom(1000 + r) for r in range(4)} | {".metadata": b"m", "trainer.pt": b"t"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    shares = [directory_digests(tmp_path, (rank, 3)) for rank in range(3)]
-    names = [line.split()[2] for share in shares for line in share]
-    assert sorted(names) == sorted(files)
+    names = checkpoint_files(tmp_path)
+    assert names == sorted(files)
+    shares = [file_digests(tmp_path, names[rank::3]) for rank in range(3)]
     write_directory_digests(tmp_path, [line for share in reversed(shares) for line in share])
     record = (tmp_path / DIRECTORY_DIGESTS).read_text()
-    assert record == "".join(directory_digests(tmp_path))
+    assert checkpoint_files(tmp_path) == names  # the record is not a file it covers
     assert record == "".join(f"{hashlib.sha256(files[n]).hexdigest()} {len(files[n])} {n}\n" for n in sorted(files))
     (tmp_path / "__2_0.distcp").write_bytes(files["__2_0.distcp"][:-1] + b"!")
     found = []
