@@ -100,8 +100,8 @@ def all_gather_objects(obj, ctx: DistContext) -> list:
 
 
 def first_problem(problem: str | None, ctx: DistContext) -> str | None:
-    """The first rank's problem of any rank's (None when no rank has one): every rank the same
-    verdict, e.g. on a checkpoint whose files the ranks verified in shares."""
+    """The problem of the lowest rank that has one (None when none has): every rank the same verdict,
+    e.g. on a checkpoint whose files the ranks verified in shares, or one only some ranks could read."""
     return next((p for p in all_gather_objects(problem, ctx) if p is not None), None)
 
 
