@@ -22,6 +22,7 @@ capacity or a knockout drops slots. Either way the result is the same bit for bi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,15 @@ def load_buckets(counts: Tensor, buckets: int) -> tuple[ExpertBucket, ...]:
     by_load = torch.sort(counts, stable=True).indices
     groups = torch.tensor_split(by_load, min(buckets, num_experts))
     return tuple(ExpertBucket(torch.sort(g).values, int(counts[g].max())) for g in groups)
+
+
+def bucket_rows(buckets: tuple[ExpertBucket, ...]) -> Iterator[slice]:
+    """The row slice of each bucket in the padded layout, in order: n_b * C_b rows each."""
+    start = 0
+    for b in buckets:
+        end = start + b.experts.numel() * b.capacity
+        yield slice(start, end)
+        start = end
 
 
 @dataclass(frozen=True)
@@ -124,11 +134,8 @@ def permute(routing: Routing, max_padding: float | None = 1.0, buckets: int = 1)
         )
     # Each expert's first row: its bucket's first row plus its place in the bucket times C_b.
     first_row = torch.empty(num_experts, dtype=torch.long, device=slots.device)
-    start = 0
-    for b in layout:
-        n = b.experts.numel()
-        first_row[b.experts] = start + b.capacity * torch.arange(n, device=slots.device)
-        start += n * b.capacity
+    for b, bucket_slice in zip(layout, bucket_rows(layout)):
+        first_row[b.experts] = bucket_slice.start + b.capacity * torch.arange(b.experts.numel(), device=slots.device)
     starts = torch.cumsum(counts, 0) - counts
     rows = first_row[sorted_experts] + (torch.arange(num_kept, device=slots.device) - starts[sorted_experts])
     # Pad rows point at slot T*K, an appended zero gate, and at token 0.

@@ -8,13 +8,20 @@ a dense MLP's weights computes the same function (the twins differ in exactly on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe.dispatch import CPU_MAX_PADDING, Dispatch, ExpertBucket, combine, cpu_buckets, gather_rows, permute
+from moe.dispatch import (
+    CPU_MAX_PADDING,
+    Dispatch,
+    ExpertBucket,
+    bucket_rows,
+    combine,
+    cpu_buckets,
+    gather_rows,
+    permute,
+)
 from moe.routing import Routing
 from moe.validation import check_choice
 
@@ -179,7 +186,7 @@ class _BucketedMM(torch.autograd.Function):
         ctx.buckets = buckets
         ctx.weight_shape = w_EIO.shape
         out = x_PI.new_empty(x_PI.shape[0], w_EIO.shape[2])
-        for rows, b, w in zip(_bucket_rows(buckets), buckets, weights):
+        for rows, b, w in zip(bucket_rows(buckets), buckets, weights):
             n = b.experts.numel()
             torch.bmm(x_PI[rows].view(n, b.capacity, -1), w, out=out[rows].view(n, b.capacity, -1))
         return out
@@ -192,26 +199,17 @@ class _BucketedMM(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_PO.new_empty(x_PI.shape)
-            for rows, b, w in zip(_bucket_rows(ctx.buckets), ctx.buckets, weights):
+            for rows, b, w in zip(bucket_rows(ctx.buckets), ctx.buckets, weights):
                 n = b.experts.numel()
                 g = grad_PO[rows].view(n, b.capacity, -1)
                 torch.bmm(g, w.transpose(1, 2), out=grad_x[rows].view(n, b.capacity, -1))
         if ctx.needs_input_grad[1]:
             grad_w = grad_PO.new_empty(ctx.weight_shape)  # every expert lies in exactly one bucket
-            for rows, b in zip(_bucket_rows(ctx.buckets), ctx.buckets):
+            for rows, b in zip(bucket_rows(ctx.buckets), ctx.buckets):
                 n = b.experts.numel()
                 x = x_PI[rows].view(n, b.capacity, -1)
                 grad_w.index_copy_(0, b.experts, torch.bmm(x.transpose(1, 2), grad_PO[rows].view(n, b.capacity, -1)))
         return grad_x, grad_w, None
-
-
-def _bucket_rows(buckets: tuple[ExpertBucket, ...]) -> Iterator[slice]:
-    """The row slice of each bucket in the padded layout, in order."""
-    start = 0
-    for b in buckets:
-        end = start + b.experts.numel() * b.capacity
-        yield slice(start, end)
-        start = end
 
 
 class GroupedExperts(nn.Module):
